@@ -1,0 +1,217 @@
+"""Alignment directions d = W_aligned - W_base, keyed by parameter name.
+
+`Anchors` is the input side of the data flow (checkpoints → anchors → optimizer state → kernel):
+a read-only mapping from normalised parameter names to direction tensors, either held in memory
+(`Anchors.from_tensors`) or mapped lazily from a safetensors file (`Anchors.load`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+__all__ = ["Anchors", "normalize_name", "FORMAT"]
+
+FORMAT = "asft-directions/1"
+
+# Wrapper prefixes that DDP, torch.compile, FSDP1, activation checkpointing and peft add to names.
+_LEADING = ("module.", "base_model.model.")
+_ANYWHERE = re.compile(r"(^|\.)(_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
+
+
+def normalize_name(name: str) -> str:
+    """Strip wrapper prefixes so that `module._orig_mod.layer.weight` matches `layer.weight`.
+
+    Removes leading `module.` (DDP) and `base_model.model.` (peft), `_orig_mod.` (torch.compile),
+    `_fsdp_wrapped_module.` and `_checkpoint_wrapped_module.` anywhere, and peft's `.base_layer`
+    (the wrapped base weight of a LoRA layer).
+    """
+    prev = None
+    while prev != name:
+        prev = name
+        name = _ANYWHERE.sub(r"\1", name)
+        for prefix in _LEADING:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+    return name.replace(".base_layer.", ".")
+
+
+class Anchors(Mapping[str, torch.Tensor]):
+    """Per-tensor alignment directions, looked up by (normalised) parameter name.
+
+    Tensors are returned on the CPU in their stored dtype; `AsFTAdamW` moves each to its
+    parameter's device when it binds it. A file-backed `Anchors` reads a tensor only when asked.
+
+    Attributes:
+        metadata: string metadata (sources, dtype, fingerprint) carried in the safetensors header.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, *,
+                 path: str | os.PathLike | None = None, metadata: Mapping[str, str] | None = None) -> None:
+        if (tensors is None) == (path is None):
+            raise ValueError("Anchors needs exactly one of `tensors` or `path`")
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.path = Path(path) if path is not None else None
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._keys: dict[str, str] = {}  # normalised name -> stored name
+        self._shapes: dict[str, torch.Size] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        if tensors is not None:
+            for name, t in tensors.items():
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"direction '{name}' is a {type(t).__name__}, expected a torch.Tensor")
+                if not t.is_floating_point():
+                    raise TypeError(f"direction '{name}' has dtype {t.dtype}; directions must be floating point")
+                self._add_key(name, t.shape, t.dtype)
+                self._tensors[name] = t.detach()
+        else:
+            with safe_open(str(self.path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    self._add_key(name, torch.Size(sl.get_shape()), _DTYPES[sl.get_dtype()])
+        self._fingerprint: str | None = self.metadata.get("fingerprint")
+
+    def _add_key(self, name: str, shape: torch.Size, dtype: torch.dtype) -> None:
+        key = normalize_name(name)
+        if key in self._keys:
+            raise ValueError(f"directions '{self._keys[key]}' and '{name}' both normalise to '{key}'")
+        self._keys[key] = name
+        self._shapes[key] = shape
+        self._dtypes[key] = dtype
+
+    # ----------------------------------------------------------------------------- constructors
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor],
+                     metadata: Mapping[str, str] | None = None) -> Anchors:
+        """Directions held in memory, e.g. `{n: aligned[n] - base[n] for n in aligned}`."""
+        return cls(tensors, metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, verify: bool = True) -> Anchors:
+        """Map a directions file lazily.
+
+        Args:
+            path: a `.safetensors` file written by `Anchors.save` or `compute_directions`.
+            verify: recompute the content fingerprint and refuse the file if it differs from the one
+                recorded in its metadata (reads the whole file once; switch off for speed).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"directions file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = f.metadata() or {}
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise ValueError(f"cannot read directions file {path}: {e}") from e
+        anchors = cls(path=path, metadata=metadata)
+        recorded = metadata.get("fingerprint")
+        if verify and recorded is not None:
+            actual = anchors._compute_fingerprint()
+            if actual != recorded:
+                raise ValueError(
+                    f"directions file {path} does not match the fingerprint recorded in it "
+                    f"(recorded {recorded[:16]}…, contents give {actual[:16]}…): the file was modified "
+                    "or corrupted; recompute it, or pass verify=False to load it anyway")
+        return anchors
+
+    def save(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
+        """Write all directions and their fingerprint to a safetensors file, atomically."""
+        path = Path(path)
+        meta = {**self.metadata, **(metadata or {}), "format": FORMAT, "fingerprint": self.fingerprint}
+        tensors = {self._keys[k]: self.get_stored(k).contiguous() for k in self._keys}
+        atomic_save_safetensors(tensors, path, meta)
+        return path
+
+    # ----------------------------------------------------------------------------- mapping
+    def _key(self, name: str) -> str | None:
+        key = normalize_name(name)
+        return key if key in self._keys else None
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._key(name) is not None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        key = self._key(name)
+        if key is None:
+            raise KeyError(f"no direction for '{name}' (normalised: '{normalize_name(name)}')")
+        return self.get_stored(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def get_stored(self, key: str) -> torch.Tensor:
+        """The tensor under a normalised key, read from disk if file-backed."""
+        stored = self._keys[key]
+        if self.path is None:
+            return self._tensors[stored]
+        with safe_open(str(self.path), framework="pt", device="cpu") as f:
+            return f.get_tensor(stored)
+
+    def get_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` along dim 0 of a direction, reading only those bytes from a file."""
+        key = self._key(name)
+        if key is None:
+            raise KeyError(f"no direction for '{name}'")
+        if self.path is None:
+            return self._tensors[self._keys[key]][start:stop]
+        with safe_open(str(self.path), framework="pt", device="cpu") as f:
+            return f.get_slice(self._keys[key])[start:stop]
+
+    def shape(self, name: str) -> torch.Size:
+        """Shape of a direction without reading its data."""
+        return self._shapes[self._key(name) or normalize_name(name)]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._dtypes[self._key(name) or normalize_name(name)]
+
+    # ----------------------------------------------------------------------------- fingerprint
+    @property
+    def fingerprint(self) -> str:
+        """Hex blake2b digest of names, dtypes, shapes and bytes of all directions (sorted by name)."""
+        if self._fingerprint is None:
+            self._fingerprint = self._compute_fingerprint()
+        return self._fingerprint
+
+    def _compute_fingerprint(self) -> str:
+        h = hashlib.blake2b(digest_size=32)
+        for key in sorted(self._keys):
+            t = self.get_stored(key).contiguous()
+            h.update(json.dumps([key, str(t.dtype), list(t.shape)]).encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+        return h.hexdigest()
+
+    def __repr__(self) -> str:
+        src = f"path='{self.path}'" if self.path else "in memory"
+        return f"Anchors({len(self)} tensors, {src})"
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+           "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+           "F8_E5M2": torch.float8_e5m2}
+
+
+def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path,
+                            metadata: Mapping[str, str]) -> None:
+    """Write a safetensors file to a temporary name in the target folder, then rename it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(dict(tensors), tmp, metadata=dict(metadata))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,316 @@
+"""`AsFTAdamW`: torch.optim.AdamW plus the AsFT penalty gradient 2λ·C⊥ΔW, added before the moments.
+
+AdamW on g̃ = g + 2λ·R(ΔW) follows exactly the trajectory of AdamW on L_task + λ‖R(ΔW)‖², where
+ΔW = W - W0, W0 is the parameter at its first step and R is chosen by `penalty` (see
+`asft_optim.functional`). Directions are bound to parameters by name, never by object identity.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.adam import adam
+
+from .anchors import Anchors
+from .functional import (PENALTIES, BoundDirection, bind_direction, penalised_grads_,
+                         penalised_grads_reference)
+from .metrics import Drift, drift
+
+__all__ = ["AsFTAdamW", "IMPLS"]
+
+IMPLS: tuple[str, ...] = ("torch", "reference", "triton")
+_ASFT_KEYS = ("asft_lambda", "penalty", "impl")
+_MISSING = object()
+
+
+def _check_number(value: Any, what: str, wording: str) -> None:
+    if isinstance(value, Tensor):
+        value = float(value)
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{wording}: {value}")
+
+
+def storage_w0(w: Tensor) -> Tensor:
+    """W0 in bf16 when fp32 → bf16 is exact for every element, else unchanged (same strides)."""
+    if w.dtype == torch.float32:
+        b = w.to(torch.bfloat16)
+        if torch.equal(b.float(), w):
+            return b
+    return w
+
+
+class AsFTAdamW(torch.optim.AdamW):
+    r"""AdamW with the AsFT regulariser λ‖C⊥(W - W0)‖² folded into its gradient.
+
+    All `torch.optim.AdamW` arguments keep their meaning and defaults. AsFT options (keyword-only):
+
+    Args:
+        params: `model.named_parameters()`, a list of `(name, tensor)` pairs, or param groups of
+            them (`{"params": named, "asft_lambda": 0.0}`). Names bind the directions.
+        anchors: `Anchors` (or a `{name: d}` mapping) with d = W_aligned - W_base per parameter.
+        asft_lambda: λ ≥ 0, per group; 0 turns the penalty off for the group.
+        penalty: "orthogonal" (AsFT, penalises C⊥ΔW), "parallel" (penalises the part along d: the
+            paper's ablation, and AsFT_Alt when d is a harmful direction) or "full" (L2-SP).
+        impl: "torch" (fast PyTorch path; `foreach`/`fused` pick torch's AdamW kernel), "reference"
+            (slow, obvious; the tests' oracle twin), "triton" (fused kernels on CUDA), or None (triton
+            on CUDA when available, else torch).
+        allow_unanchored: let trainable parameters without a direction take plain AdamW steps
+            instead of raising.
+
+    Notes:
+        W0 is each parameter's value at its first step, kept in the optimizer state (bf16 where
+        exact). The penalty gradient is added inside `step()`: gradient clipping done before it does
+        not see the penalty. `differentiable=True` is not supported. With a `GradScaler` the
+        optimizer always lets the scaler unscale and skip inf steps (it never takes `grad_scale`).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        anchors: Anchors | Mapping[str, Tensor],
+        asft_lambda: float = 1.0,
+        penalty: str = "orthogonal",
+        impl: str | None = None,
+        allow_unanchored: bool = False,
+    ) -> None:
+        _check_number(lr, "lr", "Invalid learning rate")
+        _check_number(eps, "eps", "Invalid epsilon value")
+        _check_number(weight_decay, "weight_decay", "Invalid weight_decay value")
+        if differentiable:
+            raise ValueError("AsFTAdamW does not support differentiable=True")
+        if isinstance(anchors, Mapping) and not isinstance(anchors, Anchors):
+            anchors = Anchors.from_tensors(anchors)
+        if not isinstance(anchors, Anchors):
+            raise TypeError(f"anchors must be an Anchors or a mapping of name to tensor, got {type(anchors).__name__}")
+        self.anchors = anchors
+        self.allow_unanchored = allow_unanchored
+        self._asft_defaults = {"asft_lambda": asft_lambda, "penalty": penalty, "impl": impl}
+        self._bound: dict[str, BoundDirection | None] = {}
+        self._workspace: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+                         foreach=foreach, capturable=capturable, differentiable=differentiable,
+                         fused=fused)
+        self.defaults.update(self._asft_defaults)
+        # The penalty must be added to unscaled gradients: GradScaler unscales and skips for us.
+        self._step_supports_amp_scaling = False
+
+    # ------------------------------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for key, value in self._asft_defaults.items():
+            param_group.setdefault(key, value)
+        lam = param_group["asft_lambda"]
+        _check_number(lam, "asft_lambda", "Invalid asft_lambda value")
+        param_group["asft_lambda"] = float(lam)
+        if param_group["penalty"] not in PENALTIES:
+            raise ValueError(f"Invalid penalty: {param_group['penalty']!r}; expected one of {PENALTIES}")
+        if param_group["impl"] is not None and param_group["impl"] not in IMPLS:
+            raise ValueError(f"Invalid impl: {param_group['impl']!r}; expected one of {IMPLS} or None")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if "param_names" not in group:
+            raise ValueError("AsFTAdamW binds directions to parameters by name: pass "
+                             "model.named_parameters() or (name, tensor) pairs, not bare tensors")
+        group["asft_anchors"] = self.anchors.fingerprint
+        self._bind_group(group)
+
+    def _bind_group(self, group: dict[str, Any]) -> None:
+        """Bind the directions of a group's trainable parameters; raise for missing ones."""
+        missing, zero = [], []
+        for name, p in zip(group["param_names"], group["params"]):
+            if p.is_complex():
+                raise ValueError(f"AsFTAdamW does not support complex parameters: '{name}' is {p.dtype}")
+            if not p.requires_grad:
+                continue
+            bound = self._direction(name, p)
+            if bound is None:
+                missing.append(name)
+            elif bound.is_zero:
+                zero.append(name)
+        if missing and not self.allow_unanchored and group["asft_lambda"] > 0:
+            shown = ", ".join(f"'{n}'" for n in missing[:20])
+            more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+            known = ", ".join(f"'{n}'" for n in list(self.anchors)[:3])
+            raise ValueError(
+                f"no direction for {len(missing)} trainable parameter(s): {shown}{more}. The anchors "
+                f"hold {len(self.anchors)} tensors (e.g. {known}). Check the names, or pass "
+                "allow_unanchored=True to give these parameters plain AdamW steps")
+        if zero:
+            warnings.warn(f"AsFT: the direction is zero for {len(zero)} tensor(s): "
+                          f"{', '.join(zero[:20])}{' …' if len(zero) > 20 else ''}; their penalty is a "
+                          "plain L2 pull towards W0", stacklevel=3)
+
+    def _direction(self, name: str, p: Tensor) -> BoundDirection | None:
+        """The bound direction of parameter `name` on p's device (cached by name), or None."""
+        bound = self._bound.get(name, _MISSING)
+        if bound is _MISSING:
+            bound = bind_direction(self.anchors[name], p, name) if name in self.anchors else None
+            self._bound[name] = bound
+        elif bound is not None and bound.v.device != p.device:
+            bound.v = bound.v.to(p.device)
+        return bound  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------------------- step
+    def _init_group(self, group, params_with_grad, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                    state_steps):
+        for name, p in zip(group["param_names"], group["params"]):
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError(f"AsFTAdamW does not support sparse gradients (parameter '{name}'), "
+                                   "please consider SparseAdam instead")
+        has_complex = super()._init_group(group, params_with_grad, grads, exp_avgs, exp_avg_sqs,
+                                          max_exp_avg_sqs, state_steps)
+        for name, p in zip(group["param_names"], group["params"]):
+            if p.grad is not None and "w0" not in self.state[p] and self._direction(name, p) is not None:
+                self.state[p]["w0"] = storage_w0(p.detach().clone(memory_format=torch.preserve_format))
+        return has_complex
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step (penalty gradient, then torch's AdamW update).
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            names = [n for n, p in zip(group["param_names"], group["params"]) if p.grad is not None]
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            exp_avgs: list[Tensor] = []
+            exp_avg_sqs: list[Tensor] = []
+            max_exp_avg_sqs: list[Tensor] = []
+            state_steps: list[Tensor] = []
+            has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs,
+                                           max_exp_avg_sqs, state_steps)
+            if not params:
+                continue
+            self._check_missing(group, names)
+            grads = self._penalised_grads(group, names, params, grads)
+            beta1, beta2 = group["betas"]
+            adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                 foreach=group["foreach"], capturable=group["capturable"], differentiable=False,
+                 fused=group["fused"], grad_scale=None, found_inf=None, has_complex=has_complex,
+                 decoupled_weight_decay=True, amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2,
+                 lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+                 maximize=group["maximize"])
+        return loss
+
+    def _check_missing(self, group: dict[str, Any], names: list[str]) -> None:
+        if group["asft_lambda"] > 0 and not self.allow_unanchored:
+            missing = [n for n in names if self._bound.get(n) is None and n not in self.anchors]
+            if missing:
+                raise ValueError(f"no direction for parameter(s) {missing} (they gained gradients after "
+                                 "the optimizer was built); pass allow_unanchored=True to step them plainly")
+
+    def _penalised_grads(self, group: dict[str, Any], names: list[str], params: list[Tensor],
+                         grads: list[Tensor]) -> list[Tensor]:
+        """Gradients with 2λ·R added for every anchored parameter; the user's `.grad` is untouched."""
+        lam = group["asft_lambda"]
+        if lam == 0:
+            return grads
+        coef = (-2.0 if group["maximize"] else 2.0) * lam
+        idx = [i for i, (n, p) in enumerate(zip(names, params)) if self._direction(n, p) is not None]
+        if not idx:
+            return grads
+        sub_p = [params[i] for i in idx]
+        sub_g = [grads[i] for i in idx]
+        w0s = [self.state[p]["w0"] for p in sub_p]
+        bounds = [self._bound[names[i]] for i in idx]
+        if group["impl"] == "reference":
+            new = penalised_grads_reference(sub_g, sub_p, w0s, bounds, coef, group["penalty"])
+        else:
+            new = penalised_grads_(self._scratch(sub_p), sub_g, sub_p, w0s, bounds, coef, group["penalty"])
+        grads = list(grads)
+        for j, i in enumerate(idx):
+            grads[i] = new[j]
+        return grads
+
+    def _scratch(self, params: list[Tensor]) -> list[Tensor]:
+        """Gradient-shaped views into one reused buffer per (device, dtype), laid out like `params`."""
+        sizes: dict[tuple[torch.device, torch.dtype], int] = {}
+        offsets = []
+        for p in params:
+            key = (p.device, p.dtype)
+            offsets.append(sizes.get(key, 0))
+            sizes[key] = offsets[-1] + (p.numel() + 15) // 16 * 16  # 64-byte aligned slices
+        for key, n in sizes.items():
+            ws = self._workspace.get(key)
+            if ws is None or ws.numel() < n:
+                self._workspace[key] = torch.empty(n, device=key[0], dtype=key[1])
+        out = []
+        for p, off in zip(params, offsets):
+            ws = self._workspace[(p.device, p.dtype)]
+            if p.is_contiguous():
+                out.append(ws[off: off + p.numel()].view(p.shape))
+            elif p.is_non_overlapping_and_dense():
+                out.append(ws.as_strided(p.shape, p.stride(), off))
+            else:
+                out.append(torch.empty_like(p, memory_format=torch.contiguous_format))
+        return out
+
+    # ------------------------------------------------------------------------------- state
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state saved by `state_dict()`; refuses a checkpoint made with other anchors, λ or penalty."""
+        saved = state_dict["param_groups"]
+        for i, (group, sg) in enumerate(zip(self.param_groups, saved)):
+            for key, what in (("asft_anchors", "anchors (fingerprint)"), ("asft_lambda", "asft_lambda"),
+                              ("penalty", "penalty")):
+                if key in sg and sg[key] != group[key]:
+                    raise ValueError(
+                        f"cannot resume: param group {i} of the checkpoint was made with {what} "
+                        f"{sg[key]!r}, this optimizer has {group[key]!r}")
+        impls = [g["impl"] for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, impl in zip(self.param_groups, impls):
+            group["impl"] = impl  # the implementation is a property of this process, not the checkpoint
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and "w0" in st:  # load_state_dict cast W0 to the param dtype: restore its storage
+                    st["w0"] = storage_w0(st["w0"])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_bound", {})
+        self.__dict__.setdefault("_workspace", {})
+        self.__dict__.setdefault("allow_unanchored", False)
+        for group in self.param_groups:
+            group.setdefault("asft_lambda", 1.0)
+            group.setdefault("penalty", "orthogonal")
+            group.setdefault("impl", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(anchors=self.anchors, allow_unanchored=self.allow_unanchored,
+                     _asft_defaults=self._asft_defaults)
+        return state
+
+    # ------------------------------------------------------------------------------- metrics
+    @torch.no_grad()
+    def drift(self) -> dict[str, Drift]:
+        """Per-tensor drift (‖ΔW‖, cos(ΔW, d), ‖C⊥ΔW‖/‖ΔW‖) of every anchored parameter that has stepped."""
+        out: dict[str, Drift] = {}
+        for group in self.param_groups:
+            for name, p in zip(group["param_names"], group["params"]):
+                st = self.state.get(p)
+                bound = self._bound.get(name)
+                if st and "w0" in st and bound is not None:
+                    out[name] = drift(p.detach().double() - st["w0"].double(), bound.v)
+        return out

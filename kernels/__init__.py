@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers for AsFTAdamW (installed as `asft_optim.kernels`)."""
