@@ -88,6 +88,7 @@ def penalty_reference(p: Tensor, w0: Tensor, bound: BoundDirection, penalty: Pen
     raise ValueError(f"unknown penalty {penalty!r}; expected one of {PENALTIES}")
 
 
+@torch.no_grad()
 def penalised_grads_reference(grads: list[Tensor], params: list[Tensor], w0s: list[Tensor],
                               bounds: list[BoundDirection], coef: float, penalty: Penalty) -> list[Tensor]:
     """g̃ = g + coef·R per tensor, each a new tensor in the gradient's dtype."""
@@ -104,6 +105,7 @@ def dense_flat(t: Tensor) -> Tensor | None:
     return perm.view(-1) if perm.is_contiguous() else None
 
 
+@torch.no_grad()
 def penalised_grads_(out: list[Tensor], grads: list[Tensor], params: list[Tensor], w0s: list[Tensor],
                      bounds: list[BoundDirection], coef: float, penalty: Penalty,
                      chunk: int = CHUNK) -> list[Tensor]:

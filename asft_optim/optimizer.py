@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.optim.adam import adam
 
 from .anchors import Anchors
-from .functional import (PENALTIES, BoundDirection, bind_direction, penalised_grads_,
+from .functional import (PENALTIES, BoundDirection, bind_direction, dense_flat, penalised_grads_,
                          penalised_grads_reference)
 from .metrics import Drift, drift
 
@@ -260,7 +260,7 @@ class AsFTAdamW(torch.optim.AdamW):
             ws = self._workspace[(p.device, p.dtype)]
             if p.is_contiguous():
                 out.append(ws[off: off + p.numel()].view(p.shape))
-            elif p.is_non_overlapping_and_dense():
+            elif dense_flat(p) is not None:
                 out.append(ws.as_strided(p.shape, p.stride(), off))
             else:
                 out.append(torch.empty_like(p, memory_format=torch.contiguous_format))

@@ -1,0 +1,69 @@
+"""Test oracle: AdamW on the explicit loss L_task + λ‖R(W - W0)‖², differentiated by autograd in float64.
+
+The task loss is a deterministic quadratic whose gradient at step t is X_t + W (X_t drawn from a seeded
+generator), so the same gradients can be produced for the optimizer under test in any dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def task_grads(params: list[Tensor], step: int, seed: int = 0) -> list[Tensor]:
+    """∂L_task/∂W at `step` for each parameter, in the parameter's dtype: X_t + W."""
+    g = torch.Generator().manual_seed(seed * 1000 + step)
+    out = []
+    for p in params:
+        x = torch.randn(p.shape, generator=g, dtype=torch.float64)
+        out.append((x + p.detach().double()).to(p.dtype))
+    return out
+
+
+def task_loss(params: list[Tensor], step: int, seed: int = 0) -> Tensor:
+    """L_task = Σ ⟨X_t, W⟩ + ½‖W‖² (float64 params)."""
+    g = torch.Generator().manual_seed(seed * 1000 + step)
+    total = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        x = torch.randn(p.shape, generator=g, dtype=torch.float64)
+        total = total + (x * p).sum() + 0.5 * (p * p).sum()
+    return total
+
+
+def penalty(w: Tensor, w0: Tensor, d: Tensor, kind: str) -> Tensor:
+    """‖R(ΔW)‖² in float64 with R the orthogonal, parallel or full part of ΔW relative to d."""
+    dw = (w - w0).reshape(-1)
+    dd = d.double().reshape(-1)
+    n2 = (dd * dd).sum()
+    par = (dw @ dd) / n2 * dd if float(n2) > 0 else torch.zeros_like(dw)
+    r = {"orthogonal": dw - par, "parallel": par, "full": dw}[kind]
+    return (r * r).sum()
+
+
+def run_oracle(init: list[Tensor], dirs: list[Tensor], lams: list[float], steps: int, *, kind: str = "orthogonal",
+               skip: dict[int, set[int]] | None = None, maximize: bool = False, seed: int = 0,
+               lr_schedule: list[float] | None = None, **adamw_kwargs) -> list[Tensor]:
+    """Parameters after `steps` steps of float64 torch.optim.AdamW on the explicit loss.
+
+    lams: λ per parameter. skip: step -> indices of parameters whose gradient is None at that step.
+    lr_schedule: learning rate per step (overrides lr), to mirror a scheduler.
+    """
+    ws = [torch.nn.Parameter(t.detach().double().clone()) for t in init]
+    w0s = [t.detach().double().clone() for t in init]
+    opt = torch.optim.AdamW(ws, maximize=maximize, **adamw_kwargs)
+    sign = -1.0 if maximize else 1.0
+    for t in range(steps):
+        if lr_schedule is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr_schedule[t]
+        opt.zero_grad(set_to_none=True)
+        loss = task_loss(ws, t, seed)
+        for w, w0, d, lam in zip(ws, w0s, dirs, lams):
+            if lam:
+                loss = loss + sign * lam * penalty(w, w0, d, kind)
+        grads = torch.autograd.grad(loss, ws)
+        for i, (w, g) in enumerate(zip(ws, grads)):
+            if not (skip and i in skip.get(t, set())):
+                w.grad = g
+        opt.step()
+    return [w.detach() for w in ws]
