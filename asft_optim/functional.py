@@ -15,14 +15,16 @@ since AdamW negates the whole gradient there and the penalty is always minimised
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.optim.adam import adam
 
 __all__ = ["BoundDirection", "bind_direction", "penalty_reference", "penalised_grads_reference",
-           "penalised_grads_", "PENALTIES", "Penalty", "dense_flat"]
+           "penalised_grads_", "partial_dots", "asft_adamw_", "PENALTIES", "Penalty", "dense_flat"]
 
 Penalty = Literal["orthogonal", "parallel", "full"]
 PENALTIES: tuple[str, ...] = ("orthogonal", "parallel", "full")
@@ -74,11 +76,16 @@ def bind_direction(d: Tensor, like: Tensor, name: str) -> BoundDirection:
     return BoundDirection(v, 1.0 / nv2, scale)
 
 
-def penalty_reference(p: Tensor, w0: Tensor, bound: BoundDirection, penalty: Penalty) -> Tensor:
-    """R for one tensor, in fp32, written the obvious way (the oracle's twin)."""
+def penalty_reference(p: Tensor, w0: Tensor, bound: BoundDirection, penalty: Penalty,
+                      dot: Tensor | None = None) -> Tensor:
+    """R for one tensor, in fp32, written the obvious way (the oracle's twin).
+
+    `dot`: a precomputed ⟨v, ΔW⟩ (0-d fp32, e.g. summed over the shards of a DTensor); computed
+    from p and W0 when None.
+    """
     dw = p.float() - w0.float()
     v = bound.v.float()
-    c = (v * dw).sum() * bound.inv_nv2
+    c = ((v * dw).sum() if dot is None else dot) * bound.inv_nv2
     if penalty == "orthogonal":
         return dw - c * v
     if penalty == "parallel":
@@ -90,10 +97,15 @@ def penalty_reference(p: Tensor, w0: Tensor, bound: BoundDirection, penalty: Pen
 
 @torch.no_grad()
 def penalised_grads_reference(grads: list[Tensor], params: list[Tensor], w0s: list[Tensor],
-                              bounds: list[BoundDirection], coef: float, penalty: Penalty) -> list[Tensor]:
-    """g̃ = g + coef·R per tensor, each a new tensor in the gradient's dtype."""
-    return [(g.float() + coef * penalty_reference(p, w0, b, penalty)).to(g.dtype)
-            for g, p, w0, b in zip(grads, params, w0s, bounds, strict=True)]
+                              bounds: list[BoundDirection], coef: float, penalty: Penalty,
+                              dots: Sequence[Tensor | None] | None = None) -> list[Tensor]:
+    """g̃ = g + coef·R per tensor, each a new tensor in the gradient's dtype.
+
+    `dots`: per tensor a precomputed ⟨v, ΔW⟩ or None (see `penalty_reference`).
+    """
+    dots = [None] * len(params) if dots is None else dots
+    return [(g.float() + coef * penalty_reference(p, w0, b, penalty, dot)).to(g.dtype)
+            for g, p, w0, b, dot in zip(grads, params, w0s, bounds, dots, strict=True)]
 
 
 def dense_flat(t: Tensor) -> Tensor | None:
@@ -108,23 +120,27 @@ def dense_flat(t: Tensor) -> Tensor | None:
 @torch.no_grad()
 def penalised_grads_(out: list[Tensor], grads: list[Tensor], params: list[Tensor], w0s: list[Tensor],
                      bounds: list[BoundDirection], coef: float, penalty: Penalty,
-                     chunk: int = CHUNK) -> list[Tensor]:
+                     chunk: int = CHUNK, dots: Sequence[Tensor | None] | None = None) -> list[Tensor]:
     """Write g̃ = g + coef·R into `out` (preallocated, laid out like the params) and return it.
 
     Reads p, W0, v twice and g once, in chunks of `chunk` elements whose fp32 temporaries stay in
     cache, so no full-size temporary is allocated. c is kept as a 0-d tensor (no host sync).
     Tensors whose layouts differ fall back to whole-tensor ops.
+
+    `dots`: per tensor a precomputed ⟨v, ΔW⟩ (0-d fp32) or None. Sharded parameters pass the dot
+    summed over all shards (`partial_dots`, then one all-reduce), and the first read pass is skipped.
     """
     if penalty not in PENALTIES:
         raise ValueError(f"unknown penalty {penalty!r}; expected one of {PENALTIES}")
+    dots = [None] * len(params) if dots is None else dots
     bufs: dict[torch.device, Tensor] = {}
-    for s, g, p, w0, b in zip(out, grads, params, w0s, bounds, strict=True):
+    for s, g, p, w0, b, dot in zip(out, grads, params, w0s, bounds, dots, strict=True):
         if p.numel() == 0:
             continue
         flats = [dense_flat(x) for x in (s, g, p, w0, b.v)]
         same_layout = all(x.stride() == p.stride() for x in (s, g, w0, b.v))
         if any(f is None for f in flats) or not same_layout:
-            s.copy_(g.float() + coef * penalty_reference(p, w0, b, penalty))
+            s.copy_(g.float() + coef * penalty_reference(p, w0, b, penalty, dot))
             continue
         fs, fg, fp, fw0, fv = flats
         n = fp.numel()
@@ -134,18 +150,7 @@ def penalised_grads_(out: list[Tensor], grads: list[Tensor], params: list[Tensor
         need_c = penalty != "full" and not b.is_zero
         c = None
         if need_c:
-            parts = []
-            for lo in range(0, n, chunk):
-                hi = min(lo + chunk, n)
-                t = buf[: hi - lo]
-                _delta_into(t, fp[lo:hi], fw0[lo:hi])
-                if fv.dtype == torch.float32:
-                    parts.append(torch.dot(t, fv[lo:hi]))
-                else:
-                    tv = buf[chunk: chunk + hi - lo]
-                    tv.copy_(fv[lo:hi])
-                    parts.append(torch.dot(t, tv))
-            c = torch.stack(parts).sum() * b.inv_nv2
+            c = (_dot_chunked(fp, fw0, fv, buf, chunk) if dot is None else dot) * b.inv_nv2
         for lo in range(0, n, chunk):
             hi = min(lo + chunk, n)
             t = buf[: hi - lo]
@@ -162,6 +167,40 @@ def penalised_grads_(out: list[Tensor], grads: list[Tensor], params: list[Tensor
     return out
 
 
+@torch.no_grad()
+def partial_dots(params: list[Tensor], w0s: list[Tensor], bounds: list[BoundDirection],
+                 chunk: int = CHUNK) -> Tensor:
+    """⟨v, p - W0⟩ per tensor as one fp32 vector of shape (len(params),), no host sync.
+
+    For the local shards of sharded parameters: summed over ranks (one all-reduce of the whole
+    vector), entry i is the dot that `penalised_grads_(..., dots=...)` needs for tensor i. Folded
+    over chunks in the same order as `penalised_grads_`, so an unsharded tensor gets its exact dot.
+    """
+    device = params[0].device if params else torch.device("cpu")
+    out = torch.zeros(len(params), device=device, dtype=torch.float32)
+    buf = torch.empty(2 * chunk, device=device, dtype=torch.float32)
+    for i, (p, w0, b) in enumerate(zip(params, w0s, bounds, strict=True)):
+        if p.numel() == 0:
+            continue
+        flats = [dense_flat(x) for x in (p, w0, b.v)]
+        if any(f is None for f in flats) or not all(x.stride() == p.stride() for x in (w0, b.v)):
+            out[i] = (b.v.float() * (p.float() - w0.float())).sum()
+        else:
+            out[i] = _dot_chunked(*flats, buf, chunk)
+    return out
+
+
+def _dot_chunked(fp: Tensor, fw0: Tensor, fv: Tensor, buf: Tensor, chunk: int) -> Tensor:
+    """⟨v, p - W0⟩ of flat 1-D views as a 0-d fp32 tensor: per-chunk dots, then their sum.
+
+    buf: fp32 scratch of at least 2·chunk elements.
+    """
+    t32, tv = buf[:chunk], buf[chunk: 2 * chunk]
+    n = fp.numel()
+    return torch.stack([_dot_piece(fp[lo: lo + chunk], fw0[lo: lo + chunk], fv[lo: lo + chunk], t32, tv)
+                        for lo in range(0, n, chunk)]).sum()
+
+
 def _delta_into(t: Tensor, p: Tensor, w0: Tensor) -> None:
     """t ← p - w0 in fp32 (t fp32, 1-D chunks)."""
     if p.dtype == torch.float32:
@@ -169,3 +208,128 @@ def _delta_into(t: Tensor, p: Tensor, w0: Tensor) -> None:
     else:
         t.copy_(p)
         t.sub_(w0)
+
+
+@torch.no_grad()
+def asft_adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor],
+                w0s: list[Tensor], bounds: list[BoundDirection], dots: Sequence[Tensor], *, coef: float,
+                penalty: Penalty, chunk: int = CHUNK, **adam_kwargs) -> list[Tensor]:
+    """torch's AdamW on g̃ = g + coef·R, fused chunk by chunk so memory is streamed about once.
+
+    Each tensor is cut into pieces of at most `chunk` elements (aligned at multiples of `chunk` from
+    its start, as `partial_dots` cuts it) and pieces are batched up to `chunk` elements. Per batch:
+    g̃ into a batch-sized scratch, `torch.optim.adam.adam(**adam_kwargs)` on the piece views (so
+    `foreach`/`fused` pick torch's kernel), then ⟨v, p_new - W0⟩ of each piece while it is in cache.
+
+    Args:
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps: as for `adam`
+            (plain local tensors); each state step is incremented once.
+        w0s, bounds: W0 and the bound direction per tensor.
+        dots: per tensor ⟨v, p - W0⟩ at the current p (0-d fp32): the previous call's return value,
+            `partial_dots`, or for shards their all-reduced sum.
+        coef: ±2λ (negative under maximize).
+    Returns:
+        per tensor ⟨v, p_new - W0⟩ (0-d fp32), folded over pieces exactly as `partial_dots` folds
+        it, so it equals `partial_dots` of the new parameters bitwise.
+    """
+    if penalty not in PENALTIES:
+        raise ValueError(f"unknown penalty {penalty!r}; expected one of {PENALTIES}")
+    amsgrad = adam_kwargs["amsgrad"]
+    n = len(params)
+    cs = [None if penalty == "full" or b.is_zero else dot * b.inv_nv2 for b, dot in zip(bounds, dots, strict=True)]
+    parts: list[list[Tensor]] = [[] for _ in range(n)]
+    flats: list[list[Tensor] | None] = []
+    pieces: list[tuple[int, int, int]] = []
+    for i, p in enumerate(params):
+        xs = [p, grads[i], exp_avgs[i], exp_avg_sqs[i], w0s[i], bounds[i].v]
+        if amsgrad:
+            xs.append(max_exp_avg_sqs[i])
+        fl = [dense_flat(x) for x in xs]
+        regular = all(f is not None for f in fl) and all(x.stride() == p.stride() for x in xs)
+        flats.append(fl if regular else None)
+        size = p.numel()
+        if regular:
+            pieces.extend((i, lo, min(lo + chunk, size)) for lo in range(0, size, chunk))
+        else:
+            pieces.append((i, 0, size))
+    device = params[0].device if params else torch.device("cpu")
+    t32 = torch.empty(chunk, device=device, dtype=torch.float32)
+    tv = torch.empty(chunk, device=device, dtype=torch.float32)
+    scratch: dict[torch.dtype, Tensor] = {}
+    steps = [s.clone() for s in state_steps]  # each piece steps from the same count
+
+    def run(batch: list[tuple[int, int, int]]) -> None:
+        offsets: dict[torch.dtype, int] = {}
+        views: list[list[Tensor]] = [[], [], [], [], [], []]
+        for i, lo, hi in batch:
+            fl = flats[i]
+            if fl is None:  # irregular layout: whole-tensor ops with shaped temporaries
+                s = (grads[i].float() + coef * penalty_reference(params[i], w0s[i], bounds[i], penalty,
+                                                                 dots[i])).to(grads[i].dtype)
+                row = [params[i], s, exp_avgs[i], exp_avg_sqs[i],
+                       max_exp_avg_sqs[i] if amsgrad else None]
+            else:
+                fp, fg, fm, fv2, fw0, fdir = fl[:6]
+                dt = fp.dtype
+                if dt not in scratch:
+                    scratch[dt] = torch.empty(chunk, device=device, dtype=dt)
+                off = offsets.get(dt, 0)
+                offsets[dt] = off + hi - lo
+                s = scratch[dt][off: off + hi - lo]
+                _penalised_piece(s, fg[lo:hi], fp[lo:hi], fw0[lo:hi], fdir[lo:hi], t32[: hi - lo], cs[i],
+                                 coef, penalty)
+                row = [fp[lo:hi], s, fm[lo:hi], fv2[lo:hi], fl[6][lo:hi] if amsgrad else None]
+            for k, x in enumerate(row):
+                if x is not None:
+                    views[k].append(x)
+            views[5].append(steps[i].clone())
+        adam(*views, **adam_kwargs)
+        for i, lo, hi in batch:
+            fl = flats[i]
+            if fl is None:
+                parts[i].append((bounds[i].v.float() * (params[i].float() - w0s[i].float())).sum())
+            else:
+                parts[i].append(_dot_piece(fl[0][lo:hi], fl[4][lo:hi], fl[5][lo:hi], t32, tv))
+
+    batch: list[tuple[int, int, int]] = []
+    size = 0
+    for piece in pieces:
+        if batch and size + piece[2] - piece[1] > chunk:
+            run(batch)
+            batch, size = [], 0
+        batch.append(piece)
+        size += piece[2] - piece[1]
+    if batch:
+        run(batch)
+    for s in state_steps:
+        s.add_(1)
+    zero = torch.zeros((), device=device, dtype=torch.float32)
+    return [torch.stack(ps).sum() if ps else zero.clone() for ps in parts]
+
+
+def _penalised_piece(s: Tensor, g: Tensor, p: Tensor, w0: Tensor, v: Tensor, t: Tensor, c: Tensor | None,
+                     coef: float, penalty: Penalty) -> None:
+    """s ← g + coef·R on one 1-D piece (t: fp32 scratch of the piece's length)."""
+    if penalty == "parallel":
+        if c is None:
+            s.copy_(g)
+        else:
+            torch.mul(v, c, out=t)
+            torch.add(g, t, alpha=coef, out=s)
+        return
+    _delta_into(t, p, w0)
+    if penalty == "orthogonal" and c is not None:
+        t.addcmul_(v, c, value=-1.0)
+    torch.add(g, t, alpha=coef, out=s)
+
+
+def _dot_piece(p: Tensor, w0: Tensor, v: Tensor, t32: Tensor, tv: Tensor) -> Tensor:
+    """⟨v, p - W0⟩ of one 1-D piece as a 0-d fp32 tensor (t32, tv: fp32 scratch ≥ the piece)."""
+    t = t32[: p.numel()]
+    _delta_into(t, p, w0)
+    if v.dtype == torch.float32:
+        return torch.dot(t, v)
+    w = tv[: p.numel()]
+    w.copy_(v)
+    return torch.dot(t, w)

@@ -1,0 +1,1 @@
+"""Benchmarks are opt-in: they run with `pytest benchmarks/` (pytest-benchmark), never in the test suite."""

@@ -1,0 +1,333 @@
+"""Worker for the torchrun tests: `python -m torch.distributed.run --nproc_per_node=2 worker.py MODE OUT_DIR`.
+
+Modes (gloo, CPU, world size 2):
+  ddp          DDP for 10 steps; replicas and a single-process run compared bitwise.
+  fsdp         FSDP2 for 10 steps (impl from ASFT_IMPL, default torch); gathered parameters, moments
+               and W0 against a single-process run; collectives of every optimizer step counted.
+  ckpt         FSDP2: save after 5 steps, a save at step 7 that fails on rank 1, resume into freshly
+               sharded models from the latest checkpoint, compare with the uninterrupted run.
+  crash        FSDP2: save after 5 steps, then rank 1 dies (os._exit) in the middle of the next save.
+  resume       FSDP2: resume from the latest checkpoint of a crashed run and finish 10 steps.
+Rank 0 writes OUT_DIR/MODE.json with what it measured; the pytest file asserts on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.debug import CommDebugMode
+
+import asft_optim.distributed as asft_distributed
+from asft_optim import Anchors, AsFTAdamW
+from asft_optim.distributed import latest_checkpoint, load_checkpoint, save_checkpoint
+
+STEPS = 10
+LAM = 1.0
+LR = 2e-2
+BATCH = 8  # per rank
+
+
+class Net(nn.Module):
+    """a: 5 rows (uneven shards 3/2), b: 4 rows (even), c: 1 row (rank 1's shard is empty)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 5)
+        self.b = nn.Linear(5, 4)
+        self.c = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def make_model(seed: int) -> Net:
+    torch.manual_seed(seed)
+    return Net()
+
+
+def directions(model: nn.Module) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1234)
+    d = {n: torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()}
+    d["c.bias"].zero_()  # a zero direction: a plain L2 pull, decided globally
+    return d
+
+
+def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank `rank`'s half of step `step`'s global batch."""
+    gen = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(2 * BATCH, 6, generator=gen)
+    y = torch.randn(2 * BATCH, 1, generator=gen)
+    return x[rank * BATCH:(rank + 1) * BATCH], y[rank * BATCH:(rank + 1) * BATCH]
+
+
+def groups(model: nn.Module) -> list[dict]:
+    named = list(model.named_parameters())
+    return [{"params": [(n, p) for n, p in named if n.endswith("weight")]},
+            {"params": [(n, p) for n, p in named if n.endswith("bias")], "weight_decay": 0.0}]
+
+
+def make_opt(model: nn.Module, anchors: Anchors, impl: str = "torch", lam: float = LAM) -> AsFTAdamW:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the zero direction of c.bias warns
+        return AsFTAdamW(groups(model), lr=LR, anchors=anchors, asft_lambda=lam, impl=impl)
+
+
+def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (model(x) - y).square().mean()
+
+
+def reference(anchors: Anchors, steps: int = STEPS, lam: float = LAM) -> tuple[Net, AsFTAdamW]:
+    """The single-process run: the gradient of each step is the mean of both halves' gradients,
+    summed as DDP does (g0/2 + g1/2)."""
+    model = make_model(0)
+    opt = make_opt(model, anchors, lam=lam)
+    for step in range(steps):
+        halves = []
+        for r in range(2):
+            model.zero_grad()
+            loss_fn(model, *batch(step, r)).backward()
+            halves.append([p.grad.clone() for p in model.parameters()])
+        for p, g0, g1 in zip(model.parameters(), *halves):
+            p.grad = g0 * 0.5 + g1 * 0.5
+        opt.step()
+    return model, opt
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def snapshot(model: nn.Module, opt: AsFTAdamW) -> dict[str, torch.Tensor]:
+    """Parameters, exp_avg, exp_avg_sq and W0 by name, gathered (collective for DTensors)."""
+    out = {}
+    for n, p in model.named_parameters():
+        out[n] = full(p.detach()).clone()
+        st = opt.state[p]
+        for key in ("exp_avg", "exp_avg_sq", "w0"):
+            out[f"{n}/{key}"] = full(st[key]).float().clone()
+    return out
+
+
+def max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per tensor max|a - b| / max|b|."""
+    return {k: float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)) for k in b}
+
+
+def shard(model: nn.Module) -> nn.Module:
+    for m in (model.a, model.b, model.c):
+        fully_shard(m)
+    fully_shard(model)
+    return model
+
+
+def anchors_file(out: Path, rank: int) -> Anchors:
+    """Directions saved by rank 0, then opened lazily by every rank (sliced reads)."""
+    path = out / "directions.safetensors"
+    if rank == 0:
+        Anchors.from_tensors(directions(make_model(0))).save(path)
+    dist.barrier()
+    return Anchors.load(path)
+
+
+def train(model: nn.Module, opt: AsFTAdamW, rank: int, steps: range, on_step=None) -> list[dict]:
+    """Steps of the distributed run; returns, per step, the collectives the optimizer step made."""
+    comms = []
+    for step in steps:
+        opt.zero_grad()
+        loss_fn(model, *batch(step, rank)).backward()
+        calls: list[int] = []
+        real = dist.all_reduce
+
+        def counting(tensor, *args, **kwargs):
+            calls.append(tensor.numel())
+            return real(tensor, *args, **kwargs)
+
+        dist.all_reduce = counting
+        try:
+            with CommDebugMode() as mode:
+                opt.step()
+        finally:
+            dist.all_reduce = real
+        counts = {str(k): v for k, v in mode.get_comm_counts().items()}
+        comms.append({"total": mode.get_total_counts(), "by_op": counts, "all_reduce_numel": calls})
+        if on_step is not None:
+            on_step(step + 1)
+    return comms
+
+
+def run_ddp(out: Path, rank: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    anchors = Anchors.from_tensors(directions(make_model(0)))
+    model = DDP(make_model(0))
+    opt = make_opt(model, anchors)
+    comms = train(model, opt, rank, range(STEPS))
+    mine = snapshot(model.module, opt)
+    gathered: list = [None, None]
+    dist.all_gather_object(gathered, {k: v.tolist() for k, v in mine.items()})
+    if rank != 0:
+        return {}
+    other = {k: torch.tensor(v) for k, v in gathered[1].items()}
+    ref_model, ref_opt = reference(anchors)
+    ref = snapshot(ref_model, ref_opt)
+    plain = snapshot(*reference(anchors, lam=0.0))
+    return {"replicas_equal": all(torch.equal(mine[k], other[k]) for k in mine),
+            "equals_single": all(torch.equal(mine[k], ref[k]) for k in mine),
+            "penalty_effect": max(max_rel(ref, plain)[n] for n, _ in ref_model.named_parameters()),
+            "optimizer_collectives": [c["total"] for c in comms]}
+
+
+def run_fsdp(out: Path, rank: int) -> dict:
+    impl = os.environ.get("ASFT_IMPL", "torch")
+    anchors = anchors_file(out, rank)
+    model = shard(make_model(0))
+    whole_reads = []
+    get_stored = anchors.get_stored
+    anchors.get_stored = lambda key: whole_reads.append(key) or get_stored(key)  # type: ignore[method-assign]
+    opt = make_opt(model, anchors, impl=impl)
+    local_rows = {n: p.to_local().shape[0] for n, p in model.named_parameters()}
+    comms = train(model, opt, rank, range(STEPS))
+    mine = snapshot(model, opt)
+    rows: list = [None, None]
+    dist.all_gather_object(rows, local_rows)
+    # Negative control: the same run with c from the local shard only (the all-reduce skipped).
+    real = asft_distributed.all_reduce_dots
+    asft_distributed.all_reduce_dots = lambda params, dots: dots
+    try:
+        unreduced_model = shard(make_model(0))
+        unreduced_opt = make_opt(unreduced_model, anchors, impl=impl)
+        train(unreduced_model, unreduced_opt, rank, range(STEPS))
+    finally:
+        asft_distributed.all_reduce_dots = real
+    unreduced = snapshot(unreduced_model, unreduced_opt)
+    if rank != 0:
+        return {}
+    anchors.get_stored = get_stored  # type: ignore[method-assign]
+    ref = snapshot(*reference(anchors))
+    plain = snapshot(*reference(anchors, lam=0.0))
+    return {"max_rel": max_rel(mine, ref), "local_rows": rows, "whole_reads": whole_reads,
+            "penalty_effect": max(v for k, v in max_rel(ref, plain).items() if "/" not in k),
+            "unreduced_max_rel": max(max_rel(unreduced, ref).values()),
+            "comms": comms, "n_penalised": sum(1 for n in mine if "/" not in n and n != "c.bias"),
+            "is_dtensor": all(isinstance(p, DTensor) for p in model.parameters())}
+
+
+def _fail_writes_on_rank1() -> None:
+    """Make the next checkpoint write fail on rank 1 after it started writing."""
+    from torch.distributed.checkpoint import filesystem
+    real = filesystem.FileSystemWriter.write_data
+
+    def failing(self, plan, planner):
+        filesystem.FileSystemWriter.write_data = real
+        raise OSError("simulated failure of rank 1 while writing its shards")
+
+    filesystem.FileSystemWriter.write_data = failing
+
+
+def run_ckpt(out: Path, rank: int) -> dict:
+    anchors = anchors_file(out, rank)
+    ckpt = out / "ckpt"
+    model = shard(make_model(0))
+    opt = make_opt(model, anchors)
+    failure = []
+
+    def on_step(step: int) -> None:
+        if step == 5:
+            save_checkpoint(ckpt, step, model, opt, extra={"next_step": step})
+        if step == 7:
+            if rank == 1:
+                _fail_writes_on_rank1()
+            try:
+                save_checkpoint(ckpt, step, model, opt, extra={"next_step": step})
+            except CheckpointException as e:  # every rank sees the failure (a BaseException)
+                failure.append(type(e).__name__)
+
+    train(model, opt, rank, range(STEPS), on_step)
+    uninterrupted = snapshot(model, opt)
+    dist.barrier()
+    listing = sorted(p.name for p in ckpt.iterdir())
+    latest = latest_checkpoint(ckpt)
+    fresh = shard(make_model(7))  # other initial weights: the load must overwrite everything
+    fresh_opt = make_opt(fresh, anchors)
+    info = load_checkpoint(latest, fresh, fresh_opt)
+    train(fresh, fresh_opt, rank, range(info["extra"]["next_step"], STEPS))
+    resumed = snapshot(fresh, fresh_opt)
+    all_failed: list = [None, None]
+    dist.all_gather_object(all_failed, failure)
+    if rank != 0:
+        return {}
+    return {"failures": all_failed, "listing": listing, "latest": latest.name, "info": info,
+            "resumed_equal": {k: bool(torch.equal(resumed[k], uninterrupted[k])) for k in uninterrupted}}
+
+
+def run_crash(out: Path, rank: int) -> dict:
+    anchors = anchors_file(out, rank)
+    ckpt = out / "ckpt"
+    model = shard(make_model(0))
+    opt = make_opt(model, anchors)
+
+    def on_step(step: int) -> None:
+        if step == 5:
+            save_checkpoint(ckpt, step, model, opt, extra={"next_step": step})
+        if step == 7:
+            if rank == 1:
+                from torch.distributed.checkpoint import filesystem
+                real = filesystem.FileSystemWriter.write_data
+
+                def dying(self, plan, planner):
+                    real(self, plan, planner)  # its shard files are written ...
+                    os._exit(3)  # ... and the process dies before the save completes
+
+                filesystem.FileSystemWriter.write_data = dying
+            save_checkpoint(ckpt, step, model, opt, extra={"next_step": step})
+
+    train(model, opt, rank, range(STEPS), on_step)
+    return {}
+
+
+def run_resume(out: Path, rank: int) -> dict:
+    anchors = anchors_file(out, rank)
+    ckpt = out / "ckpt"
+    listing = sorted(p.name for p in ckpt.iterdir())
+    latest = latest_checkpoint(ckpt)
+    model = shard(make_model(7))
+    opt = make_opt(model, anchors)
+    info = load_checkpoint(latest, model, opt)
+    train(model, opt, rank, range(info["extra"]["next_step"], STEPS))
+    resumed = snapshot(model, opt)
+    save_checkpoint(ckpt, STEPS, model, opt)  # clears the crashed save's leftovers
+    after = sorted(p.name for p in ckpt.iterdir())
+    whole = shard(make_model(0))  # the uninterrupted run, sharded the same way
+    whole_opt = make_opt(whole, anchors)
+    train(whole, whole_opt, rank, range(STEPS))
+    uninterrupted = snapshot(whole, whole_opt)
+    if rank != 0:
+        return {}
+    return {"listing": listing, "latest": latest.name, "after": after, "info": info,
+            "resumed_equal": {k: bool(torch.equal(resumed[k], uninterrupted[k])) for k in uninterrupted}}
+
+
+def main() -> None:
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.use_deterministic_algorithms(True)
+    result = {"ddp": run_ddp, "fsdp": run_fsdp, "ckpt": run_ckpt, "crash": run_crash,
+              "resume": run_resume}[mode](out, rank)
+    if rank == 0:
+        (out / f"{mode}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""`asft inspect`: per-layer direction norms, fingerprint check, drift of a fine-tuned checkpoint."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from asft_optim import compute_directions
+from asft_optim.checkpoints import CheckpointError
+from asft_optim.cli import main
+from asft_optim.inspect import direction_stats, drift_report
+from asft_optim.metrics import drift, layer_of, per_layer, sums
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """base, aligned (norms unchanged, so d = 0 there), a fine-tuned model, and the directions file (fp32)."""
+    root = tmp_path_factory.mktemp("inspect")
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg)
+    aligned = transformers.LlamaForCausalLM(cfg)
+    aligned.load_state_dict(base.state_dict())
+    tuned = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in aligned.named_parameters():
+            if "norm" not in name:
+                p.add_(torch.randn_like(p) * 0.02)
+        tuned.load_state_dict(aligned.state_dict())
+        for p in tuned.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    base.save_pretrained(root / "base")
+    aligned.save_pretrained(root / "aligned", max_shard_size="20KB")
+    tuned.save_pretrained(root / "tuned")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compute_directions(root / "base", root / "aligned", root / "d.safetensors", dtype="fp32")
+    params = {role: {n: p.detach().clone() for n, p in m.named_parameters()}
+              for role, m in (("base", base), ("aligned", aligned), ("tuned", tuned))}
+    return root, params
+
+
+def test_direction_stats_match_the_weights(setup):
+    root, P = setup
+    stats = direction_stats(root / "d.safetensors")
+    assert stats.fingerprint_actual == stats.fingerprint_recorded
+    assert stats.aligned_source == str((root / "aligned").resolve()) and stats.aligned_error is None
+    d = {n: P["aligned"][n] - P["base"][n] for n in P["aligned"]}
+    layers = sorted({layer_of(n) for n in d})
+    assert sorted(stats.layers) == layers
+    for layer in layers:
+        names = [n for n in d if layer_of(n) == layer]
+        s = stats.layers[layer]
+        d_norm = math.sqrt(sum(float(d[n].double().square().sum()) for n in names))
+        w_norm = math.sqrt(sum(float(P["aligned"][n].double().square().sum()) for n in names))
+        assert s.tensors == len(names) and s.numel == sum(d[n].numel() for n in names)
+        assert s.d_norm == pytest.approx(d_norm, rel=1e-12)
+        assert s.ratio == pytest.approx(d_norm / w_norm, rel=1e-12)
+        assert sorted(s.zero) == sorted(n for n in names if "norm" in n)
+        assert s.dtypes == {"F32"}
+    assert stats.total.tensors == len(d) and len(stats.total.zero) == 5
+    # layers in natural order: layers.2 would come after layers.1, not after layers.10
+    assert list(stats.layers).index("model.layers.0") < list(stats.layers).index("model.layers.1")
+
+
+def test_aligned_unavailable_and_override(setup, tmp_path):
+    root, _ = setup
+    moved = tmp_path / "d.safetensors"
+    shutil.copy(root / "d.safetensors", moved)
+    shutil.copytree(root / "aligned", tmp_path / "aligned-copy")
+    # the recorded aligned path still works; an unreadable override leaves the ratios out with a reason
+    stats = direction_stats(moved, aligned=tmp_path / "gone")
+    assert stats.total.ratio is None and "not found" in stats.aligned_error
+    assert all(s.ratio is None for s in stats.layers.values())
+    stats2 = direction_stats(moved, aligned=tmp_path / "aligned-copy")
+    assert stats2.total.ratio == pytest.approx(direction_stats(root / "d.safetensors").total.ratio, rel=1e-12)
+
+
+def test_cli_inspect_table_and_fingerprint_mismatch(setup, tmp_path, capsys):
+    root, _ = setup
+    assert main(["inspect", str(root / "d.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "matches the file's record" in out and "‖d‖/‖W_aligned‖" in out
+    assert "model.layers.1" in out and "all-zero directions (5)" in out
+    bad = tmp_path / "d.safetensors"
+    raw = bytearray((root / "d.safetensors").read_bytes())
+    raw[-1] ^= 0x01
+    bad.write_bytes(bytes(raw))
+    assert main(["inspect", str(bad)]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+
+
+def test_drift_matches_metrics(setup):
+    root, P = setup
+    per_tensor, layers, missing = drift_report(root / "d.safetensors", root / "tuned")
+    assert missing == []
+    d = {n: P["aligned"][n] - P["base"][n] for n in P["aligned"]}
+    delta = {n: P["tuned"][n].double() - P["aligned"][n].double() for n in d}
+    assert sorted(per_tensor) == sorted(d)
+    for n in d:
+        ref = drift(delta[n], d[n])
+        got = per_tensor[n]
+        assert got.numel == ref.numel
+        for attr in ("delta_norm", "cos", "orth_ratio"):
+            assert getattr(got, attr) == pytest.approx(getattr(ref, attr), rel=1e-9, abs=1e-12), (n, attr)
+    ref_layers = per_layer({n: sums(delta[n], d[n]) for n in d})
+    assert set(layers) == set(ref_layers)
+    for k, v in ref_layers.items():
+        assert layers[k].cos == pytest.approx(v.cos, rel=1e-9, abs=1e-12)
+        assert layers[k].orth_ratio == pytest.approx(v.orth_ratio, rel=1e-9, abs=1e-12)
+
+
+def test_drift_along_d_is_parallel(setup, tmp_path):
+    """A model moved by 0.5·d (and nothing else) has cos = 1 and no orthogonal part wherever d ≠ 0."""
+    root, P = setup
+    moved = {n: P["aligned"][n] + 0.5 * (P["aligned"][n] - P["base"][n]) for n in P["aligned"]}
+    save_file(moved, str(tmp_path / "moved.safetensors"))
+    per_tensor, layers, _ = drift_report(root / "d.safetensors", tmp_path / "moved.safetensors",
+                                         start=root / "aligned")
+    for n, v in per_tensor.items():
+        if "norm" in n:
+            assert v.delta_norm == 0.0
+        else:
+            assert v.cos == pytest.approx(1.0, abs=1e-6) and v.orth_ratio == pytest.approx(0.0, abs=2e-3), n
+
+
+def test_cli_drift_tables_and_png(setup, tmp_path, capsys):
+    root, P = setup
+    png = tmp_path / "drift.png"
+    partial = {n: t for n, t in P["tuned"].items() if not n.startswith("lm_head")}
+    save_file(partial, str(tmp_path / "partial.safetensors"))
+    rc = main(["inspect", str(root / "d.safetensors"), "--model", str(tmp_path / "partial.safetensors"),
+               "--start", str(root / "aligned"), "--plot", str(png)])
+    assert rc == 0
+    cap = capsys.readouterr()
+    assert "cos(ΔW,d)" in cap.out and "model.layers.0.mlp.up_proj.weight" in cap.out
+    assert "lm_head" not in cap.out and "1 direction(s) left out" in cap.err and "lm_head.weight" in cap.err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["inspect", str(root / "d.safetensors"), "--model", str(root / "tuned"), "--no-plot",
+                 "--layers-only"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0.mlp" not in out and "model.layers.0 " in out
+
+
+def test_inspect_errors(setup, tmp_path, capsys):
+    root, P = setup
+    assert main(["inspect", str(root / "base" / "model.safetensors")]) == 1
+    assert "model checkpoint, not a directions file" in capsys.readouterr().err
+    save_file({"x": torch.ones(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="no tensor of the directions file"):
+        drift_report(root / "d.safetensors", tmp_path / "other.safetensors")
+    wrong = {n: t for n, t in P["tuned"].items()}
+    wrong["model.norm.weight"] = torch.ones(7)
+    save_file(wrong, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight'.*shape \[7\]"):
+        drift_report(root / "d.safetensors", tmp_path / "wrong.safetensors")
+    assert main(["inspect", str(tmp_path / "other.safetensors"), "--model", str(root / "tuned")]) == 1
+    assert "error" in capsys.readouterr().err

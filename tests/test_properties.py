@@ -1,0 +1,86 @@
+"""Properties of the penalty R (hypothesis): orthogonal to d, zero for ΔW ∥ d, invariant to scaling d.
+Both the reference and the chunked fast path are checked."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from asft_optim.functional import bind_direction, penalised_grads_, penalty_reference
+
+numels = st.integers(min_value=1, max_value=3000)
+seeds = st.integers(min_value=0, max_value=2**31 - 1)
+scales = st.floats(min_value=1e-20, max_value=1e20).flatmap(lambda a: st.sampled_from([a, -a]))
+
+
+def _setup(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(n, generator=g)
+    w0 = p - torch.randn(n, generator=g) * 1e-2
+    d = torch.randn(n, generator=g)
+    return p, w0, d
+
+
+def _fast(p, w0, bound, kind, chunk=257):
+    out = torch.empty_like(p)
+    penalised_grads_([out], [torch.zeros_like(p)], [p], [w0], [bound], 1.0, kind, chunk=chunk)
+    return out.double()
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=numels, seed=seeds)
+def test_orthogonal_to_d(n, seed):
+    p, w0, d = _setup(n, seed)
+    b = bind_direction(d, p, "x")
+    for r in (penalty_reference(p, w0, b, "orthogonal").double(), _fast(p, w0, b, "orthogonal")):
+        dw = (p - w0).double()
+        cos = float(r @ d.double()) / (float(r.norm() * d.double().norm()) + 1e-300)
+        assert abs(cos) < 1e-5 or float(r.norm()) < 1e-6 * float(dw.norm())
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=numels, seed=seeds, alpha=st.floats(min_value=-1e3, max_value=1e3).filter(lambda a: abs(a) > 1e-6))
+def test_vanishes_when_update_parallel_to_d(n, seed, alpha):
+    _, _, d = _setup(n, seed)
+    w0 = torch.zeros(n)
+    p = (alpha * d.double()).float()
+    b = bind_direction(d, p, "x")
+    for r in (penalty_reference(p, w0, b, "orthogonal").double(), _fast(p, w0, b, "orthogonal")):
+        assert float(r.norm()) <= 1e-5 * float(p.double().norm())
+    # and the parallel penalty is then the whole update
+    rp = penalty_reference(p, w0, b, "parallel").double()
+    assert float((rp - p.double()).norm()) <= 1e-5 * float(p.double().norm())
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=numels, seed=seeds, k=scales)
+def test_invariant_to_scaling_d(n, seed, k):
+    p, w0, d = _setup(n, seed)
+    b1 = bind_direction(d, p, "x")
+    b2 = bind_direction(d * k, p, "x")
+    for kind in ("orthogonal", "parallel"):
+        r1 = penalty_reference(p, w0, b1, kind).double()
+        r2 = penalty_reference(p, w0, b2, kind).double()
+        scale = float((p - w0).double().norm())
+        assert float((r1 - r2).norm()) <= 1e-5 * scale
+        assert float((_fast(p, w0, b1, kind) - _fast(p, w0, b2, kind)).norm()) <= 1e-5 * scale
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=numels, seed=seeds, chunk=st.integers(min_value=1, max_value=4000),
+       kind=st.sampled_from(["orthogonal", "parallel", "full"]))
+def test_fast_path_matches_reference(n, seed, chunk, kind):
+    p, w0, d = _setup(n, seed)
+    b = bind_direction(d, p, "x")
+    ref = penalty_reference(p, w0, b, kind).double()
+    scale = float((p - w0).abs().max())
+    torch.testing.assert_close(_fast(p, w0, b, kind, chunk), ref, rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_tiny_directions_do_not_underflow():
+    p, w0, d = _setup(1000, 0)
+    b = bind_direction(d * 1e-38, p, "x")
+    ref = penalty_reference(p, w0, bind_direction(d, p, "x"), "orthogonal")
+    torch.testing.assert_close(penalty_reference(p, w0, b, "orthogonal"), ref, rtol=1e-5, atol=1e-7)
+    assert not b.is_zero

@@ -1,0 +1,409 @@
+"""The fused Triton step (impl="triton") against impl="reference" and impl="torch".
+
+Runs the kernels in Triton's CPU interpreter (TRITON_INTERPRET=1, set before triton is imported):
+correctness on small tensors, not speed. The interpreter truncates fp32 → bf16/fp16 where compiled
+kernels and torch round to nearest even, so half-precision runs are compared one step at a time
+from a shared state (within one ulp), fp32 runs over whole trajectories (1e-6 relative).
+A CPU-only compile of the update kernel for sm_90 checks its PTX for 128-bit accesses and spills.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from asft_optim.kernels import adamw as K  # noqa: E402
+from asft_optim.optimizer import AsFTAdamW  # noqa: E402
+
+if not K.is_interpreted():  # triton was imported by an earlier module without the interpreter
+    pytest.skip("asft_optim.kernels was imported before TRITON_INTERPRET=1 was set; run this module "
+                "in its own process", allow_module_level=True)
+
+SHAPES = {"one": (1,), "seven": (7,), "odd": (4097,), "mat": (5, 123), "many_blocks": (3 * K.BLOCK + 5,)}
+HALF = (torch.bfloat16, torch.float16)
+
+
+def make(specs: dict[str, tuple[tuple[int, ...], torch.dtype]], impl: str, seed: int = 0,
+         lam: float = 0.5, **kw) -> tuple[dict[str, torch.nn.Parameter], AsFTAdamW]:
+    """Parameters (seeded, identical for every impl) and an AsFTAdamW over them."""
+    g = torch.Generator().manual_seed(seed)
+    params = {n: torch.nn.Parameter(torch.randn(s, generator=g).to(dt)) for n, (s, dt) in specs.items()}
+    dirs = {n: torch.randn(s, generator=g) for n, (s, _) in specs.items()}
+    kw.setdefault("lr", 3e-2)
+    opt = AsFTAdamW(list(params.items()), anchors=dirs, impl=impl, asft_lambda=lam, **kw)
+    return params, opt
+
+
+def set_grads(params: dict[str, torch.nn.Parameter], step: int, skip: set[str] = frozenset()) -> None:
+    g = torch.Generator().manual_seed(1000 + step)
+    for n, p in params.items():
+        grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        p.grad = None if n in skip else grad
+
+
+def state_of(opt: AsFTAdamW, p: torch.Tensor) -> list[torch.Tensor]:
+    st = opt.state[p]
+    return [st[k] for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if k in st]
+
+
+def ulp(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of x's dtype at |x| (as fp32)."""
+    info = torch.finfo(x.dtype)
+    a = x.float().abs().clamp_min(info.tiny)
+    return torch.exp2(torch.floor(torch.log2(a))) * info.eps
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """fp32: 1e-6 relative (1e-6 absolute near 0); half precision: within one ulp."""
+    assert a.dtype == b.dtype, what
+    if a.dtype == torch.float32:
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m: f"{what}: {m}")
+        return
+    err = (a.float() - b.float()).abs()
+    bound = ulp(torch.maximum(a.float().abs(), b.float().abs()).to(a.dtype))
+    bad = err > bound
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {a.numel()} elements differ by more than one "
+                           f"ulp, worst {float((err / bound).max()):.2f} ulp")
+
+
+def stored(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (float64) as the interpreted kernel stores it: fp32, then truncated to bf16 (fp16 rounds)."""
+    x = x.float()
+    if dtype == torch.bfloat16:
+        return (x.view(torch.int32) & -65536).view(torch.float32).to(dtype)  # exact: low bits are 0
+    return x.to(dtype)
+
+
+def expected_step(opt: AsFTAdamW, name: str, p: torch.Tensor, g: torch.Tensor,
+                  moments: list[torch.Tensor], w0: torch.Tensor, step: float
+                  ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """[p, exp_avg, exp_avg_sq(, max_exp_avg_sq)] after one step from the given pre-step values:
+    float64 math, each stored value rounded once (`stored`), the update read from stored moments;
+    and the magnitude of the update's two terms |lr·wd·p| + |lr/bc1·m/denom| (float64)."""
+    grp = opt.param_groups[0]
+    b1, b2 = grp["betas"]
+    lr, lam, dt = float(grp["lr"]), grp["asft_lambda"], p.dtype
+    p64, g64, w64 = p.double(), g.double(), w0.double()
+    bound = opt._bound[name]
+    v = bound.v.double()
+    dw = p64 - w64
+    c = (v * dw).sum() * bound.inv_nv2
+    r = {"orthogonal": dw - c * v, "parallel": c * v, "full": dw}[grp["penalty"]]
+    g64 = g64 + (-2.0 if grp["maximize"] else 2.0) * lam * r
+    g64 = -g64 if grp["maximize"] else g64
+    m = stored(moments[0].double() + (1 - b1) * (g64 - moments[0].double()), dt)
+    s = stored(moments[1].double() * b2 + (1 - b2) * g64 * g64, dt)
+    out = [m, s]
+    if grp["amsgrad"]:
+        s = torch.maximum(moments[2], s)
+        out.append(s)
+    denom = s.double().sqrt() / (1 - b2 ** step) ** 0.5 + grp["eps"]
+    adam = lr / (1 - b1 ** step) * m.double() / denom
+    new_p = p64 * (1 - lr * grp["weight_decay"]) - adam
+    return [stored(new_p, dt)] + out, (p64 * lr * grp["weight_decay"]).abs() + adam.abs()
+
+
+def run_pair(specs, steps: int = 10, skip: dict[int, set[str]] | None = None, other: str = "reference",
+             **kw) -> tuple[dict, AsFTAdamW, dict, AsFTAdamW]:
+    """Step a triton and an `other` optimizer side by side, comparing after every step.
+
+    fp32 tensors run free over the whole trajectory (1e-6 relative). Half-precision tensors restart
+    each step from the other run's state (then `resync()`) and are compared per step: within one ulp
+    of `expected_step` (one rounding per stored value), and with `other` within one ulp on average
+    (torch's half path also rounds g̃, p after the decay and the denominator: where the moment
+    update cancels, single elements differ by more).
+    """
+    pa, oa = make(specs, "triton", **kw)
+    pb, ob = make(specs, other, **kw)
+    for t in range(steps):
+        skipped = (skip or {}).get(t, set())
+        set_grads(pa, t, skipped)
+        set_grads(pb, t, skipped)
+        before = {n: (pa[n].detach().clone(), None if pa[n].grad is None else pa[n].grad.clone(),
+                      [x.clone() for x in state_of(oa, pa[n])]) for n in specs}
+        oa.step()
+        ob.step()
+        resync = False
+        for n in specs:
+            a, b = pa[n].detach(), pb[n].detach()
+            if a.dtype == torch.float32:
+                assert_close(a, b, f"step {t} param {n}")
+                for k, (x, y) in enumerate(zip(state_of(oa, pa[n]), state_of(ob, pb[n]), strict=True)):
+                    assert_close(x, y, f"step {t} moment {k} of {n}")
+                continue
+            p0, g0, m0 = before[n]
+            if g0 is not None:
+                st = oa.state[pa[n]]
+                moments = m0 if m0 else [torch.zeros_like(p0)] * (3 if "max_exp_avg_sq" in st else 2)
+                want, update = expected_step(oa, n, p0, g0, moments, st["w0"], float(st["step"]))
+                for k, (x, y) in enumerate(zip([a] + state_of(oa, pa[n]), want, strict=True)):
+                    assert_close(x, y, f"step {t} {'param' if k == 0 else f'moment {k - 1}'} of {n}")
+                err = (a.float() - b.float()).abs().mean()
+                assert float(err) <= float(ulp(b).mean()), f"step {t} {n}: mean error vs {other} {float(err)}"
+            with torch.no_grad():
+                pa[n].copy_(pb[n])
+                for x, y in zip(state_of(oa, pa[n]), state_of(ob, pb[n])):
+                    x.copy_(y)
+            resync = True
+        if resync:
+            oa.resync()
+    return pa, oa, pb, ob
+
+
+def f32(shapes=SHAPES, dtype=torch.float32):
+    return {n: (s, dtype) for n, s in shapes.items()}
+
+
+# ----------------------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("penalty", ["orthogonal", "parallel", "full"])
+def test_fp32_matches_reference_over_ten_steps(penalty):
+    run_pair(f32(), penalty=penalty, weight_decay=0.1)
+
+
+@pytest.mark.parametrize("options", [dict(amsgrad=True), dict(maximize=True), dict(weight_decay=0.0),
+                                     dict(amsgrad=True, maximize=True, weight_decay=0.3)])
+def test_fp32_options_match_reference_and_torch(options):
+    shapes = {"odd": (4097,), "mat": (5, 123), "one": (1,)}
+    run_pair(f32(shapes), **options)
+    run_pair(f32(shapes), other="torch", **options)
+
+
+def test_step_with_grad_none_matches_reference():
+    pa, oa, _, _ = run_pair(f32(), skip={3: {"odd"}, 4: {"odd", "one"}, 0: {"mat"}})
+    assert float(oa.state[pa["odd"]]["step"]) == 8
+    assert float(oa.state[pa["mat"]]["step"]) == 9
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_within_one_ulp_each_step(dtype):
+    run_pair(f32(dtype=dtype), weight_decay=0.1, amsgrad=True)
+
+
+def test_300_tiny_tensors_one_update_and_one_fold_launch_per_step():
+    specs = {f"t{i}": ((1 + i % 13,), torch.float32) for i in range(300)}
+    pa, oa, _, _ = run_pair(specs, steps=10)
+    before = K.launch_counter[0]
+    set_grads(pa, 99)
+    oa.step()
+    assert K.launch_counter[0] - before == 2
+
+
+def test_mixed_dtypes_split_into_one_launch_each():
+    specs = {"a": ((300,), torch.float32), "b": ((129,), torch.bfloat16), "c": ((5, 7), torch.float16),
+             "d": ((4097,), torch.float32), "e": ((33,), torch.bfloat16)}
+    pa, oa, _, _ = run_pair(specs, steps=10, amsgrad=True)
+    keys = {k for (gi, k) in oa._triton_tables}
+    assert sorted(str(k[2]) for k in keys) == ["torch.bfloat16", "torch.float16", "torch.float32"]
+    set_grads(pa, 50)
+    before = K.launch_counter[0]
+    oa.step()  # the half-precision tensors were overwritten by run_pair: exact c passes (3) first
+    assert K.launch_counter[0] - before == 3 + 3 * 2
+
+
+def test_unanchored_and_lambda_zero_take_plain_adamw_steps():
+    specs = f32({"a": (4097,), "b": (9,)})
+    pa, oa = make(specs, "triton", lam=0.0)
+    pb, ob = make(specs, "torch", lam=0.0)
+    for t in range(10):
+        set_grads(pa, t)
+        set_grads(pb, t)
+        oa.step()
+        ob.step()
+    for n in specs:
+        assert_close(pa[n].detach(), pb[n].detach(), n)
+
+
+def test_tensor_lr_is_supported():
+    specs = f32({"a": (4097,), "b": (5, 123)})
+    run_pair(specs, steps=3, lr=torch.tensor(0.02))
+
+
+# ----------------------------------------------------------------------------------------- c
+def _c_values(opt: AsFTAdamW, names) -> torch.Tensor:
+    cs = opt._triton_c
+    return torch.stack([cs.buffers[torch.device("cpu")][cs.slot[n]] for n in names]).clone()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_c_equals_a_fresh_exact_reduction(dtype):
+    specs = f32(dtype=dtype)
+    pa, oa = make(specs, "triton")
+    for t in range(4):
+        set_grads(pa, t)
+        oa.step()
+    names = list(specs)
+    one_pass = _c_values(oa, names)
+    assert bool((one_pass != 0).all())
+    for (_, table) in oa._triton_tables.values():
+        K.exact_c_(table, oa._triton_c.buffers[torch.device("cpu")])
+    torch.testing.assert_close(_c_values(oa, names), one_pass, rtol=0, atol=0)
+    for n, c in zip(names, one_pass):
+        b = oa._bound[n]
+        dw = pa[n].detach().double() - oa.state[pa[n]]["w0"].double()
+        ref = float((b.v.double() * dw).sum() * b.inv_nv2)
+        assert abs(float(c) - ref) <= 1e-5 * max(abs(ref), 1e-3), (n, float(c), ref)
+
+
+def test_first_step_uses_c_zero_without_a_reduction_pass():
+    pa, oa = make(f32(), "triton")
+    set_grads(pa, 0)
+    before = K.launch_counter[0]
+    oa.step()
+    assert K.launch_counter[0] - before == 2  # update + fold, no exact pass
+
+
+def test_state_dict_round_trip_continues_exactly():
+    specs = f32({"odd": (4097,), "mat": (5, 123), "bf": (300,)})
+    specs["bf"] = ((300,), torch.bfloat16)
+    pa, oa = make(specs, "triton", amsgrad=True)
+    for t in range(5):
+        set_grads(pa, t)
+        oa.step()
+    pb, ob = make(specs, "triton", amsgrad=True)
+    with torch.no_grad():
+        for n in specs:
+            pb[n].copy_(pa[n])
+    set_grads(pb, 0)  # a step is needed before the state exists; load_state_dict replaces it
+    ob.load_state_dict(oa.state_dict())
+    for t in range(5, 10):
+        set_grads(pa, t)
+        set_grads(pb, t)
+        before = K.launch_counter[0]
+        oa.step()
+        one = K.launch_counter[0] - before
+        before = K.launch_counter[0]
+        ob.step()
+        assert K.launch_counter[0] - before == one + (2 * 2 if t == 5 else 0)  # exact passes once
+        for n in specs:
+            assert torch.equal(pa[n], pb[n]), (t, n)
+            for x, y in zip(state_of(oa, pa[n]), state_of(ob, pb[n])):
+                assert torch.equal(x, y), (t, n)
+
+
+def test_resync_after_an_outside_write_continues_exactly():
+    specs = f32({"odd": (4097,), "mat": (5, 123)})
+    results = {}
+    for impl, call_resync in (("reference", False), ("triton", True), ("triton", False)):
+        p, o = make(specs, impl)
+        for t in range(10):
+            if t == 4:
+                with torch.no_grad():
+                    for x in p.values():
+                        x.add_(0.25)
+                if call_resync:
+                    o.resync()
+            set_grads(p, t)
+            o.step()
+        results[(impl, call_resync)] = p
+    for n in specs:
+        ref = results[("reference", False)][n].detach()
+        assert_close(results[("triton", True)][n].detach(), ref, n)
+        stale = results[("triton", False)][n].detach()
+        assert not torch.allclose(stale, ref, rtol=1e-5, atol=1e-5), f"{n}: the stale c went unnoticed"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_identical_runs_are_bitwise_identical(dtype):
+    runs = []
+    for _ in range(2):
+        p, o = make(f32(dtype=dtype), "triton", amsgrad=True)
+        for t in range(4):
+            set_grads(p, t)
+            o.step()
+        runs.append(p)
+    for n in SHAPES:
+        assert torch.equal(runs[0][n], runs[1][n]), n
+
+
+# ----------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("flag", ["foreach", "fused"])
+def test_explicit_torch_kernels_with_triton_raise(flag):
+    p, o = make(f32({"a": (8,)}), "triton", **{flag: True}) if flag == "foreach" else (None, None)
+    if flag == "fused":  # torch.optim.AdamW itself rejects fused=True on CPU tensors
+        pytest.skip("fused=True needs CUDA parameters")
+    set_grads(p, 0)
+    with pytest.raises(ValueError, match="cannot honour foreach=True"):
+        o.step()
+
+
+def test_triton_on_cpu_without_the_interpreter_raises():
+    code = textwrap.dedent("""
+        import os, torch
+        os.environ.pop("TRITON_INTERPRET", None)
+        from asft_optim.optimizer import AsFTAdamW
+        p = torch.nn.Parameter(torch.ones(3))
+        o = AsFTAdamW([("w", p)], anchors={"w": torch.ones(3)}, impl="triton")
+        p.grad = torch.ones(3)
+        try:
+            o.step()
+        except ValueError as e:
+            print("ValueError:", e)
+        """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "ValueError: impl='triton' runs on CUDA tensors" in out.stdout, out.stdout + out.stderr
+
+
+def test_default_impl_on_cpu_is_torch():
+    p, o = make(f32({"a": (8,)}), None)
+    assert o._resolve_impl(o.param_groups[0]) == "torch"
+
+
+# ----------------------------------------------------------------------------------------- PTX
+_PTX_SCRIPT = """
+import json, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from asft_optim.kernels import adamw as K
+
+dt = {"fp32": tl.float32, "bf16": tl.bfloat16}[sys.argv[1]]
+fn = K._update_kernel
+sig = {name: "constexpr" for name in fn.arg_names}
+sig.update({"table": "*i64", "numels": "*i64", "blk_tensor": "*i32", "blk_start": "*i64", "c_buf": "*fp32",
+            "cslot": "*i32", "steps": "*fp32", "partials": "*fp32"})
+for name in ("coef", "decay", "omb1", "beta2", "omb2", "eps", "step_size", "bc2_sqrt"):
+    sig[name] = "fp32"
+const = dict(P_DTYPE=dt, G_DTYPE=dt, M_DTYPE=tl.float32, W0_DTYPE=tl.bfloat16, V_DTYPE=tl.bfloat16,
+             PENALTY=0, HAS_PEN=True, AMSGRAD=False, MAXIMIZE=False, PER_TENSOR_STEP=False,
+             ALIGNED=True, BLOCK=K.BLOCK)
+attrs = {(i,): [["tt.divisibility", 16]] for i in range(8)}
+target = GPUTarget("cuda", 90, 32)
+backend = triton.compiler.make_backend(target)
+options = backend.parse_options({"num_warps": K.NUM_WARPS})
+cc = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), target=target,
+                    options=options.__dict__)
+print(json.dumps({"ptx": cc.asm["ptx"], "spills": cc.n_spills}))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_update_kernel_compiles_for_sm90_with_vector_loads_and_no_spills(dtype):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, "-c", _PTX_SCRIPT, dtype], env=env, capture_output=True,
+                         text=True, timeout=300)
+    if out.returncode != 0:
+        pytest.fail(f"compiling for sm_90 failed:\n{out.stderr[-3000:]}")
+    import json
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    ptx = res["ptx"]
+    loads = re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx)
+    stores = re.findall(r"st\.global(?:\.\w+)*\.v4\.b32", ptx)
+    # unmasked body: 16 elements per thread; fp32 streams need 4 v4 loads each, 16-bit ones 2
+    per_stream = {"fp32": 4, "bf16": 2}[dtype]
+    assert len(loads) >= 2 * per_stream + 2 * 4 + 2 * 2, f"{len(loads)} 128-bit loads"
+    assert len(stores) >= per_stream + 2 * 4, f"{len(stores)} 128-bit stores"
+    assert not re.search(r"\.local\b|ld\.local|st\.local", ptx), "local memory (spills) in the PTX"
+    assert res["spills"] == 0
