@@ -112,6 +112,12 @@ class Anchors(Mapping[str, torch.Tensor]):
                 metadata = f.metadata() or {}
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise ValueError(f"cannot read directions file {path}: {e}") from e
+        fmt = metadata.get("format")
+        if fmt is not None and fmt != FORMAT:
+            what = ("a model checkpoint, not a directions file: compute directions with "
+                    "`asft directions BASE ALIGNED -o OUT`" if not fmt.startswith("asft-directions/")
+                    else f"a directions file in format '{fmt}', which this version ({FORMAT}) cannot read")
+            raise ValueError(f"{path} is {what} (its metadata says format '{fmt}')")
         anchors = cls(path=path, metadata=metadata)
         recorded = metadata.get("fingerprint")
         if verify and recorded is not None:
@@ -185,10 +191,10 @@ class Anchors(Mapping[str, torch.Tensor]):
         return self._fingerprint
 
     def _compute_fingerprint(self) -> str:
-        h = hashlib.blake2b(digest_size=32)
+        h = fingerprint_hasher()
         for key in sorted(self._keys):
             t = self.get_stored(key).contiguous()
-            h.update(json.dumps([key, str(t.dtype), list(t.shape)]).encode())
+            h.update(fingerprint_entry(key, t.dtype, t.shape))
             h.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
         return h.hexdigest()
 
@@ -201,6 +207,17 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
            "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
            "F8_E5M2": torch.float8_e5m2}
+
+
+def fingerprint_hasher() -> hashlib.blake2b:
+    """The hash behind `Anchors.fingerprint`: feed it, for each normalised name in sorted order,
+    `fingerprint_entry(...)` and then the tensor's bytes (C order, as stored)."""
+    return hashlib.blake2b(digest_size=32)
+
+
+def fingerprint_entry(key: str, dtype: torch.dtype, shape: torch.Size | tuple[int, ...]) -> bytes:
+    """The bytes hashed before one tensor's data in the fingerprint."""
+    return json.dumps([key, str(dtype), list(shape)]).encode()
 
 
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path,

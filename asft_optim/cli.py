@@ -8,20 +8,30 @@ import importlib
 import sys
 
 # subcommand name -> "module:function" that adds its parser (imported only when needed)
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "directions": "asft_optim.directions:add_cli",
+    "inspect": "asft_optim.inspect:add_cli",
+    "demo": "asft_optim.demo.run:add_cli",
+    "finetune": "asft_optim.demo.finetune_cli:add_cli",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The `asft` parser; with `only`, import and register just that subcommand (faster, and one
+    subcommand's heavy imports cannot break another)."""
     parser = argparse.ArgumentParser(prog="asft", description="AsFT: anchoring safety in fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True)
-    for spec in COMMANDS.values():
-        module, func = spec.split(":")
-        getattr(importlib.import_module(module), func)(sub)
+    for name, spec in COMMANDS.items():
+        if only is None or name == only:
+            module, func = spec.split(":")
+            getattr(importlib.import_module(module), func)(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    only = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(only).parse_args(argv)
     return int(args.func(args) or 0)
 
 

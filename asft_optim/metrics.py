@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Drift", "drift", "sums", "layer_of", "per_layer"]
+__all__ = ["Drift", "drift", "drift_from_sums", "sums", "layer_of", "per_layer"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,11 @@ class Drift:
 def drift(delta: Tensor, d: Tensor) -> Drift:
     """Drift of one tensor from its update `delta` = W - W0 and its direction `d` (equal numel)."""
     return _from_sums(*sums(delta, d))
+
+
+def drift_from_sums(xx: float, uu: float, xu: float, numel: int) -> Drift:
+    """Drift of one tensor from its `sums` (which may be accumulated over pieces of the tensor)."""
+    return _from_sums(xx, uu, xu, numel)
 
 
 def _from_sums(xx: float, uu: float, xu: float, numel: int) -> Drift:

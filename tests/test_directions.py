@@ -387,3 +387,82 @@ def test_cli_subprocess(models, tmp_path):
     assert "warning: the base and aligned checkpoints are identical on 5 tensor(s)" in r.stderr
     assert "fingerprint" in r.stdout
     assert Anchors.load(out).metadata["dtype"] == "fp32"
+
+
+def test_index_and_shards_must_agree(models, tmp_path):
+    root, _ = models
+    folder = tmp_path / "m"
+    shutil.copytree(root / "aligned-tied-float32-sharded", folder)
+    index = folder / "model.safetensors.index.json"
+    spec = json.loads(index.read_text())
+    spec["weight_map"]["model.extra.weight"] = next(iter(spec["weight_map"].values()))
+    index.write_text(json.dumps(spec))
+    with pytest.raises(CheckpointError, match=r"lists 1 tensor\(s\) that its shards do not hold: 'model\.extra"):
+        open_checkpoint(folder)
+
+
+def test_progress_bar_counts_bytes_and_tensors(tmp_path, monkeypatch, capsys):
+    import asft_optim.directions as directions
+
+    seen = []
+
+    class Recorder(directions.tqdm):
+        def set_postfix_str(self, s="", refresh=True):
+            seen.append((self.n, s))
+            super().set_postfix_str(s, refresh)
+
+    monkeypatch.setattr(directions, "tqdm", Recorder)
+    b = _write(tmp_path / "b.safetensors", {"x": torch.zeros(1000), "y": torch.zeros(10)})
+    a = _write(tmp_path / "a.safetensors", {"x": torch.ones(1000), "y": torch.ones(10)})
+    compute_directions(b, a, tmp_path / "d.safetensors", progress=True)
+    assert seen == [(0, "tensor 1/2"), (8000, "tensor 2/2")]  # bytes of both inputs read so far
+    assert "7.89k" in capsys.readouterr().err  # total: 2 × 1010 × 4 B = 7.89 KiB
+
+
+def test_write_failure_leaves_nothing(models, tmp_path, monkeypatch):
+    """An error in the writer thread (here: a full disk on the third piece) surfaces and cleans up."""
+    import errno
+
+    import asft_optim.directions as directions
+
+    root, _ = models
+    calls = []
+    real_write = directions._StreamingWriter.write
+
+    def failing_write(self, name, piece):
+        calls.append(name)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, name, piece)
+
+    monkeypatch.setattr(directions._StreamingWriter, "write", failing_write)
+    with pytest.raises(OSError, match="No space left"):
+        compute_directions(root / "base-tied-float32-single", root / "aligned-tied-float32-single",
+                           tmp_path / "d.safetensors", chunk_bytes=4096)
+    assert _listing(tmp_path) == []
+
+
+_PEAK = r"""
+import sys
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
+import asft_optim
+base = status("VmRSS")
+asft_optim.compute_directions(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
+print(status("VmHWM") - base)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc (Linux)")
+def test_peak_memory_is_a_fraction_of_the_largest_tensor(tmp_path):
+    """Streaming: a 64 MiB tensor is never held whole (peak growth < 1× it; holding base, aligned and
+    the difference at once would be ≥ 3×)."""
+    numel = 32 << 20
+    g = torch.Generator().manual_seed(0)
+    b = _write(tmp_path / "b.safetensors", {"w": torch.randn(numel, generator=g).bfloat16()})
+    a = _write(tmp_path / "a.safetensors", {"w": torch.randn(numel, generator=g).bfloat16()})
+    r = subprocess.run([sys.executable, "-c", _PEAK, str(b), str(a), str(tmp_path / "d.safetensors")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    grown = int(r.stdout.strip().splitlines()[-1])
+    assert grown < 2 * numel, f"peak RSS grew by {grown / 2**20:.0f} MiB for a {2 * numel / 2**20:.0f} MiB tensor"

@@ -1,0 +1,299 @@
+"""Look inside a directions file, and measure how a fine-tuned checkpoint drifted relative to it.
+
+- `direction_stats`: per layer, ‖d‖, ‖W_aligned‖ and ‖d‖/‖W_aligned‖, dtypes, all-zero tensors; also
+  checks the file's fingerprint on the way (the same single read).
+- `drift_report`: per tensor and per layer, for ΔW = W_finetuned - W_start, the quantities of
+  `asft_optim.metrics`: ‖ΔW‖, cos(ΔW, d) and ‖C⊥ΔW‖/‖ΔW‖ (the analysis behind the paper's Table 1).
+- `plot_drift`: those numbers as a PNG.
+
+Every tensor is read in pieces, so memory stays at a few chunk buffers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .anchors import Anchors, fingerprint_entry, fingerprint_hasher, normalize_name
+from .checkpoints import Checkpoint, CheckpointError, open_checkpoint
+from .metrics import Drift, drift_from_sums, layer_of, per_layer, sums
+
+__all__ = ["LayerStats", "DirectionStats", "direction_stats", "drift_report", "plot_drift", "add_cli"]
+
+_CHUNK = 16 << 20  # elements per piece
+
+
+@dataclass
+class LayerStats:
+    """Sums over the direction tensors of one layer. Norms are Frobenius norms of the concatenation."""
+    tensors: int = 0
+    numel: int = 0
+    d_sq: float = 0.0             # ‖d‖²
+    w_sq: float | None = 0.0      # ‖W_aligned‖², None when the aligned checkpoint is not available
+    dtypes: set[str] = field(default_factory=set)
+    zero: list[str] = field(default_factory=list)  # names of all-zero directions
+
+    @property
+    def d_norm(self) -> float:
+        return math.sqrt(self.d_sq)
+
+    @property
+    def ratio(self) -> float | None:
+        """‖d‖/‖W_aligned‖ (inf when W_aligned = 0 ≠ d; None when unknown)."""
+        if self.w_sq is None:
+            return None
+        return self.d_norm / math.sqrt(self.w_sq) if self.w_sq > 0 else (0.0 if self.d_sq == 0 else math.inf)
+
+
+@dataclass
+class DirectionStats:
+    """What `direction_stats` found: per-layer stats, their total, and the fingerprint check."""
+    layers: dict[str, LayerStats]
+    total: LayerStats
+    metadata: dict[str, str]
+    fingerprint_recorded: str | None
+    fingerprint_actual: str
+    aligned_source: str | None    # the checkpoint the ratios were taken against, None when unavailable
+    aligned_error: str | None     # why it was unavailable
+
+
+def _natural(s: str) -> list[object]:
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", s)]
+
+
+def _open_directions(path: str | os.PathLike) -> tuple[dict[str, str], Checkpoint, dict[str, str]]:
+    """(metadata, the file as a `Checkpoint`, normalised key -> stored name in sorted key order)."""
+    metadata = Anchors.load(path, verify=False).metadata  # refuses files that are not directions
+    ck = open_checkpoint(path)
+    keys = {normalize_name(n): n for n in ck.tensors}
+    return metadata, ck, {k: keys[k] for k in sorted(keys)}
+
+
+def _matching(keys: dict[str, str], ckpt: Checkpoint) -> dict[str, str]:
+    """Normalised key -> name in `ckpt`, for the given keys."""
+    return {k: n for n in ckpt.tensors if (k := normalize_name(n)) in keys}
+
+
+def _pieces(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> Iterator[torch.Tensor]:
+    """The tensor `name` of `ckpt` in pieces, after checking it has its direction's shape."""
+    if ckpt.tensors[name].shape != shape:
+        raise CheckpointError(f"tensor '{name}' in {ckpt.source} has shape {list(ckpt.tensors[name].shape)}, "
+                              f"but its direction has shape {list(shape)}")
+    return ckpt.iter_chunks(name, _CHUNK)
+
+
+def direction_stats(directions: str | os.PathLike, aligned: str | os.PathLike | None = None) -> DirectionStats:
+    """Per-layer norms of a directions file, and of the aligned weights they were taken from.
+
+    Args:
+        directions: a file written by `compute_directions`.
+        aligned: the aligned checkpoint for ‖W_aligned‖; default: the `aligned` source recorded in the
+            file's metadata. When it cannot be opened, the ratios are left out and the reason returned.
+    """
+    metadata, dck, keys = _open_directions(directions)
+    source = aligned if aligned is not None else metadata.get("aligned")
+    ack: Checkpoint | None = None
+    err: str | None = None
+    if source is None:
+        err = "the file records no aligned checkpoint"
+    else:
+        try:
+            ack = open_checkpoint(source)
+        except CheckpointError as e:
+            err = str(e)
+    amap = _matching(keys, ack) if ack is not None else {}
+    layers: dict[str, LayerStats] = {}
+    h = fingerprint_hasher()
+    for key, name in keys.items():
+        info = dck.tensors[name]
+        st = layers.setdefault(layer_of(key), LayerStats())
+        st.tensors += 1
+        st.numel += info.numel
+        st.dtypes.add(info.dtype_str)
+        h.update(fingerprint_entry(key, info.dtype, info.shape))
+        d_sq = 0.0
+        for piece in dck.iter_chunks(name, _CHUNK):
+            h.update(memoryview(piece.view(torch.uint8).numpy()))
+            d_sq += float(piece.double().square().sum())
+        st.d_sq += d_sq
+        if d_sq == 0.0:
+            st.zero.append(name)
+        if ack is None or st.w_sq is None:
+            st.w_sq = None
+        elif key not in amap:
+            st.w_sq = None
+            err = f"{ack.source} has no tensor '{name}' (ratios of its layer left out)"
+        else:
+            st.w_sq += sum(float(w.double().square().sum()) for w in _pieces(ack, amap[key], info.shape))
+    total = LayerStats()
+    for st in layers.values():
+        total.tensors += st.tensors
+        total.numel += st.numel
+        total.d_sq += st.d_sq
+        total.w_sq = None if total.w_sq is None or st.w_sq is None else total.w_sq + st.w_sq
+        total.dtypes |= st.dtypes
+        total.zero += st.zero
+    ordered = {k: layers[k] for k in sorted(layers, key=_natural)}
+    return DirectionStats(ordered, total, metadata, metadata.get("fingerprint"), h.hexdigest(),
+                          ack.source if ack is not None else None, err)
+
+
+def drift_report(directions: str | os.PathLike, model: str | os.PathLike,
+                 start: str | os.PathLike | None = None) -> tuple[dict[str, Drift], dict[str, Drift], list[str]]:
+    """Drift of a fine-tuned checkpoint, per tensor and per layer.
+
+    Args:
+        directions: a file written by `compute_directions`.
+        model: the fine-tuned checkpoint (file, folder or Hub id).
+        start: the weights fine-tuning started from, W0; default: the aligned checkpoint recorded in
+            the directions file.
+
+    Returns:
+        (per-tensor drift keyed by direction name, per-layer drift in natural layer order, names of
+        directions that the fine-tuned or start checkpoint lacks and that were left out).
+    """
+    metadata, dck, keys = _open_directions(directions)
+    start = start if start is not None else metadata.get("aligned")
+    if start is None:
+        raise CheckpointError(f"{directions} records no aligned checkpoint: pass the starting weights (--start)")
+    fck, sck = open_checkpoint(model), open_checkpoint(start)
+    fmap, smap = _matching(keys, fck), _matching(keys, sck)
+    missing = [name for k, name in keys.items() if k not in fmap or k not in smap]
+    if len(missing) == len(keys):
+        raise CheckpointError(f"no tensor of the directions file is in both {fck.source} and {sck.source} "
+                              f"(e.g. '{missing[0]}'): are these the same architecture?")
+    tensor_sums: dict[str, tuple[float, float, float, int]] = {}
+    for key, name in keys.items():
+        if key not in fmap or key not in smap:
+            continue
+        shape = dck.tensors[name].shape
+        acc = [0.0, 0.0, 0.0, 0]
+        for d, w, w0 in zip(dck.iter_chunks(name, _CHUNK), _pieces(fck, fmap[key], shape), _pieces(sck, smap[key], shape),
+                             strict=True):
+            s = sums(w.double() - w0.double(), d)
+            acc = [a + b for a, b in zip(acc, s, strict=True)]
+        tensor_sums[name] = (acc[0], acc[1], acc[2], int(acc[3]))
+    per_tensor = {name: drift_from_sums(*s) for name, s in tensor_sums.items()}
+    layers = per_layer(tensor_sums)
+    return per_tensor, {k: layers[k] for k in sorted(layers, key=_natural)}, missing
+
+
+def plot_drift(per_tensor: dict[str, Drift], layers: dict[str, Drift], path: str | os.PathLike,
+               title: str = "") -> Path:
+    """Save a PNG: per-layer cos(ΔW,d) and ‖C⊥ΔW‖/‖ΔW‖ (lines), per-tensor values (dots)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pos = {layer: i for i, layer in enumerate(layers)}
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.35 * len(layers) + 2), 6.5), sharex=True)
+    for ax, attr, label in ((axes[0], "cos", "cos(ΔW, d)"), (axes[1], "orth_ratio", "‖C⊥ΔW‖ / ‖ΔW‖")):
+        xs = [pos[layer_of(n)] for n in per_tensor]
+        ax.scatter(xs, [getattr(v, attr) for v in per_tensor.values()], s=10, alpha=0.5, label="tensors")
+        ax.plot(range(len(layers)), [getattr(v, attr) for v in layers.values()], "o-", color="C3", label="layer")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="best", fontsize=8)
+    axes[1].set_xticks(range(len(layers)))
+    axes[1].set_xticklabels(list(layers), rotation=90, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ tables
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _g(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _stats_table(stats: DirectionStats) -> str:
+    rows = [[layer, str(s.tensors), str(s.numel), _g(s.d_norm), _g(s.ratio), ",".join(sorted(s.dtypes)),
+             str(len(s.zero))] for layer, s in (*stats.layers.items(), ("total", stats.total))]
+    return _table(["layer", "tensors", "params", "‖d‖", "‖d‖/‖W_aligned‖", "dtype", "zero"], rows)
+
+
+def _drift_table(first: str, drifts: dict[str, Drift]) -> str:
+    rows = [[k, str(v.numel), _g(v.delta_norm), f"{v.cos:+.4f}", f"{v.orth_ratio:.4f}"] for k, v in drifts.items()]
+    return _table([first, "params", "‖ΔW‖", "cos(ΔW,d)", "‖C⊥ΔW‖/‖ΔW‖"], rows)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def add_cli(subparsers) -> None:
+    """Register `asft inspect DIRECTIONS [--aligned A] [--model FINETUNED [--start W0]]`."""
+    p = subparsers.add_parser(
+        "inspect", help="per-layer summary of a directions file, or the drift of a fine-tuned model",
+        description="Without --model: per-layer ‖d‖, ‖d‖/‖W_aligned‖, dtype and all-zero tensors of a "
+                    "directions file, and a check of its fingerprint. With --model: cos(ΔW, d) and "
+                    "‖C⊥ΔW‖/‖ΔW‖ per tensor and per layer for ΔW = W_model - W_start, as tables and a PNG.")
+    p.add_argument("directions", help="directions file written by `asft directions`")
+    p.add_argument("--aligned", help="aligned checkpoint for ‖W_aligned‖ (default: the one recorded in the file)")
+    p.add_argument("--model", help="fine-tuned checkpoint to measure")
+    p.add_argument("--start", help="weights fine-tuning started from (default: the aligned checkpoint recorded "
+                                   "in the file)")
+    p.add_argument("--plot", default="drift.png", help="PNG to write with --model (default: drift.png)")
+    p.add_argument("--no-plot", action="store_true", help="with --model: tables only")
+    p.add_argument("--layers-only", action="store_true", help="with --model: per-layer table only")
+    p.set_defaults(func=_run_cli)
+
+
+def _run_cli(args) -> int:
+    try:
+        if args.model is None:
+            return _cli_stats(args)
+        return _cli_drift(args)
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"asft inspect: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _cli_stats(args) -> int:
+    stats = direction_stats(args.directions, args.aligned)
+    meta = stats.metadata
+    print(f"directions: {args.directions}")
+    for key in ("format", "base", "aligned", "dtype", "created_by"):
+        if key in meta:
+            print(f"  {key}: {meta[key]}")
+    ok = stats.fingerprint_recorded == stats.fingerprint_actual
+    print(f"  fingerprint: {stats.fingerprint_actual} "
+          + ("(matches the file's record)" if ok else f"MISMATCH: the file records {stats.fingerprint_recorded}"))
+    if stats.aligned_error:
+        print(f"  ‖d‖/‖W_aligned‖ not shown: {stats.aligned_error} (pass --aligned)")
+    print()
+    print(_stats_table(stats))
+    if stats.total.zero:
+        print(f"\nall-zero directions ({len(stats.total.zero)}): {', '.join(stats.total.zero)}")
+    return 0 if ok else 1
+
+
+def _cli_drift(args) -> int:
+    per_tensor, layers, missing = drift_report(args.directions, args.model, args.start)
+    if missing:
+        print(f"note: {len(missing)} direction(s) left out, absent from the model or start checkpoint: "
+              f"{', '.join(missing[:10])}{' …' if len(missing) > 10 else ''}", file=sys.stderr)
+    if not args.layers_only:
+        print(_drift_table("tensor", per_tensor))
+        print()
+    print(_drift_table("layer", layers))
+    if not args.no_plot:
+        path = plot_drift(per_tensor, layers, args.plot, title=f"drift of {args.model}")
+        print(f"\nplot: {path}")
+    return 0
