@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,13 +24,21 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 
 def torchrun(mode: str, out: Path, env: dict[str, str] | None = None, expect_ok: bool = True,
-             timeout: float = 240) -> dict:
+             timeout: float = 180) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(WORKER), mode, str(out)]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and the workers it started
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun {mode} timed out after {timeout} s (a collective mismatch hangs):\n"
+                    f"{stderr[-6000:]}")
     if expect_ok:
-        assert proc.returncode == 0, f"torchrun {mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        assert proc.returncode == 0, f"torchrun {mode} failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
         return json.loads((out / f"{mode}.json").read_text())
     assert proc.returncode != 0, f"torchrun {mode} was expected to fail"
     return {}
@@ -43,7 +52,7 @@ def test_ddp_replicas_bitwise_equal_and_equal_single_process(tmp_path):
     assert r["optimizer_collectives"] == [0] * 10  # DDP replicas need no optimizer communication
 
 
-def _check_fsdp(r: dict, tol: float) -> None:
+def _check_fsdp(r: dict, tol: float, first_step_collectives: int = 0) -> None:
     assert r["is_dtensor"]
     assert r["local_rows"][0]["a.weight"] == 3 and r["local_rows"][1]["a.weight"] == 2  # uneven
     assert r["local_rows"][0]["c.weight"] == 1 and r["local_rows"][1]["c.weight"] == 0  # empty shard
@@ -52,8 +61,14 @@ def _check_fsdp(r: dict, tol: float) -> None:
     worst = max(r["max_rel"].values())
     assert worst <= tol, {k: v for k, v in r["max_rel"].items() if v > tol}
     assert r["unreduced_max_rel"] > 100 * tol  # without the all-reduce the result is wrong
-    # One collective per optimizer step: an all-reduce of one float per penalised tensor.
-    for step in r["comms"]:
+    assert r["loaded_step_max_rel"] <= tol  # a step right after load_state_dict is exact too
+    # Drift metrics of sharded parameters equal those of the single-process run.
+    assert r["drift_names"] == ["a.bias", "a.weight", "b.bias", "b.weight", "c.bias", "c.weight"]
+    assert r["drift_max_diff"] < 1e-5
+    # One collective per optimizer step, also right after opt.resync() (step 6): an all-reduce of
+    # one float per penalised tensor; none at the first step (ΔW = 0 everywhere).
+    assert r["comms"][0]["total"] == first_step_collectives, r["comms"][0]
+    for step in r["comms"][1:]:
         assert step["total"] == 1, step
         assert step["all_reduce_numel"] == [r["n_penalised"]], step
 
@@ -70,6 +85,27 @@ def test_fsdp2_reference_impl_matches_single_process(tmp_path):
 def test_fsdp2_triton_interpreted_matches_single_process(tmp_path):
     pytest.importorskip("triton")
     _check_fsdp(torchrun("fsdp", tmp_path, env={"ASFT_IMPL": "triton", "TRITON_INTERPRET": "1"}), TOL)
+
+
+def test_fsdp2_accelerate_parameter_swap(tmp_path):
+    """accelerate builds the optimizer on the whole model and swaps in the DTensors afterwards:
+    the directions are bound again, sharded, at the first step (a MAX and a SUM all-reduce)."""
+    pytest.importorskip("accelerate")
+    _check_fsdp(torchrun("fsdp", tmp_path, env={"ASFT_SWAP": "1"}), TOL, first_step_collectives=2)
+
+
+def test_hsdp_reduces_over_the_shard_dimension_only(tmp_path):
+    """HSDP on a (replicate=2, shard=1) mesh: every rank holds whole tensors, so c needs no
+    communication; summing over the replicate dimension would double it."""
+    r = torchrun("fsdp", tmp_path, env={"ASFT_MESH": "2,1"})
+    assert r["local_rows"][1]["a.weight"] == 5
+    assert max(r["max_rel"].values()) <= TOL
+    assert [step["total"] for step in r["comms"]] == [0] * 10
+
+
+@pytest.mark.slow
+def test_fsdp2_on_a_2d_mesh_shard_dimension(tmp_path):
+    _check_fsdp(torchrun("fsdp", tmp_path, env={"ASFT_MESH": "1,2"}), TOL)
 
 
 def test_checkpoint_resume_exact_and_failed_save_leaves_nothing(tmp_path):
@@ -99,3 +135,12 @@ def test_rank_crash_mid_save_then_resume_exact(tmp_path):
     assert r["latest"] == "step_00000005"
     assert all(r["resumed_equal"].values()), r["resumed_equal"]
     assert r["after"] == ["latest", "step_00000005", "step_00000010"]
+
+
+def test_shard1_and_replicate_placements_and_rank_consistent_errors(tmp_path):
+    r = torchrun("placements", tmp_path)
+    assert r["local_cols"] == [3, 2]  # Shard(1): each rank reads its rows, then narrows to its columns
+    assert max(r["max_rel"].values()) <= TOL
+    assert r["comms"] == [0, 1, 1, 1]  # the Replicate tensor needs no reduction
+    # The NaN sits in rank 1's columns only, yet both ranks raise (no rank left waiting).
+    assert r["errors"] == ["direction for 'col.weight' contains NaN or Inf"] * 2

@@ -13,6 +13,7 @@ Rank 0 writes OUT_DIR/MODE.json with what it measured; the pytest file asserts o
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -35,6 +36,7 @@ STEPS = 10
 LAM = 1.0
 LR = 2e-2
 BATCH = 8  # per rank
+RESYNC = 5  # the fsdp mode calls opt.resync() after this step
 
 
 class Net(nn.Module):
@@ -124,9 +126,15 @@ def max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str,
 
 
 def shard(model: nn.Module) -> nn.Module:
+    """FSDP2 on a 1-D mesh, or HSDP on a (replicate, shard) mesh given as ASFT_MESH="2,1"."""
+    kwargs = {}
+    if "ASFT_MESH" in os.environ:
+        from torch.distributed.device_mesh import init_device_mesh
+        shape = tuple(int(x) for x in os.environ["ASFT_MESH"].split(","))
+        kwargs["mesh"] = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
     for m in (model.a, model.b, model.c):
-        fully_shard(m)
-    fully_shard(model)
+        fully_shard(m, **kwargs)
+    fully_shard(model, **kwargs)
     return model
 
 
@@ -189,14 +197,21 @@ def run_ddp(out: Path, rank: int) -> dict:
 def run_fsdp(out: Path, rank: int) -> dict:
     impl = os.environ.get("ASFT_IMPL", "torch")
     anchors = anchors_file(out, rank)
-    model = shard(make_model(0))
+    if os.environ.get("ASFT_SWAP") == "1":
+        model, opt = accelerate_style(anchors, impl)
+    else:
+        model = shard(make_model(0))
     whole_reads = []
     get_stored = anchors.get_stored
     anchors.get_stored = lambda key: whole_reads.append(key) or get_stored(key)  # type: ignore[method-assign]
-    opt = make_opt(model, anchors, impl=impl)
+    if os.environ.get("ASFT_SWAP") != "1":
+        opt = make_opt(model, anchors, impl=impl)
     local_rows = {n: p.to_local().shape[0] for n, p in model.named_parameters()}
-    comms = train(model, opt, rank, range(STEPS))
+    # resync() after step 5: the Triton path recomputes c exactly (local parts, then summed).
+    comms = train(model, opt, rank, range(STEPS), lambda step: step == RESYNC and opt.resync())
     mine = snapshot(model, opt)
+    drift = opt.drift()  # collective for sharded parameters
+    loaded_step_max_rel = step_after_load(model, opt, anchors, impl, rank)
     rows: list = [None, None]
     dist.all_gather_object(rows, local_rows)
     # Negative control: the same run with c from the local shard only (the all-reduce skipped).
@@ -212,13 +227,52 @@ def run_fsdp(out: Path, rank: int) -> dict:
     if rank != 0:
         return {}
     anchors.get_stored = get_stored  # type: ignore[method-assign]
-    ref = snapshot(*reference(anchors))
+    ref_model, ref_opt = reference(anchors)
+    ref = snapshot(ref_model, ref_opt)
+    ref_drift = ref_opt.drift()
     plain = snapshot(*reference(anchors, lam=0.0))
+    drift_diff = {n: max(abs(a - b) for a, b in zip(drift[n].as_dict().values(), d.as_dict().values()))
+                  for n, d in ref_drift.items()}
     return {"max_rel": max_rel(mine, ref), "local_rows": rows, "whole_reads": whole_reads,
+            "drift_names": sorted(drift), "drift_max_diff": max(drift_diff.values()),
+            "loaded_step_max_rel": loaded_step_max_rel,
             "penalty_effect": max(v for k, v in max_rel(ref, plain).items() if "/" not in k),
             "unreduced_max_rel": max(max_rel(unreduced, ref).values()),
             "comms": comms, "n_penalised": sum(1 for n in mine if "/" not in n and n != "c.bias"),
             "is_dtensor": all(isinstance(p, DTensor) for p in model.parameters())}
+
+
+def step_after_load(model: nn.Module, opt: AsFTAdamW, anchors: Anchors, impl: str, rank: int) -> float:
+    """A fresh optimizer given `opt.state_dict()` before its first step (so the Triton path has no
+    c yet and computes it exactly), and a copy of the model, take one more step beside the
+    original: max relative difference of the parameters afterwards (gathered)."""
+    twin = shard(make_model(7))
+    with torch.no_grad():
+        for p, q in zip(twin.parameters(), model.parameters()):
+            p.to_local().copy_(q.to_local())
+    twin_opt = make_opt(twin, anchors, impl=impl)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for m, o in ((model, opt), (twin, twin_opt)):
+        o.zero_grad()
+        loss_fn(m, *batch(STEPS, rank)).backward()
+        o.step()
+    a = {n: full(p.detach()) for n, p in model.named_parameters()}
+    b = {n: full(p.detach()) for n, p in twin.named_parameters()}
+    return max(max_rel(b, a).values())
+
+
+def accelerate_style(anchors: Anchors, impl: str) -> tuple[nn.Module, AsFTAdamW]:
+    """What `accelerate.prepare(model, optimizer)` does with FSDP2: the optimizer is built on the
+    whole model, which is then sharded, and accelerate swaps the optimizer's tensors for the
+    DTensors (with its own `fsdp2_switch_optimizer_parameters`)."""
+    from accelerate.utils.fsdp_utils import fsdp2_switch_optimizer_parameters
+    model = make_model(0)
+    opt = make_opt(model, anchors, impl=impl)
+    old = dict(model.named_parameters())
+    shard(model)
+    new = dict(model.named_parameters())
+    fsdp2_switch_optimizer_parameters(opt, {old[n].data_ptr: new[n] for n in old})
+    return model, opt
 
 
 def _fail_writes_on_rank1() -> None:
@@ -316,13 +370,66 @@ def run_resume(out: Path, rank: int) -> dict:
             "resumed_equal": {k: bool(torch.equal(resumed[k], uninterrupted[k])) for k in uninterrupted}}
 
 
+def run_placements(out: Path, rank: int) -> dict:
+    """DTensors placed by hand: Shard(1) (tensor-parallel style; the shard's rows are read, then
+    narrowed) and Replicate (whole tensors: no reduction), stepped with given gradients and compared
+    with one process; then a direction whose NaN lies in rank 1's rows only: both ranks raise."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (2,))
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"col.weight": (3, 5), "rep.weight": (2, 3)}
+    init = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+    dirs = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+    grads = [{n: torch.randn(s, generator=gen) for n, s in shapes.items()} for _ in range(4)]
+    placements = {"col.weight": [Shard(1)], "rep.weight": [Replicate()]}
+    path = out / "placements.safetensors"
+    if rank == 0:
+        Anchors.from_tensors(dirs).save(path)
+    dist.barrier()
+    anchors = Anchors.load(path)
+    sharded = {n: nn.Parameter(distribute_tensor(init[n].clone(), mesh, placements[n])) for n in shapes}
+    whole = {n: nn.Parameter(init[n].clone()) for n in shapes}
+    opts = [AsFTAdamW(list(ps.items()), lr=LR, anchors=anchors) for ps in (sharded, whole)]
+    local_cols = sharded["col.weight"].to_local().shape[1]
+    comms = []
+    for g in grads:
+        for n in shapes:
+            sharded[n].grad = distribute_tensor(g[n], mesh, placements[n])
+            whole[n].grad = g[n].clone()
+        with CommDebugMode() as mode:
+            opts[0].step()
+        comms.append(mode.get_total_counts())
+        opts[1].step()
+    rel = max_rel({n: p.full_tensor() for n, p in sharded.items()}, {n: p.detach() for n, p in whole.items()})
+    bad = {n: d.clone() for n, d in dirs.items()}
+    bad["col.weight"][:, -1] = float("nan")  # only rank 1's columns
+    bad_path = out / "bad.safetensors"
+    if rank == 0:
+        Anchors.from_tensors(bad).save(bad_path)
+    dist.barrier()
+    try:
+        AsFTAdamW(list({n: nn.Parameter(distribute_tensor(init[n], mesh, placements[n]))
+                        for n in shapes}.items()), anchors=Anchors.load(bad_path, verify=False))
+        error = ""
+    except ValueError as e:
+        error = str(e)
+    errors: list = [None, None]
+    dist.all_gather_object(errors, error)
+    cols: list = [None, None]
+    dist.all_gather_object(cols, local_cols)
+    if rank != 0:
+        return {}
+    return {"max_rel": rel, "local_cols": cols, "comms": comms, "errors": errors}
+
+
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.use_deterministic_algorithms(True)
     result = {"ddp": run_ddp, "fsdp": run_fsdp, "ckpt": run_ckpt, "crash": run_crash,
-              "resume": run_resume}[mode](out, rank)
+              "resume": run_resume, "placements": run_placements}[mode](out, rank)
     if rank == 0:
         (out / f"{mode}.json").write_text(json.dumps(result))
     dist.barrier()

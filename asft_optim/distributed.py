@@ -1,0 +1,327 @@
+"""AsFT across processes: sharded (DTensor) parameters, distributed checkpoints, ZeRO detection.
+
+DDP needs nothing here: every replica holds whole tensors, receives the same averaged gradients and
+takes the same deterministic step, so the replicas stay bitwise identical without communication.
+
+FSDP2 (`torch.distributed.fsdp.fully_shard`) and HSDP hold each parameter as a DTensor sharded along
+dim 0 (torch.chunk semantics: uneven shards, possibly empty ones); tensor parallelism shards other
+dims. Offsets come from each DTensor's mesh and placements. For such a parameter the optimizer
+
+- binds only the shard's block of d, read from the directions file with a sliced read; the rescaling
+  power of two and ‖v‖² are global (one MAX and one SUM all-reduce per param group, at binding);
+- snapshots W0 of the local shard, kept as a DTensor sharded like the parameter (so
+  `torch.distributed.checkpoint` saves it sharded) and in the parameter's dtype: bf16 storage would
+  need every shard's agreement, i.e. a collective;
+- computes per tensor the partial ⟨v_local, ΔW_local⟩ and sums them over the shards (the sharded
+  mesh dims only) with one all-reduce of one fp32 per tensor for the whole step (`all_reduce_dots`);
+  the Triton path's carried-over c, linear in the shards, is summed in the same all-reduce.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from .anchors import Anchors
+from .functional import BoundDirection
+
+__all__ = ["is_dtensor", "local", "like", "local_direction", "bind_sharded", "all_reduce_dots",
+           "snapshot_w0", "check_not_flattened", "check_not_zero3", "save_checkpoint",
+           "load_checkpoint", "latest_checkpoint", "LATEST"]
+
+LATEST = "latest"  # file in a checkpoint folder naming its newest complete checkpoint
+
+
+# ----------------------------------------------------------------------------------- DTensors
+def is_dtensor(t: Any) -> bool:
+    return isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (shares its storage), or `t` itself."""
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def like(local_tensor: Tensor, ref: DTensor) -> DTensor:
+    """`local_tensor` (shaped like ref's local shard) as a DTensor with ref's mesh and placements."""
+    return DTensor.from_local(local_tensor, ref.device_mesh, ref.placements, run_check=False,
+                              shape=ref.shape, stride=ref.stride())
+
+
+def _local_box(name: str, p: DTensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(global offset, local shape) of this rank's shard of p, from its mesh and placements."""
+    for pl in p.placements:
+        if type(pl) is not Shard and not isinstance(pl, Replicate):
+            raise ValueError(f"parameter '{name}' has placements {p.placements}; AsFTAdamW supports "
+                             "Shard and Replicate placements (FSDP2, HSDP, tensor parallel)")
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    if tuple(shape) != tuple(p._local_tensor.shape):
+        raise ValueError(f"parameter '{name}': local shard has shape {tuple(p._local_tensor.shape)} "
+                         f"but its placements {p.placements} give {tuple(shape)}")
+    return tuple(offset), tuple(shape)
+
+
+def local_direction(anchors: Anchors, name: str, p: DTensor) -> Tensor:
+    """This rank's block of the direction of `name`, shaped like p's local shard (CPU, stored dtype).
+
+    Reads only rows offset:offset+rows along dim 0 from a directions file; other sharded dims are
+    narrowed after that read.
+    """
+    offset, shape = _local_box(name, p)
+    if p.dim() == 0:
+        return anchors[name]
+    d = anchors.get_slice(name, offset[0], offset[0] + shape[0])
+    for dim in range(1, p.dim()):
+        if shape[dim] != p.shape[dim]:
+            d = d.narrow(dim, offset[dim], shape[dim])
+    return d
+
+
+def _reduce_key(p: DTensor) -> tuple[Any, tuple[int, ...]]:
+    """(mesh, mesh dims of size > 1 along which p is sharded): tensors with one key reduce together."""
+    mesh = p.device_mesh
+    return mesh, tuple(i for i, pl in enumerate(p.placements) if isinstance(pl, Shard) and mesh.size(i) > 1)
+
+
+def _all_reduce(params: list[Tensor], vec: Tensor, op: dist.ReduceOp) -> Tensor:
+    """Reduce row i of `vec` over the shards of params[i] (non-DTensors untouched), in place.
+
+    One collective per (mesh, sharded mesh dim): one in total for FSDP2 and HSDP.
+    """
+    groups: dict[tuple[Any, tuple[int, ...]], list[int]] = {}
+    for i, p in enumerate(params):
+        if isinstance(p, DTensor):
+            groups.setdefault(_reduce_key(p), []).append(i)
+    for (mesh, dims), idx in groups.items():
+        whole = len(idx) == vec.shape[0]
+        part = vec if whole else vec[idx]
+        for dim in dims:
+            dist.all_reduce(part, op=op, group=mesh.get_group(dim))
+        if not whole:
+            vec[idx] = part
+    return vec
+
+
+def all_reduce_dots(params: list[Tensor], dots: Tensor) -> Tensor:
+    """Sum per-tensor partial dots over the shards of each DTensor in `params`, in place.
+
+    Args:
+        params: the parameters (DTensors or plain tensors), one per row of `dots`.
+        dots: shape (len(params),) or (len(params), k): rank-local partial sums per tensor, e.g.
+            ⟨v, ΔW⟩ in fp32 (or c = ⟨v, ΔW⟩/‖v‖², which is linear in the shards too).
+    Returns:
+        `dots`, now holding the global sums of each tensor (plain tensors keep their row).
+    """
+    if dots.dim() not in (1, 2) or dots.shape[0] != len(params):
+        raise ValueError(f"all_reduce_dots: {len(params)} parameters but dots has shape {tuple(dots.shape)}")
+    return _all_reduce(params, dots, dist.ReduceOp.SUM)
+
+
+def bind_sharded(anchors: Anchors, named: list[tuple[str, DTensor]]) -> list[BoundDirection]:
+    """Bind the directions of sharded parameters (in order): each rank reads and keeps only its block.
+
+    Collective: every rank of the parameters' meshes must call it with the same names, in the same
+    order. The rescaling 2**-k (from the global max|d|) and 1/‖v‖² are global, so a shard's
+    `BoundDirection.v` equals the matching block of the one an unsharded parameter would get.
+
+    Raises:
+        ValueError naming the tensor for a shape or dtype mismatch, or (on every rank) for a
+        NaN or Inf anywhere in the direction.
+    """
+    blocks = []
+    for name, p in named:
+        if tuple(anchors.shape(name)) != tuple(p.shape):
+            raise ValueError(f"direction for '{name}' has shape {tuple(anchors.shape(name))} but the "
+                             f"parameter has shape {tuple(p.shape)}")
+        if not anchors.dtype(name).is_floating_point:
+            raise ValueError(f"direction for '{name}' has dtype {anchors.dtype(name)}; expected a floating dtype")
+        blocks.append(local_direction(anchors, name, p).to(p._local_tensor.device))
+    if not blocks:
+        return []
+    params = [p for _, p in named]
+    device = params[0]._local_tensor.device
+    amax = torch.tensor([_abs_max(d) for d in blocks], dtype=torch.float64, device=device)
+    amax = _all_reduce(params, amax, dist.ReduceOp.MAX).tolist()
+    bad = [name for (name, _), a in zip(named, amax) if not math.isfinite(a)]
+    if bad:
+        raise ValueError(f"direction for '{bad[0]}' contains NaN or Inf"
+                         + (f" (as do {len(bad) - 1} more)" if len(bad) > 1 else ""))
+    vs, scales = [], []
+    for (name, p), d, a in zip(named, blocks, amax):
+        v = torch.empty_like(p._local_tensor, dtype=d.dtype)
+        if a == 0.0:
+            v.zero_()
+            scales.append(1.0)
+        else:
+            k = math.floor(math.log2(a))
+            v.copy_(d.reshape(v.shape))
+            v.mul_(math.ldexp(1.0, -k))  # exact: a power of two
+            scales.append(math.ldexp(1.0, k))
+        vs.append(v)
+    nv2 = torch.stack([v.double().square().sum() for v in vs]).to(device)
+    nv2 = _all_reduce(params, nv2, dist.ReduceOp.SUM).tolist()
+    return [BoundDirection(v, 1.0 / n if n > 0 else 0.0, s) for v, n, s in zip(vs, nv2, scales)]
+
+
+def _abs_max(d: Tensor) -> float:
+    """max|d| of a block (0 when empty), +inf when it holds a NaN or Inf."""
+    if d.numel() == 0:
+        return 0.0
+    if not bool(torch.isfinite(d).all()):
+        return math.inf
+    return float(d.abs().max())
+
+
+def snapshot_w0(p: DTensor) -> DTensor:
+    """W0 of a sharded parameter: a copy of its local shard, as a DTensor sharded like p."""
+    return like(p._local_tensor.detach().clone(memory_format=torch.preserve_format), p)
+
+
+# ----------------------------------------------------------------------------------- DeepSpeed
+_POINTER = ("use PyTorch FSDP2 instead (torch.distributed.fsdp.fully_shard, or accelerate with "
+            "fsdp_version: 2), which keeps parameter names and shards them as DTensors; DeepSpeed "
+            "without ZeRO partitioning works too")
+
+
+def check_not_zero3(name: str, p: Tensor) -> None:
+    """Raise if p is a DeepSpeed ZeRO-3 partitioned parameter (it carries `ds_id`)."""
+    if hasattr(p, "ds_id") or hasattr(p, "ds_tensor"):
+        raise RuntimeError(f"parameter '{name}' is partitioned by DeepSpeed ZeRO-3: its local data is "
+                           "a flat partition that AsFTAdamW cannot match to its direction; " + _POINTER)
+
+
+def check_not_flattened(group: Mapping[str, Any], index: int) -> None:
+    """Raise if a param group's tensors no longer match its names.
+
+    DeepSpeed ZeRO (stages 1-3) replaces each group's parameters by flattened fp32 partitions, so
+    the names that bind the directions no longer describe the tensors.
+    """
+    params, names = group["params"], group.get("param_names")
+    if names is not None and len(names) == len(params):
+        return
+    hint = (" (DeepSpeed ZeRO replaces each param group's tensors by flattened partitions)"
+            if names is not None else "")
+    raise RuntimeError(
+        f"param group {index} holds {len(params)} tensor(s) but "
+        f"{'no names' if names is None else f'{len(names)} parameter name(s)'}: its parameters were "
+        f"replaced after the optimizer was built{hint}. AsFTAdamW binds directions by name and cannot "
+        "follow flattened parameters; " + _POINTER)
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(directory: str | os.PathLike, step: int, model: nn.Module,
+                    optimizer: torch.optim.Optimizer, extra: Mapping[str, Any] | None = None) -> Path:
+    """Save model and optimizer state with `torch.distributed.checkpoint`, atomically.
+
+    Collective (all ranks call it; also works in a single process). Writes
+    `directory/step_{step:08d}` through a temporary folder that is renamed only after every rank
+    has written its shards, then points `directory/latest` at it (also by rename). A rank failing
+    mid-save leaves the previous checkpoint and `latest` untouched; the partial folder is removed
+    then, or by the next save if the processes died.
+    W0, exp_avg and exp_avg_sq of sharded parameters are saved sharded like the parameters.
+
+    Args:
+        extra: JSON-serialisable values stored alongside (e.g. the data loader position).
+    Returns:
+        The checkpoint folder.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    directory = Path(directory)
+    final = directory / f"step_{step:08d}"
+    tmp = directory / f".{final.name}.partial"
+    rank0 = _rank() == 0
+    if rank0:
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob(".step_*.partial"):  # left by a save that crashed
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd, "extra": json.dumps(dict(extra or {})), "step": step}
+    try:
+        with _single_process_quiet():
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not _initialized())
+    except BaseException:
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _barrier()
+    if rank0:
+        old = directory / f".{final.name}.old"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        pointer = directory / f".{LATEST}.tmp"
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, directory / LATEST)
+    _barrier()
+    return final
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint written by `save_checkpoint` in `directory`, or None."""
+    pointer = Path(directory) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(directory) / pointer.read_text().strip()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which does not exist")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module,
+                    optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load a checkpoint of `save_checkpoint` into `model` and `optimizer` (sharded as they are now).
+
+    Collective. The model may be sharded differently from the one that saved (DCP reshards).
+    Returns `{"step": int, "extra": dict}`. The optimizer refuses a checkpoint made with other
+    anchors, λ or penalty.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"{path} is not a complete distributed checkpoint (no .metadata)")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd, "extra": "{}", "step": 0}
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not _initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return {"step": int(state["step"]), "extra": json.loads(state["extra"])}
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """Silence DCP's notice that it runs in a single process (intended here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _initialized() else 0
+
+
+def _barrier() -> None:
+    if _initialized():
+        dist.barrier()
