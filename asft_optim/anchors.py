@@ -195,7 +195,7 @@ class Anchors(Mapping[str, torch.Tensor]):
         for key in sorted(self._keys):
             t = self.get_stored(key).contiguous()
             h.update(fingerprint_entry(key, t.dtype, t.shape))
-            h.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+            h.update(t.view(-1).view(torch.uint8).cpu().numpy().data if t.numel() else b"")
         return h.hexdigest()
 
     def __repr__(self) -> str:

@@ -1,1 +1,9 @@
-"""Triton kernels and their launchers for AsFTAdamW (installed as `asft_optim.kernels`)."""
+"""Triton kernels and their launchers for AsFTAdamW (installed as `asft_optim.kernels`).
+
+Importing this package imports triton; `asft_optim.optimizer` imports it only for impl="triton".
+"""
+from .adamw import (BLOCK, PENALTY_CODES, CSlots, LaunchTable, exact_c_, fused_step_, is_interpreted,
+                    launch_counter, make_table)
+
+__all__ = ["BLOCK", "PENALTY_CODES", "CSlots", "LaunchTable", "exact_c_", "fused_step_", "is_interpreted",
+           "launch_counter", "make_table"]

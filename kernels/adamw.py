@@ -1,0 +1,415 @@
+"""Fused AsFT + AdamW step: one multi-tensor Triton launch per group (plus a tiny fold launch).
+
+Data flow for one launch (all tensors on one device, one dtype per role):
+
+    pointer table  int64 [T, 7]   addresses of p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, W0, v
+    block table    int32, int64 [B]  (tensor index, first element) of each program's BLOCK elements
+    c              fp32 [slots]   c = ⟨v, p - W0⟩/‖v‖² per tensor, read at each tensor's slot
+    partials       fp32 [B]       ⟨v, p_new - W0⟩ of each program, from the values it stores
+
+`_update_kernel` adds g̃ = g + coef·R(ΔW) (see `asft_optim.functional`) and takes the AdamW step on
+every block, reading p, g, the moments, W0 and v once and writing p and the moments once. From the
+new p *as stored* it also computes the block's ⟨v, p_new - W0⟩: a tensor of one block writes its c
+for the next step directly; for larger tensors `_fold_kernel` sums the partials in a fixed order
+(no float atomics: bitwise reproducible runs and DDP replicas). `_dot_kernel` is the exact
+reduction of ⟨v, p - W0⟩ for the first step after a load or an outside write (`resync()`).
+
+Hyper-parameters (lr, betas, eps, weight decay, λ, bias corrections) are runtime arguments, so a
+scheduler never triggers a recompile; only on/off features and dtypes are `tl.constexpr`. Math is
+fp32 and each store casts to its buffer's dtype. Parameters may be fp32, bf16 or fp16. The moments
+are kept in whatever dtype the optimizer state holds: torch's AdamW creates them in the parameter's
+dtype (bf16 moments for bf16 parameters), and so does AsFTAdamW, so that state_dicts interchange
+with the torch path; the kernel reads fp32 moments of bf16 parameters just as well. W0 and v are
+bf16 where that is exact (`asft_optim.optimizer.storage_w0`), else in the parameter's dtype.
+Offsets are int64 (tensors above 2**31 elements); with 16-byte aligned bases the unmasked body of
+a block uses 128-bit loads and stores, and only each tensor's tail block is masked.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["BLOCK", "NUM_WARPS", "PENALTY_CODES", "CSlots", "LaunchTable", "make_table", "fused_step_",
+           "exact_c_", "is_interpreted", "launch_counter"]
+
+BLOCK = 2048      # elements per program of the update and dot kernels
+NUM_WARPS = 8     # 8 elements per thread: two 128-bit loads per fp32 stream, one per bf16
+FOLD_BLOCK = 1024  # partials summed per iteration of the fold kernel
+ROLES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "w0", "direction")
+PENALTY_CODES = {"orthogonal": 0, "parallel": 1, "full": 2}
+_ALIGN = 16       # bytes; every base address must be a multiple for the vector-load hints
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+launch_counter = [0]  # kernels launched by this module since import (benchmarks read it)
+
+
+def is_interpreted() -> bool:
+    """True when Triton runs these kernels in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return not isinstance(_update_kernel, triton.runtime.JITFunction)
+
+
+# ----------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _update_block(table, t, offs, n, c, coef, decay, omb1, beta2, omb2, eps, step_size, bc2_sqrt,
+                  P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
+                  W0_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr, PENALTY: tl.constexpr,
+                  HAS_PEN: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                  ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """The step for BLOCK elements of tensor t; returns ⟨v, p_new - W0⟩ over them (0 without HAS_PEN).
+
+    MASKED: the tensor's tail block (lanes past n are masked); otherwise no mask, so that with
+    ALIGNED the loads and stores are 128-bit.
+    """
+    row = table + t * 7
+    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
+    m_ptr = tl.load(row + 2).to(tl.pointer_type(M_DTYPE))
+    s_ptr = tl.load(row + 3).to(tl.pointer_type(M_DTYPE))
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        s_ptr = tl.multiple_of(s_ptr, 16)
+    if MASKED:
+        mask = offs < n
+        other = 0.0
+    else:
+        mask = None
+        other = None
+    p = tl.load(p_ptr + offs, mask=mask, other=other).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=other).to(tl.float32)
+    part = 0.0
+    if HAS_PEN:
+        w0_ptr = tl.load(row + 5).to(tl.pointer_type(W0_DTYPE))
+        v_ptr = tl.load(row + 6).to(tl.pointer_type(V_DTYPE))
+        if ALIGNED:
+            w0_ptr = tl.multiple_of(w0_ptr, 16)
+            v_ptr = tl.multiple_of(v_ptr, 16)
+        w0 = tl.load(w0_ptr + offs, mask=mask, other=other).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask, other=other).to(tl.float32)
+        dw = p - w0
+        if PENALTY == 0:
+            g = g + coef * (dw - c * v)
+        elif PENALTY == 1:
+            g = g + coef * (c * v)
+        else:
+            g = g + coef * dw
+    if MAXIMIZE:
+        g = -g
+    m = tl.load(m_ptr + offs, mask=mask, other=other).to(tl.float32)
+    s = tl.load(s_ptr + offs, mask=mask, other=other).to(tl.float32)
+    m = (m + omb1 * (g - m)).to(M_DTYPE)
+    s = (s * beta2 + omb2 * (g * g)).to(M_DTYPE)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(s_ptr + offs, s, mask=mask)
+    if AMSGRAD:
+        x_ptr = tl.load(row + 4).to(tl.pointer_type(M_DTYPE))
+        if ALIGNED:
+            x_ptr = tl.multiple_of(x_ptr, 16)
+        s = tl.maximum(tl.load(x_ptr + offs, mask=mask, other=other), s)
+        tl.store(x_ptr + offs, s, mask=mask)
+    # the update reads the moments as stored, like torch's AdamW
+    denom = tl.div_rn(tl.sqrt_rn(s.to(tl.float32)), bc2_sqrt) + eps
+    p_new = (p * decay - step_size * tl.div_rn(m.to(tl.float32), denom)).to(P_DTYPE)
+    tl.store(p_ptr + offs, p_new, mask=mask)
+    if HAS_PEN:
+        part = tl.sum(v * (p_new.to(tl.float32) - w0), axis=0)  # the same expression as _dot_block
+    return part
+
+
+@triton.jit
+def _update_kernel(table, numels, blk_tensor, blk_start, c_buf, cslot, inv_nv2, steps, partials,
+                   coef, decay, omb1, beta2, omb2, eps, step_size, bc2_sqrt,
+                   P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
+                   W0_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr, PENALTY: tl.constexpr,
+                   HAS_PEN: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                   PER_TENSOR_STEP: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per block. c of a one-block tensor is written here; others go via partials."""
+    pid = tl.program_id(0)
+    t = tl.load(blk_tensor + pid)
+    start = tl.load(blk_start + pid)  # int64: tensors above 2**31 elements
+    n = tl.load(numels + t)
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    NEED_C: tl.constexpr = HAS_PEN and PENALTY != 2
+    c = 0.0
+    if NEED_C:
+        slot = tl.load(cslot + t)
+        c = tl.load(c_buf + slot)
+    if PER_TENSOR_STEP:
+        step_size = tl.load(steps + 2 * t)
+        bc2_sqrt = tl.load(steps + 2 * t + 1)
+    if start + BLOCK <= n:
+        part = _update_block(table, t, offs, n, c, coef, decay, omb1, beta2, omb2, eps, step_size,
+                             bc2_sqrt, P_DTYPE, G_DTYPE, M_DTYPE, W0_DTYPE, V_DTYPE, PENALTY, HAS_PEN,
+                             AMSGRAD, MAXIMIZE, ALIGNED, False)
+    else:
+        part = _update_block(table, t, offs, n, c, coef, decay, omb1, beta2, omb2, eps, step_size,
+                             bc2_sqrt, P_DTYPE, G_DTYPE, M_DTYPE, W0_DTYPE, V_DTYPE, PENALTY, HAS_PEN,
+                             AMSGRAD, MAXIMIZE, ALIGNED, True)
+    if NEED_C:
+        if n <= BLOCK:  # this program saw the whole tensor: no fold needed
+            tl.store(c_buf + slot, part * tl.load(inv_nv2 + t))
+        else:
+            tl.store(partials + pid, part)
+
+
+@triton.jit
+def _dot_block(table, t, offs, n, P_DTYPE: tl.constexpr, W0_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr,
+               ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """⟨v, p - W0⟩ over BLOCK elements of tensor t, in fp32."""
+    row = table + t * 7
+    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
+    w0_ptr = tl.load(row + 5).to(tl.pointer_type(W0_DTYPE))
+    v_ptr = tl.load(row + 6).to(tl.pointer_type(V_DTYPE))
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        w0_ptr = tl.multiple_of(w0_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+    if MASKED:
+        mask = offs < n
+        other = 0.0
+    else:
+        mask = None
+        other = None
+    p = tl.load(p_ptr + offs, mask=mask, other=other)
+    w0 = tl.load(w0_ptr + offs, mask=mask, other=other).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=other).to(tl.float32)
+    return tl.sum(v * (p.to(tl.float32) - w0), axis=0)
+
+
+@triton.jit
+def _dot_kernel(table, numels, blk_tensor, blk_start, c_buf, cslot, inv_nv2, partials,
+                P_DTYPE: tl.constexpr, W0_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr,
+                ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """The exact reduction pass: per block ⟨v, p - W0⟩, stored like `_update_kernel` stores it."""
+    pid = tl.program_id(0)
+    t = tl.load(blk_tensor + pid)
+    start = tl.load(blk_start + pid)
+    n = tl.load(numels + t)
+    offs = start + tl.arange(0, BLOCK)
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    if start + BLOCK <= n:
+        part = _dot_block(table, t, offs, n, P_DTYPE, W0_DTYPE, V_DTYPE, ALIGNED, False)
+    else:
+        part = _dot_block(table, t, offs, n, P_DTYPE, W0_DTYPE, V_DTYPE, ALIGNED, True)
+    if n <= BLOCK:
+        tl.store(c_buf + tl.load(cslot + t), part * tl.load(inv_nv2 + t))
+    else:
+        tl.store(partials + pid, part)
+
+
+@triton.jit
+def _fold_kernel(partials, fold_tensors, first_block, nblocks, cslot, inv_nv2, c_buf, FOLD: tl.constexpr):
+    """c[slot(t)] = inv_nv2[t] · Σ partials of tensor t in a fixed order; one program per tensor
+    of more than one block (`fold_tensors`)."""
+    t = tl.load(fold_tensors + tl.program_id(0))
+    first = tl.load(first_block + t)
+    nb = tl.load(nblocks + t)
+    acc = tl.zeros([FOLD], dtype=tl.float32)
+    for i in range(0, nb, FOLD):
+        idx = i + tl.arange(0, FOLD)
+        acc += tl.load(partials + first + idx, mask=idx < nb, other=0.0)
+    tl.store(c_buf + tl.load(cslot + t), tl.sum(acc, axis=0) * tl.load(inv_nv2 + t))
+
+
+# ----------------------------------------------------------------------------------------- launchers
+@dataclass
+class LaunchTable:
+    """Device tables for one multi-tensor launch (T tensors split into B blocks of `block` elements).
+
+    pointers: int64 [T, 7] addresses per `ROLES` (0 where a role is unused).
+    numels: int64 [T]. blk_tensor: int32 [B]. blk_start: int64 [B] (first element of each block).
+    first_block, nblocks: int32 [T] (each tensor's blocks are contiguous in the block table).
+    fold_tensors: int32 [F] the tensors of more than one block (their c is folded from partials).
+    cslot: int32 [T] index of each tensor's c. inv_nv2: fp32 [T] 1/‖v‖².
+    partials: fp32 [B] per-block dots. dtypes: torch dtype per role (None where unused).
+    aligned: every base address is a multiple of 16 bytes (enables the vector-load hints).
+    """
+    pointers: Tensor
+    numels: Tensor
+    blk_tensor: Tensor
+    blk_start: Tensor
+    first_block: Tensor
+    nblocks: Tensor
+    fold_tensors: Tensor
+    cslot: Tensor
+    inv_nv2: Tensor
+    partials: Tensor
+    dtypes: tuple[torch.dtype | None, ...]
+    aligned: bool
+    block: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.blk_tensor.numel()
+
+
+def make_table(roles: list[list[Tensor | None]], cslots: list[int], inv_nv2: list[float],
+               names: list[str], block: int = BLOCK) -> LaunchTable:
+    """Build the device tables for tensors `roles[i]` = [p, g, m, s, max_s, w0, v] (None if unused).
+
+    All tensors of one role must share a dtype and, within one tensor i, every role must have p's
+    shape and strides and be dense (then all are walked as flat memory in the same order).
+    Raises ValueError naming the parameter otherwise.
+    """
+    if not roles:
+        raise ValueError("make_table needs at least one tensor")
+    device = roles[0][0].device
+    dtypes = tuple(None if x is None else x.dtype for x in roles[0])
+    ptrs, numels, blk_tensor, blk_start, first, counts = [], [], [], [], [], []
+    aligned = True
+    for i, (row, name) in enumerate(zip(roles, names, strict=True)):
+        p = row[0]
+        if not (p.is_contiguous() or p.is_non_overlapping_and_dense()):
+            raise ValueError(f"impl='triton' needs dense parameters; '{name}' has shape {tuple(p.shape)} "
+                             f"and strides {p.stride()}")
+        for k, x in enumerate(row):
+            want = dtypes[k]
+            if (x is None) != (want is None) or (x is not None and x.dtype != want):
+                raise ValueError(f"'{name}': {ROLES[k]} dtype {None if x is None else x.dtype} differs "
+                                 f"from {want} of the other tensors in this launch")
+            if x is None:
+                continue
+            if x.device != device or x.shape != p.shape or x.stride() != p.stride():
+                raise ValueError(f"'{name}': {ROLES[k]} has device/shape/strides {x.device}/"
+                                 f"{tuple(x.shape)}/{x.stride()}, the parameter {p.device}/"
+                                 f"{tuple(p.shape)}/{p.stride()}")
+            aligned &= x.data_ptr() % _ALIGN == 0
+        ptrs.append([0 if x is None else x.data_ptr() for x in row])
+        n = p.numel()
+        numels.append(n)
+        first.append(len(blk_start))
+        nb = math.ceil(n / block)
+        counts.append(nb)
+        blk_tensor.extend([i] * nb)
+        blk_start.extend(range(0, nb * block, block))
+    if len(blk_start) >= 2**31:
+        raise ValueError(f"{len(blk_start)} blocks exceed the int32 block index; raise BLOCK")
+
+    def dev(data: list, dtype: torch.dtype) -> Tensor:
+        return torch.tensor(data, dtype=dtype).to(device, non_blocking=True)
+
+    return LaunchTable(
+        pointers=dev(ptrs, torch.int64), numels=dev(numels, torch.int64),
+        blk_tensor=dev(blk_tensor, torch.int32), blk_start=dev(blk_start, torch.int64),
+        first_block=dev(first, torch.int32), nblocks=dev(counts, torch.int32),
+        fold_tensors=dev([i for i, nb in enumerate(counts) if nb > 1], torch.int32),
+        cslot=dev(cslots, torch.int32), inv_nv2=dev(inv_nv2, torch.float32),
+        partials=torch.zeros(max(len(blk_start), 1), dtype=torch.float32, device=device),
+        dtypes=dtypes, aligned=aligned, block=block)
+
+
+def _tl(dtype: torch.dtype | None, role: str):
+    if dtype is None:
+        return tl.float32  # unused role: any type; the kernel never loads it
+    if dtype not in _TL_DTYPES:
+        raise ValueError(f"impl='triton' supports float32, bfloat16 and float16 tensors; {role} is {dtype}")
+    return _TL_DTYPES[dtype]
+
+
+def _fold(table: LaunchTable, c_buf: Tensor) -> None:
+    """c of the tensors of more than one block, from the partials (one-block tensors wrote theirs)."""
+    if table.fold_tensors.numel() == 0:
+        return
+    _fold_kernel[(table.fold_tensors.numel(),)](table.partials, table.fold_tensors, table.first_block,
+                                                table.nblocks, table.cslot, table.inv_nv2, c_buf,
+                                                FOLD=FOLD_BLOCK, num_warps=4)
+    launch_counter[0] += 1
+
+
+def exact_c_(table: LaunchTable, c_buf: Tensor) -> None:
+    """c ← ⟨v, p - W0⟩/‖v‖² for every tensor of `table`, from the parameters as they are now."""
+    if table.num_blocks == 0:
+        return
+    d = table.dtypes
+    _dot_kernel[(table.num_blocks,)](table.pointers, table.numels, table.blk_tensor, table.blk_start,
+                                     c_buf, table.cslot, table.inv_nv2, table.partials,
+                                     P_DTYPE=_tl(d[0], "param"),
+                                     W0_DTYPE=_tl(d[5], "w0"), V_DTYPE=_tl(d[6], "direction"),
+                                     ALIGNED=table.aligned, BLOCK=table.block, num_warps=NUM_WARPS)
+    launch_counter[0] += 1
+    _fold(table, c_buf)
+
+
+def fused_step_(table: LaunchTable, c_buf: Tensor, steps: list[float], *, lr: float, beta1: float,
+                beta2: float, eps: float, weight_decay: float, coef: float, penalty: str | None,
+                amsgrad: bool, maximize: bool) -> None:
+    """One AsFT-AdamW step for every tensor of `table`; c_buf then holds c for the next step.
+
+    steps: each tensor's step count after the increment (bias corrections are computed here in
+    float64, as torch does). penalty None: plain AdamW (no W0/v in the table). coef = ±2λ (the
+    sign already flipped for `maximize`, as in `asft_optim.functional`).
+    """
+    if table.num_blocks == 0:
+        return
+    d = table.dtypes
+    has_pen = penalty is not None
+    if has_pen and (d[5] is None or d[6] is None):
+        raise ValueError("a penalised launch needs W0 and direction pointers")
+    if amsgrad and d[4] is None:
+        raise ValueError("amsgrad needs max_exp_avg_sq pointers")
+    if d[3] != d[2] or (amsgrad and d[4] != d[2]):
+        raise ValueError(f"the moments must share one dtype, got {d[2]}, {d[3]}, {d[4]}")
+
+    def corrections(step: float) -> tuple[float, float]:
+        return lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step)
+
+    uniform = all(s == steps[0] for s in steps)
+    step_size, bc2_sqrt = corrections(steps[0])
+    per_tensor = table.partials  # placeholder pointer; not read when the steps are uniform
+    if not uniform:
+        per_tensor = torch.tensor([corrections(s) for s in steps], dtype=torch.float32).to(
+            table.partials.device, non_blocking=True)
+    code = PENALTY_CODES[penalty] if has_pen else 2
+    _update_kernel[(table.num_blocks,)](
+        table.pointers, table.numels, table.blk_tensor, table.blk_start, c_buf, table.cslot,
+        table.inv_nv2, per_tensor, table.partials,
+        coef, 1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, eps, step_size, bc2_sqrt,
+        P_DTYPE=_tl(d[0], "param"), G_DTYPE=_tl(d[1], "grad"), M_DTYPE=_tl(d[2], "exp_avg"),
+        W0_DTYPE=_tl(d[5], "w0"), V_DTYPE=_tl(d[6], "direction"), PENALTY=code, HAS_PEN=has_pen,
+        AMSGRAD=amsgrad, MAXIMIZE=maximize, PER_TENSOR_STEP=not uniform, ALIGNED=table.aligned,
+        BLOCK=table.block, num_warps=NUM_WARPS)
+    launch_counter[0] += 1
+    if has_pen and code != 2:
+        _fold(table, c_buf)
+
+
+class CSlots:
+    """c = ⟨v, p - W0⟩/‖v‖² between steps: one fp32 slot per parameter name, one buffer per device.
+
+    `valid` holds the names whose slot matches the parameter as it is now; anything else (a load,
+    an outside write: `clear()`) is recomputed by `exact_c_` before the slot is read. `epoch`
+    counts the clears (a cached launch plan is only reused within one epoch).
+    """
+
+    def __init__(self) -> None:
+        self.slot: dict[str, int] = {}
+        self.buffers: dict[torch.device, Tensor] = {}
+        self.valid: set[str] = set()
+        self.epoch = 0
+
+    def slots(self, names: list[str], device: torch.device) -> list[int]:
+        """Slots of `names` (allocated on first use; the device buffer grows, keeping old values)."""
+        for name in names:
+            self.slot.setdefault(name, len(self.slot))
+        buf = self.buffers.get(device)
+        if buf is None or buf.numel() < len(self.slot):
+            new = torch.zeros(max(64, 2 * len(self.slot)), dtype=torch.float32, device=device)
+            if buf is not None:
+                new[: buf.numel()] = buf
+            self.buffers[device] = new
+        return [self.slot[n] for n in names]
+
+    def clear(self) -> None:
+        self.valid.clear()
+        self.epoch += 1
