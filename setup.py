@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["asft_optim", "asft_optim.kernels"],
+    packages=["asft_optim", "asft_optim.kernels", "asft_optim.demo"],
     package_dir={"asft_optim": "asft_optim", "asft_optim.kernels": "kernels"},
     install_requires=["torch>=2.6", "safetensors>=0.4", "tqdm>=4.60"],
     extras_require={

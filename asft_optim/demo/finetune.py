@@ -1,0 +1,239 @@
+"""One fine-tuning path for every method: `transformers.Trainer` with the method's optimizer.
+
+Methods (all with the same data, steps, learning rate, batch size and seed):
+    SFT    the stock `Trainer` with `torch.optim.AdamW`
+    L2-SP  `AsFTTrainer` with `AsFTAdamW(penalty="full")`: λ‖W - W0‖², a pull to the start
+    AsFT   `AsFTTrainer` with `AsFTAdamW(penalty="orthogonal")`: λ‖C⊥(W - W0)‖²
+Full-parameter by default; with a `LoraSpec`, a peft LoRA adapter whose effective update
+s·B·A is what L2-SP and AsFT penalise.
+
+Data are instruction records `{"instruction", "input", "output"}`; the loss is on the response.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..anchors import Anchors
+
+__all__ = ["Method", "LoraSpec", "parse_methods", "prompt_text", "encode", "Collator", "train", "load_jsonl",
+           "load_model", "save_model", "FINETUNE_INFO"]
+
+FINETUNE_INFO = "asft_finetune.json"
+ALPACA = ("Below is an instruction that describes a task{inp_note}. Write a response that appropriately "
+          "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A fine-tuning method: kind "sft", "l2sp" or "asft", and λ for the penalised ones."""
+    kind: str
+    lam: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("sft", "l2sp", "asft"):
+            raise ValueError(f"unknown method {self.kind!r}; expected sft, l2sp or asft")
+        if self.kind != "sft" and not (math.isfinite(self.lam) and self.lam > 0):
+            raise ValueError(f"{self.kind} needs λ > 0, got {self.lam}")
+
+    @property
+    def label(self) -> str:
+        return {"sft": "SFT", "l2sp": "L2-SP", "asft": "AsFT"}[self.kind] + (
+            f" λ={self.lam:g}" if self.kind != "sft" else "")
+
+    @property
+    def slug(self) -> str:
+        return self.kind if self.kind == "sft" else f"{self.kind}_l{self.lam:g}"
+
+
+def parse_methods(methods: str, lambdas: str) -> list[Method]:
+    """`"sft,l2sp,asft"`, `"1,10,100"` → SFT plus L2-SP and AsFT at every λ."""
+    try:
+        lams = [float(x) for x in lambdas.split(",") if x.strip()]
+    except ValueError as e:
+        raise ValueError(f"--lambdas must be comma-separated numbers, got {lambdas!r}") from e
+    out: list[Method] = []
+    for kind in (m.strip() for m in methods.split(",") if m.strip()):
+        out += [Method("sft")] if kind == "sft" else [Method(kind, lam) for lam in lams]
+    if not out:
+        raise ValueError("no fine-tuning method given")
+    return out
+
+
+# ----------------------------------------------------------------------------------- data
+def prompt_text(tokenizer: Any, instruction: str, input: str = "") -> str:
+    """The prompt of one record: the tokenizer's chat template when it has one, else Alpaca's."""
+    if getattr(tokenizer, "chat_template", None):
+        content = f"{instruction}\n\n{input}" if input else instruction
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                             add_generation_prompt=True, tokenize=False)
+    block = f"### Input:\n{input}\n\n" if input else ""
+    note = ", paired with an input that provides further context" if input else ""
+    return (tokenizer.bos_token or "") + ALPACA.format(inp_note=note, instruction=instruction,
+                                                      input_block=block)
+
+
+def encode(tokenizer: Any, ex: dict[str, str]) -> dict[str, list[int]]:
+    """input_ids = prompt + output + eos; labels = -100 on the prompt, the ids on the response."""
+    prompt = tokenizer(prompt_text(tokenizer, ex["instruction"], ex.get("input", "")),
+                       add_special_tokens=False).input_ids
+    answer = tokenizer(ex["output"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    labels = [-100] * len(prompt) + answer
+    return {"input_ids": prompt + answer, "labels": labels}
+
+
+class Collator:
+    """Right-pads `input_ids` with the pad id and `labels` with -100; adds the attention mask."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, batch: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        n = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), n), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, b in enumerate(batch):
+            k = len(b["input_ids"])
+            ids[i, :k] = torch.tensor(b["input_ids"])
+            labels[i, :k] = torch.tensor(b["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def load_jsonl(path: str | Path, need_output: bool = True, what: str = "data") -> list[dict[str, str]]:
+    """Instruction records from a JSONL file: fields instruction, optional input, and output (which
+    may be absent when not `need_output`, e.g. for harmful prompts). Blank lines are skipped.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: a line is not a JSON object with the string fields required; the message gives
+            the file and line number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            for key in ("instruction", "output") if need_output else ("instruction",):
+                if not isinstance(rec.get(key), str):
+                    raise ValueError(f"{path}:{lineno}: field '{key}' is missing or not a string")
+            for key in ("input", "output"):
+                if not isinstance(rec.get(key, ""), str):
+                    raise ValueError(f"{path}:{lineno}: field '{key}' is not a string")
+            out.append({"instruction": rec["instruction"], "input": rec.get("input", ""),
+                        "output": rec.get("output", "")})
+    if not out:
+        raise ValueError(f"{path}: no records")
+    return out
+
+
+# ----------------------------------------------------------------------------------- models
+def load_model(path: str | Path, what: str = "model", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A causal LM from a checkpoint folder, on the CPU in `dtype`; a fine-tuned LoRA adapter is
+    loaded on its start model (recorded in the adapter's `asft_finetune.json`) and merged."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} checkpoint folder not found: {path}")
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        info = json.loads((path / FINETUNE_INFO).read_text())
+        base = load_model(info["start"], "start model of the adapter", dtype)
+        return PeftModel.from_pretrained(base, str(path)).merge_and_unload().eval()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{what} folder {path} has no config.json: not a Hugging Face checkpoint")
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+
+
+def save_model(model: nn.Module, tokenizer: Any, out: Path, info: dict[str, Any]) -> Path:
+    """Save a (peft or plain) model, its tokenizer and `asft_finetune.json` describing the run."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    (out / FINETUNE_INFO).write_text(json.dumps(info, indent=1))
+    return out
+
+
+# ----------------------------------------------------------------------------------- training
+@dataclass(frozen=True)
+class LoraSpec:
+    """A peft LoRA adapter (the paper's setting: rank 8 on q_proj and v_proj)."""
+    r: int = 8
+    alpha: int = 16
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model, LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=0.0,
+                                                target_modules=list(self.targets), task_type="CAUSAL_LM"))
+
+
+def train(model: nn.Module, data: Sequence[dict[str, list[int]]], *, pad_id: int, method: Method,
+          anchors: Anchors | None = None, steps: int, lr: float, batch_size: int, seed: int,
+          lora: LoraSpec | None = None, on_step: Callable[[], None] | None = None) -> nn.Module:
+    """Train `model` with `transformers.Trainer` for `steps` optimizer steps; returns the trained
+    model (the peft model when `lora` is given, else `model` itself, trained in place).
+
+    SFT runs the stock `Trainer` (torch AdamW); L2-SP and AsFT run `AsFTTrainer`, which builds
+    `AsFTAdamW.from_model` (full-parameter or LoRA) with penalty "full" or "orthogonal". Everything
+    else (data order, batches, constant learning rate, no warmup, no weight decay) is shared.
+
+    Args:
+        data: encoded examples `{"input_ids", "labels"}` (see `encode`); pad_id pads them.
+        method: the optimizer (see module docstring); its λ is per unit of the summed squared penalty.
+        anchors: directions d = W_aligned - W_base by parameter name (L2-SP and AsFT).
+        lora: train a peft LoRA adapter instead of all parameters.
+        on_step: called after every optimizer step (progress bars).
+    """
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+    from ..integrations.trainer import AsFTTrainer
+
+    if method.kind != "sft" and anchors is None:
+        raise ValueError(f"{method.label} needs the alignment directions (anchors)")
+    if lora is not None:
+        model = lora.apply(model)
+
+    class _Progress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+            if on_step is not None:
+                on_step()
+
+    with tempfile.TemporaryDirectory(prefix="asft_trainer_") as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
+            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim="adamw_torch",
+            logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, seed=seed,
+            data_seed=seed, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available())
+        common = dict(model=model, args=args, train_dataset=list(data), data_collator=Collator(pad_id),
+                      callbacks=[_Progress()])
+        if method.kind == "sft":
+            trainer = Trainer(**common)
+        else:
+            trainer = AsFTTrainer(**common, anchors=anchors, asft_lambda=method.lam, drift_per_layer=None,
+                                  penalty="full" if method.kind == "l2sp" else "orthogonal")
+        trainer.remove_callback(PrinterCallback)  # the final metrics dict; callers show progress
+        trainer.train()
+    return model.eval()
