@@ -4,9 +4,10 @@
 
 50M fp32 parameters in 20 tensors (the issue's setting). Each pair (AsFT, AdamW) uses the same torch
 AdamW kernel (fused or foreach); the ratio of their means is the cost of the AsFT penalty on this
-machine. Bytes per parameter per step: AdamW 28; the chunked penalty reads p, W0, d twice and g once
-and writes g̃ once (+32), so the memory-traffic floor of this path is 60/28 = 2.14×, and the floor of
-any AsFT step that reads W0 and d once is 36/28 = 1.29×.
+machine. Bytes per parameter per step from memory: AdamW 28; AsFT's torch path works in pieces of
+`asft_optim.functional.CHUNK` elements that stay in cache between its ops, so it adds W0 and d
+(+8, floor 36/28 = 1.29×); what it pays above that is the per-op cost of five eager elementwise
+ops per piece, which run slower per byte than torch's fused AdamW kernel.
 """
 
 from __future__ import annotations
