@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.optim.adam import adam
 
 from . import distributed as _dist
-from .anchors import Anchors
+from .anchors import Anchors, normalize_name
 from .functional import (PENALTIES, BoundDirection, bind_direction, dense_flat, penalised_grads_,
                          penalised_grads_reference)
 from .functional import asft_adamw_, partial_dots
@@ -53,6 +53,40 @@ def storage_w0(w: Tensor) -> Tensor:
 @functools.cache
 def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def _triton_signature(group: dict[str, Any]) -> tuple | None:
+    """What a cached impl="triton" launch plan depends on: the options that shape it, which
+    parameters have gradients, and the addresses and layouts of those parameters and gradients
+    (None for a sparse gradient: the full path reports it)."""
+    entries = []
+    for p in group["params"]:
+        g = p.grad
+        if g is None:
+            entries.append(None)
+        elif g.layout != torch.strided:
+            return None
+        else:
+            entries.append((p.data_ptr(), g.data_ptr(), g.stride(), g.dtype))
+    return group["asft_lambda"], group["penalty"], group["amsgrad"], tuple(entries)
+
+
+def _triton_hyper(group: dict[str, Any]) -> dict[str, Any]:
+    """A group's hyper-parameters as the fused kernel takes them (read at every step; a tensor lr
+    or beta is read with float(), a host sync when it lives on the GPU)."""
+    lr, (beta1, beta2) = group["lr"], group["betas"]
+    return dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
+                weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
+                coef=(-2.0 if group["maximize"] else 2.0) * group["asft_lambda"])
+
+
+def _increment_steps(buf: Tensor, positions: Tensor | None) -> list[float]:
+    """Add 1 to the step counts at `positions` (all when None) of a group's step buffer; return all."""
+    if positions is None:
+        buf.add_(1)
+    else:
+        buf.index_add_(0, positions, torch.ones(positions.numel(), dtype=buf.dtype))
+    return buf.tolist()
 
 
 class AsFTAdamW(torch.optim.AdamW):
@@ -373,10 +407,6 @@ class AsFTAdamW(torch.optim.AdamW):
                 return "torch"
             return "triton"
         if impl == "triton":
-            sharded = [n for n, p in zip(group["param_names"], group["params"]) if _dist.is_dtensor(p)]
-            if sharded:
-                raise ValueError(f"impl='triton' does not support sharded (DTensor) parameters such as "
-                                 f"'{sharded[0]}'; use impl='torch' or impl=None")
             for key in ("foreach", "fused", "capturable"):
                 if group[key]:
                     raise ValueError(f"impl='triton' cannot honour {key}=True (it runs its own fused "
@@ -394,9 +424,10 @@ class AsFTAdamW(torch.optim.AdamW):
     def resync(self) -> None:
         """Recompute c = ⟨v, p - W0⟩/‖v‖² exactly at the next step (impl="triton" carries it over).
 
-        Call after writing to the parameters outside `step()` (loading weights, an EMA swap, …).
-        `load_state_dict` calls it. The torch path also notices in-place writes through the
-        parameter's version counter; writes through `.data` bypass that counter.
+        Call after writing to the parameters outside `step()` (loading weights, an EMA swap, …)
+        or replacing optimizer state tensors by hand. `load_state_dict` calls it. The torch path
+        also notices in-place writes through the parameter's version counter; writes through
+        `.data` bypass that counter.
         """
         self._dots.clear()
         slots = self.__dict__.get("_triton_c")
@@ -405,12 +436,28 @@ class AsFTAdamW(torch.optim.AdamW):
 
     def _step_triton(self, group_index: int, group: dict[str, Any]) -> None:
         """One group's step with the fused Triton kernels: one update (+ one fold) launch per
-        (device, dtypes, penalised) subset; an exact c pass first where c is not known."""
+        (device, dtypes, penalised) subset; an exact c pass first where c is not known.
+
+        The launches are kept as a plan; while the same parameters have gradients at the same
+        addresses and c stays valid, the next step reuses it without building any lists.
+        """
         from .kernels import CSlots, exact_c_, fused_step_, make_table
         if "_triton_c" not in self.__dict__:
             self._triton_c = CSlots()
+            self._triton_pending: list[tuple[str, Tensor]] = []
             self._triton_tables: dict[tuple, tuple[tuple, Any]] = {}
             self._triton_v_checked: set[str] = set()
+            self._triton_plans: dict[int, dict[str, Any]] = {}
+            self._triton_step_bufs: dict[int, Tensor] = {}
+        cs = self._triton_c
+        signature = _triton_signature(group)
+        plan = self._triton_plans.get(group_index)
+        if plan is not None and plan["signature"] == signature and plan["epoch"] == cs.epoch:
+            steps = _increment_steps(plan["steps"], plan["positions"])
+            hyper = _triton_hyper(group)
+            for table, c_buf, penalty, positions in plan["launches"]:
+                fused_step_(table, c_buf, [steps[j] for j in positions], penalty=penalty, **hyper)
+            return
         names = [n for n, p in zip(group["param_names"], group["params"]) if p.grad is not None]
         fresh = {n for n, p in zip(group["param_names"], group["params"])
                  if p.grad is not None and "w0" not in self.state.get(p, {})}
@@ -424,28 +471,42 @@ class AsFTAdamW(torch.optim.AdamW):
         if not params:
             return
         self._check_missing(group, names)
-        torch._foreach_add_(state_steps, 1)
-        steps = torch.stack(state_steps).tolist()
+        # state["step"] of every parameter is a view into one buffer per group: one add per step
+        positions = [j for j, p in enumerate(group["params"]) if p.grad is not None]
+        buf = self._triton_step_bufs.get(group_index)
+        if buf is None or buf.numel() != len(group["params"]) or buf.dtype != state_steps[0].dtype:
+            buf = self._triton_step_bufs[group_index] = torch.zeros(len(group["params"]),
+                                                                    dtype=state_steps[0].dtype)
+        for j, step_t in zip(positions, state_steps):
+            if step_t._base is not buf or step_t.storage_offset() != j:
+                buf[j] = step_t
+                self.state[group["params"][j]]["step"] = buf[j]
+        positions_t = None if len(positions) == buf.numel() else torch.tensor(positions)
+        all_steps = _increment_steps(buf, positions_t)
+        steps = [all_steps[j] for j in positions]
         amsgrad, lam, penalty = group["amsgrad"], group["asft_lambda"], group["penalty"]
         subsets: dict[tuple, list[int]] = {}
         rows: list[list[Tensor | None]] = []
+        reusable = True
         for i, (name, p, g) in enumerate(zip(names, params, grads)):
             bound = self._direction(name, p) if lam > 0 else None
-            if bound is not None and name not in self._triton_v_checked:
-                bound.v = storage_w0(bound.v)  # bf16 where exact: fewer bytes per step
+            # bf16 where exact: fewer bytes per step (not for shards: every rank must launch alike)
+            if bound is not None and name not in self._triton_v_checked and name not in self._sharded:
+                bound.v = storage_w0(bound.v)
                 self._triton_v_checked.add(name)
             if g.stride() != p.stride():
                 g = torch.empty_like(p).copy_(g)
+                reusable = False  # the table points at this temporary
+            reusable &= not _dist.is_dtensor(p)
             w0 = self.state[p]["w0"] if bound is not None else None
             row = [p, g, exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None, w0,
                    None if bound is None else bound.v]
+            row = [None if x is None else _dist.local(x) for x in row]  # DTensors: their local shards
             rows.append(row)
             key = (p.device, bound is not None) + tuple(None if x is None else x.dtype for x in row)
             subsets.setdefault(key, []).append(i)
-        hyper = dict(lr=float(group["lr"]), beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
-                     eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=amsgrad,
-                     maximize=group["maximize"], coef=(-2.0 if group["maximize"] else 2.0) * lam)
-        cs = self._triton_c
+        hyper = _triton_hyper(group)
+        launches = []
         for key, idx in subsets.items():
             device, penalised = key[0], key[1]
             sub_names = [names[i] for i in idx]
@@ -467,10 +528,18 @@ class AsFTAdamW(torch.optim.AdamW):
                 c_buf.index_fill_(0, torch.tensor([cs.slot[n] for n in stale], device=device), 0.0)
             elif stale:
                 exact_c_(table, c_buf)
+                self._reduce_c_slots([(names[i], params[i]) for i in idx])
             fused_step_(table, c_buf, [steps[i] for i in idx], penalty=penalty if penalised else None,
                         **hyper)
+            launches.append((table, c_buf, penalty if penalised else None, [positions[i] for i in idx]))
             if needs_c:
                 cs.valid.update(sub_names)
+                self._triton_pending += [(names[i], params[i]) for i in idx if _dist.is_dtensor(params[i])]
+        if reusable and signature is not None:
+            self._triton_plans[group_index] = dict(signature=signature, epoch=cs.epoch, steps=buf,
+                                                   positions=positions_t, launches=launches)
+        else:
+            self._triton_plans.pop(group_index, None)
 
     # ------------------------------------------------------------------------------- distributed
     def _bind_sharded_group(self, group: dict[str, Any]) -> None:
@@ -516,31 +585,101 @@ class AsFTAdamW(torch.optim.AdamW):
         """Global ⟨v, ΔW⟩ (0-d fp32) of every sharded parameter the torch paths penalise this step.
 
         One all-reduce of one fp32 per such tensor for the whole step, whatever the number of param
-        groups; nothing when no parameter is a DTensor. A parameter without W0 yet (its first step)
-        has ΔW = 0. Also checks that no group's parameters were flattened (DeepSpeed ZeRO).
+        groups (it also sums the Triton path's c); none when no parameter is a DTensor, nor at the
+        first step (no W0 yet: ΔW = 0 on every shard, so the local dot is the global one). Also
+        checks that no group's parameters were flattened (DeepSpeed ZeRO).
         """
         names, params, locs, w0s, bounds = [], [], [], [], []
+        swapped = []  # parameters that became DTensors after the optimizer was built (accelerate)
         for index, group in enumerate(self.param_groups):
             _dist.check_not_flattened(group, index)
-            if (not self._sharded or group["asft_lambda"] == 0 or group["penalty"] == "full"
-                    or self._resolve_impl(group) == "triton"):
+            swapped += [(n, p) for n, p in zip(group["param_names"], group["params"])
+                        if _dist.is_dtensor(p) and n not in self._sharded]
+        if swapped:
+            self._bind_sharded(swapped)
+        cs = self.__dict__.get("_triton_c")
+        triton_stale = []  # (name, p): Triton c to recompute exactly (after resync/load), here
+        for group in self.param_groups:
+            if not self._sharded or group["asft_lambda"] == 0 or group["penalty"] == "full":
+                continue
+            triton = self._resolve_impl(group) == "triton"
+            if triton and cs is None:  # its first step: fresh, or exact_c_ + _reduce_c_slots
                 continue
             for name, p in zip(group["param_names"], group["params"]):
-                if p.grad is None or not _dist.is_dtensor(p):
+                if p.grad is None or not _dist.is_dtensor(p) or (triton and name in cs.valid):
                     continue
                 bound = self._direction(name, p)
-                if bound is None or bound.is_zero:
-                    continue
                 st = self.state.get(p)
+                if bound is None or not st or "w0" not in st:
+                    continue
+                if triton:
+                    triton_stale.append((name, p))
+                if bound.is_zero:  # c = 0
+                    continue
                 names.append(name)
                 params.append(p)
                 locs.append(_dist.local(p))
-                w0s.append(_dist.local(st["w0"]) if st and "w0" in st else locs[-1])
+                w0s.append(_dist.local(st["w0"]))
                 bounds.append(bound)
-        if not names:
+        # The Triton path's c of sharded parameters: local parts, folded by their last update.
+        pending = [(n, p) for n, p in self.__dict__.get("_triton_pending", ())
+                   if n in cs.valid and not self._bound[n].is_zero]
+        self.__dict__["_triton_pending"] = []
+        if not names and not pending and not triton_stale:
             return {}
-        dots = _dist.all_reduce_dots(params, partial_dots(locs, w0s, bounds))
-        return dict(zip(names, dots.unbind()))
+        dots = partial_dots(locs, w0s, bounds)
+        if pending:
+            dots = torch.cat([dots, self._c_slots(pending).to(dots.device)])
+        dots = _dist.all_reduce_dots(params + [p for _, p in pending], dots)
+        if pending:
+            self._set_c_slots(pending, dots[len(names):])
+        out = dict(zip(names, dots[:len(names)].unbind()))
+        if triton_stale:
+            for name, p in triton_stale:
+                cs.slots([name], _dist.local(p).device)
+            zero = torch.zeros((), device=dots.device)
+            self._set_c_slots(triton_stale, torch.stack([out.pop(n, zero) * self._bound[n].inv_nv2
+                                                         for n, _ in triton_stale]))
+            cs.valid.update(n for n, _ in triton_stale)
+        return out
+
+    def _c_slots(self, named: list[tuple[str, Tensor]]) -> Tensor:
+        """The Triton path's c slots of `named` (parameters on one device) as an fp32 vector; 0 for
+        an empty local shard (no kernel writes its slot)."""
+        cs = self._triton_c
+        return torch.stack([cs.buffers[_dist.local(p).device][cs.slot[n]] if _dist.local(p).numel()
+                            else torch.zeros((), device=_dist.local(p).device) for n, p in named])
+
+    def _set_c_slots(self, named: list[tuple[str, Tensor]], values: Tensor) -> None:
+        cs = self._triton_c
+        for (n, p), value in zip(named, values.unbind()):
+            cs.buffers[_dist.local(p).device][cs.slot[n]] = value
+
+    @torch.no_grad()
+    def _sharded_drift_sums(self) -> dict[str, tuple[float, float, float, int]]:
+        """`drift_sums` of the sharded parameters: sums over local shards, then one all-reduce of
+        three fp64 per tensor (collective when any parameter is a DTensor)."""
+        named, local_sums = [], []
+        for group in self.param_groups:
+            for name, p in zip(group["param_names"], group["params"]):
+                st = self.state.get(p)
+                bound = self._bound.get(name)
+                if st and "w0" in st and bound is not None and _dist.is_dtensor(p):
+                    xx, uu, xu, _ = sums(_dist.local(p).double() - _dist.local(st["w0"]).double(), bound.v)
+                    named.append((name, p, bound.scale))
+                    local_sums.append([xx, uu, xu])
+        if not named:
+            return {}
+        total = torch.tensor(local_sums, dtype=torch.float64, device=_dist.local(named[0][1]).device)
+        total = _dist.all_reduce_dots([p for _, p, _ in named], total).tolist()
+        return {name: (xx, uu * scale ** 2, xu * scale, p.numel())
+                for (name, p, scale), (xx, uu, xu) in zip(named, total)}
+
+    def _reduce_c_slots(self, named: list[tuple[str, Tensor]]) -> None:
+        """Sum over the shards the c slots that `exact_c_` just filled for sharded parameters."""
+        sharded = [(n, p) for n, p in named if _dist.is_dtensor(p)]
+        if sharded:
+            self._set_c_slots(sharded, _dist.all_reduce_dots([p for _, p in sharded], self._c_slots(sharded)))
 
     # ------------------------------------------------------------------------------- state
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -594,24 +733,27 @@ class AsFTAdamW(torch.optim.AdamW):
             for name, p in zip(group["param_names"], group["params"]):
                 st = self.state.get(p)
                 bound = self._bound.get(name)
-                if st and "w0" in st and bound is not None:
+                if st and "w0" in st and bound is not None and not _dist.is_dtensor(p):
                     out[name] = drift(p.detach().double() - st["w0"].double(), bound.v)
         out.update({name: drift_from_sums(*s) for name, s in self._lora_drift_sums().items()})
+        out.update({name: drift_from_sums(*s) for name, s in self._sharded_drift_sums().items()})
         return out
 
     @torch.no_grad()
     def drift_sums(self) -> dict[str, tuple[float, float, float, int]]:
-        """(‖ΔW‖², ‖d‖², ⟨ΔW, d⟩, numel) in float64 per anchored tensor that has stepped, with LoRA
-        adapters reported under their base weight's name; feed to `metrics.per_layer`."""
+        """(‖ΔW‖², ‖d‖², ⟨ΔW, d⟩, numel) in float64 per anchored tensor that has stepped, keyed by its
+        direction's (normalised) name: LoRA adapters appear as their base weight, `modules_to_save`
+        copies as the original module. Feed to `metrics.per_layer`."""
         out: dict[str, tuple[float, float, float, int]] = {}
         for group in self.param_groups:
             for name, p in zip(group["param_names"], group["params"]):
                 st = self.state.get(p)
                 bound = self._bound.get(name)
-                if st and "w0" in st and bound is not None:
+                if st and "w0" in st and bound is not None and not _dist.is_dtensor(p):
                     xx, uu, xu, n = sums(p.detach().double() - st["w0"].double(), bound.v)
-                    out[name] = (xx, uu * bound.scale ** 2, xu * bound.scale, n)
+                    out[normalize_name(self._anchor_key(name))] = (xx, uu * bound.scale ** 2, xu * bound.scale, n)
         out.update(self._lora_drift_sums())
+        out.update(self._sharded_drift_sums())
         return out
 
     # ------------------------------------------------------------------------------- models, LoRA (peft)
@@ -634,6 +776,8 @@ class AsFTAdamW(torch.optim.AdamW):
               group of their own with asft_lambda=0.
             - Any other trainable parameter without a direction: an error, unless
               `allow_unanchored=True` gives it plain AdamW steps.
+            - Not supported (a clear error): DoRA and other LoRA variants, embedding and Conv2d
+              adapters, peft's `lora_bias`, and a pair with only one of lora_A/lora_B trainable.
 
         Args:
             model: the module to train (a peft `PeftModel`, a transformers model, or any
@@ -647,7 +791,9 @@ class AsFTAdamW(torch.optim.AdamW):
         Returns:
             An `AsFTAdamW` over up to four param groups (decay or not × anchored or unanchored
             biases); parameters are bound by name, so wrappers that swap parameter objects later
-            (accelerate, FSDP2) keep working.
+            (accelerate) keep working. Groups that hold LoRA adapters take the PyTorch path (the
+            adapters are small); `impl="triton"` applies to the other groups. LoRA on DTensor
+            (FSDP2-sharded) adapters is not supported.
         """
         if "lora" in kwargs or "params" in kwargs:
             raise TypeError("from_model reads the parameters and the LoRA layout from the model; do not "

@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, Trainin
 
 from asft_optim import AsFTAdamW, compute_directions  # noqa: E402
 from asft_optim.integrations import AsFTTrainer, unwrap_asft  # noqa: E402
+from asft_optim.metrics import per_layer  # noqa: E402
 
 VOCAB = 64
 
@@ -99,10 +100,13 @@ def test_trainer_trains_with_asft_and_logs_drift(checkpoints, tmp_path, lora):
     for key in ("asft/cos", "asft/orth_ratio", "asft/cos/model.layers.0", "asft/orth_ratio/model.layers.1"):
         assert key in last, sorted(last)
     assert 0.0 <= last["asft/orth_ratio"] <= 1.0 and -1.0 <= last["asft/cos"] <= 1.0
-    # the logged per-layer value is the optimizer's own drift of that layer
-    drift = opt.drift()
-    layer0 = [d for n, d in drift.items() if ".layers.0." in n]
-    assert layer0 and all(0.0 <= d.orth_ratio <= 1.0 for d in layer0)
+    # the last log came after the last step: it holds the optimizer's own per-layer drift
+    layers = per_layer(opt.drift_sums())
+    assert set(layers) == {"model.layers.0", "model.layers.1"} | ({"model.embed_tokens", "model.norm", "lm_head"}
+                                                                   if not lora else set())
+    for layer, d in layers.items():
+        assert last[f"asft/cos/{layer}"] == pytest.approx(d.cos, rel=1e-12, abs=1e-15)
+        assert last[f"asft/orth_ratio/{layer}"] == pytest.approx(d.orth_ratio, rel=1e-12)
 
 
 def test_penalty_reaches_trainer_runs(checkpoints, tmp_path):
@@ -136,7 +140,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(checkpoints, tmp_path,
     got = _trainable(resumed)
     assert got.keys() == full.keys()
     for n in full:
-        torch.testing.assert_close(got[n], full[n], rtol=0, atol=1e-6, msg=n)
+        assert torch.equal(got[n], full[n]), n  # bitwise: same math, same order
     # and a resume with another λ is refused
     other = AsFTTrainer(model=_model(root, lora), args=_args(tmp_path / "c", **args), train_dataset=_data(),
                         anchors=anchors, asft_lambda=1.0)
