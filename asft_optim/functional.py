@@ -50,6 +50,15 @@ class BoundDirection:
         return self.inv_nv2 == 0.0
 
 
+def storage_w0(w: Tensor) -> Tensor:
+    """W0 in bf16 when fp32 → bf16 is exact for every element, else unchanged (same strides)."""
+    if w.dtype == torch.float32:
+        b = w.to(torch.bfloat16)
+        if torch.equal(b.float(), w):
+            return b
+    return w
+
+
 def bind_direction(d: Tensor, like: Tensor, name: str) -> BoundDirection:
     """Check a direction against its parameter and prepare it (see `BoundDirection`).
 

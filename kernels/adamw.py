@@ -20,7 +20,7 @@ fp32 and each store casts to its buffer's dtype. Parameters may be fp32, bf16 or
 are kept in whatever dtype the optimizer state holds: torch's AdamW creates them in the parameter's
 dtype (bf16 moments for bf16 parameters), and so does AsFTAdamW, so that state_dicts interchange
 with the torch path; the kernel reads fp32 moments of bf16 parameters just as well. W0 and v are
-bf16 where that is exact (`asft_optim.optimizer.storage_w0`), else in the parameter's dtype.
+bf16 where that is exact (`asft_optim.functional.storage_w0`), else in the parameter's dtype.
 Offsets are int64 (tensors above 2**31 elements); with 16-byte aligned bases the unmasked body of
 a block uses 128-bit loads and stores, and only each tensor's tail block is masked.
 """
