@@ -214,15 +214,8 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
             if self._resolve_impl(group) == "triton" and not self._lora_in_group(group):
                 self._step_triton(group_index, group)
                 continue
-            names = [n for n, p in zip(group["param_names"], group["params"]) if p.grad is not None]
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            exp_avg_sqs: list[Tensor] = []
-            max_exp_avg_sqs: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs,
-                                           max_exp_avg_sqs, state_steps)
+            (names, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+             has_complex) = self._gather(group)
             if not params:
                 continue
             self._check_missing(group, names)
@@ -237,6 +230,14 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
                  **self._adam_kwargs(group, has_complex))
         self._lora_pending = {}
         return loss
+
+    def _gather(self, group: dict[str, Any]) -> tuple:
+        """(names, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, has_complex)
+        of a group's parameters that have gradients, with lazy state (and W0) created."""
+        names = [n for n, p in zip(group["param_names"], group["params"]) if p.grad is not None]
+        lists: list[list[Tensor]] = [[], [], [], [], [], []]
+        has_complex = self._init_group(group, *lists)
+        return (names, *lists, has_complex)
 
     @staticmethod
     def _adam_kwargs(group: dict[str, Any], has_complex: bool = False) -> dict[str, Any]:

@@ -107,16 +107,9 @@ class TritonStep:
             for table, c_buf, penalty, positions in plan["launches"]:
                 fused_step_(table, c_buf, [steps[j] for j in positions], penalty=penalty, **hyper)
             return
-        names = [n for n, p in zip(group["param_names"], group["params"]) if p.grad is not None]
         fresh = {n for n, p in zip(group["param_names"], group["params"])
                  if p.grad is not None and "w0" not in self.state.get(p, {})}
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
-        exp_avgs: list[Tensor] = []
-        exp_avg_sqs: list[Tensor] = []
-        max_exp_avg_sqs: list[Tensor] = []
-        state_steps: list[Tensor] = []
-        self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+        names, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, _ = self._gather(group)
         if not params:
             return
         self._check_missing(group, names)

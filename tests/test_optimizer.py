@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import io
-import warnings
 
 import pytest
 import torch
 
-from asft_optim import Anchors, AsFTAdamW
+from asft_optim import AsFTAdamW
 
 from .oracle import run_oracle, task_grads
 
