@@ -77,7 +77,6 @@ def test_fsdp2_matches_single_process(tmp_path):
     _check_fsdp(torchrun("fsdp", tmp_path), TOL)
 
 
-@pytest.mark.slow
 def test_fsdp2_reference_impl_matches_single_process(tmp_path):
     _check_fsdp(torchrun("fsdp", tmp_path, env={"ASFT_IMPL": "reference"}), TOL)
 
@@ -103,7 +102,6 @@ def test_hsdp_reduces_over_the_shard_dimension_only(tmp_path):
     assert [step["total"] for step in r["comms"]] == [0] * 10
 
 
-@pytest.mark.slow
 def test_fsdp2_on_a_2d_mesh_shard_dimension(tmp_path):
     _check_fsdp(torchrun("fsdp", tmp_path, env={"ASFT_MESH": "1,2"}), TOL)
 

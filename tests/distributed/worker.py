@@ -434,6 +434,12 @@ def main() -> None:
         (out / f"{mode}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
+    # After the simulated failed save, a torch/gloo thread is occasionally still joinable when the
+    # interpreter tears down, and C++ aborts ("terminate called without an active exception") once
+    # the results are already written (seen about 1 run in 10 of `ckpt`). Skip that teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
