@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.optim.adam import adam
 
 __all__ = ["BoundDirection", "bind_direction", "penalty_reference", "penalised_grads_reference",
-           "penalised_grads_", "partial_dots", "asft_adamw_", "PENALTIES", "Penalty", "dense_flat"]
+           "partial_dots", "asft_adamw_", "PENALTIES", "Penalty", "dense_flat"]
 
 Penalty = Literal["orthogonal", "parallel", "full"]
 PENALTIES: tuple[str, ...] = ("orthogonal", "parallel", "full")
@@ -127,63 +127,13 @@ def dense_flat(t: Tensor) -> Tensor | None:
 
 
 @torch.no_grad()
-def penalised_grads_(out: list[Tensor], grads: list[Tensor], params: list[Tensor], w0s: list[Tensor],
-                     bounds: list[BoundDirection], coef: float, penalty: Penalty,
-                     chunk: int = CHUNK, dots: Sequence[Tensor | None] | None = None) -> list[Tensor]:
-    """Write g̃ = g + coef·R into `out` (preallocated, laid out like the params) and return it.
-
-    Reads p, W0, v twice and g once, in chunks of `chunk` elements whose fp32 temporaries stay in
-    cache, so no full-size temporary is allocated. c is kept as a 0-d tensor (no host sync).
-    Tensors whose layouts differ fall back to whole-tensor ops.
-
-    `dots`: per tensor a precomputed ⟨v, ΔW⟩ (0-d fp32) or None. Sharded parameters pass the dot
-    summed over all shards (`partial_dots`, then one all-reduce), and the first read pass is skipped.
-    """
-    if penalty not in PENALTIES:
-        raise ValueError(f"unknown penalty {penalty!r}; expected one of {PENALTIES}")
-    dots = [None] * len(params) if dots is None else dots
-    bufs: dict[torch.device, Tensor] = {}
-    for s, g, p, w0, b, dot in zip(out, grads, params, w0s, bounds, dots, strict=True):
-        if p.numel() == 0:
-            continue
-        flats = [dense_flat(x) for x in (s, g, p, w0, b.v)]
-        same_layout = all(x.stride() == p.stride() for x in (s, g, w0, b.v))
-        if any(f is None for f in flats) or not same_layout:
-            s.copy_(g.float() + coef * penalty_reference(p, w0, b, penalty, dot))
-            continue
-        fs, fg, fp, fw0, fv = flats
-        n = fp.numel()
-        if p.device not in bufs:
-            bufs[p.device] = torch.empty(2 * chunk, device=p.device, dtype=torch.float32)
-        buf = bufs[p.device]
-        need_c = penalty != "full" and not b.is_zero
-        c = None
-        if need_c:
-            c = (_dot_chunked(fp, fw0, fv, buf, chunk) if dot is None else dot) * b.inv_nv2
-        for lo in range(0, n, chunk):
-            hi = min(lo + chunk, n)
-            t = buf[: hi - lo]
-            if penalty == "parallel":
-                if c is None:
-                    t.zero_()
-                else:
-                    torch.mul(fv[lo:hi], c, out=t)
-            else:
-                _delta_into(t, fp[lo:hi], fw0[lo:hi])
-                if penalty == "orthogonal" and c is not None:
-                    t.addcmul_(fv[lo:hi], c, value=-1.0)
-            torch.add(fg[lo:hi], t, alpha=coef, out=fs[lo:hi])
-    return out
-
-
-@torch.no_grad()
 def partial_dots(params: list[Tensor], w0s: list[Tensor], bounds: list[BoundDirection],
                  chunk: int = CHUNK) -> Tensor:
     """⟨v, p - W0⟩ per tensor as one fp32 vector of shape (len(params),), no host sync.
 
     For the local shards of sharded parameters: summed over ranks (one all-reduce of the whole
-    vector), entry i is the dot that `penalised_grads_(..., dots=...)` needs for tensor i. Folded
-    over chunks in the same order as `penalised_grads_`, so an unsharded tensor gets its exact dot.
+    vector), entry i is the dot that `asft_adamw_` needs for tensor i. Folded over pieces in the
+    same order as `asft_adamw_` folds its returned dots.
     """
     device = params[0].device if params else torch.device("cpu")
     out = torch.zeros(len(params), device=device, dtype=torch.float32)

@@ -18,8 +18,8 @@ from torch.optim.adam import adam
 
 from . import distributed as _dist
 from .anchors import Anchors, normalize_name
-from .functional import (PENALTIES, BoundDirection, asft_adamw_, bind_direction, dense_flat,
-                         partial_dots, penalised_grads_, penalised_grads_reference, storage_w0)
+from .functional import (PENALTIES, BoundDirection, asft_adamw_, bind_direction, partial_dots,
+                         penalised_grads_reference, storage_w0)
 from .lora import PROJECTIONS, LoraLayout
 from .metrics import Drift, drift, drift_from_sums, sums
 from .step_lora import LoraParams
@@ -32,7 +32,7 @@ IMPLS: tuple[str, ...] = ("torch", "reference", "triton")
 _MISSING = object()
 
 
-def _check_number(value: Any, what: str, wording: str) -> None:
+def _check_number(value: Any, wording: str) -> None:
     if isinstance(value, Tensor):
         value = float(value)
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -92,9 +92,9 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
         projection: str = "vector",
         lora: LoraLayout | None = None,
     ) -> None:
-        _check_number(lr, "lr", "Invalid learning rate")
-        _check_number(eps, "eps", "Invalid epsilon value")
-        _check_number(weight_decay, "weight_decay", "Invalid weight_decay value")
+        _check_number(lr, "Invalid learning rate")
+        _check_number(eps, "Invalid epsilon value")
+        _check_number(weight_decay, "Invalid weight_decay value")
         if differentiable:
             raise ValueError("AsFTAdamW does not support differentiable=True")
         if isinstance(anchors, Mapping) and not isinstance(anchors, Anchors):
@@ -110,7 +110,6 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
         self._lora_pending: dict[str, Tensor] = {}
         self._bound: dict[str, BoundDirection | None] = {}
         self._dots: dict[str, tuple[Tensor, int]] = {}  # name -> (⟨v, p - W0⟩, p._version) after the last step
-        self._workspace: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._sharded: set[str] = set()  # names bound as DTensor shards
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          foreach=foreach, capturable=capturable, differentiable=differentiable,
@@ -124,7 +123,7 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
         for key, value in self._asft_defaults.items():
             param_group.setdefault(key, value)
         lam = param_group["asft_lambda"]
-        _check_number(lam, "asft_lambda", "Invalid asft_lambda value")
+        _check_number(lam, "Invalid asft_lambda value")
         param_group["asft_lambda"] = float(lam)
         if param_group["penalty"] not in PENALTIES:
             raise ValueError(f"Invalid penalty: {param_group['penalty']!r}; expected one of {PENALTIES}")
@@ -222,7 +221,7 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
             if group["impl"] != "reference":
                 names, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = \
                     self._step_torch_fused(group, names, params, grads, exp_avgs, exp_avg_sqs,
-                                           max_exp_avg_sqs, state_steps)
+                                           max_exp_avg_sqs, state_steps, dots)
                 if not params:
                     continue
             grads = self._penalised_grads(group, names, params, grads, dots)
@@ -250,27 +249,31 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
                     maximize=group["maximize"])
 
     def _step_torch_fused(self, group, names, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                          state_steps):
-        """Step the anchored, unsharded tensors of a λ > 0 group with `asft_adamw_` (penalty and
-        torch's AdamW fused chunk by chunk) and return the lists of the remaining tensors.
+                          state_steps, sharded_dots: Mapping[str, Tensor]):
+        """Step the anchored tensors of a λ > 0 group with `asft_adamw_` (penalty and torch's AdamW
+        fused chunk by chunk) and return the lists of the remaining tensors.
 
         c carries over between steps: ⟨v, p - W0⟩ is folded while the new p is in cache, and
         trusted at the next step only if the parameter's version counter shows no write since
-        (else, and after `resync()`/`load_state_dict`, it is recomputed exactly).
+        (else, and after `resync()`/`load_state_dict`, it is recomputed exactly). Sharded (DTensor)
+        parameters are stepped as their local shards with the global dot of `sharded_dots`
+        (`_sharded_dots`; absent means 0: no W0 yet, or c unused).
         """
         lam = group["asft_lambda"]
-        take = [lam > 0 and not _dist.is_dtensor(p) and self._direction(n, p) is not None
-                for n, p in zip(names, params)]
+        take = [lam > 0 and self._direction(n, p) is not None for n, p in zip(names, params)]
         if not any(take):
             return names, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
         lists = (names, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
         sel = [[x for x, t in zip(xs, take) if t] for xs in lists]  # max_exp_avg_sqs is [] without amsgrad
         rest = [[x for x, t in zip(xs, take) if not t] for xs in lists]
         sub_names, sub_p = sel[0], sel[1]
-        w0s = [self.state[p]["w0"] for p in sub_p]
+        w0s = [_dist.local(self.state[p]["w0"]) for p in sub_p]
         bounds = [self._bound[n] for n in sub_names]
         dots: list[Tensor | None] = []
         for n, p in zip(sub_names, sub_p):
+            if _dist.is_dtensor(p):
+                dots.append(sharded_dots.get(n, torch.zeros((), device=_dist.local(p).device)))
+                continue
             cached = self._dots.get(n)
             dots.append(cached[0] if cached is not None and cached[1] == p._version
                         and cached[0].device == p.device else None)
@@ -279,10 +282,12 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
             fresh = partial_dots([sub_p[j] for j in stale], [w0s[j] for j in stale], [bounds[j] for j in stale])
             for k, j in enumerate(stale):
                 dots[j] = fresh[k]
-        new = asft_adamw_(*sel[1:], w0s, bounds, dots, coef=(-2.0 if group["maximize"] else 2.0) * lam,
+        local = [[_dist.local(x) for x in xs] for xs in sel[1:6]]
+        new = asft_adamw_(*local, sel[6], w0s, bounds, dots, coef=(-2.0 if group["maximize"] else 2.0) * lam,
                           penalty=group["penalty"], **self._adam_kwargs(group))
         for n, p, d in zip(sub_names, sub_p, new):
-            self._dots[n] = (d, p._version)
+            if not _dist.is_dtensor(p):  # a shard's fold is partial: `_sharded_dots` sums it next step
+                self._dots[n] = (d, p._version)
         return tuple(rest)
 
     def _check_missing(self, group: dict[str, Any], names: list[str]) -> None:
@@ -294,8 +299,10 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
                                  "the optimizer was built); pass allow_unanchored=True to step them plainly")
 
     def _penalised_grads(self, group: dict[str, Any], names: list[str], params: list[Tensor],
-                         grads: list[Tensor], dots: Mapping[str, Tensor] | None = None) -> list[Tensor]:
-        """Gradients with 2λ·R added for every anchored parameter; the user's `.grad` is untouched.
+                         grads: list[Tensor], dots: Mapping[str, Tensor]) -> list[Tensor]:
+        """Gradients with the LoRA penalty terms and, for impl="reference", 2λ·R of every anchored
+        parameter added (with impl="torch" those were stepped by `_step_torch_fused`); the user's
+        `.grad` is untouched.
 
         dots: global ⟨v, ΔW⟩ of sharded parameters by name (`_sharded_dots`); sharded tensors are
         processed as their local shards and their new gradients wrapped back as DTensors.
@@ -303,7 +310,7 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
         if self._lora_pending:
             grads = self._add_lora_grads(names, grads)
         lam = group["asft_lambda"]
-        if lam == 0:
+        if lam == 0 or group["impl"] != "reference":
             return grads
         coef = (-2.0 if group["maximize"] else 2.0) * lam
         idx = [i for i, (n, p) in enumerate(zip(names, params)) if self._direction(n, p) is not None]
@@ -313,39 +320,12 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
         sub_g = [_dist.local(grads[i]) for i in idx]
         w0s = [_dist.local(self.state[params[i]]["w0"]) for i in idx]
         bounds = [self._bound[names[i]] for i in idx]
-        sub_dots = [dots.get(names[i]) for i in idx] if dots else None
-        if group["impl"] == "reference":
-            new = penalised_grads_reference(sub_g, sub_p, w0s, bounds, coef, group["penalty"], sub_dots)
-        else:
-            new = penalised_grads_(self._scratch(sub_p), sub_g, sub_p, w0s, bounds, coef, group["penalty"],
-                                   dots=sub_dots)
+        sub_dots = [dots.get(names[i]) for i in idx]
+        new = penalised_grads_reference(sub_g, sub_p, w0s, bounds, coef, group["penalty"], sub_dots)
         grads = list(grads)
         for j, i in enumerate(idx):
             grads[i] = _dist.like(new[j], params[i]) if _dist.is_dtensor(params[i]) else new[j]
         return grads
-
-    def _scratch(self, params: list[Tensor]) -> list[Tensor]:
-        """Gradient-shaped views into one reused buffer per (device, dtype), laid out like `params`."""
-        sizes: dict[tuple[torch.device, torch.dtype], int] = {}
-        offsets = []
-        for p in params:
-            key = (p.device, p.dtype)
-            offsets.append(sizes.get(key, 0))
-            sizes[key] = offsets[-1] + (p.numel() + 15) // 16 * 16  # 64-byte aligned slices
-        for key, n in sizes.items():
-            ws = self._workspace.get(key)
-            if ws is None or ws.numel() < n:
-                self._workspace[key] = torch.empty(n, device=key[0], dtype=key[1])
-        out = []
-        for p, off in zip(params, offsets):
-            ws = self._workspace[(p.device, p.dtype)]
-            if p.is_contiguous():
-                out.append(ws[off: off + p.numel()].view(p.shape))
-            elif dense_flat(p) is not None:
-                out.append(ws.as_strided(p.shape, p.stride(), off))
-            else:
-                out.append(torch.empty_like(p, memory_format=torch.contiguous_format))
-        return out
 
     def resync(self) -> None:
         """Recompute c = ⟨v, p - W0⟩/‖v‖² exactly at the next step (impl="triton" carries it over).
@@ -385,7 +365,6 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
         super().__setstate__(state)
         self.__dict__.setdefault("_bound", {})
         self.__dict__.setdefault("_dots", {})
-        self.__dict__.setdefault("_workspace", {})
         self.__dict__.setdefault("_sharded", set())
         self.__dict__.setdefault("allow_unanchored", False)
         self.__dict__.setdefault("_lora", None)

@@ -118,7 +118,8 @@ def test_zero_direction_is_l2_pull_with_warning():
     # direct check: one step from W != W0 gives g + 2λΔW for the zero-direction tensor
     p = named[2][1]
     w0 = opt.state[p]["w0"].float()
-    r = opt._penalised_grads(opt.param_groups[0], ["layer2.weight"], [p], [torch.zeros_like(p)])[0]
+    group = dict(opt.param_groups[0], impl="reference")  # the obvious formula, as a gradient
+    r = opt._penalised_grads(group, ["layer2.weight"], [p], [torch.zeros_like(p)], {})[0]
     torch.testing.assert_close(r, 2 * 3.0 * (p.detach() - w0), rtol=1e-6, atol=1e-7)
 
 

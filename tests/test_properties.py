@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asft_optim.functional import bind_direction, penalised_grads_, penalty_reference
+from asft_optim.functional import asft_adamw_, bind_direction, partial_dots, penalty_reference
 
 numels = st.integers(min_value=1, max_value=3000)
 seeds = st.integers(min_value=0, max_value=2**31 - 1)
@@ -23,9 +23,16 @@ def _setup(n, seed):
 
 
 def _fast(p, w0, bound, kind, chunk=257):
-    out = torch.empty_like(p)
-    penalised_grads_([out], [torch.zeros_like(p)], [p], [w0], [bound], 1.0, kind, chunk=chunk)
-    return out.double()
+    """R from the fused path (`asft_adamw_` with g = 0, coef = 1): with beta1 = 0 and zero moments,
+    the first moment after one step is exactly the penalised gradient it was given; lr = 0 keeps p."""
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    dot = partial_dots([p], [w0], [bound], chunk)[0]
+    asft_adamw_([p], [torch.zeros_like(p)], [m], [v], [], [torch.tensor(0.0)], [w0], [bound], [dot],
+                coef=1.0, penalty=kind, chunk=chunk, foreach=False, fused=False, capturable=False,
+                differentiable=False, grad_scale=None, found_inf=None, has_complex=False,
+                decoupled_weight_decay=True, amsgrad=False, beta1=0.0, beta2=0.999, lr=0.0,
+                weight_decay=0.0, eps=1e-8, maximize=False)
+    return m.double()
 
 
 @settings(max_examples=60, deadline=None)
