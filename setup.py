@@ -7,9 +7,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["asft_optim", "asft_optim.kernels", "asft_optim.demo", "asft_optim.integrations"],
+    packages=["asft_optim", "asft_optim.kernels", "asft_optim.demo", "asft_optim.integrations",
+              "asft_optim.native"],
+    package_data={"asft_optim.native": ["*.cpp"]},
     package_dir={"asft_optim": "asft_optim", "asft_optim.kernels": "kernels"},
-    install_requires=["torch>=2.6", "safetensors>=0.4", "tqdm>=4.60"],
+    # ninja and filelock: the native CPU kernel is compiled on first use (asft_optim/native/build.py)
+    install_requires=["torch>=2.6", "safetensors>=0.4", "tqdm>=4.60", "ninja>=1.10", "filelock>=3.0"],
     extras_require={
         "triton": ["triton>=3.1"],
         "hf": ["transformers>=4.56", "peft>=0.13", "accelerate>=1.0", "huggingface_hub>=0.24"],

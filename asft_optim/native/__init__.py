@@ -1,0 +1,60 @@
+"""The AsFT AdamW step as one native pass over a list of fp32 CPU tensors (C++, built on first use).
+
+`asft_adamw_native_` does, per tensor, what `functional.penalised_grads_reference` followed by
+torch's AdamW does, in a single read of p, g, m, s, W0 and v and a single write of p, m, s, and
+returns the next step's ⟨v, p_new - W0⟩ folded in float64; `dots_native` is the same fold without
+the update (its result for unchanged tensors equals the carried one bitwise). The fold sums blocks
+of `BLOCK` elements, counted from each tensor's first element in memory order, in block order:
+the result is the same for any number of threads. See `build` for the build and its cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from ..functional import PENALTIES, Penalty
+from .build import BuildInfo, NativeUnavailable, available, build_info, cache_dir, load, reason
+
+__all__ = ["asft_adamw_native_", "dots_native", "available", "reason", "build_info", "cache_dir",
+           "load", "BuildInfo", "NativeUnavailable"]
+
+
+def asft_adamw_native_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                       exp_avg_sqs: Sequence[Tensor], w0s: Sequence[Tensor], directions: Sequence[Tensor],
+                       cs: Tensor, steps: Sequence[Tensor], *, lr: float, beta1: float, beta2: float,
+                       eps: float, weight_decay: float, coef: float, penalty: Penalty,
+                       maximize: bool) -> Tensor:
+    """One AdamW step on g̃ = g + coef·R per tensor, in place; returns ⟨v, p_new - W0⟩ per tensor.
+
+    Args:
+        params, grads, exp_avgs, exp_avg_sqs: fp32 CPU tensors, dense (any dense layout:
+            contiguous, transposed, channels_last), every role with the param's shape and strides.
+        w0s: W0 per tensor, fp32 or bf16, laid out like its param.
+        directions: the bound direction v per tensor (`functional.BoundDirection.v`), fp32 or bf16.
+        cs: float64 of shape (T,): c = ⟨v, ΔW⟩/‖v‖² per tensor (0 where c is unused).
+        steps: per tensor a one-element fp32/fp64 CPU tensor, the step count *after* this step's
+            increment (the caller increments).
+        lr, beta1, beta2, eps, weight_decay, maximize: as for `torch.optim.AdamW` (decoupled decay).
+        coef: ±2λ (negative under maximize; the penalty is always minimised).
+        penalty: "orthogonal" (R = ΔW - c·v), "parallel" (R = c·v) or "full" (R = ΔW).
+    Returns:
+        float64 of shape (T,): ⟨v, p_new - W0⟩ of the values as stored, folded as `dots_native`.
+    Raises:
+        ValueError naming the list and index of a tensor of the wrong dtype, device, shape or layout.
+        NativeUnavailable when the kernel cannot be built here (check `available()` first).
+    """
+    if penalty not in PENALTIES:
+        raise ValueError(f"unknown penalty {penalty!r}; expected one of {PENALTIES}")
+    return load().asft_adamw(params, grads, exp_avgs, exp_avg_sqs, w0s, directions, cs, steps,
+                             float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+                             float(coef), PENALTIES.index(penalty), bool(maximize))
+
+
+def dots_native(params: Sequence[Tensor], w0s: Sequence[Tensor], directions: Sequence[Tensor]) -> Tensor:
+    """⟨v, p - W0⟩ per tensor, float64 of shape (T,), with exactly `asft_adamw_native_`'s fold.
+
+    Same layout rules as `asft_adamw_native_` for params, w0s and directions.
+    """
+    return load().dots(params, w0s, directions)

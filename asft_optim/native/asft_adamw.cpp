@@ -1,0 +1,363 @@
+// The AsFT penalty and the AdamW update over a list of fp32 tensors in one pass over memory, with
+// the next step's <v, p_new - W0> folded in fp64 while the new values are in registers.
+//
+// Per element (fp32, the order of torch.optim.AdamW's for-loop implementation; built with
+// -ffp-contract=off so no multiply-add is fused):
+//   dW = p - W0;  R = dW - c*v | c*v | dW;  g~ = (g + coef*R) * (maximize ? -1 : 1)
+//   p *= 1 - lr*wd;  m = lerp(m, g~, 1 - beta1);  s = s*beta2 + ((1 - beta2)*g~)*g~
+//   p += (-lr/bc1 * m) / (sqrt(s)/sqrt(bc2) + eps)
+//   dot += (double)v * ((double)p - (double)W0)
+// Each tensor is cut into blocks of kBlock elements from its start (memory order); a block's dot is
+// folded over kLanes fixed lanes, and the blocks of a tensor are summed in block order, so the result
+// does not depend on the thread count, and `dots` (the same fold without the update) gives the same
+// bits.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 1 << 14;  // elements per fold block
+constexpr int64_t kSub = 512;        // elements per inner pass: update, then fold (still in L1)
+constexpr int kLanes = 8;            // fp64 accumulators per block
+constexpr int64_t kGrain = 1 << 15;  // fewer elements than this run on the calling thread
+
+enum Penalty : int64_t { kOrthogonal = 0, kParallel = 1, kFull = 2 };
+
+inline float widen(float x) { return x; }
+inline float widen(uint16_t x) {  // bf16 -> fp32 is exact: the high half of the bits
+  uint32_t u = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+struct Item {  // one tensor of the step, pointers at its first element in memory order
+  float* p;
+  const float* g;
+  float* m;
+  float* s;
+  const void* w0;
+  const void* v;
+  int64_t n;
+  int kind;          // 2*(W0 is bf16) + (v is bf16)
+  float c;           // <v, dW>/|v|^2 (unused for "full")
+  float neg_step;    // -lr / (1 - beta1^step)
+  float bc2_sqrt;    // sqrt(1 - beta2^step)
+};
+
+struct Hyper {  // the group's scalars, cast to fp32 as torch casts them
+  float decay;     // 1 - lr*wd
+  float w1;        // 1 - beta1 (the lerp weight)
+  float w1c;       // 1 - w1, for the lerp's high-weight branch
+  bool low;        // torch's lerp: w1 < 0.5 ? m + w1*(g - m) : g - (g - m)*(1 - w1)
+  float beta2;
+  float one_minus_beta2;
+  float eps;
+  float coef;
+  float sign;
+};
+
+// lanes[j] += v*(p - W0) over elements j, j + kLanes, ... of one inner pass (fp64, lane by lane).
+template <typename TW, typename TV>
+inline void dot_pass(double* __restrict lanes, const float* __restrict p, const TW* __restrict w0,
+                     const TV* __restrict v, int64_t len) {
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes)
+    for (int j = 0; j < kLanes; ++j)
+      lanes[j] += static_cast<double>(widen(v[i + j])) *
+                  (static_cast<double>(p[i + j]) - static_cast<double>(widen(w0[i + j])));
+  for (int j = 0; i < len; ++i, ++j)
+    lanes[j] += static_cast<double>(widen(v[i])) * (static_cast<double>(p[i]) - static_cast<double>(widen(w0[i])));
+}
+
+inline double combine(const double* l) {
+  return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+template <int64_t P, typename TW, typename TV>
+double step_block(const Item& t, const Hyper& h, int64_t lo, int64_t hi) {
+  double lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const TW* w0 = static_cast<const TW*>(t.w0);
+  const TV* v = static_cast<const TV*>(t.v);
+  const float c = t.c, coef = h.coef, sign = h.sign, decay = h.decay, w1 = h.w1, w1c = h.w1c;
+  const float beta2 = h.beta2, omb2 = h.one_minus_beta2, eps = h.eps;
+  const float neg_step = t.neg_step, bc2_sqrt = t.bc2_sqrt;
+  for (int64_t base = lo; base < hi; base += kSub) {
+    const int64_t len = std::min(kSub, hi - base);
+    float* __restrict pp = t.p + base;
+    const float* __restrict gg = t.g + base;
+    float* __restrict mm = t.m + base;
+    float* __restrict ss = t.s + base;
+    const TW* __restrict ww = w0 + base;
+    const TV* __restrict vv = v + base;
+    if (h.low) {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        const float w = widen(ww[i]), d = widen(vv[i]), p0 = pp[i];
+        const float dw = p0 - w;
+        const float r = P == kOrthogonal ? dw - c * d : (P == kParallel ? c * d : dw);
+        const float g = (gg[i] + coef * r) * sign;
+        const float m = mm[i] + w1 * (g - mm[i]);
+        const float s = ss[i] * beta2 + (omb2 * g) * g;
+        const float p = p0 * decay + (neg_step * m) / (std::sqrt(s) / bc2_sqrt + eps);
+        mm[i] = m;
+        ss[i] = s;
+        pp[i] = p;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        const float w = widen(ww[i]), d = widen(vv[i]), p0 = pp[i];
+        const float dw = p0 - w;
+        const float r = P == kOrthogonal ? dw - c * d : (P == kParallel ? c * d : dw);
+        const float g = (gg[i] + coef * r) * sign;
+        const float m = g - (g - mm[i]) * w1c;
+        const float s = ss[i] * beta2 + (omb2 * g) * g;
+        const float p = p0 * decay + (neg_step * m) / (std::sqrt(s) / bc2_sqrt + eps);
+        mm[i] = m;
+        ss[i] = s;
+        pp[i] = p;
+      }
+    }
+    dot_pass(lanes, pp, ww, vv, len);  // p as stored, read back while the pass is in L1
+  }
+  return combine(lanes);
+}
+
+template <typename TW, typename TV>
+double dot_block(const Item& t, int64_t lo, int64_t hi) {
+  double lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const TW* w0 = static_cast<const TW*>(t.w0);
+  const TV* v = static_cast<const TV*>(t.v);
+  for (int64_t base = lo; base < hi; base += kSub)
+    dot_pass(lanes, t.p + base, w0 + base, v + base, std::min(kSub, hi - base));
+  return combine(lanes);
+}
+
+using StepFn = double (*)(const Item&, const Hyper&, int64_t, int64_t);
+using DotFn = double (*)(const Item&, int64_t, int64_t);
+
+template <int64_t P>
+constexpr StepFn step_fns[4] = {step_block<P, float, float>, step_block<P, float, uint16_t>,
+                                step_block<P, uint16_t, float>, step_block<P, uint16_t, uint16_t>};
+constexpr DotFn dot_fns[4] = {dot_block<float, float>, dot_block<float, uint16_t>,
+                              dot_block<uint16_t, float>, dot_block<uint16_t, uint16_t>};
+
+// ------------------------------------------------------------------------------------- checks
+std::string dims(at::IntArrayRef a) {
+  std::ostringstream o;
+  o << "(";
+  for (size_t i = 0; i < a.size(); ++i) o << (i ? ", " : "") << a[i];
+  o << (a.size() == 1 ? ",)" : ")");
+  return o.str();
+}
+
+[[noreturn]] void fail(const std::string& fn, const std::string& msg) {
+  throw std::invalid_argument(fn + ": " + msg);
+}
+
+void check_lengths(const std::string& fn, size_t n,
+                   std::initializer_list<std::pair<const char*, size_t>> lists) {
+  for (const auto& [name, size] : lists)
+    if (size != n)
+      fail(fn, std::string(name) + " has " + std::to_string(size) + " tensors, params has " +
+                   std::to_string(n));
+}
+
+void check_dtype(const std::string& fn, const at::Tensor& x, const std::string& name, bool bf16_ok) {
+  if (!x.defined()) fail(fn, name + " is None");
+  if (!x.device().is_cpu()) fail(fn, name + " is on " + x.device().str() + ", expected cpu");
+  const auto dt = x.scalar_type();
+  if (dt != at::kFloat && !(bf16_ok && dt == at::kBFloat16))
+    fail(fn, name + " has dtype " + std::string(c10::toString(dt)) + ", expected Float" +
+                 (bf16_ok ? " or BFloat16" : ""));
+}
+
+// params[i] is a dense (non-overlapping, gap-free) fp32 cpu tensor.
+void check_param(const std::string& fn, const at::Tensor& p, size_t i) {
+  const std::string name = "params[" + std::to_string(i) + "]";
+  check_dtype(fn, p, name, false);
+  if (!p.is_non_overlapping_and_dense())
+    fail(fn, name + " is not dense (shape " + dims(p.sizes()) + ", strides " + dims(p.strides()) + ")");
+}
+
+// `x` (role[i]) is a cpu tensor of an allowed dtype with the shape of params[i] and its layout: the
+// same stride along every dimension of size > 1, so both list their elements in one memory order.
+void check_like(const std::string& fn, const at::Tensor& x, const char* role, size_t i,
+                const at::Tensor& p, bool bf16_ok) {
+  const std::string name = std::string(role) + "[" + std::to_string(i) + "]";
+  check_dtype(fn, x, name, bf16_ok);
+  if (x.sizes() != p.sizes())
+    fail(fn, name + " has shape " + dims(x.sizes()) + ", params[" + std::to_string(i) + "] has " +
+                 dims(p.sizes()));
+  for (int64_t k = 0; k < p.dim(); ++k)
+    if (p.size(k) > 1 && x.stride(k) != p.stride(k))
+      fail(fn, name + " has strides " + dims(x.strides()) + ", params[" + std::to_string(i) + "] has " +
+                   dims(p.strides()));
+}
+
+double read_step(const std::string& fn, const at::Tensor& s, size_t i) {
+  const std::string name = "steps[" + std::to_string(i) + "]";
+  if (!s.defined() || !s.device().is_cpu() || s.numel() != 1)
+    fail(fn, name + " must be a one-element cpu tensor");
+  if (s.scalar_type() == at::kFloat) return *static_cast<const float*>(s.const_data_ptr());
+  if (s.scalar_type() == at::kDouble) return *static_cast<const double*>(s.const_data_ptr());
+  fail(fn, name + " has dtype " + std::string(c10::toString(s.scalar_type())) + ", expected Float or Double");
+}
+
+// Block layout of a list of tensors: elem_start[t] (memory-order element offset of tensor t in the
+// concatenation) and block_start[t] (index of its first block), each with a final total.
+struct Layout {
+  std::vector<int64_t> elem_start, block_start;
+  void build(const std::vector<Item>& items) {
+    elem_start.assign(items.size() + 1, 0);
+    block_start.assign(items.size() + 1, 0);
+    for (size_t t = 0; t < items.size(); ++t) {
+      elem_start[t + 1] = elem_start[t] + items[t].n;
+      block_start[t + 1] = block_start[t] + (items[t].n + kBlock - 1) / kBlock;
+    }
+  }
+};
+
+// Runs fn(item, lo, hi) for every block (blocks split across threads by elements) into partial[],
+// then sums each tensor's blocks in block order into out[t].
+template <typename F>
+void for_blocks(const std::vector<Item>& items, const Layout& lay, std::vector<double>& partial,
+                double* out, const F& fn) {
+  const int64_t total = lay.elem_start.back();
+  partial.resize(static_cast<size_t>(lay.block_start.back()));
+  const auto& es = lay.elem_start;
+  at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
+    size_t t = std::upper_bound(es.begin(), es.end(), begin) - es.begin() - 1;
+    for (; t < items.size() && es[t] < end; ++t) {
+      const int64_t n = items[t].n;
+      int64_t k = begin > es[t] ? (begin - es[t] + kBlock - 1) / kBlock : 0;
+      for (; k * kBlock < n && es[t] + k * kBlock < end; ++k)
+        partial[lay.block_start[t] + k] = fn(items[t], k * kBlock, std::min(n, (k + 1) * kBlock));
+    }
+  });
+  for (size_t t = 0; t < items.size(); ++t) {
+    double acc = 0.0;
+    for (int64_t b = lay.block_start[t]; b < lay.block_start[t + 1]; ++b) acc += partial[b];
+    out[t] = acc;
+  }
+}
+
+int kind_of(const at::Tensor& w0, const at::Tensor& v) {
+  return 2 * (w0.scalar_type() == at::kBFloat16) + (v.scalar_type() == at::kBFloat16);
+}
+
+// Reused between calls on one thread: no allocation per step once the largest model has been seen.
+thread_local std::vector<Item> t_items;
+thread_local Layout t_layout;
+thread_local std::vector<double> t_partial;
+
+at::Tensor asft_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                      const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                      const std::vector<at::Tensor>& w0s, const std::vector<at::Tensor>& directions,
+                      const at::Tensor& cs, const std::vector<at::Tensor>& steps, double lr, double beta1,
+                      double beta2, double eps, double weight_decay, double coef, int64_t penalty,
+                      bool maximize) {
+  const std::string fn = "asft_adamw_native_";
+  const size_t n = params.size();
+  check_lengths(fn, n, {{"grads", grads.size()}, {"exp_avgs", exp_avgs.size()},
+                        {"exp_avg_sqs", exp_avg_sqs.size()}, {"w0s", w0s.size()},
+                        {"directions", directions.size()}, {"steps", steps.size()}});
+  if (penalty < kOrthogonal || penalty > kFull) fail(fn, "penalty code " + std::to_string(penalty) + " is not 0, 1 or 2");
+  if (!cs.defined() || !cs.device().is_cpu() || cs.scalar_type() != at::kDouble || cs.dim() != 1 ||
+      cs.size(0) != static_cast<int64_t>(n) || !cs.is_contiguous())
+    fail(fn, "cs must be a contiguous float64 cpu tensor of shape (" + std::to_string(n) + ",)");
+  const double* c = cs.const_data_ptr<double>();
+  auto& items = t_items;
+  items.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    check_param(fn, p, i);
+    check_like(fn, grads[i], "grads", i, p, false);
+    check_like(fn, exp_avgs[i], "exp_avgs", i, p, false);
+    check_like(fn, exp_avg_sqs[i], "exp_avg_sqs", i, p, false);
+    check_like(fn, w0s[i], "w0s", i, p, true);
+    check_like(fn, directions[i], "directions", i, p, true);
+    const double step = read_step(fn, steps[i], i);
+    Item& it = items[i];
+    it.p = p.data_ptr<float>();
+    it.g = grads[i].const_data_ptr<float>();
+    it.m = exp_avgs[i].data_ptr<float>();
+    it.s = exp_avg_sqs[i].data_ptr<float>();
+    it.w0 = w0s[i].const_data_ptr();
+    it.v = directions[i].const_data_ptr();
+    it.n = p.numel();
+    it.kind = kind_of(w0s[i], directions[i]);
+    it.c = static_cast<float>(c[i]);
+    it.neg_step = static_cast<float>(-(lr / (1.0 - std::pow(beta1, step))));
+    it.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step)));
+  }
+  Hyper h;
+  h.decay = static_cast<float>(1.0 - lr * weight_decay);
+  h.w1 = static_cast<float>(1.0 - beta1);
+  h.w1c = 1.0f - h.w1;
+  h.low = std::abs(h.w1) < 0.5f;
+  h.beta2 = static_cast<float>(beta2);
+  h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  h.eps = static_cast<float>(eps);
+  h.coef = static_cast<float>(coef);
+  h.sign = maximize ? -1.0f : 1.0f;
+  at::Tensor out = at::empty({static_cast<int64_t>(n)}, at::TensorOptions().dtype(at::kDouble));
+  t_layout.build(items);
+  const StepFn* table = penalty == kOrthogonal ? step_fns<kOrthogonal>
+                        : penalty == kParallel ? step_fns<kParallel> : step_fns<kFull>;
+  {
+    pybind11::gil_scoped_release no_gil;
+    for_blocks(items, t_layout, t_partial, out.data_ptr<double>(),
+               [&](const Item& t, int64_t lo, int64_t hi) { return table[t.kind](t, h, lo, hi); });
+  }
+  return out;
+}
+
+at::Tensor dots(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& w0s,
+                const std::vector<at::Tensor>& directions) {
+  const std::string fn = "dots_native";
+  const size_t n = params.size();
+  check_lengths(fn, n, {{"w0s", w0s.size()}, {"directions", directions.size()}});
+  auto& items = t_items;
+  items.assign(n, Item{});
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    check_param(fn, p, i);
+    check_like(fn, w0s[i], "w0s", i, p, true);
+    check_like(fn, directions[i], "directions", i, p, true);
+    Item& it = items[i];
+    it.p = const_cast<float*>(p.const_data_ptr<float>());  // read only
+    it.w0 = w0s[i].const_data_ptr();
+    it.v = directions[i].const_data_ptr();
+    it.n = p.numel();
+    it.kind = kind_of(w0s[i], directions[i]);
+  }
+  at::Tensor out = at::empty({static_cast<int64_t>(n)}, at::TensorOptions().dtype(at::kDouble));
+  t_layout.build(items);
+  {
+    pybind11::gil_scoped_release no_gil;
+    for_blocks(items, t_layout, t_partial, out.data_ptr<double>(),
+               [](const Item& t, int64_t lo, int64_t hi) { return dot_fns[t.kind](t, lo, hi); });
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("asft_adamw", &asft_adamw);
+  m.def("dots", &dots);
+  m.attr("BLOCK") = kBlock;
+}
