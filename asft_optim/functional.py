@@ -1,4 +1,5 @@
-"""The AsFT penalty gradient in PyTorch: a slow obvious reference and a fast chunked path.
+"""The AsFT penalty gradient in PyTorch: a slow obvious reference, the fast CPU dispatch (native
+kernel, else a fast chunked path).
 
 Notation (per parameter tensor, flattened): v is the bound direction (d rescaled by a power of two,
 so that max|v| is in [1, 2) and ‖v‖² cannot underflow), `inv_nv2` = 1/‖v‖² (0 when d = 0),
@@ -14,7 +15,9 @@ since AdamW negates the whole gradient there and the penalty is always minimised
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -22,6 +25,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 from torch.optim.adam import adam
+
+from . import native
 
 __all__ = ["BoundDirection", "bind_direction", "penalty_reference", "penalised_grads_reference",
            "partial_dots", "asft_adamw", "asft_adamw_", "StepTensors", "PENALTIES", "Penalty", "dense_flat",
@@ -161,8 +166,11 @@ def asft_adamw(t: StepTensors, *, coef: float, penalty: Penalty, impl: str, **ad
     """AdamW on g̃ = g + coef·R for every tensor of `t`: the one functional entry of the PyTorch paths.
 
     impl "reference": the obvious formula (`penalised_grads_reference`, then torch's `adam`); returns
-    None. impl "torch": `asft_adamw_`, per device as torch's own AdamW groups tensors; returns the
-    carried ⟨v, p_new - W0⟩ per tensor (0-d fp32), equal bitwise to `partial_dots` of the new p.
+    None. impl "torch": per tensor the native single-pass kernel (`native.asft_adamw_native_`) where it
+    applies (fp32 CPU tensors of one dense layout, fp32/bf16 W0 and v, no amsgrad or capturable, a
+    float64 or missing dot), else `asft_adamw_` per device as torch's own AdamW groups tensors.
+    Returns the carried ⟨v, p_new - W0⟩ per tensor (0-d; float64 from the native kernel, equal bitwise
+    to `native.dots_native` of the new p; float32 from `asft_adamw_`, equal to `partial_dots`).
     """
     if impl == "reference":
         grads = penalised_grads_reference(t.grads, t.params, t.w0s, t.directions, coef, penalty, t.dots)
@@ -170,17 +178,84 @@ def asft_adamw(t: StepTensors, *, coef: float, penalty: Penalty, impl: str, **ad
         return None
     if impl != "torch":
         raise ValueError(f"asft_adamw: unknown impl {impl!r}; expected 'torch' or 'reference'")
+    n = len(t.params)
+    out: list[Tensor] = [None] * n  # type: ignore[list-item]
+    rest = range(n)
+    if _native_applies(t, adam_kwargs):
+        ok = native.supported(t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, t.w0s, [d.v for d in t.directions])
+        ok = [k and (d is None or d.dtype == torch.float64) for k, d in zip(ok, t.dots)]
+        idx = [i for i, k in enumerate(ok) if k]
+        if idx:
+            for i, d in zip(idx, _native_step(t, idx, coef, penalty, adam_kwargs)):
+                out[i] = d
+            rest = [i for i, k in enumerate(ok) if not k]
+    if not rest:
+        return out
     amsgrad = adam_kwargs["amsgrad"]
     by_device: dict[torch.device, list[int]] = {}
-    for i, p in enumerate(t.params):
-        by_device.setdefault(p.device, []).append(i)
-    out: list[Tensor] = [None] * len(t.params)  # type: ignore[list-item]
+    for i in rest:
+        by_device.setdefault(t.params[i].device, []).append(i)
     for idx in by_device.values():
         sub = [[] if k == 4 and not amsgrad else [xs[i] for i in idx] for k, xs in enumerate(t)]
-        new = asft_adamw_(*sub[:8], sub[8], coef=coef, penalty=penalty, **adam_kwargs)
+        dots = sub[8]
+        stale = [j for j, d in enumerate(dots) if d is None or d.dtype != torch.float32]
+        if stale:
+            fresh = partial_dots([sub[0][j] for j in stale], [sub[6][j] for j in stale], [sub[7][j] for j in stale])
+            for k, j in enumerate(stale):
+                dots[j] = fresh[k]
+        new = asft_adamw_(*sub[:8], dots, coef=coef, penalty=penalty, **adam_kwargs)
         for i, d in zip(idx, new):
             out[i] = d
     return out
+
+
+_said_path = False
+
+
+def _native_applies(t: StepTensors, kw: dict) -> bool:
+    """Could the native kernel step some of `t` (CPU tensors, options it implements, and it builds)?
+
+    Says once per process which CPU path runs: a log line for the native kernel, a one-line warning
+    when it is unavailable (no compiler, a failed build, ASFT_NATIVE=0).
+    """
+    global _said_path
+    if (not t.params or kw["amsgrad"] or kw["capturable"] or kw["differentiable"] or kw["grad_scale"] is not None
+            or kw["found_inf"] is not None or all(p.device.type != "cpu" for p in t.params)):
+        return False
+    ok = native.available()
+    if not _said_path:
+        _said_path = True
+        if ok:
+            logging.getLogger(__name__).info("AsFTAdamW: CPU tensors step through the native kernel (%s)",
+                                             native.build_info().path)
+        else:
+            warnings.warn(f"AsFTAdamW: the native CPU kernel is unavailable ({native.reason()}); using the "
+                          "slower PyTorch path", stacklevel=4)
+    return ok
+
+
+def _native_step(t: StepTensors, idx: list[int], coef: float, penalty: Penalty, kw: dict) -> list[Tensor]:
+    """`native.asft_adamw_native_` on the tensors `idx` of `t` (missing dots computed by its own fold);
+    increments their state steps. Returns the new dots (0-d float64 views of one vector)."""
+    if len(idx) == len(t.params):
+        sel = t
+    else:
+        sel = StepTensors(*([] if k == 4 else [xs[i] for i in idx] for k, xs in enumerate(t)))
+    vs = [b.v for b in sel.directions]
+    dots = list(sel.dots)
+    stale = [j for j, d in enumerate(dots) if d is None]
+    if stale:
+        fresh = native.dots_native([sel.params[j] for j in stale], [sel.w0s[j] for j in stale], [vs[j] for j in stale])
+        for k, j in enumerate(stale):
+            dots[j] = fresh[k]
+    inv = torch.tensor([0.0 if penalty == "full" else b.inv_nv2 for b in sel.directions], dtype=torch.float64)
+    cs = torch.stack(dots).mul_(inv)
+    torch._foreach_add_(sel.state_steps, 1)
+    new = native.asft_adamw_native_(
+        sel.params, sel.grads, sel.exp_avgs, sel.exp_avg_sqs, sel.w0s, vs, cs, sel.state_steps,
+        lr=float(kw["lr"]), beta1=float(kw["beta1"]), beta2=float(kw["beta2"]), eps=float(kw["eps"]),
+        weight_decay=float(kw["weight_decay"]), coef=coef, penalty=penalty, maximize=kw["maximize"])
+    return list(new.unbind())
 
 
 def dense_flat(t: Tensor) -> Tensor | None:

@@ -304,11 +304,6 @@ class AsFTAdamW(torch.optim.AdamW):
         for n, p, q in zip(names, params, locals_):
             dots.append(shard_dots.get(n, torch.zeros((), device=q.device)) if _dist.is_dtensor(p)
                         else self._dots.get(n, q) if impl == "torch" else None)
-        stale = [j for j, d in enumerate(dots) if d is None]
-        if stale and impl == "torch":
-            fresh = partial_dots([locals_[j] for j in stale], [w0s[j] for j in stale], [dirs[j] for j in stale])
-            for k, j in enumerate(stale):
-                dots[j] = fresh[k]
         tensors = StepTensors(locals_, [_dist.local(g) for g in grads], [_dist.local(x) for x in exp_avgs],
                               [_dist.local(x) for x in exp_avg_sqs], [_dist.local(x) for x in max_exp_avg_sqs],
                               state_steps, w0s, dirs, dots)

@@ -170,18 +170,23 @@ def test_grad_untouched():
 
 @pytest.mark.parametrize("flags", [dict(), dict(fused=True), dict(amsgrad=True, foreach=True)])
 def test_carried_dot_equals_exact_reduction(flags):
-    """The fused path folds ⟨v, p_new - W0⟩ while stepping; it must equal a fresh exact pass bitwise,
-    also for a tensor spanning several chunks and for a bf16 direction."""
+    """The torch path folds ⟨v, p_new - W0⟩ while stepping; it must equal a fresh exact pass of the same
+    fold bitwise (the native kernel's where it runs, else the chunked path's), also for a tensor
+    spanning several chunks and blocks and for a bf16 direction."""
+    from asft_optim import native
     from asft_optim.functional import CHUNK, partial_dots
     named, dirs = make(shapes=[(3 * CHUNK + 17,), (5, 123), ()])
     dirs["layer1.weight"] = dirs["layer1.weight"].bfloat16()
     opt = AsFTAdamW(named, lr=0.02, anchors=dirs, asft_lambda=3.0, **flags)
     run(opt, named, 3)
     params = [p for _, p in named]
-    exact = partial_dots(params, [opt.state[p]["w0"] for p in params], [opt._bindings[n].direction for n, _ in named])
+    w0s, bounds = [opt.state[p]["w0"] for p in params], [opt._bindings[n].direction for n, _ in named]
+    on_native = native.available() and not flags.get("amsgrad")
+    exact = native.dots_native(params, w0s, [b.v for b in bounds]) if on_native else partial_dots(params, w0s, bounds)
     for (n, p), e in zip(named, exact):
         carried = opt._dots.get(n, p)  # None unless the version counter is unchanged since the step
-        assert carried is not None and torch.equal(carried, e)
+        assert carried is not None and carried.dtype == (torch.float64 if on_native else torch.float32)
+        assert torch.equal(carried, e)
 
 
 def test_outside_writes_are_noticed():

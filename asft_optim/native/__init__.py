@@ -14,17 +14,19 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from ..functional import PENALTIES, Penalty
 from .build import BuildInfo, NativeUnavailable, available, build_info, cache_dir, load, reason
 
-__all__ = ["asft_adamw_native_", "dots_native", "available", "reason", "build_info", "cache_dir",
-           "load", "BuildInfo", "NativeUnavailable"]
+__all__ = ["asft_adamw_native_", "dots_native", "supported", "available", "reason", "build_info",
+           "cache_dir", "load", "BuildInfo", "NativeUnavailable", "BLOCK"]
+
+BLOCK = 1 << 14  # elements per fold block (kBlock in asft_adamw.cpp)
+_PENALTY_CODES = {"orthogonal": 0, "parallel": 1, "full": 2}  # the order of functional.PENALTIES
 
 
 def asft_adamw_native_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                        exp_avg_sqs: Sequence[Tensor], w0s: Sequence[Tensor], directions: Sequence[Tensor],
                        cs: Tensor, steps: Sequence[Tensor], *, lr: float, beta1: float, beta2: float,
-                       eps: float, weight_decay: float, coef: float, penalty: Penalty,
+                       eps: float, weight_decay: float, coef: float, penalty: str,
                        maximize: bool) -> Tensor:
     """One AdamW step on g̃ = g + coef·R per tensor, in place; returns ⟨v, p_new - W0⟩ per tensor.
 
@@ -45,11 +47,12 @@ def asft_adamw_native_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_av
         ValueError naming the list and index of a tensor of the wrong dtype, device, shape or layout.
         NativeUnavailable when the kernel cannot be built here (check `available()` first).
     """
-    if penalty not in PENALTIES:
-        raise ValueError(f"unknown penalty {penalty!r}; expected one of {PENALTIES}")
+    code = _PENALTY_CODES.get(penalty)
+    if code is None:
+        raise ValueError(f"unknown penalty {penalty!r}; expected one of {tuple(_PENALTY_CODES)}")
     return load().asft_adamw(params, grads, exp_avgs, exp_avg_sqs, w0s, directions, cs, steps,
                              float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-                             float(coef), PENALTIES.index(penalty), bool(maximize))
+                             float(coef), code, bool(maximize))
 
 
 def dots_native(params: Sequence[Tensor], w0s: Sequence[Tensor], directions: Sequence[Tensor]) -> Tensor:
@@ -58,3 +61,9 @@ def dots_native(params: Sequence[Tensor], w0s: Sequence[Tensor], directions: Seq
     Same layout rules as `asft_adamw_native_` for params, w0s and directions.
     """
     return load().dots(params, w0s, directions)
+
+
+def supported(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+              exp_avg_sqs: Sequence[Tensor], w0s: Sequence[Tensor], directions: Sequence[Tensor]) -> list[bool]:
+    """Per tensor: does it meet `asft_adamw_native_`'s dtype, device and layout rules?"""
+    return load().supported(params, grads, exp_avgs, exp_avg_sqs, w0s, directions)

@@ -167,7 +167,7 @@ std::string dims(at::IntArrayRef a) {
   throw std::invalid_argument(fn + ": " + msg);
 }
 
-void check_lengths(const std::string& fn, size_t n,
+void check_lengths(const char* fn, size_t n,
                    std::initializer_list<std::pair<const char*, size_t>> lists) {
   for (const auto& [name, size] : lists)
     if (size != n)
@@ -175,45 +175,64 @@ void check_lengths(const std::string& fn, size_t n,
                    std::to_string(n));
 }
 
-void check_dtype(const std::string& fn, const at::Tensor& x, const std::string& name, bool bf16_ok) {
-  if (!x.defined()) fail(fn, name + " is None");
-  if (!x.device().is_cpu()) fail(fn, name + " is on " + x.device().str() + ", expected cpu");
+// Each check returns what is wrong with a tensor ("" when it is fine), so that `supported` can ask
+// the same questions without raising; names are only built for a message.
+std::string label(const char* role, size_t i) { return std::string(role) + "[" + std::to_string(i) + "]"; }
+
+std::string bad_dtype(const at::Tensor& x, const char* role, size_t i, bool bf16_ok) {
+  if (!x.defined()) return label(role, i) + " is None";
+  if (!x.device().is_cpu()) return label(role, i) + " is on " + x.device().str() + ", expected cpu";
   const auto dt = x.scalar_type();
   if (dt != at::kFloat && !(bf16_ok && dt == at::kBFloat16))
-    fail(fn, name + " has dtype " + std::string(c10::toString(dt)) + ", expected Float" +
-                 (bf16_ok ? " or BFloat16" : ""));
+    return label(role, i) + " has dtype " + std::string(c10::toString(dt)) + ", expected Float" +
+           (bf16_ok ? " or BFloat16" : "");
+  return {};
 }
 
 // params[i] is a dense (non-overlapping, gap-free) fp32 cpu tensor.
-void check_param(const std::string& fn, const at::Tensor& p, size_t i) {
-  const std::string name = "params[" + std::to_string(i) + "]";
-  check_dtype(fn, p, name, false);
-  if (!p.is_non_overlapping_and_dense())
-    fail(fn, name + " is not dense (shape " + dims(p.sizes()) + ", strides " + dims(p.strides()) + ")");
+std::string bad_param(const at::Tensor& p, size_t i) {
+  std::string e = bad_dtype(p, "params", i, false);
+  if (e.empty() && !p.is_non_overlapping_and_dense())
+    e = label("params", i) + " is not dense (shape " + dims(p.sizes()) + ", strides " + dims(p.strides()) + ")";
+  return e;
 }
 
 // `x` (role[i]) is a cpu tensor of an allowed dtype with the shape of params[i] and its layout: the
 // same stride along every dimension of size > 1, so both list their elements in one memory order.
-void check_like(const std::string& fn, const at::Tensor& x, const char* role, size_t i,
-                const at::Tensor& p, bool bf16_ok) {
-  const std::string name = std::string(role) + "[" + std::to_string(i) + "]";
-  check_dtype(fn, x, name, bf16_ok);
+std::string bad_like(const at::Tensor& x, const char* role, size_t i, const at::Tensor& p, bool bf16_ok) {
+  std::string e = bad_dtype(x, role, i, bf16_ok);
+  if (!e.empty()) return e;
   if (x.sizes() != p.sizes())
-    fail(fn, name + " has shape " + dims(x.sizes()) + ", params[" + std::to_string(i) + "] has " +
-                 dims(p.sizes()));
+    return label(role, i) + " has shape " + dims(x.sizes()) + ", " + label("params", i) + " has " + dims(p.sizes());
   for (int64_t k = 0; k < p.dim(); ++k)
     if (p.size(k) > 1 && x.stride(k) != p.stride(k))
-      fail(fn, name + " has strides " + dims(x.strides()) + ", params[" + std::to_string(i) + "] has " +
-                   dims(p.strides()));
+      return label(role, i) + " has strides " + dims(x.strides()) + ", " + label("params", i) + " has " +
+             dims(p.strides());
+  return {};
+}
+
+// What is wrong with tensor i of a step ("" when the kernel can step it).
+std::string bad_step_tensor(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                            const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                            const std::vector<at::Tensor>& w0s, const std::vector<at::Tensor>& directions,
+                            size_t i) {
+  const at::Tensor& p = params[i];
+  std::string e = bad_param(p, i);
+  if (e.empty()) e = bad_like(grads[i], "grads", i, p, false);
+  if (e.empty()) e = bad_like(exp_avgs[i], "exp_avgs", i, p, false);
+  if (e.empty()) e = bad_like(exp_avg_sqs[i], "exp_avg_sqs", i, p, false);
+  if (e.empty()) e = bad_like(w0s[i], "w0s", i, p, true);
+  if (e.empty()) e = bad_like(directions[i], "directions", i, p, true);
+  return e;
 }
 
 double read_step(const std::string& fn, const at::Tensor& s, size_t i) {
-  const std::string name = "steps[" + std::to_string(i) + "]";
   if (!s.defined() || !s.device().is_cpu() || s.numel() != 1)
-    fail(fn, name + " must be a one-element cpu tensor");
+    fail(fn, label("steps", i) + " must be a one-element cpu tensor");
   if (s.scalar_type() == at::kFloat) return *static_cast<const float*>(s.const_data_ptr());
   if (s.scalar_type() == at::kDouble) return *static_cast<const double*>(s.const_data_ptr());
-  fail(fn, name + " has dtype " + std::string(c10::toString(s.scalar_type())) + ", expected Float or Double");
+  fail(fn, label("steps", i) + " has dtype " + std::string(c10::toString(s.scalar_type())) +
+               ", expected Float or Double");
 }
 
 // Block layout of a list of tensors: elem_start[t] (memory-order element offset of tensor t in the
@@ -269,7 +288,7 @@ at::Tensor asft_adamw(const std::vector<at::Tensor>& params, const std::vector<a
                       const at::Tensor& cs, const std::vector<at::Tensor>& steps, double lr, double beta1,
                       double beta2, double eps, double weight_decay, double coef, int64_t penalty,
                       bool maximize) {
-  const std::string fn = "asft_adamw_native_";
+  const char* fn = "asft_adamw_native_";
   const size_t n = params.size();
   check_lengths(fn, n, {{"grads", grads.size()}, {"exp_avgs", exp_avgs.size()},
                         {"exp_avg_sqs", exp_avg_sqs.size()}, {"w0s", w0s.size()},
@@ -283,12 +302,8 @@ at::Tensor asft_adamw(const std::vector<at::Tensor>& params, const std::vector<a
   items.resize(n);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    check_param(fn, p, i);
-    check_like(fn, grads[i], "grads", i, p, false);
-    check_like(fn, exp_avgs[i], "exp_avgs", i, p, false);
-    check_like(fn, exp_avg_sqs[i], "exp_avg_sqs", i, p, false);
-    check_like(fn, w0s[i], "w0s", i, p, true);
-    check_like(fn, directions[i], "directions", i, p, true);
+    const std::string e = bad_step_tensor(params, grads, exp_avgs, exp_avg_sqs, w0s, directions, i);
+    if (!e.empty()) fail(fn, e);
     const double step = read_step(fn, steps[i], i);
     Item& it = items[i];
     it.p = p.data_ptr<float>();
@@ -322,21 +337,24 @@ at::Tensor asft_adamw(const std::vector<at::Tensor>& params, const std::vector<a
     for_blocks(items, t_layout, t_partial, out.data_ptr<double>(),
                [&](const Item& t, int64_t lo, int64_t hi) { return table[t.kind](t, h, lo, hi); });
   }
+  for (size_t i = 0; i < n; ++i)  // written in place, as an in-place op would record it
+    for (const at::Tensor* x : {&params[i], &exp_avgs[i], &exp_avg_sqs[i]}) x->unsafeGetTensorImpl()->bump_version();
   return out;
 }
 
 at::Tensor dots(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& w0s,
                 const std::vector<at::Tensor>& directions) {
-  const std::string fn = "dots_native";
+  const char* fn = "dots_native";
   const size_t n = params.size();
   check_lengths(fn, n, {{"w0s", w0s.size()}, {"directions", directions.size()}});
   auto& items = t_items;
   items.assign(n, Item{});
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    check_param(fn, p, i);
-    check_like(fn, w0s[i], "w0s", i, p, true);
-    check_like(fn, directions[i], "directions", i, p, true);
+    std::string e = bad_param(p, i);
+    if (e.empty()) e = bad_like(w0s[i], "w0s", i, p, true);
+    if (e.empty()) e = bad_like(directions[i], "directions", i, p, true);
+    if (!e.empty()) fail(fn, e);
     Item& it = items[i];
     it.p = const_cast<float*>(p.const_data_ptr<float>());  // read only
     it.w0 = w0s[i].const_data_ptr();
@@ -354,10 +372,25 @@ at::Tensor dots(const std::vector<at::Tensor>& params, const std::vector<at::Ten
   return out;
 }
 
+// Per tensor: can `asft_adamw` step it (the checks that would otherwise raise)?
+std::vector<bool> supported(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                            const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                            const std::vector<at::Tensor>& w0s, const std::vector<at::Tensor>& directions) {
+  const size_t n = params.size();
+  check_lengths("supported", n, {{"grads", grads.size()}, {"exp_avgs", exp_avgs.size()},
+                                 {"exp_avg_sqs", exp_avg_sqs.size()}, {"w0s", w0s.size()},
+                                 {"directions", directions.size()}});
+  std::vector<bool> out(n);
+  for (size_t i = 0; i < n; ++i)
+    out[i] = bad_step_tensor(params, grads, exp_avgs, exp_avg_sqs, w0s, directions, i).empty();
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("asft_adamw", &asft_adamw);
   m.def("dots", &dots);
+  m.def("supported", &supported);
   m.attr("BLOCK") = kBlock;
 }
