@@ -180,15 +180,14 @@ def asft_adamw(t: StepTensors, *, coef: float, penalty: Penalty, impl: str, **ad
         raise ValueError(f"asft_adamw: unknown impl {impl!r}; expected 'torch' or 'reference'")
     n = len(t.params)
     out: list[Tensor] = [None] * n  # type: ignore[list-item]
-    rest = range(n)
+    rest: list[int] = list(range(n))
     if _native_applies(t, adam_kwargs):
-        ok = native.supported(t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, t.w0s, [d.v for d in t.directions])
-        ok = [k and (d is None or d.dtype == torch.float64) for k, d in zip(ok, t.dots)]
-        idx = [i for i, k in enumerate(ok) if k]
-        if idx:
-            for i, d in zip(idx, _native_step(t, idx, coef, penalty, adam_kwargs)):
+        take = [i for i, d in enumerate(t.dots) if d is None or d.dtype == torch.float64]
+        if take:
+            stepped, skipped = _native_step(t, take, coef, penalty, adam_kwargs)
+            for i, d in stepped:
                 out[i] = d
-            rest = [i for i, k in enumerate(ok) if not k]
+            rest = sorted(set(range(n)).difference(take).union(skipped))
     if not rest:
         return out
     amsgrad = adam_kwargs["amsgrad"]
@@ -234,28 +233,44 @@ def _native_applies(t: StepTensors, kw: dict) -> bool:
     return ok
 
 
-def _native_step(t: StepTensors, idx: list[int], coef: float, penalty: Penalty, kw: dict) -> list[Tensor]:
-    """`native.asft_adamw_native_` on the tensors `idx` of `t` (missing dots computed by its own fold);
-    increments their state steps. Returns the new dots (0-d float64 views of one vector)."""
-    if len(idx) == len(t.params):
-        sel = t
-    else:
-        sel = StepTensors(*([] if k == 4 else [xs[i] for i in idx] for k, xs in enumerate(t)))
+def _native_step(t: StepTensors, idx: list[int], coef: float, penalty: Penalty, kw: dict
+                 ) -> tuple[list[tuple[int, Tensor]], list[int]]:
+    """The native kernel on the tensors `idx` of `t` that it supports (missing dots computed by its
+    own fold). Returns ((index, new dot as a 0-d float64 view) per stepped tensor, the indices of `t`
+    left for the other path)."""
+    sel = t if len(idx) == len(t.params) else StepTensors(*([] if k == 4 else [xs[i] for i in idx]
+                                                             for k, xs in enumerate(t)))
     vs = [b.v for b in sel.directions]
     dots = list(sel.dots)
     stale = [j for j, d in enumerate(dots) if d is None]
+    skipped: list[int] = []
     if stale:
-        fresh = native.dots_native([sel.params[j] for j in stale], [sel.w0s[j] for j in stale], [vs[j] for j in stale])
+        fresh, bad = native.dots_supported([sel.params[j] for j in stale], [sel.w0s[j] for j in stale],
+                                           [vs[j] for j in stale])
         for k, j in enumerate(stale):
             dots[j] = fresh[k]
+        skipped = [stale[k] for k in bad]
+        if skipped:  # leave them out: the step's own check would skip them too
+            keep = sorted(set(range(len(dots))).difference(skipped))
+            sel = StepTensors(*([xs[j] for j in keep] if k != 4 else [] for k, xs in enumerate(sel)))
+            vs, dots = [vs[j] for j in keep], [dots[j] for j in keep]
+            idx_kept = [idx[j] for j in keep]
+            skipped = [idx[j] for j in skipped]
+        else:
+            idx_kept = idx
+    else:
+        idx_kept = idx
+    if not sel.params:
+        return [], skipped
     inv = torch.tensor([0.0 if penalty == "full" else b.inv_nv2 for b in sel.directions], dtype=torch.float64)
     cs = torch.stack(dots).mul_(inv)
-    torch._foreach_add_(sel.state_steps, 1)
-    new = native.asft_adamw_native_(
+    new, bad = native.step_supported_(
         sel.params, sel.grads, sel.exp_avgs, sel.exp_avg_sqs, sel.w0s, vs, cs, sel.state_steps,
         lr=float(kw["lr"]), beta1=float(kw["beta1"]), beta2=float(kw["beta2"]), eps=float(kw["eps"]),
         weight_decay=float(kw["weight_decay"]), coef=coef, penalty=penalty, maximize=kw["maximize"])
-    return list(new.unbind())
+    done = set(bad)
+    stepped = [(i, d) for j, (i, d) in enumerate(zip(idx_kept, new.unbind())) if j not in done]
+    return stepped, skipped + [idx_kept[j] for j in bad]
 
 
 def dense_flat(t: Tensor) -> Tensor | None:

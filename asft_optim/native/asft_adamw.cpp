@@ -23,6 +23,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -175,8 +176,8 @@ void check_lengths(const char* fn, size_t n,
                    std::to_string(n));
 }
 
-// Each check returns what is wrong with a tensor ("" when it is fine), so that `supported` can ask
-// the same questions without raising; names are only built for a message.
+// Each check returns what is wrong with a tensor ("" when it is fine), so that the skip mode can
+// route a tensor elsewhere instead of raising; names are only built for a message.
 std::string label(const char* role, size_t i) { return std::string(role) + "[" + std::to_string(i) + "]"; }
 
 std::string bad_dtype(const at::Tensor& x, const char* role, size_t i, bool bf16_ok) {
@@ -226,6 +227,7 @@ std::string bad_step_tensor(const std::vector<at::Tensor>& params, const std::ve
   return e;
 }
 
+// The step count of steps[i] (a one-element fp32/fp64 cpu tensor) before this step.
 double read_step(const std::string& fn, const at::Tensor& s, size_t i) {
   if (!s.defined() || !s.device().is_cpu() || s.numel() != 1)
     fail(fn, label("steps", i) + " must be a one-element cpu tensor");
@@ -233,6 +235,14 @@ double read_step(const std::string& fn, const at::Tensor& s, size_t i) {
   if (s.scalar_type() == at::kDouble) return *static_cast<const double*>(s.const_data_ptr());
   fail(fn, label("steps", i) + " has dtype " + std::string(c10::toString(s.scalar_type())) +
                ", expected Float or Double");
+}
+
+void write_step(const at::Tensor& s, double value) {
+  if (s.scalar_type() == at::kFloat)
+    *static_cast<float*>(s.data_ptr()) = static_cast<float>(value);
+  else
+    *static_cast<double*>(s.data_ptr()) = value;
+  s.unsafeGetTensorImpl()->bump_version();
 }
 
 // Block layout of a list of tensors: elem_start[t] (memory-order element offset of tensor t in the
@@ -282,12 +292,14 @@ thread_local std::vector<Item> t_items;
 thread_local Layout t_layout;
 thread_local std::vector<double> t_partial;
 
-at::Tensor asft_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                      const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
-                      const std::vector<at::Tensor>& w0s, const std::vector<at::Tensor>& directions,
-                      const at::Tensor& cs, const std::vector<at::Tensor>& steps, double lr, double beta1,
-                      double beta2, double eps, double weight_decay, double coef, int64_t penalty,
-                      bool maximize) {
+// The step (see the file comment). skip: tensors the kernel cannot step are left untouched and
+// listed in the second result (else they raise). Returns (dots of the new values, skipped indices).
+std::tuple<at::Tensor, std::vector<int64_t>> asft_adamw(
+    const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+    const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+    const std::vector<at::Tensor>& w0s, const std::vector<at::Tensor>& directions, const at::Tensor& cs,
+    const std::vector<at::Tensor>& steps, double lr, double beta1, double beta2, double eps,
+    double weight_decay, double coef, int64_t penalty, bool maximize, bool skip) {
   const char* fn = "asft_adamw_native_";
   const size_t n = params.size();
   check_lengths(fn, n, {{"grads", grads.size()}, {"exp_avgs", exp_avgs.size()},
@@ -299,12 +311,17 @@ at::Tensor asft_adamw(const std::vector<at::Tensor>& params, const std::vector<a
     fail(fn, "cs must be a contiguous float64 cpu tensor of shape (" + std::to_string(n) + ",)");
   const double* c = cs.const_data_ptr<double>();
   auto& items = t_items;
-  items.resize(n);
-  for (size_t i = 0; i < n; ++i) {
+  items.assign(n, Item{});
+  std::vector<int64_t> skipped;
+  for (size_t i = 0; i < n; ++i) {  // check everything before writing anything
     const at::Tensor& p = params[i];
     const std::string e = bad_step_tensor(params, grads, exp_avgs, exp_avg_sqs, w0s, directions, i);
-    if (!e.empty()) fail(fn, e);
-    const double step = read_step(fn, steps[i], i);
+    if (!e.empty()) {
+      if (!skip) fail(fn, e);
+      skipped.push_back(static_cast<int64_t>(i));
+      continue;  // n = 0: no blocks
+    }
+    const double step = read_step(fn, steps[i], i) + 1.0;
     Item& it = items[i];
     it.p = p.data_ptr<float>();
     it.g = grads[i].const_data_ptr<float>();
@@ -337,24 +354,38 @@ at::Tensor asft_adamw(const std::vector<at::Tensor>& params, const std::vector<a
     for_blocks(items, t_layout, t_partial, out.data_ptr<double>(),
                [&](const Item& t, int64_t lo, int64_t hi) { return table[t.kind](t, h, lo, hi); });
   }
-  for (size_t i = 0; i < n; ++i)  // written in place, as an in-place op would record it
+  size_t k = 0;
+  for (size_t i = 0; i < n; ++i) {  // written in place: record it as an in-place op would
+    if (k < skipped.size() && skipped[k] == static_cast<int64_t>(i)) {
+      ++k;
+      continue;
+    }
+    write_step(steps[i], read_step(fn, steps[i], i) + 1.0);
     for (const at::Tensor* x : {&params[i], &exp_avgs[i], &exp_avg_sqs[i]}) x->unsafeGetTensorImpl()->bump_version();
-  return out;
+  }
+  return {out, skipped};
 }
 
-at::Tensor dots(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& w0s,
-                const std::vector<at::Tensor>& directions) {
+// <v, p - W0> per tensor with the step's fold. skip: as for `asft_adamw` (skipped entries are 0).
+std::tuple<at::Tensor, std::vector<int64_t>> dots(const std::vector<at::Tensor>& params,
+                                                  const std::vector<at::Tensor>& w0s,
+                                                  const std::vector<at::Tensor>& directions, bool skip) {
   const char* fn = "dots_native";
   const size_t n = params.size();
   check_lengths(fn, n, {{"w0s", w0s.size()}, {"directions", directions.size()}});
   auto& items = t_items;
   items.assign(n, Item{});
+  std::vector<int64_t> skipped;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     std::string e = bad_param(p, i);
     if (e.empty()) e = bad_like(w0s[i], "w0s", i, p, true);
     if (e.empty()) e = bad_like(directions[i], "directions", i, p, true);
-    if (!e.empty()) fail(fn, e);
+    if (!e.empty()) {
+      if (!skip) fail(fn, e);
+      skipped.push_back(static_cast<int64_t>(i));
+      continue;
+    }
     Item& it = items[i];
     it.p = const_cast<float*>(p.const_data_ptr<float>());  // read only
     it.w0 = w0s[i].const_data_ptr();
@@ -369,21 +400,7 @@ at::Tensor dots(const std::vector<at::Tensor>& params, const std::vector<at::Ten
     for_blocks(items, t_layout, t_partial, out.data_ptr<double>(),
                [](const Item& t, int64_t lo, int64_t hi) { return dot_fns[t.kind](t, lo, hi); });
   }
-  return out;
-}
-
-// Per tensor: can `asft_adamw` step it (the checks that would otherwise raise)?
-std::vector<bool> supported(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                            const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
-                            const std::vector<at::Tensor>& w0s, const std::vector<at::Tensor>& directions) {
-  const size_t n = params.size();
-  check_lengths("supported", n, {{"grads", grads.size()}, {"exp_avgs", exp_avgs.size()},
-                                 {"exp_avg_sqs", exp_avg_sqs.size()}, {"w0s", w0s.size()},
-                                 {"directions", directions.size()}});
-  std::vector<bool> out(n);
-  for (size_t i = 0; i < n; ++i)
-    out[i] = bad_step_tensor(params, grads, exp_avgs, exp_avg_sqs, w0s, directions, i).empty();
-  return out;
+  return {out, skipped};
 }
 
 }  // namespace
@@ -391,6 +408,5 @@ std::vector<bool> supported(const std::vector<at::Tensor>& params, const std::ve
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("asft_adamw", &asft_adamw);
   m.def("dots", &dots);
-  m.def("supported", &supported);
   m.attr("BLOCK") = kBlock;
 }
