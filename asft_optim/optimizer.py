@@ -297,16 +297,26 @@ class AsFTAdamW(torch.optim.AdamW):
     def _penalised_step(self, group: dict[str, Any], impl: str, names: list[str], lists: list[list[Tensor]],
                         kwargs: dict[str, Any], shard_dots: Mapping[str, Tensor]) -> None:
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = lists
-        locals_ = [_dist.local(p) for p in params]
-        dirs = [self._bindings[n].direction_on(q.device) for n, q in zip(names, locals_)]
-        w0s = [_dist.local(self.state[p]["w0"]) for p in params]
-        dots: list[Tensor | None] = []
-        for n, p, q in zip(names, params, locals_):
-            dots.append(shard_dots.get(n, torch.zeros((), device=q.device)) if _dist.is_dtensor(p)
-                        else self._dots.get(n, q) if impl == "torch" else None)
-        tensors = StepTensors(locals_, [_dist.local(g) for g in grads], [_dist.local(x) for x in exp_avgs],
-                              [_dist.local(x) for x in exp_avg_sqs], [_dist.local(x) for x in max_exp_avg_sqs],
-                              state_steps, w0s, dirs, dots)
+        bindings = [self._bindings[n] for n in names]
+        state = self.state
+        if any(b.kind is Kind.SHARD for b in bindings):
+            locals_ = [_dist.local(p) for p in params]
+            dirs = [b.direction_on(q.device) for b, q in zip(bindings, locals_)]
+            w0s = [_dist.local(state[p]["w0"]) for p in params]
+            dots: list[Tensor | None] = []
+            for n, p, q in zip(names, params, locals_):
+                dots.append(shard_dots.get(n, torch.zeros((), device=q.device)) if _dist.is_dtensor(p)
+                            else self._dots.get(n, q) if impl == "torch" else None)
+            tensors = StepTensors(locals_, [_dist.local(g) for g in grads], [_dist.local(x) for x in exp_avgs],
+                                  [_dist.local(x) for x in exp_avg_sqs], [_dist.local(x) for x in max_exp_avg_sqs],
+                                  state_steps, w0s, dirs, dots)
+        else:  # plain tensors (the common case, kept cheap per tensor)
+            locals_ = params
+            dirs = [b.direction_on(p.device) for b, p in zip(bindings, params)]
+            cache = self._dots
+            dots = [cache.get(n, p) for n, p in zip(names, params)] if impl == "torch" else [None] * len(params)
+            tensors = StepTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                                  [state[p]["w0"] for p in params], dirs, dots)
         coef = (-2.0 if group["maximize"] else 2.0) * group["asft_lambda"]
         new = asft_adamw(tensors, coef=coef, penalty=group["penalty"], impl=impl, **kwargs)
         if new is not None:
@@ -320,6 +330,8 @@ class AsFTAdamW(torch.optim.AdamW):
         groups; it also sums the Triton path's c slots of shards (`TritonCache.shard_partials`). None
         at a shard's first step (no W0 yet: ΔW = 0 on every shard) nor for a zero direction (c = 0).
         """
+        if not any(b.kind is Kind.SHARD for b in self._bindings.values()):
+            return {}  # no DTensor parameters (Triton's pending shards are SHARD bindings too)
         names, params, partials = [], [], []
         stale: list[tuple[str, Tensor, Tensor, BoundDirection]] = []
         for group, impl in zip(self.param_groups, impls):
