@@ -1,0 +1,351 @@
+"""The native CPU step (`asft_optim.native`): against the reference formula + torch's AdamW and the
+fp64 explicit-loss oracle, its fold, its determinism, its layouts and errors, its build cache and the
+fallback when it cannot be built; and that AsFTAdamW really runs it where a compiler exists."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.optim.adam import adam
+
+from asft_optim import AsFTAdamW, functional, native
+from asft_optim.functional import bind_direction, penalised_grads_reference
+
+from .oracle import run_oracle, task_grads
+from .test_optimizer import close_rel
+
+HAS_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernel unavailable: {native.reason()}")
+
+B = native.BLOCK
+SHAPES = [(), (1,), (4097,), (5, 123), (3 * B + 17,)]
+HP = dict(lr=0.02, beta1=0.9, beta2=0.999, eps=1e-8)
+
+
+def test_native_runs_where_a_compiler_exists(monkeypatch):
+    """CI's clean machine has gcc: there the kernel must build and AsFTAdamW must step through it."""
+    if not HAS_COMPILER:
+        pytest.skip("no C++ compiler on this machine")
+    assert os.environ.get("ASFT_NATIVE", "1") != "0", "ASFT_NATIVE=0 is set: the fallback is forced"
+    assert native.available(), native.reason()
+    assert native.load().BLOCK == B
+    named = [("a", torch.nn.Parameter(torch.randn(300))), ("b", torch.nn.Parameter(torch.randn(4, 5)))]
+    opt = AsFTAdamW(named, anchors={"a": torch.randn(300), "b": torch.randn(4, 5)})
+    calls = []
+    real = native.step_supported_
+
+    def spy(*args, **kw):
+        calls.append(len(args[0]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(native, "step_supported_", spy)
+    for t in range(2):
+        for (_, p), g in zip(named, task_grads([p for _, p in named], t)):
+            p.grad = g
+        opt.step()
+    assert calls == [2, 2]
+    assert all(opt._dots.get(n, p).dtype == torch.float64 for n, p in named)
+
+
+# ------------------------------------------------------------------------------ the function
+def _tensors(shapes, seed=0, w0_dtype=torch.float32, v_dtype=torch.float32, layout="contiguous"):
+    """(p, g, m, s, w0, bound) per shape; `layout` "transposed" / "channels_last" for 2-D / 4-D."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in shapes:
+        def new(scale=1.0):
+            x = torch.randn(shape, generator=g) * scale
+            if layout == "transposed" and x.dim() == 2:
+                x = x.t().contiguous().t()
+            if layout == "channels_last" and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return x
+        p = new()
+        w0 = (p - new(1e-2)).to(w0_dtype) if w0_dtype == torch.float32 else p.to(w0_dtype)
+        if w0_dtype != torch.float32:  # p bf16-exact at W0, then moved away from it
+            p = w0.float() + new(1e-2)
+        bound = bind_direction(new().to(v_dtype), p, "x")
+        out.append((p, new(), new().abs() * 1e-2, new().abs() * 1e-4, w0, bound))
+    return out
+
+
+def _native_steps(ts, n_steps, *, kind, maximize, weight_decay, coef=3.0):
+    """n_steps of the native function on copies of `ts`; returns (params, dots per step)."""
+    p = [x[0].clone(memory_format=torch.preserve_format) for x in ts]
+    m = [x[2].clone(memory_format=torch.preserve_format) for x in ts]
+    s = [x[3].clone(memory_format=torch.preserve_format) for x in ts]
+    w0s, bounds = [x[4] for x in ts], [x[5] for x in ts]
+    steps = [torch.tensor(0.0) for _ in ts]
+    inv = torch.tensor([0.0 if kind == "full" else b.inv_nv2 for b in bounds], dtype=torch.float64)
+    dots = native.dots_native(p, w0s, [b.v for b in bounds])
+    history = []
+    for _ in range(n_steps):
+        dots = native.asft_adamw_native_(p, [x[1] for x in ts], m, s, w0s, [b.v for b in bounds], dots * inv, steps,
+                                         **HP, weight_decay=weight_decay, coef=-coef if maximize else coef,
+                                         penalty=kind, maximize=maximize)
+        history.append(dots)
+    assert [float(x) for x in steps] == [float(n_steps)] * len(ts)
+    return p, m, s, history
+
+
+def _reference_steps(ts, n_steps, *, kind, maximize, weight_decay, coef=3.0):
+    """The same with `penalised_grads_reference` and torch's for-loop AdamW."""
+    p = [x[0].clone(memory_format=torch.preserve_format) for x in ts]
+    m = [x[2].clone(memory_format=torch.preserve_format) for x in ts]
+    s = [x[3].clone(memory_format=torch.preserve_format) for x in ts]
+    steps = [torch.tensor(0.0) for _ in ts]
+    for _ in range(n_steps):
+        g = penalised_grads_reference([x[1] for x in ts], p, [x[4] for x in ts], [x[5] for x in ts],
+                                      -coef if maximize else coef, kind)
+        adam(p, g, m, s, [], steps, foreach=False, fused=False, capturable=False, differentiable=False,
+             grad_scale=None, found_inf=None, has_complex=False, decoupled_weight_decay=True, amsgrad=False,
+             beta1=HP["beta1"], beta2=HP["beta2"], lr=HP["lr"], weight_decay=weight_decay, eps=HP["eps"],
+             maximize=maximize)
+    return p, m, s
+
+
+@needs_native
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("kind", ["orthogonal", "parallel", "full"])
+@pytest.mark.parametrize("w0_dtype, v_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                               (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)])
+def test_matches_reference_and_torch_adamw(kind, maximize, w0_dtype, v_dtype):
+    ts = _tensors(SHAPES, w0_dtype=w0_dtype, v_dtype=v_dtype)
+    got_p, got_m, got_s, history = _native_steps(ts, 4, kind=kind, maximize=maximize, weight_decay=0.1)
+    want_p, want_m, want_s = _reference_steps(ts, 4, kind=kind, maximize=maximize, weight_decay=0.1)
+    for a, b in zip(got_p + got_m + got_s, want_p + want_m + want_s):
+        close_rel(a, b, rel=1e-6)
+    # the returned dot is ⟨v, p_new − W0⟩ of the stored values (fp64 fold, so ≈ an fp64 reduction)
+    for p, (_, _, _, _, w0, b), d in zip(got_p, ts, history[-1]):
+        exact = float((b.v.double() * (p.double() - w0.double())).sum())
+        assert abs(float(d) - exact) <= 1e-12 * max(1.0, float((b.v.double().abs() * (p.double() - w0.double()).abs()).sum()))
+
+
+@needs_native
+@pytest.mark.parametrize("layout, shapes", [("transposed", [(7, 9), (5, 123)]),
+                                            ("channels_last", [(2, 3, 4, 5), (1, 8, 3, 3)])])
+def test_layouts(layout, shapes):
+    ts = _tensors(shapes, layout=layout)
+    assert not ts[0][0].is_contiguous()
+    got_p, _, _, history = _native_steps(ts, 3, kind="orthogonal", maximize=False, weight_decay=0.0)
+    want_p, _, _ = _reference_steps(ts, 3, kind="orthogonal", maximize=False, weight_decay=0.0)
+    for a, b in zip(got_p, want_p):
+        assert a.stride() == b.stride()
+        close_rel(a, b, rel=1e-6)
+    assert torch.equal(history[-1], native.dots_native(got_p, [x[4] for x in ts], [x[5].v for x in ts]))
+
+
+@needs_native
+@pytest.mark.parametrize("kind, maximize, weight_decay", [("orthogonal", False, 0.0), ("parallel", True, 0.1),
+                                                          ("full", False, 0.3), ("orthogonal", True, 0.01)])
+def test_matches_fp64_explicit_loss(kind, maximize, weight_decay):
+    """12 steps of the function as an optimizer loop on the oracle's task = AdamW on the explicit loss."""
+    g = torch.Generator().manual_seed(1)
+    shapes = [(), (1,), (4097,), (5, 123), (2 * B + 5,)]
+    init = [torch.randn(s, generator=g) for s in shapes]
+    dirs = [torch.randn(s, generator=g) * 1e-2 for s in shapes]
+    dirs[1] = torch.zeros(1)  # a zero direction: c = 0
+    p = [x.clone() for x in init]
+    m, s = [torch.zeros_like(x) for x in p], [torch.zeros_like(x) for x in p]
+    bounds = [bind_direction(d, x, "x") for d, x in zip(dirs, p)]
+    inv = torch.tensor([0.0 if kind == "full" else b.inv_nv2 for b in bounds], dtype=torch.float64)
+    steps = [torch.tensor(0.0) for _ in p]
+    dots = native.dots_native(p, init, [b.v for b in bounds])
+    lam = 1.5
+    for t in range(12):
+        dots = native.asft_adamw_native_(p, task_grads(p, t), m, s, init, [b.v for b in bounds], dots * inv, steps,
+                                         lr=0.02, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay,
+                                         coef=(-2.0 if maximize else 2.0) * lam, penalty=kind, maximize=maximize)
+    want = run_oracle(init, dirs, [lam] * len(p), 12, kind=kind, maximize=maximize, lr=0.02, weight_decay=weight_decay)
+    for a, b in zip(p, want):
+        close_rel(a, b)
+    plain = run_oracle(init, dirs, [0.0] * len(p), 12, maximize=maximize, lr=0.02, weight_decay=weight_decay)
+    assert max(float((a.double() - b).abs().max()) for a, b in zip(p, plain)) > 1e-4
+
+
+@needs_native
+def test_carried_dot_equals_fresh_fold_and_is_thread_count_independent():
+    """Bitwise: the dot returned by a step = `dots_native` of the result, and 1 vs 2 threads give the
+    same parameters, moments and dots (blocks are folded in block order, not thread order)."""
+    shapes = [(5 * B + 3,), (B,), (B + 1,), (1,), (), (0,), (64, 300)]
+    ts = _tensors([s for s in shapes], v_dtype=torch.bfloat16, w0_dtype=torch.float32)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(_native_steps(ts, 3, kind="orthogonal", maximize=False, weight_decay=0.1))
+    finally:
+        torch.set_num_threads(threads)
+    (p1, m1, s1, h1), (p2, m2, s2, h2) = runs
+    for a, b in zip(p1 + m1 + s1, p2 + m2 + s2):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(h1, h2))
+    fresh = native.dots_native(p1, [x[4] for x in ts], [x[5].v for x in ts])
+    assert torch.equal(h1[-1], fresh) and fresh.dtype == torch.float64 and fresh.shape == (len(shapes),)
+    assert float(fresh[5]) == 0.0  # an empty tensor
+
+
+@needs_native
+def test_no_allocation_proportional_to_the_model():
+    """After a first call, a step allocates only its (T,) result: tensor memory does not grow."""
+    ts = _tensors([(4 * B,), (B,)])
+    _native_steps(ts, 1, kind="orthogonal", maximize=False, weight_decay=0.0)
+    import resource
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    big = _tensors([(2_000_000,)])
+    _native_steps(big, 1, kind="orthogonal", maximize=False, weight_decay=0.0)  # first touch of the big arrays
+    mid = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    p, m, s, _ = _native_steps(big, 5, kind="orthogonal", maximize=False, weight_decay=0.0)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert after - mid < 4 * 2_000_000 / 1024, (before, mid, after)  # < one fp32 copy (KiB)
+
+
+@needs_native
+def test_errors_name_the_tensor():
+    ts = _tensors([(3, 4), (5,)])
+    p, g, m, s, w0 = ([x[k].clone() for x in ts] for k in range(5))
+    v = [x[5].v for x in ts]
+    cs, steps = torch.zeros(2, dtype=torch.float64), [torch.tensor(0.0), torch.tensor(0.0)]
+    kw = dict(**HP, weight_decay=0.0, coef=2.0, penalty="orthogonal", maximize=False)
+
+    def call(**over):
+        args = dict(params=p, grads=g, exp_avgs=m, exp_avg_sqs=s, w0s=w0, directions=v, cs=cs, steps=steps) | over
+        native.asft_adamw_native_(*args.values(), **kw)
+
+    with pytest.raises(ValueError, match=r"^asft_adamw_native_: params\[1\] has dtype Half, expected Float$"):
+        call(params=[p[0], p[1].half()])
+    with pytest.raises(ValueError, match=r"^asft_adamw_native_: grads\[0\] has strides \(1, 3\), params\[0\] has \(4, 1\)$"):
+        call(grads=[g[0].t().contiguous().t(), g[1]])
+    with pytest.raises(ValueError, match=r"^asft_adamw_native_: params\[0\] is not dense \(shape \(3, 2\), strides \(4, 2\)\)$"):
+        call(params=[p[0][:, ::2], p[1]], grads=[g[0][:, ::2], g[1]], exp_avgs=[m[0][:, ::2], m[1]],
+             exp_avg_sqs=[s[0][:, ::2], s[1]], w0s=[w0[0][:, ::2], w0[1]], directions=[v[0][:, ::2], v[1]])
+    with pytest.raises(ValueError, match=r"^asft_adamw_native_: w0s\[1\] has dtype Half, expected Float or BFloat16$"):
+        call(w0s=[w0[0], w0[1].half()])
+    with pytest.raises(ValueError, match=r"^asft_adamw_native_: directions\[1\] has shape \(1, 5\), params\[1\] has \(5,\)$"):
+        call(directions=[v[0], v[1].reshape(1, 5)])
+    with pytest.raises(ValueError, match=r"^asft_adamw_native_: exp_avgs has 1 tensors, params has 2$"):
+        call(exp_avgs=m[:1])
+    with pytest.raises(ValueError, match=r"^asft_adamw_native_: cs must be a contiguous float64 cpu tensor of shape \(2,\)$"):
+        call(cs=torch.zeros(2))
+    with pytest.raises(ValueError, match="unknown penalty 'sideways'"):
+        native.asft_adamw_native_(p, g, m, s, w0, v, cs, steps, **(kw | dict(penalty="sideways")))
+    with pytest.raises(ValueError, match=r"^dots_native: params\[0\] has dtype BFloat16, expected Float$"):
+        native.dots_native([p[0].bfloat16()], [w0[0]], [v[0]])
+    # nothing was written by the refused calls
+    assert all(torch.equal(a, x[0]) for a, x in zip(p, ts)) and [float(x) for x in steps] == [0.0, 0.0]
+
+
+@needs_native
+def test_skip_mode_leaves_unsupported_tensors_alone():
+    ts = _tensors([(10,), (6,)])
+    p, g, m, s, w0 = ([x[k].clone() for x in ts] for k in range(5))
+    p[1], g[1], m[1], s[1] = p[1].half(), g[1].half(), m[1].half(), s[1].half()
+    half = p[1].clone()
+    steps = [torch.tensor(0.0), torch.tensor(0.0)]
+    dots, skipped = native.step_supported_(p, g, m, s, w0, [x[5].v for x in ts], torch.zeros(2, dtype=torch.float64),
+                                           steps, **HP, weight_decay=0.0, coef=2.0, penalty="full", maximize=False)
+    assert skipped == [1] and torch.equal(p[1], half) and [float(x) for x in steps] == [1.0, 0.0]
+    assert not torch.equal(p[0], ts[0][0]) and float(dots[1]) == 0.0
+
+
+# ------------------------------------------------------------------------------ the optimizer
+@needs_native
+def test_optimizer_mixed_dtypes_and_changing_tensors():
+    """One group with fp32 (native) and fp64 (fallback) parameters, a tensor that joins late, tensors
+    that skip steps (per-tensor step counts): every tensor follows the fp64 oracle."""
+    g = torch.Generator().manual_seed(2)
+    shapes = [(4097,), (5, 123), (1,), (), (33,), (2 * B + 1,)]
+    dtypes = [torch.float32, torch.float32, torch.float32, torch.float32, torch.float64, torch.float32]
+    named = [(f"w{i}", torch.nn.Parameter(torch.randn(s, generator=g).to(dt))) for i, (s, dt) in enumerate(zip(shapes, dtypes))]
+    dirs = {n: torch.randn(p.shape, generator=g) * 1e-2 for n, p in named}
+    init = [p.detach().clone() for _, p in named]
+    opt = AsFTAdamW(named, lr=0.02, anchors=dirs, asft_lambda=2.0, fused=True)
+    params = [p for _, p in named]
+    skip = {0: {5}, 1: {5}, 4: {0, 3}, 7: {1}}  # w5 joins at step 2; others miss a step
+    for t in range(10):
+        for i, (p, gr) in enumerate(zip(params, task_grads(params, t))):
+            p.grad = None if i in skip.get(t, set()) else gr
+        opt.step()
+    want = run_oracle(init, list(dirs.values()), [2.0] * len(init), 10, skip=skip, lr=0.02)
+    for p, w in zip(params, want):
+        close_rel(p.detach(), w)
+    carried = {n: opt._dots.get(n, p) for n, p in named}
+    assert carried["w4"].dtype == torch.float32 and carried["w0"].dtype == torch.float64
+
+
+def test_optimizer_with_native_disabled_warns_once_and_matches(tmp_path):
+    """ASFT_NATIVE=0 (as on a machine without a compiler): one warning line, the exact fallback path."""
+    script = textwrap.dedent("""
+        import json, warnings
+        import torch
+        from asft_optim import AsFTAdamW, native
+        named = [("a", torch.nn.Parameter(torch.randn(50))), ("b", torch.nn.Parameter(torch.randn(3, 4)))]
+        opt = AsFTAdamW(named, anchors={"a": torch.randn(50), "b": torch.randn(3, 4)})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                for _, p in named:
+                    p.grad = torch.ones_like(p)
+                opt.step()
+        print(json.dumps({"available": native.available(), "reason": native.reason(),
+                          "warnings": [str(w.message) for w in caught],
+                          "dtypes": [str(opt._dots.get(n, p).dtype) for n, p in named]}))
+    """)
+    out = _run(script, ASFT_NATIVE="0", ASFT_NATIVE_CACHE=str(tmp_path))
+    assert out["available"] is False and out["reason"] == "disabled by ASFT_NATIVE=0"
+    assert out["warnings"] == ["AsFTAdamW: the native CPU kernel is unavailable (disabled by ASFT_NATIVE=0); "
+                               "using the slower PyTorch path"]
+    assert out["dtypes"] == ["torch.float32", "torch.float32"]
+
+
+# ------------------------------------------------------------------------------ the build
+def _run(script: str, **env) -> dict:
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+_INFO = textwrap.dedent("""
+    import json
+    from asft_optim import native
+    ok = native.available()
+    info = native.build_info()
+    print(json.dumps({"available": ok, "reason": native.reason(),
+                      "built": info.built if info else None, "path": str(info.path) if info else None}))
+""")
+
+
+@needs_native
+def test_second_process_reuses_the_build():
+    so = native.build_info().path
+    mtime = so.stat().st_mtime_ns
+    out = _run(_INFO, ASFT_NATIVE_CACHE=str(native.cache_dir().parent))
+    assert out == {"available": True, "reason": None, "built": False, "path": str(so)}
+    assert so.stat().st_mtime_ns == mtime
+
+
+def test_no_compiler_falls_back_with_one_clear_line(tmp_path):
+    out = _run(_INFO, CXX="/nonexistent", ASFT_NATIVE_CACHE=str(tmp_path))
+    assert out == {"available": False, "reason": "no C++ compiler (CXX='/nonexistent' not found)",
+                   "built": None, "path": None}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler")
+def test_concurrent_first_use_builds_once(tmp_path):
+    """Two processes starting on an empty cache: one compiles, the other waits on the lock and loads."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ASFT_NATIVE_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", _INFO], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    outs = [json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p in procs]
+    assert sorted(o["built"] for o in outs) == [False, True] and all(o["available"] for o in outs)
+    assert outs[0]["path"] == outs[1]["path"]
