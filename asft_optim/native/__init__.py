@@ -2,10 +2,11 @@
 
 `asft_adamw_native_` does, per tensor, what `functional.penalised_grads_reference` followed by
 torch's AdamW does, in a single read of p, g, m, s, W0 and v and a single write of p, m, s, and
-returns the next step's ⟨v, p_new - W0⟩ folded in float64; `dots_native` is the same fold without
-the update (its result for unchanged tensors equals the carried one bitwise). The fold sums blocks
-of `BLOCK` elements, counted from each tensor's first element in memory order, in block order:
-the result is the same for any number of threads. See `build` for the build and its cache.
+returns the next step's ⟨v, p_new - W0⟩ (terms v·(p - W0) in fp32, as the penalty's own ΔW, summed
+in float64); `dots_native` is the same fold without the update (its result for unchanged tensors
+equals the carried one bitwise). The fold sums blocks of `BLOCK` elements, counted from each
+tensor's first element in memory order, in block order: the result is the same for any number of
+threads. See `build` for the build and its cache.
 """
 
 from __future__ import annotations

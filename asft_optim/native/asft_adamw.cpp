@@ -6,7 +6,7 @@
 //   dW = p - W0;  R = dW - c*v | c*v | dW;  g~ = (g + coef*R) * (maximize ? -1 : 1)
 //   p *= 1 - lr*wd;  m = lerp(m, g~, 1 - beta1);  s = s*beta2 + ((1 - beta2)*g~)*g~
 //   p += (-lr/bc1 * m) / (sqrt(s)/sqrt(bc2) + eps)
-//   dot += (double)v * ((double)p - (double)W0)
+//   dot += (double)(v * (p - W0))          (terms in fp32, as the penalty's dW; sums in fp64)
 // Each tensor is cut into blocks of kBlock elements from its start (memory order); a block's dot is
 // folded over kLanes fixed lanes, and the blocks of a tensor are summed in block order, so the result
 // does not depend on the thread count, and `dots` (the same fold without the update) gives the same
@@ -69,17 +69,16 @@ struct Hyper {  // the group's scalars, cast to fp32 as torch casts them
   float sign;
 };
 
-// lanes[j] += v*(p - W0) over elements j, j + kLanes, ... of one inner pass (fp64, lane by lane).
+// lanes[j] += v*(p - W0) over elements j, j + kLanes, ... of one inner pass: each term in fp32 (the
+// penalty's own dW), summed lane by lane in fp64.
 template <typename TW, typename TV>
 inline void dot_pass(double* __restrict lanes, const float* __restrict p, const TW* __restrict w0,
                      const TV* __restrict v, int64_t len) {
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes)
     for (int j = 0; j < kLanes; ++j)
-      lanes[j] += static_cast<double>(widen(v[i + j])) *
-                  (static_cast<double>(p[i + j]) - static_cast<double>(widen(w0[i + j])));
-  for (int j = 0; i < len; ++i, ++j)
-    lanes[j] += static_cast<double>(widen(v[i])) * (static_cast<double>(p[i]) - static_cast<double>(widen(w0[i])));
+      lanes[j] += static_cast<double>(widen(v[i + j]) * (p[i + j] - widen(w0[i + j])));
+  for (int j = 0; i < len; ++i, ++j) lanes[j] += static_cast<double>(widen(v[i]) * (p[i] - widen(w0[i])));
 }
 
 inline double combine(const double* l) {
