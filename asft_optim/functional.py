@@ -147,8 +147,10 @@ class StepTensors(NamedTuple):
 
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs (empty without amsgrad), state_steps: as
     for torch's functional `adam`. w0s: W0 per tensor. directions: the bound direction per tensor.
-    dots: ⟨v, p - W0⟩ at the current p (0-d fp32) or None to compute it here (impl "reference");
-    impl "torch" needs every dot.
+    dots: per tensor ⟨v, p - W0⟩ at the current p, or None to compute it here exactly; or one float64
+    vector of all of them (the native kernel's previous result, kept whole). A dot carried from the
+    previous step was made by the fold of the implementation that stepped the tensor: float64 from
+    the native kernel, float32 from `asft_adamw_` (and for shards, whose dots are all-reduced fp32).
     """
     params: list[Tensor]
     grads: list[Tensor]
@@ -158,7 +160,7 @@ class StepTensors(NamedTuple):
     state_steps: list[Tensor]
     w0s: list[Tensor]
     directions: list[BoundDirection]
-    dots: list[Tensor | None]
+    dots: list[Tensor | None] | Tensor
 
 
 @torch.no_grad()
@@ -170,7 +172,8 @@ def asft_adamw(t: StepTensors, *, coef: float, penalty: Penalty, impl: str, **ad
     applies (fp32 CPU tensors of one dense layout, fp32/bf16 W0 and v, no amsgrad or capturable, a
     float64 or missing dot), else `asft_adamw_` per device as torch's own AdamW groups tensors.
     Returns the carried ⟨v, p_new - W0⟩ per tensor (0-d; float64 from the native kernel, equal bitwise
-    to `native.dots_native` of the new p; float32 from `asft_adamw_`, equal to `partial_dots`).
+    to `native.dots_native` of the new p; float32 from `asft_adamw_`, equal to `partial_dots`), or
+    one float64 vector of them all when the native kernel stepped every tensor.
     """
     if impl == "reference":
         grads = penalised_grads_reference(t.grads, t.params, t.w0s, t.directions, coef, penalty, t.dots)
@@ -179,15 +182,30 @@ def asft_adamw(t: StepTensors, *, coef: float, penalty: Penalty, impl: str, **ad
     if impl != "torch":
         raise ValueError(f"asft_adamw: unknown impl {impl!r}; expected 'torch' or 'reference'")
     n = len(t.params)
-    out: list[Tensor] = [None] * n  # type: ignore[list-item]
-    rest: list[int] = list(range(n))
-    if _native_applies(t, adam_kwargs):
-        take = [i for i, d in enumerate(t.dots) if d is None or d.dtype == torch.float64]
-        if take:
-            stepped, skipped = _native_step(t, take, coef, penalty, adam_kwargs)
-            for i, d in stepped:
-                out[i] = d
-            rest = sorted(set(range(n)).difference(take).union(skipped))
+    out: list[Tensor | None]
+    if isinstance(t.dots, Tensor):  # carried whole from the native kernel's last step
+        if _native_applies(t, adam_kwargs):
+            new, bad = _native_call(t, t.dots, coef, penalty, adam_kwargs)
+            if not bad:
+                return new
+            skipped = set(bad)
+            out = [None if i in skipped else d for i, d in enumerate(new.unbind())]
+            t = t._replace(dots=[None] * n)
+            rest = list(bad)
+        else:
+            t = t._replace(dots=[None] * n)
+            out, rest = [None] * n, list(range(n))
+    else:
+        out, rest = [None] * n, list(range(n))
+        if _native_applies(t, adam_kwargs):
+            take = [i for i, d in enumerate(t.dots) if d is None or d.dtype == torch.float64]
+            if take:
+                stepped, skipped_ = _native_step(t, take, coef, penalty, adam_kwargs)
+                if len(stepped) == n:
+                    return torch.stack([d for _, d in stepped])
+                for i, d in stepped:
+                    out[i] = d
+                rest = sorted(set(range(n)).difference(take).union(skipped_))
     if not rest:
         return out
     amsgrad = adam_kwargs["amsgrad"]
@@ -262,15 +280,20 @@ def _native_step(t: StepTensors, idx: list[int], coef: float, penalty: Penalty, 
         idx_kept = idx
     if not sel.params:
         return [], skipped
-    inv = torch.tensor([0.0 if penalty == "full" else b.inv_nv2 for b in sel.directions], dtype=torch.float64)
-    cs = torch.stack(dots).mul_(inv)
-    new, bad = native.step_supported_(
-        sel.params, sel.grads, sel.exp_avgs, sel.exp_avg_sqs, sel.w0s, vs, cs, sel.state_steps,
-        lr=float(kw["lr"]), beta1=float(kw["beta1"]), beta2=float(kw["beta2"]), eps=float(kw["eps"]),
-        weight_decay=float(kw["weight_decay"]), coef=coef, penalty=penalty, maximize=kw["maximize"])
+    new, bad = _native_call(sel, torch.stack(dots), coef, penalty, kw)
     done = set(bad)
     stepped = [(i, d) for j, (i, d) in enumerate(zip(idx_kept, new.unbind())) if j not in done]
     return stepped, skipped + [idx_kept[j] for j in bad]
+
+
+def _native_call(t: StepTensors, dots: Tensor, coef: float, penalty: Penalty, kw: dict) -> tuple[Tensor, list[int]]:
+    """`native.step_supported_` on all of `t`, the current dots given as one float64 vector."""
+    inv = torch.tensor([0.0 if penalty == "full" else b.inv_nv2 for b in t.directions], dtype=torch.float64)
+    return native.step_supported_(
+        t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, t.w0s, [b.v for b in t.directions], dots * inv,
+        t.state_steps, lr=float(kw["lr"]), beta1=float(kw["beta1"]), beta2=float(kw["beta2"]),
+        eps=float(kw["eps"]), weight_decay=float(kw["weight_decay"]), coef=coef, penalty=penalty,
+        maximize=kw["maximize"])
 
 
 def dense_flat(t: Tensor) -> Tensor | None:

@@ -314,12 +314,16 @@ class AsFTAdamW(torch.optim.AdamW):
             locals_ = params
             dirs = [b.direction_on(p.device) for b, p in zip(bindings, params)]
             cache = self._dots
-            dots = [cache.get(n, p) for n, p in zip(names, params)] if impl == "torch" else [None] * len(params)
+            dots = (None if impl != "torch" else cache.get_vector(names, params)) if params[0].device.type == "cpu" else None
+            if dots is None:
+                dots = [cache.get(n, p) for n, p in zip(names, params)] if impl == "torch" else [None] * len(params)
             tensors = StepTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
                                   [state[p]["w0"] for p in params], dirs, dots)
         coef = (-2.0 if group["maximize"] else 2.0) * group["asft_lambda"]
         new = asft_adamw(tensors, coef=coef, penalty=group["penalty"], impl=impl, **kwargs)
-        if new is not None:
+        if isinstance(new, Tensor):  # the native kernel stepped them all: one float64 vector
+            self._dots.put_vector(names, locals_, new)
+        elif new is not None:
             for n, q, d in zip(names, locals_, new):
                 self._dots.put(n, q, d)  # for a shard: its local partial, summed by `_shard_dots`
 
