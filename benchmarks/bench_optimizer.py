@@ -1,43 +1,82 @@
-"""Step time of AsFTAdamW against torch.optim.AdamW on CPU, measured side by side in one run.
+"""Step time of AsFTAdamW against torch.optim.AdamW on CPU, interleaved in one run, per model shape.
 
-    pytest benchmarks/bench_optimizer.py --benchmark-columns=mean,stddev,rounds --benchmark-group-by=group
+    pytest benchmarks/bench_optimizer.py -p no:cacheprovider --benchmark-columns=median,rounds -s
 
-50M fp32 parameters in 20 tensors (the issue's setting). Each pair (AsFT, AdamW) uses the same torch
-AdamW kernel (fused or foreach); the ratio of their means is the cost of the AsFT penalty on this
-machine. Bytes per parameter per step from memory: AdamW 28; AsFT's torch path works in pieces of
-`asft_optim.functional.CHUNK` elements that stay in cache between its ops, so it adds W0 and d
-(+8, floor 36/28 = 1.29×); what it pays above that is the per-op cost of five eager elementwise
-ops per piece, which run slower per byte than torch's fused AdamW kernel.
+For each shape and each flag set (`fused=True`, `foreach=True`) one AsFTAdamW (λ = 1, every tensor
+anchored, fp32) and one torch AdamW with the same flags step alternately, 2 torch threads; each
+round times one step of each, so load changes on a shared machine hit both alike. Printed per case
+(and kept as the benchmark's extra_info): the median ms of each and the ratio of the medians.
+Bytes per fp32 parameter per step: AdamW 28; AsFT in one pass 36 (+W0, d), a floor of 1.29×.
+On CPU, AsFTAdamW's fp32 tensors step through the native kernel (`asft_optim.native`) whatever the
+flags; `ASFT_NATIVE=0` measures the PyTorch fallback.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import pytest
 import torch
 
-from asft_optim import AsFTAdamW
-
-N_TENSORS = 20
-NUMEL = 2_500_000  # 20 × 2.5M = 50M parameters
+from asft_optim import AsFTAdamW, native
 
 
-def _setup(kind: str, flags: dict):
+def llama_mix(hidden: int = 512, mlp: int = 1408, layers: int = 8, vocab: int = 8000) -> list[int]:
+    """Tensor sizes of a small Llama-shaped model: embedding; per layer q, k, v, o, gate, up, down and
+    two RMSNorm weights; the final norm; lm_head (34M parameters in 75 tensors by default)."""
+    per_layer = [hidden * hidden] * 4 + [hidden * mlp] * 3 + [hidden] * 2
+    return [vocab * hidden] + per_layer * layers + [hidden, vocab * hidden]
+
+
+SHAPES: dict[str, list[int]] = {
+    "1000x1k": [1000] * 1000,
+    "200x50k": [50_000] * 200,
+    "20x2.5M": [2_500_000] * 20,
+    "llama-mix": llama_mix(),
+}
+FLAGS: dict[str, dict[str, bool]] = {"fused": {"fused": True}, "foreach": {"foreach": True}}
+ROUNDS = 15
+
+
+def _pair(sizes: list[int], flags: dict[str, bool]) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """(AsFTAdamW, AdamW) on twin parameters with gradients set, after one warm-up step each."""
     g = torch.Generator().manual_seed(0)
-    named = [(f"w{i}", torch.nn.Parameter(torch.randn(NUMEL, generator=g))) for i in range(N_TENSORS)]
-    for _, p in named:
-        p.grad = torch.randn(NUMEL, generator=g)
-    if kind == "asft":
-        dirs = {n: torch.randn(NUMEL, generator=g) * 1e-3 for n, _ in named}
-        opt = AsFTAdamW(named, lr=1e-4, anchors=dirs, asft_lambda=1.0, **flags)
-    else:
-        opt = torch.optim.AdamW([p for _, p in named], lr=1e-4, **flags)
-    opt.step()  # lazy state, W0 snapshot, workspace
-    return opt
+    named = [(f"w{i}", torch.nn.Parameter(torch.randn(n, generator=g))) for i, n in enumerate(sizes)]
+    twin = [torch.nn.Parameter(p.detach().clone()) for _, p in named]
+    for (_, p), q in zip(named, twin):
+        p.grad = torch.randn(p.shape, generator=g)
+        q.grad = p.grad.clone()
+    dirs = {n: torch.randn(p.shape, generator=g) * 1e-3 for n, p in named}
+    asft = AsFTAdamW(named, lr=1e-4, anchors=dirs, asft_lambda=1.0, **flags)
+    adamw = torch.optim.AdamW(twin, lr=1e-4, **flags)
+    asft.step()  # lazy state, W0 snapshot, native build
+    adamw.step()
+    return asft, adamw
 
 
-@pytest.mark.parametrize("impl", ["fused", "foreach"])
-@pytest.mark.parametrize("kind", ["adamw", "asft"])
-def test_step(benchmark, kind, impl):
-    benchmark.group = f"50M fp32 / 20 tensors, {impl}"
-    opt = _setup(kind, {impl: True})
-    benchmark.pedantic(opt.step, rounds=8, warmup_rounds=1, iterations=1)
+@pytest.mark.parametrize("flags", list(FLAGS))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_step(benchmark, shape: str, flags: str) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        asft, adamw = _pair(SHAPES[shape], FLAGS[flags])
+        times: dict[str, list[float]] = {"adamw": [], "asft": []}
+
+        def both() -> None:
+            for name, opt in (("adamw", adamw), ("asft", asft)):
+                t0 = time.perf_counter()
+                opt.step()
+                times[name].append(time.perf_counter() - t0)
+
+        benchmark.group = f"{shape}, {flags}"
+        benchmark.pedantic(both, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    finally:
+        torch.set_num_threads(threads)
+    med = {k: statistics.median(v[1:]) * 1e3 for k, v in times.items()}  # v[0]: pytest-benchmark's warm-up
+    ratio = med["asft"] / med["adamw"]
+    path = "native" if native.available() else f"fallback ({native.reason()})"
+    benchmark.extra_info.update(adamw_ms=med["adamw"], asft_ms=med["asft"], ratio=ratio, path=path)
+    print(f"\n{shape:>10} {flags:>8}: AdamW {med['adamw']:8.2f} ms  AsFT {med['asft']:8.2f} ms  "
+          f"ratio {ratio:5.2f}x  [{sum(SHAPES[shape]) / 1e6:.1f}M params, {len(SHAPES[shape])} tensors, {path}]")

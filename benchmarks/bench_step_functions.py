@@ -19,23 +19,9 @@ from collections.abc import Callable
 import torch
 from torch.optim.adam import adam
 
-from asft_optim.functional import asft_adamw_, bind_direction, partial_dots
 from asft_optim import native
-
-SHAPES: dict[str, list[int]] = {
-    "1,000 x 1,000": [1000] * 1000,
-    "200 x 50,000": [50_000] * 200,
-    "20 x 2,500,000": [2_500_000] * 20,
-}
-
-
-def llama_mix(hidden: int = 2048, mlp: int = 5632, layers: int = 4, vocab: int = 32000) -> list[int]:
-    """Tensor sizes of a Llama-shaped model: per layer q, k, v, o, gate, up, down and two norms."""
-    per_layer = [hidden * hidden] * 4 + [hidden * mlp] * 3 + [hidden] * 2
-    return [vocab * hidden] + per_layer * layers + [hidden, vocab * hidden]
-
-
-SHAPES["llama-mix (4 layers, 2048/5632)"] = llama_mix()
+from asft_optim.functional import asft_adamw_, bind_direction, partial_dots
+from bench_optimizer import SHAPES  # this folder is on sys.path when the script runs
 
 
 def _adam_kwargs(**flags) -> dict:
