@@ -134,8 +134,11 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if "param_names" not in group:
-            raise ValueError("AsFTAdamW binds directions to parameters by name: pass "
-                             "model.named_parameters() or (name, tensor) pairs, not bare tensors")
+            raise ValueError("AsFTAdamW binds directions to parameters by name and got bare tensors: pass "
+                             "model.named_parameters() or (name, tensor) pairs, or build it with "
+                             "AsFTAdamW.from_model(model, anchors=...). transformers.Trainer's "
+                             "optimizer_cls_and_kwargs passes bare tensors: use "
+                             "asft_optim.integrations.AsFTTrainer instead")
         group["asft_anchors"] = self.anchors.fingerprint
         self._bind_group(group)
 

@@ -1,0 +1,51 @@
+"""What a fresh install needs: numpy is a real dependency (safetensors hands tensors to torch through
+it), and `asft demo` / `asft finetune` without their extras say which extra to install."""
+
+from __future__ import annotations
+
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import setuptools
+import torch
+
+from asft_optim import Anchors
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_numpy_is_needed_and_declared(tmp_path, monkeypatch):
+    path = Anchors.from_tensors({"w": torch.ones(3)}).save(tmp_path / "d.safetensors")
+    # without numpy, the README's first line fails (what a user saw with numpy missing) ...
+    run = _python(f"import sys; sys.modules['numpy'] = None\nfrom asft_optim import Anchors\nAnchors.load({str(path)!r})")
+    assert run.returncode != 0 and "Numpy is not available" in run.stderr
+    # ... so setup.py installs it with the package, not only with an extra
+    seen: dict = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: seen.update(kw))
+    monkeypatch.chdir(ROOT)
+    runpy.run_path(str(ROOT / "setup.py"))
+    assert any(r.split(">")[0] == "numpy" for r in seen["install_requires"])
+
+
+@pytest.mark.parametrize("command, blocked, message", [
+    ("demo", ["transformers"],
+     "asft demo needs the 'hf' and 'plot' extras (not installed: transformers): pip install \"asft_optim[hf,plot]\" "
+     "(from a checkout: pip install -e \".[hf,plot]\")"),
+    ("finetune", ["peft", "matplotlib"],
+     "asft finetune needs the 'hf' and 'plot' extras (not installed: peft, matplotlib): pip install "
+     "\"asft_optim[hf,plot]\" (from a checkout: pip install -e \".[hf,plot]\")"),
+])
+def test_commands_without_their_extras_name_the_extra(tmp_path, command, blocked, message):
+    argv = ["demo", "--out", str(tmp_path)] if command == "demo" else [
+        "finetune", "--aligned", str(tmp_path), "--data", str(tmp_path / "x.jsonl")]
+    run = _python("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked)
+                  + f"from asft_optim.cli import main\nsys.exit(main({argv!r}))")
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip() == message
