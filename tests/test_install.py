@@ -49,3 +49,22 @@ def test_commands_without_their_extras_name_the_extra(tmp_path, command, blocked
                   + f"from asft_optim.cli import main\nsys.exit(main({argv!r}))")
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip() == message
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Two commands", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line and not line.startswith("#")]
+
+
+def test_readme_commands_do_the_whole_setup_and_ci_runs_the_same_tests():
+    demo, tests = _readme_commands()
+    for line, run in ((demo, "asft demo"), (tests, "python -m pytest -q")):
+        steps = line.split(" && ")
+        assert steps[:2] == ["python3 -m venv .venv", ". .venv/bin/activate"]
+        assert steps[2].startswith('pip install "torch==2.13.0+cpu"') and steps[3].startswith("pip install -e \".[")
+        assert steps[-1] == run
+    assert '.[hf,plot]' in demo  # what `asft demo` needs (tests/test_install.py: the extras message)
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert tests.replace(". .venv/bin/activate", '. "$VENV"/bin/activate').replace(
+        "-m venv .venv", '-m venv "$VENV"') in ci
