@@ -65,6 +65,9 @@ def _check_fsdp(r: dict, tol: float, first_step_collectives: int = 0) -> None:
     # Drift metrics of sharded parameters equal those of the single-process run.
     assert r["drift_names"] == ["a.bias", "a.weight", "b.bias", "b.weight", "c.bias", "c.weight"]
     assert r["drift_max_diff"] < 1e-5
+    # Under wrapper names (`module.`) the state resumes and drift_sums keys match the single process.
+    assert r["prefixed_sums_keys"] == r["ref_sums_keys"] == r["drift_names"]
+    assert r["prefixed_sums_max_rel"] < 1e-5
     # One collective per optimizer step, also right after opt.resync() (step 6): an all-reduce of
     # one float per penalised tensor; none at the first step (ΔW = 0 everywhere).
     assert r["comms"][0]["total"] == first_step_collectives, r["comms"][0]

@@ -211,6 +211,11 @@ def run_fsdp(out: Path, rank: int) -> dict:
     comms = train(model, opt, rank, range(STEPS), lambda step: step == RESYNC and opt.resync())
     mine = snapshot(model, opt)
     drift = opt.drift()  # collective for sharded parameters
+    # The same state under DDP-style names (`module.`): resumable, and drift_sums keyed as unwrapped.
+    prefixed = AsFTAdamW([{**g, "params": [("module." + n, p) for n, p in g["params"]]} for g in groups(model)],
+                         lr=LR, anchors=anchors, asft_lambda=LAM, impl=impl)
+    prefixed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    prefixed_sums = prefixed.drift_sums()  # collective
     loaded_step_max_rel = step_after_load(model, opt, anchors, impl, rank)
     rows: list = [None, None]
     dist.all_gather_object(rows, local_rows)
@@ -230,11 +235,16 @@ def run_fsdp(out: Path, rank: int) -> dict:
     ref_model, ref_opt = reference(anchors)
     ref = snapshot(ref_model, ref_opt)
     ref_drift = ref_opt.drift()
+    ref_sums = ref_opt.drift_sums()
+    sums_diff = max(abs(a - b) / max(abs(b), 1e-12) for k in ref_sums
+                    for a, b in zip(prefixed_sums[k], ref_sums[k]))
     plain = snapshot(*reference(anchors, lam=0.0))
     drift_diff = {n: max(abs(a - b) for a, b in zip(drift[n].as_dict().values(), d.as_dict().values()))
                   for n, d in ref_drift.items()}
     return {"max_rel": max_rel(mine, ref), "local_rows": rows, "whole_reads": whole_reads,
             "drift_names": sorted(drift), "drift_max_diff": max(drift_diff.values()),
+            "prefixed_sums_keys": sorted(prefixed_sums), "ref_sums_keys": sorted(ref_sums),
+            "prefixed_sums_max_rel": sums_diff,
             "loaded_step_max_rel": loaded_step_max_rel,
             "penalty_effect": max(v for k, v in max_rel(ref, plain).items() if "/" not in k),
             "unreduced_max_rel": max(max_rel(unreduced, ref).values()),
