@@ -167,7 +167,10 @@ def bind_sharded(anchors: Anchors, named: list[tuple[str, DTensor]]) -> list[Bou
             scales.append(1.0)
         else:  # as `functional.rescaled`, with the global max: exact, in float64
             k = math.floor(math.log2(a))
-            v.copy_(times_pow2(d.reshape(v.shape).to(torch.float64, copy=True), -k))
+            if d.dtype == v.dtype:
+                times_pow2(v.copy_(d.reshape(v.shape)), -k)
+            else:
+                v.copy_(times_pow2(d.reshape(v.shape).to(torch.float64, copy=True), -k))
             scales.append(math.ldexp(1.0, k))
         vs.append(v)
     nv2 = torch.stack([v.double().square().sum() for v in vs]).to(device)
