@@ -11,13 +11,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from .tempfiles import atomic_save_safetensors
 
 __all__ = ["Anchors", "normalize_name", "FORMAT"]
 
@@ -253,17 +253,3 @@ def fingerprint_hasher() -> hashlib.blake2b:
 def fingerprint_entry(key: str, dtype: torch.dtype, shape: torch.Size | tuple[int, ...]) -> bytes:
     """The bytes hashed before one tensor's data in the fingerprint."""
     return json.dumps([key, str(dtype), list(shape)]).encode()
-
-
-def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path,
-                            metadata: Mapping[str, str]) -> None:
-    """Write a safetensors file to a temporary name in the target folder, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(dict(tensors), tmp, metadata=dict(metadata))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
