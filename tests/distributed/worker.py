@@ -8,6 +8,8 @@ Modes (gloo, CPU, world size 2):
                sharded models from the latest checkpoint, compare with the uninterrupted run.
   crash        FSDP2: save after 5 steps, then rank 1 dies (os._exit) in the middle of the next save.
   resume       FSDP2: resume from the latest checkpoint of a crashed run and finish 10 steps.
+  save_for_one FSDP2: save after 5 steps and finish 10; the gathered final state goes to
+               OUT_DIR/uninterrupted.pt for the test to resume the checkpoint in its own process.
 Rank 0 writes OUT_DIR/MODE.json with what it measured; the pytest file asserts on it.
 """
 
@@ -93,7 +95,13 @@ def reference(anchors: Anchors, steps: int = STEPS, lam: float = LAM) -> tuple[N
     summed as DDP does (g0/2 + g1/2)."""
     model = make_model(0)
     opt = make_opt(model, anchors, lam=lam)
-    for step in range(steps):
+    train_single(model, opt, range(steps))
+    return model, opt
+
+
+def train_single(model: nn.Module, opt: AsFTAdamW, steps: range) -> None:
+    """Steps of the single-process run (both ranks' halves of each batch in one process)."""
+    for step in steps:
         halves = []
         for r in range(2):
             model.zero_grad()
@@ -102,7 +110,6 @@ def reference(anchors: Anchors, steps: int = STEPS, lam: float = LAM) -> tuple[N
         for p, g0, g1 in zip(model.parameters(), *halves):
             p.grad = g0 * 0.5 + g1 * 0.5
         opt.step()
-    return model, opt
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -333,6 +340,22 @@ def run_ckpt(out: Path, rank: int) -> dict:
             "resumed_equal": {k: bool(torch.equal(resumed[k], uninterrupted[k])) for k in uninterrupted}}
 
 
+def run_save_for_one(out: Path, rank: int) -> dict:
+    """FSDP2: save after 5 steps (W0 fp32, not exact in bf16), finish 10 steps; rank 0 writes the
+    gathered uninterrupted state to OUT/uninterrupted.pt for a resume in a single process."""
+    anchors = anchors_file(out, rank)
+    ckpt = out / "ckpt"
+    model = shard(make_model(0))
+    opt = make_opt(model, anchors)
+    train(model, opt, rank, range(STEPS),
+          lambda step: step == 5 and save_checkpoint(ckpt, step, model, opt, extra={"next_step": step}))
+    uninterrupted = snapshot(model, opt)
+    if rank != 0:
+        return {}
+    torch.save(uninterrupted, out / "uninterrupted.pt")
+    return {"latest": latest_checkpoint(ckpt).name}
+
+
 def run_crash(out: Path, rank: int) -> dict:
     anchors = anchors_file(out, rank)
     ckpt = out / "ckpt"
@@ -439,7 +462,8 @@ def main() -> None:
     rank = dist.get_rank()
     torch.use_deterministic_algorithms(True)
     result = {"ddp": run_ddp, "fsdp": run_fsdp, "ckpt": run_ckpt, "crash": run_crash,
-              "resume": run_resume, "placements": run_placements}[mode](out, rank)
+              "resume": run_resume, "placements": run_placements,
+              "save_for_one": run_save_for_one}[mode](out, rank)
     if rank == 0:
         (out / f"{mode}.json").write_text(json.dumps(result))
     dist.barrier()
