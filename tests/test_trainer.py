@@ -242,10 +242,9 @@ def test_trainer_optimizer_cls_and_kwargs_points_to_asft_trainer(checkpoints, tm
     with pytest.raises(ValueError) as e:
         trainer.train()
     assert str(e.value) == (
-        "AsFTAdamW binds directions to parameters by name and got bare tensors: pass model.named_parameters() "
-        "or (name, tensor) pairs, or build it with AsFTAdamW.from_model(model, anchors=...). "
-        "transformers.Trainer's optimizer_cls_and_kwargs passes bare tensors: use "
-        "asft_optim.integrations.AsFTTrainer instead")
+        "AsFTAdamW binds directions to parameters by name: pass model.named_parameters() or (name, tensor) pairs, "
+        "not bare tensors (with the transformers Trainer, use asft_optim.integrations.AsFTTrainer, or build the "
+        "optimizer with AsFTAdamW.from_model(model, anchors=...) and pass optimizers=(optimizer, None))")
 
 
 @pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])
