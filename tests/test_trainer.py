@@ -362,3 +362,20 @@ def test_trl_sft_trainer_recipe(tmp_path):
     assert isinstance(unwrap_asft(trainer.optimizer), AsFTAdamW)
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert len(logs) == 2 and all("asft/orth_ratio" in log for log in logs)
+
+
+def test_plain_trainer_with_a_ready_optimizer_and_drift_callback(checkpoints, tmp_path):
+    """The README's third route: `Trainer(optimizers=(AsFTAdamW.from_model(...), None))` plus
+    `DriftCallback.install` trains with AsFT and logs drift into the history."""
+    from transformers import Trainer
+
+    from asft_optim.integrations import DriftCallback
+
+    root, anchors = checkpoints
+    model = _model(root, lora=True)
+    opt = AsFTAdamW.from_model(model, anchors=anchors, lr=1e-2, asft_lambda=10.0)
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=_data(), optimizers=(opt, None))
+    DriftCallback.install(trainer)
+    trainer.train()
+    assert unwrap_asft(trainer.optimizer) is opt and opt.state
+    assert all("asft/cos/model.layers.0" in log for log in trainer.state.log_history if "loss" in log)
