@@ -39,7 +39,7 @@ from transformers import Trainer, TrainerCallback
 
 from ..anchors import Anchors
 from ..metrics import drift_from_sums, per_layer
-from ..optimizer import AsFTAdamW
+from ..optimizer import AsFTAdamW, as_anchors
 
 __all__ = ["AsFTTrainer", "AsFTTrainerMixin", "DriftCallback", "create_asft_optimizer", "unwrap_asft",
            "resolve_anchors", "HONOURED_OPTIMS"]
@@ -57,21 +57,16 @@ def unwrap_asft(optimizer: Any) -> AsFTAdamW | None:
     return optimizer if isinstance(optimizer, AsFTAdamW) else None
 
 
-def resolve_anchors(anchors: Anchors | Mapping[str, Tensor] | str | os.PathLike) -> Anchors | Mapping[str, Tensor]:
-    """`Anchors` or a name → tensor mapping as given; a path is loaded with `Anchors.load`.
+def resolve_anchors(anchors: Anchors | Mapping[str, Tensor] | str | os.PathLike) -> Anchors:
+    """`AsFTAdamW`'s `as_anchors`, with a message naming the argument for a missing file.
 
     Raises:
         FileNotFoundError: a path that is not a file.
-        TypeError: anything else.
+        TypeError: anything but an `Anchors`, a mapping or a path.
     """
-    if isinstance(anchors, (Anchors, Mapping)):
-        return anchors
-    if isinstance(anchors, (str, os.PathLike)):
-        if not Path(anchors).is_file():
-            raise FileNotFoundError(f"anchors: directions file not found: {anchors}")
-        return Anchors.load(anchors)
-    raise TypeError(f"anchors must be an Anchors, a name -> tensor mapping or the path of a directions file, "
-                    f"got {type(anchors).__name__}")
+    if isinstance(anchors, (str, os.PathLike)) and not Path(anchors).is_file():
+        raise FileNotFoundError(f"anchors: directions file not found: {anchors}")
+    return as_anchors(anchors)
 
 
 def create_asft_optimizer(trainer: Trainer, model: nn.Module, anchors: Anchors | Mapping[str, Tensor],
