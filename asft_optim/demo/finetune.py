@@ -214,6 +214,7 @@ def train(model: nn.Module, data: Sequence[dict[str, list[int]]], *, pad_id: int
     if method.kind != "sft" and anchors is None:
         raise ValueError(f"{method.label} needs the alignment directions (anchors)")
     if lora is not None:
+        torch.manual_seed(seed)  # the adapter's initialisation follows the run's seed, not the process's history
         model = lora.apply(model)
 
     class _Progress(TrainerCallback):
