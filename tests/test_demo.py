@@ -145,7 +145,7 @@ def test_report_structure(quick_demo):
     for c in res["landscape"]:
         assert len(c["hs"]) == len(cfg.alphas) and 0 <= c["length_pos"] <= max(cfg.alphas)
         assert f"| {c['name']} | {c['length_pos']:.2f} | {c['length_neg']:.2f} |" in report
-    assert set(res["drift"]) == set(labels)
+    assert set(res["drift"]) == set(trained)
     # the unfine-tuned aligned model refuses; the base model complies (the language works)
     assert res["reference"]["aligned"]["hs"] <= 0.1 and res["reference"]["aligned"]["refusal"] >= 0.9
     assert res["reference"]["base"]["hs"] >= 0.5
