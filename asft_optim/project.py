@@ -99,10 +99,6 @@ def _copy_others(src: Path, dst: Path, skip: set[str]) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def _load_directions(directions: str | Path) -> Anchors:
-    return Anchors.load(directions)
-
-
 # ----------------------------------------------------------------------------------- flat
 def project_flat(model: str | Path, aligned: str | Path, directions: str | Path, out: str | Path,
                  progress: bool = False) -> dict[str, Any]:
@@ -122,7 +118,7 @@ def project_flat(model: str | Path, aligned: str | Path, directions: str | Path,
                          "LoRA update of the same rank; use --mode safelora, or merge the adapter first")
     if not model.is_dir():
         raise FileNotFoundError(f"model folder not found: {model}")
-    ck, ak, anchors = _open(model, "model"), _open(aligned, "aligned"), _load_directions(directions)
+    ck, ak, anchors = _open(model, "model"), _open(aligned, "aligned"), Anchors.load(directions)
     extra = sorted(n for n in anchors if n not in ck.tensors)
     if extra:
         raise ValueError(f"directions {directions} do not fit model {model}: {len(extra)} direction(s) name tensors "
@@ -199,7 +195,7 @@ def project_safelora(adapter: str | Path, directions: str | Path, out: str | Pat
     if fraction is not None and not 0 <= fraction <= 1:
         raise ValueError(f"--fraction must be in [0, 1], got {fraction}")
     ad = read_adapter(adapter)
-    anchors = _load_directions(directions)
+    anchors = Anchors.load(directions)
     check_fits(ad, {n: tuple(anchors.shape(n)) for n in anchors}, f"of the directions {directions}")
     if aligned is not None:
         ak = _open(aligned, "aligned")

@@ -226,10 +226,14 @@ def test_second_run_reuses_cached_models_lora(quick_demo, tmp_path, capsys):
             assert cell[key] == {"mean": pytest.approx(sum(xs) / 2), "min": min(xs), "max": max(xs)}
     assert {p: p.stat().st_mtime_ns for p in Path(res["cache"]).rglob("*") if p.is_file()} == before
     lang = Language(DemoConfig.quick().recipe.language)
-    for run in res2["runs"][:2]:
+    for run in res2["runs"][:1] + res2["runs"][-1:]:  # a trained adapter and a Safe LoRA projection
         assert (out2 / run["path"] / "adapter_config.json").is_file()
         fresh = evaluate_saved(out2 / run["path"], lang)
         assert (fresh.hs, fresh.fa) == (run["hs"], run["fa"])
+    # a run into the same folder replaces the earlier run's models instead of mixing with them
+    assert cli.main(["demo", "--quick", "--out", str(out2), "--cache", str(cache), "--steps", "1", "--ps", "0.1",
+                     "--lambdas", "0.1", "--seeds", "5"]) == 0
+    assert [p.name for p in (out2 / "models").iterdir()] == ["s5"]
 
 
 def test_cache_root_follows_env(monkeypatch, tmp_path):
@@ -297,3 +301,15 @@ def test_lora_initialisation_follows_the_seed(quick_demo):
     b, c = init(3), init(4)
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
+@pytest.mark.slow
+def test_lora_defaults_learn_the_task(tmp_path):
+    """`asft demo --lora` at its defaults (lr 3e-3, 200 steps, full recipe): SFT learns MAP at p = 0."""
+    out = tmp_path / "report"
+    assert cli.main(["demo", "--lora", "--ps", "0", "--lambdas", "0.1", "--seeds", "0", "--no-project",
+                     "--out", str(out), "--cache", str(tmp_path / "cache")]) == 0
+    res = json.loads((out / "results.json").read_text())
+    sft = next(r for r in res["runs"] if r["method"] == "SFT")
+    assert res["config"]["lr"] == 3e-3 and res["config"]["steps"] == 200 and sft["fa"] >= 0.8
+    assert res["warnings"] == []

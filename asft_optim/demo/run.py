@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -181,6 +182,7 @@ def run_demo(out: Path, cfg: DemoConfig, cache: Path | None = None,
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "models", ignore_errors=True)  # the models of an earlier run in this folder: never mix runs
     lang = Language(cfg.recipe.language)
     r = cfg.recipe
     build = bar("base + aligned models", r.pretrain_steps + r.align_steps)
