@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .anchors import Anchors
-from .functional import BoundDirection
+from .functional import BoundDirection, direction_dtype, times_pow2
 
 __all__ = ["is_dtensor", "local", "like", "local_direction", "bind_sharded", "all_reduce_dots",
            "snapshot_w0", "check_not_flattened", "check_not_zero3", "save_checkpoint",
@@ -161,14 +161,13 @@ def bind_sharded(anchors: Anchors, named: list[tuple[str, DTensor]]) -> list[Bou
                          + (f" (as do {len(bad) - 1} more)" if len(bad) > 1 else ""))
     vs, scales = [], []
     for (name, p), d, a in zip(named, blocks, amax):
-        v = torch.empty_like(p._local_tensor, dtype=d.dtype)
+        v = torch.empty_like(p._local_tensor, dtype=direction_dtype(d.dtype, p.dtype))
         if a == 0.0:
             v.zero_()
             scales.append(1.0)
-        else:
+        else:  # as `functional.rescaled`, with the global max: exact, in float64
             k = math.floor(math.log2(a))
-            v.copy_(d.reshape(v.shape))
-            v.mul_(math.ldexp(1.0, -k))  # exact: a power of two
+            v.copy_(times_pow2(d.reshape(v.shape).to(torch.float64, copy=True), -k))
             scales.append(math.ldexp(1.0, k))
         vs.append(v)
     nv2 = torch.stack([v.double().square().sum() for v in vs]).to(device)
