@@ -313,3 +313,21 @@ def test_lora_defaults_learn_the_task(tmp_path):
     sft = next(r for r in res["runs"] if r["method"] == "SFT")
     assert res["config"]["lr"] == 3e-3 and res["config"]["steps"] == 200 and sft["fa"] >= 0.8
     assert res["warnings"] == []
+
+
+def test_asft_evaluate_reproduces_the_demo_numbers(quick_demo, tmp_path):
+    """`asft evaluate --judge toy` on a saved demo model gives the report's HS, refusal rate and FA."""
+    out, _, res = quick_demo
+    lang = Language(DemoConfig.quick().recipe.language)
+    prompts, task = tmp_path / "harmful.jsonl", tmp_path / "task.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": ex["instruction"], "input": ex["input"]}) + "\n"
+                               for ex, _ in lang.harmful_eval()))
+    task.write_text("".join(json.dumps(r) + "\n" for r in lang.task_test()))
+    run = next(r for r in res["runs"] if r["method"] == "SFT" and r["p"] == 0.1)
+    ev = tmp_path / "eval"
+    assert cli.main(["evaluate", str(out / run["path"]), "--prompts", str(prompts), "--judge", "toy",
+                     "--task", str(task), "--max-new-tokens", "8", "--out", str(ev)]) == 0
+    got = json.loads((ev / "results.json").read_text())
+    assert got["n"] == len(lang.harmful_eval()) and got["task"]["n"] == len(lang.task_test())
+    assert (got["harmful_score"], got["refusal_rate"], got["task_accuracy"]) == pytest.approx(
+        (100 * run["hs"], 100 * run["refusal"], 100 * run["fa"]))
