@@ -21,7 +21,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["asft_optim", "asft_optim.kernels", "asft_optim.demo", "asft_optim.integrations"],
+    packages=["asft_optim", "asft_optim.kernels", "asft_optim.demo", "asft_optim.evaluation",
+              "asft_optim.integrations"],
     package_dir={"asft_optim": "asft_optim", "asft_optim.kernels": "kernels"},
     # numpy: safetensors hands tensors to torch through numpy (Anchors.load, asft directions)
     install_requires=["torch>=2.7", "safetensors>=0.4", "numpy>=1.24", "tqdm>=4.60"],
@@ -29,6 +30,7 @@ setup(
         "triton": ["triton>=3.1"],
         "hf": ["transformers>=4.56", "peft>=0.13", "accelerate>=1.0", "huggingface_hub>=0.24"],
         "plot": ["matplotlib>=3.7"],
+        "eval": ["datasets>=2.14"],
         "test": ["pytest>=8", "hypothesis>=6.100"],
         "bench": ["pytest-benchmark>=4", "psutil>=5.9"],
     },

@@ -14,6 +14,9 @@ COMMANDS: dict[str, str] = {
     "inspect": "asft_optim.inspect:add_cli",
     "demo": "asft_optim.demo.run:add_cli",
     "finetune": "asft_optim.demo.finetune_cli:add_cli",
+    "evaluate": "asft_optim.evaluation.evaluate:add_cli",
+    "project": "asft_optim.project:add_cli",
+    "compare": "asft_optim.compare:add_cli",
 }
 
 # subcommand name -> the extras it needs; extra -> the modules it installs

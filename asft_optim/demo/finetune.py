@@ -251,6 +251,7 @@ def train(model: nn.Module, data: Sequence[dict[str, list[int]]], *, pad_id: int
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {', '.join(SCHEDULERS)}")
     if lora is not None:
+        torch.manual_seed(seed)  # the adapter's initialisation follows the run's seed, not the process's history
         model = lora.apply(model)
 
     class _Progress(TrainerCallback):
