@@ -25,6 +25,7 @@ from .metrics import Drift, drift, drift_from_sums, sums
 from .step_lora import LoraParams
 from .step_sharded import ShardedParams
 from .step_triton import TritonStep
+from .zero import ZeroTensors, is_zero_param, original_shape, step_partition
 
 __all__ = ["AsFTAdamW", "IMPLS"]
 
@@ -111,6 +112,7 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
         self._bound: dict[str, BoundDirection | None] = {}
         self._dots: dict[str, tuple[Tensor, int]] = {}  # name -> (⟨v, p - W0⟩, p._version) after the last step
         self._sharded: set[str] = set()  # names bound as DTensor shards
+        self._zero = ZeroTensors()  # DeepSpeed ZeRO partitions (see asft_optim.zero)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          foreach=foreach, capturable=capturable, differentiable=differentiable,
                          fused=fused)
@@ -138,6 +140,10 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
                              "model.named_parameters() or (name, tensor) pairs, not bare tensors")
         group["asft_anchors"] = self.anchors.fingerprint
         self._bind_group(group)
+        for name, p in zip(group["param_names"], group["params"]):
+            if p.requires_grad:
+                key = self._anchor_key(name)
+                self._zero.add(name, key if key in self.anchors and not self._is_lora_param(name) else None, p)
 
     def _bind_group(self, group: dict[str, Any]) -> None:
         """Bind the directions of a group's trainable parameters; raise for missing ones."""
@@ -148,6 +154,14 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
             if p.is_complex():
                 raise ValueError(f"AsFTAdamW does not support complex parameters: '{name}' is {p.dtype}")
             if not p.requires_grad or name in lora_names:
+                continue
+            if hasattr(p, "ds_id"):  # partitioned by ZeRO-3 already (zero.Init): bound at its first step
+                key = self._anchor_key(name)
+                if key not in self.anchors:
+                    missing.append(name)
+                elif tuple(self.anchors.shape(key)) != tuple(original_shape(p)):
+                    raise ValueError(f"direction for '{name}' has shape {tuple(self.anchors.shape(key))} "
+                                     f"but the parameter has shape {tuple(original_shape(p))}")
                 continue
             bound = self._direction(name, p)
             if bound is None:
@@ -207,9 +221,17 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        zero = [self._zero_group(g) for g in self.param_groups]
+        for group, is_zero in zip(self.param_groups, zero):
+            if is_zero:
+                self._step_zero(group)
+        if all(zero):
+            return loss
         self._lora_pending = self._lora_step_grads()
         dots = self._sharded_dots()
         for group_index, group in enumerate(self.param_groups):
+            if zero[group_index]:
+                continue
             if self._resolve_impl(group) == "triton" and not self._lora_in_group(group):
                 self._step_triton(group_index, group)
                 continue
@@ -229,6 +251,48 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
                  **self._adam_kwargs(group, has_complex))
         self._lora_pending = {}
         return loss
+
+    def _zero_group(self, group: dict[str, Any]) -> bool:
+        """Whether DeepSpeed ZeRO replaced the group's parameters by flat partitions."""
+        originals = [self._zero.params.get(n) for n in group["param_names"]]
+        return (any(p is not None and is_zero_param(p) for p in originals)
+                and not any(p is q for p in group["params"] for q in originals))
+
+    def _step_zero(self, group: dict[str, Any]) -> None:
+        """Step a group's flat ZeRO partitions (see `asft_optim.zero`): the penalty per segment with
+        its tensor's global ⟨v, ΔW⟩, W0 snapshot from the fp32 master partition at its first step."""
+        lam = group["asft_lambda"]
+        for flat in group["params"]:
+            if flat.grad is None:
+                continue
+            lists: list[list[Tensor]] = [[], [], [], [], [], []]
+            torch.optim.Adam._init_group(self, {**group, "params": [flat]}, *lists)
+            kwargs = self._adam_kwargs(group)
+            if lam == 0:
+                adam(*lists, **kwargs)
+                continue
+            st = self.state[flat]
+            part = self._zero.partition(flat, group["param_names"], self.anchors)
+            first = "w0" not in st
+            if first:
+                st["w0"] = storage_w0(flat.detach().clone())
+            if first or group["penalty"] == "full" or not part.segments:
+                dots = torch.zeros(len(part.segments), device=flat.device)
+            else:
+                dots = self._zero.global_dots(part, self._zero_w0s())
+            new = step_partition(part, flat.grad, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq"),
+                                 st["step"], st["w0"], dots, coef=(-2.0 if group["maximize"] else 2.0) * lam,
+                                 penalty=group["penalty"], **kwargs)
+            self._zero.carry(part, new)
+
+    def _zero_w0s(self) -> dict[int, Tensor]:
+        """W0 of each ZeRO partition that has one, by its position in `self._zero.partitions`."""
+        out = {}
+        for i, part in enumerate(self._zero.partitions):
+            st = self.state.get(part.flat)
+            if st and "w0" in st:
+                out[i] = st["w0"]
+        return out
 
     def _gather(self, group: dict[str, Any]) -> tuple:
         """(names, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, has_complex)
@@ -336,6 +400,7 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
         `.data` bypass that counter.
         """
         self._dots.clear()
+        self._zero.invalidate()
         slots = self.__dict__.get("_triton_c")
         if slots is not None:
             slots.clear()
@@ -366,6 +431,7 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
         self.__dict__.setdefault("_bound", {})
         self.__dict__.setdefault("_dots", {})
         self.__dict__.setdefault("_sharded", set())
+        self.__dict__.setdefault("_zero", ZeroTensors())
         self.__dict__.setdefault("allow_unanchored", False)
         self.__dict__.setdefault("_lora", None)
         self.__dict__.setdefault("_lora_bound", {})
@@ -388,6 +454,8 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
         """Per-tensor drift (‖ΔW‖, cos(ΔW, d), ‖C⊥ΔW‖/‖ΔW‖) of every anchored parameter that has stepped."""
         out: dict[str, Drift] = {}
         for group in self.param_groups:
+            if self._zero_group(group):
+                continue
             for name, p in zip(group["param_names"], group["params"]):
                 st = self.state.get(p)
                 bound = self._bound.get(name)
@@ -395,6 +463,8 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
                     out[name] = drift(p.detach().double() - st["w0"].double(), bound.v)
         out.update({name: drift_from_sums(*s) for name, s in self._lora_drift_sums().items()})
         out.update({name: drift_from_sums(*s) for name, s in self._sharded_drift_sums().items()})
+        if self._zero.partitions:
+            out.update({name: drift_from_sums(*s) for name, s in self._zero.drift_sums(self._zero_w0s()).items()})
         return out
 
     @torch.no_grad()
@@ -404,6 +474,8 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
         copies as the original module. Feed to `metrics.per_layer`."""
         out: dict[str, tuple[float, float, float, int]] = {}
         for group in self.param_groups:
+            if self._zero_group(group):
+                continue
             for name, p in zip(group["param_names"], group["params"]):
                 st = self.state.get(p)
                 bound = self._bound.get(name)
@@ -412,6 +484,9 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
                     out[normalize_name(self._anchor_key(name))] = (xx, uu * bound.scale ** 2, xu * bound.scale, n)
         out.update(self._lora_drift_sums())
         out.update(self._sharded_drift_sums())
+        if self._zero.partitions:
+            out.update({normalize_name(self._anchor_key(n)): s
+                        for n, s in self._zero.drift_sums(self._zero_w0s()).items()})
         return out
 
 

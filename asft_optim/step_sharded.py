@@ -21,12 +21,10 @@ class ShardedParams:
     """The DTensor part of `AsFTAdamW` (a mixin; state lives on the optimizer)."""
 
     def _bind_sharded_group(self, group: dict[str, Any]) -> None:
-        """Bind a group's DTensor (FSDP2) parameters in one go; refuse DeepSpeed ZeRO-3 parameters.
+        """Bind a group's DTensor (FSDP2) parameters in one go.
 
         Collective when the group holds DTensors: every rank adds the same groups.
         """
-        for name, p in zip(group["param_names"], group["params"]):
-            _dist.check_not_zero3(name, p)
         self._bind_sharded([(n, p) for n, p in zip(group["param_names"], group["params"])
                             if _dist.is_dtensor(p) and n not in self._sharded])
 
@@ -70,6 +68,8 @@ class ShardedParams:
         names, params, locs, w0s, bounds = [], [], [], [], []
         swapped = []  # parameters that became DTensors after the optimizer was built (accelerate)
         for index, group in enumerate(self.param_groups):
+            if self._zero_group(group):
+                continue
             _dist.check_not_flattened(group, index)
             swapped += [(n, p) for n, p in zip(group["param_names"], group["params"])
                         if _dist.is_dtensor(p) and n not in self._sharded]
@@ -78,6 +78,8 @@ class ShardedParams:
         cs = self.__dict__.get("_triton_c")
         triton_stale = []  # (name, p): Triton c to recompute exactly (after resync/load), here
         for group in self.param_groups:
+            if self._zero_group(group):
+                continue
             if not self._sharded or group["asft_lambda"] == 0 or group["penalty"] == "full":
                 continue
             triton = self._resolve_impl(group) == "triton"

@@ -1,0 +1,393 @@
+"""DeepSpeed ZeRO (stages 1, 2, 3): AsFT on the flat fp32 partitions ZeRO hands its client optimizer.
+
+ZeRO replaces each param group's tensors by flat fp32 master partitions, one per group and rank
+(stage 3: one per sub-group, and it hands them over one at a time, inside each `step()` call).
+A partition is a concatenation of pieces of the group's original tensors, with alignment padding;
+a tensor may be split between ranks. The segments come from DeepSpeed's own bookkeeping, read off
+the original parameters (which the optimizer keeps by name from when their group was added):
+
+- stages 1 and 2 (and DeepSpeed's BF16_Optimizer): `p._hp_mapping` (`utils/tensor_fragment.py`,
+  set by `link_hp_params`): `hp_fragment` is a view of this rank's partition,
+  `hp_fragment_address` its (start, numel) there, `lp_fragment_address.start` the offset in the
+  flattened original tensor. Only parameters overlapping the partition have a mapping.
+- stage 3: `p._z3_optimizer.grad_position[id]` = (sub-group, start in its flat partition, numel of
+  the per-rank partition incl. padding); this rank holds elements
+  [rank·numel, rank·numel + numel) of the flattened tensor, cut at `p.ds_numel`.
+
+Per partition the optimizer keeps (`Partition`): the segments, the direction laid out like the
+partition (each rank reads only the rows its segments cover; the rescaling power of two and ‖v‖²
+are global: one MAX and one SUM all-reduce per partition when it is first seen), W0 (snapshot of
+the fp32 master partition at its first step, in `state[partition]["w0"]`), and each segment's
+partial ⟨v, ΔW⟩. The per-tensor sums over ranks are one all-reduce of one fp32 per tensor per
+optimizer step (`ZeroTensors.global_dots`), whatever the number of groups and sub-groups.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim.adam import adam
+
+from .anchors import Anchors
+from .functional import BoundDirection, asft_adamw_, partial_dots
+
+__all__ = ["Segment", "Partition", "ZeroTensors", "is_zero_param", "find_segments", "check_config",
+           "ZERO_CONFIG_HINT"]
+
+ZERO_CONFIG_HINT = ('DeepSpeed config keys for AsFTAdamW: "zero_allow_untested_optimizer": true; with '
+                    '"offload_optimizer" also "zero_force_ds_cpu_optimizer": false')
+
+
+def is_zero_param(p: Tensor) -> bool:
+    """Whether DeepSpeed ZeRO manages p (a stage-3 partitioned parameter, or a stage-1/2 one linked
+    to an fp32 partition)."""
+    return hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None
+
+
+def original_shape(p: Tensor) -> torch.Size:
+    """The shape of p before ZeRO-3 partitioning emptied it (`ds_shape`), else p's shape."""
+    return torch.Size(p.ds_shape) if hasattr(p, "ds_shape") else p.shape
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of one original tensor inside a flat partition (element offsets, not bytes).
+
+    name: the parameter's name in its group; start/numel: where the piece lies in the partition;
+    offset: its first element in the flattened original tensor; shape: the original tensor's shape.
+    """
+    name: str
+    start: int
+    numel: int
+    offset: int
+    shape: torch.Size
+
+
+def _same_storage(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def find_segments(flat: Tensor, named: Sequence[tuple[str, Tensor]]) -> list[Segment]:
+    """The segments of the flat partition `flat`, from the ZeRO bookkeeping of the original
+    parameters `named` (the partition's group), ordered by their start in `flat`.
+
+    Raises:
+        RuntimeError when DeepSpeed's bookkeeping does not describe `flat` (a segment outside it).
+    """
+    out = []
+    for name, p in named:
+        if hasattr(p, "ds_id"):
+            z3 = p._z3_optimizer
+            sub, start, numel = z3.grad_position[z3.get_param_id(p)]
+            if z3.fp32_partitioned_groups_flat[sub] is not flat:
+                continue
+            offset = z3._get_param_partition_rank(p) * numel
+            numel = max(0, min(numel, p.ds_numel - offset))
+        else:
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is None or not _same_storage(mapping.hp_fragment, flat):
+                continue
+            start, numel = mapping.hp_fragment_address.start, mapping.hp_fragment_address.numel
+            offset = mapping.lp_fragment_address.start
+        if numel == 0:
+            continue
+        shape = original_shape(p)
+        if start + numel > flat.numel() or offset + numel > shape.numel():
+            raise RuntimeError(f"DeepSpeed ZeRO maps elements {offset}:{offset + numel} of '{name}' "
+                               f"(shape {tuple(shape)}) to {start}:{start + numel} of a partition of "
+                               f"{flat.numel()} elements: the bookkeeping does not fit")
+        out.append(Segment(name, int(start), int(numel), int(offset), shape))
+    return sorted(out, key=lambda s: s.start)
+
+
+def process_group(named: Sequence[tuple[str, Tensor]]) -> Any:
+    """The data-parallel group over which ZeRO partitions these parameters (one for all of them)."""
+    groups = []
+    for name, p in named:
+        g = (p._z3_optimizer._get_param_partition_group(p) if hasattr(p, "ds_id")
+             else getattr(p, "_dp_group", None))
+        if not any(g is h for h in groups):
+            groups.append(g)
+    if len(groups) > 1:
+        raise NotImplementedError("the parameters of one AsFTAdamW are partitioned over several "
+                                  "DeepSpeed process groups (MoE experts, hpZ or MiCS): not supported")
+    return groups[0] if groups else None
+
+
+def _read_segment(anchors: Anchors, key: str, seg: Segment) -> Tensor:
+    """Elements offset:offset+numel of the flattened direction `key`, reading only the rows they span."""
+    if len(seg.shape) == 0:
+        return anchors[key].reshape(1)
+    row = seg.shape[1:].numel()
+    if row == 0:
+        return torch.zeros(0)
+    first, last = seg.offset // row, (seg.offset + seg.numel - 1) // row + 1
+    rows = anchors.get_slice(key, first, last).reshape(-1)
+    return rows[seg.offset - first * row: seg.offset - first * row + seg.numel]
+
+
+@dataclass
+class Partition:
+    """One flat fp32 partition on this rank and its AsFT data.
+
+    flat: the partition (1-D fp32, the client optimizer's parameter).
+    segments: its anchored segments (`Segment`), ordered by start; gaps (padding, parameters
+        without a direction) take plain AdamW steps.
+    bounds: per segment the direction slice as a `BoundDirection` whose v is a view of `v` and
+        whose `inv_nv2`, `scale` are those of the whole tensor.
+    index: per segment the position of its tensor in `ZeroTensors.names`.
+    """
+    flat: Tensor
+    segments: list[Segment]
+    bounds: list[BoundDirection]
+    index: list[int]
+    v: Tensor
+    partial: Tensor | None = None   # per segment ⟨v, ΔW⟩ of this rank after our last update ...
+    partial_version: int = -1       # ... valid while flat._version equals this
+    dots: Tensor | None = None      # per segment the global ⟨v, ΔW⟩ ...
+    dots_version: int = -1          # ... valid while flat._version equals this
+    epoch: int = 0                  # `ZeroTensors.epoch` when partial and dots were recorded
+
+    def gaps(self) -> list[tuple[int, int]]:
+        """(start, stop) of the partition's ranges outside every segment."""
+        out, pos = [], 0
+        for s in self.segments:
+            if s.start > pos:
+                out.append((pos, s.start))
+            pos = s.start + s.numel
+        if pos < self.flat.numel():
+            out.append((pos, self.flat.numel()))
+        return out
+
+
+@dataclass
+class ZeroTensors:
+    """Every ZeRO-managed anchored tensor of one optimizer and the partitions seen so far.
+
+    names: the anchored tensor names of all groups, in the order the groups were added (the same
+        on every rank): row i of the per-step dot vector is tensor names[i].
+    keys: name → the anchors key of its direction.
+    params: name → the original parameter (holding DeepSpeed's bookkeeping).
+    """
+    names: list[str] = field(default_factory=list)
+    keys: dict[str, str] = field(default_factory=dict)
+    params: dict[str, Tensor] = field(default_factory=dict)
+    partitions: list[Partition] = field(default_factory=list)
+    group: Any = None
+    epoch: int = 0
+    reductions: int = 0  # all-reduces of dots made so far (the tests count them per step)
+
+    def add(self, name: str, key: str | None, p: Tensor) -> None:
+        """Register a trainable parameter of a group (key None: no direction)."""
+        self.params[name] = p
+        if key is not None and name not in self.keys:
+            self.keys[name] = key
+            self.names.append(name)
+
+    def invalidate(self) -> None:
+        """Forget every carried and reduced dot (a load, `resync()`)."""
+        self.epoch += 1
+
+    def partition(self, flat: Tensor, group_names: Sequence[str], anchors: Anchors) -> Partition:
+        """The `Partition` of `flat` (bound on first sight: collective over the data-parallel group)."""
+        for part in self.partitions:
+            if part.flat is flat:
+                return part
+        part = self._bind(flat, [(n, self.params[n]) for n in group_names if n in self.params], anchors)
+        self.partitions.append(part)
+        return part
+
+    def _bind(self, flat: Tensor, named: list[tuple[str, Tensor]], anchors: Anchors) -> Partition:
+        if self.group is None:
+            self.group = process_group(named)
+        segments = [s for s in find_segments(flat, named) if s.name in self.keys]
+        rows = [n for n, _ in named if n in self.keys]  # the group's anchored tensors, same on every rank
+        row = {n: i for i, n in enumerate(rows)}
+        for name in rows:
+            key = self.keys[name]
+            shape = original_shape(self.params[name])
+            if tuple(anchors.shape(key)) != tuple(shape):
+                raise ValueError(f"direction for '{name}' has shape {tuple(anchors.shape(key))} but the "
+                                 f"parameter has shape {tuple(shape)}")
+            if not anchors.dtype(key).is_floating_point:
+                raise ValueError(f"direction for '{name}' has dtype {anchors.dtype(key)}; expected a floating dtype")
+        pieces = [_read_segment(anchors, self.keys[s.name], s).to(flat.device) for s in segments]
+        dtypes = {d.dtype for d in pieces}
+        v = torch.zeros_like(flat, dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
+        amax = torch.zeros(len(rows), dtype=torch.float64, device=flat.device)
+        for s, d in zip(segments, pieces):
+            finite = bool(torch.isfinite(d).all())
+            amax[row[s.name]] = float(d.abs().max()) if finite else math.inf
+        self._all_reduce(amax, dist.ReduceOp.MAX)
+        bad = [n for n, a in zip(rows, amax.tolist()) if not math.isfinite(a)]
+        if bad:
+            raise ValueError(f"direction for '{bad[0]}' contains NaN or Inf"
+                             + (f" (as do {len(bad) - 1} more)" if len(bad) > 1 else ""))
+        scales = [math.ldexp(1.0, math.floor(math.log2(a))) if a > 0 else 1.0 for a in amax.tolist()]
+        nv2 = torch.zeros(len(rows), dtype=torch.float64, device=flat.device)
+        for s, d in zip(segments, pieces):
+            piece = v[s.start: s.start + s.numel]
+            piece.copy_(d)
+            piece.mul_(1.0 / scales[row[s.name]])  # exact: a power of two
+            nv2[row[s.name]] = piece.double().square().sum()
+        self._all_reduce(nv2, dist.ReduceOp.SUM)
+        nv2_list = nv2.tolist()
+        bounds = []
+        for s in segments:
+            n = nv2_list[row[s.name]]
+            bounds.append(BoundDirection(v[s.start: s.start + s.numel], 1.0 / n if n > 0 else 0.0,
+                                         scales[row[s.name]]))
+        return Partition(flat, segments, bounds, [self.names.index(s.name) for s in segments], v)
+
+    def _all_reduce(self, vec: Tensor, op: dist.ReduceOp) -> None:
+        if dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            dist.all_reduce(vec, op=op, group=self.group)
+
+    # ------------------------------------------------------------------------------- dots
+    def global_dots(self, part: Partition, w0s: Mapping[int, Tensor]) -> Tensor:
+        """Per segment of `part` the global ⟨v, ΔW⟩ (fp32, shape (len(segments),)).
+
+        Valid dots (the partition unchanged since they were reduced) are returned as they are.
+        Otherwise the partial dots of every partition that has a W0 (`w0s`: position in
+        `self.partitions` → W0) are summed over ranks in one all-reduce of one fp32 per tensor:
+        the carried partials of our last update where the partition was not written since, else
+        recomputed exactly (`functional.partial_dots`). Collective whenever it
+        reduces; every rank takes the same decision (the same updates bump the same counters).
+        """
+        if part.dots is not None and part.dots_version == part.flat._version and part.epoch == self.epoch:
+            return part.dots
+        vec = torch.zeros(len(self.names), dtype=torch.float32, device=part.flat.device)
+        for i, q in enumerate(self.partitions):
+            if i not in w0s or not q.segments:
+                continue
+            if q.partial is not None and q.partial_version == q.flat._version and q.epoch == self.epoch:
+                partial = q.partial
+            else:
+                w0 = w0s[i]
+                partial = partial_dots([q.flat[s.start: s.start + s.numel] for s in q.segments],
+                                       [w0[s.start: s.start + s.numel] for s in q.segments], q.bounds)
+            vec.index_add_(0, torch.tensor(q.index, device=vec.device), partial.to(vec.device))
+        self._all_reduce(vec, dist.ReduceOp.SUM)
+        self.reductions += 1
+        for i, q in enumerate(self.partitions):
+            if i in w0s:
+                q.dots = vec[q.index].to(q.flat.device) if q.segments else vec[:0]
+                q.dots_version, q.epoch = q.flat._version, self.epoch
+        return part.dots
+
+    def carry(self, part: Partition, partial: Tensor) -> None:
+        """Record the partial dots our update just produced for `part` (call right after it)."""
+        part.partial, part.partial_version, part.epoch = partial, part.flat._version, self.epoch
+
+    # ------------------------------------------------------------------------------- drift
+    def drift_sums(self, w0s: Mapping[int, Tensor]) -> dict[str, tuple[float, float, float, int]]:
+        """(‖ΔW‖², ‖d‖², ⟨ΔW, d⟩, numel) in float64 per tensor that has stepped, summed over its
+        segments on every rank (one all-reduce; collective)."""
+        sums = torch.zeros(len(self.names), 3, dtype=torch.float64)
+        stepped = torch.zeros(len(self.names), dtype=torch.float64)
+        for i, q in enumerate(self.partitions):
+            if i not in w0s:
+                continue
+            for s, b, row in zip(q.segments, q.bounds, q.index):
+                dw = q.flat[s.start: s.start + s.numel].double() - w0s[i][s.start: s.start + s.numel].double()
+                v = b.v.double()
+                sums[row] += torch.stack([dw.square().sum(), v.square().sum() * b.scale ** 2,
+                                          (dw * v).sum() * b.scale]).cpu()
+            for row in set(q.index):
+                stepped[row] = 1.0
+        both = torch.cat([sums, stepped[:, None]], dim=1)
+        self._all_reduce(both, dist.ReduceOp.SUM)
+        out = {}
+        for name, (xx, uu, xu, n) in zip(self.names, both.tolist()):
+            if n > 0:
+                out[name] = (xx, uu, xu, original_shape(self.params[name]).numel())
+        return out
+
+
+# ----------------------------------------------------------------------------------- config
+def _get(config: Mapping[str, Any], *path: str) -> Any:
+    for key in path:
+        if not isinstance(config, Mapping) or key not in config:
+            return None
+        config = config[key]
+    return config
+
+
+def check_config(config: Mapping[str, Any], *, has_lora: bool = False) -> None:
+    """Refuse a DeepSpeed config under which AsFTAdamW cannot be ZeRO's client optimizer.
+
+    Raises:
+        ValueError naming the config key to set: ZeRO without "zero_allow_untested_optimizer": true
+        (DeepSpeed accepts only its own list of optimizer classes otherwise); "offload_optimizer" to
+        the CPU without "zero_force_ds_cpu_optimizer": false; NVMe offload (DeepSpeed swaps
+        partitions and their state out of memory, W0 and the directions included: not supported);
+        "elastic_checkpoint": true (its restore writes the optimizer state directly, bypassing the
+        check that a resume uses the same anchors and λ); an "optimizer" section (DeepSpeed would
+        build its own optimizer instead of AsFTAdamW).
+        NotImplementedError for LoRA adapters under ZeRO (`has_lora`).
+    """
+    stage = _get(config, "zero_optimization", "stage") or 0
+    if _get(config, "optimizer") is not None:
+        raise ValueError('the DeepSpeed config has an "optimizer" section: DeepSpeed would build that '
+                         "optimizer instead of AsFTAdamW; remove the section and pass the AsFTAdamW "
+                         "as the client optimizer")
+    if not stage:
+        return
+    if _get(config, "zero_allow_untested_optimizer") is not True:
+        raise ValueError(f"DeepSpeed ZeRO stage {stage} accepts AsFTAdamW as its client optimizer only "
+                         'with "zero_allow_untested_optimizer": true in the DeepSpeed config (it is not in '
+                         "DeepSpeed's list of tested optimizers); add that key")
+    device = _get(config, "zero_optimization", "offload_optimizer", "device")
+    if device == "nvme":
+        raise ValueError('"offload_optimizer": {"device": "nvme"} is not supported with AsFTAdamW: '
+                         'DeepSpeed swaps partitions and their state to disk; use "device": "cpu"')
+    if device == "cpu" and _get(config, "zero_force_ds_cpu_optimizer") is not False:
+        raise ValueError('ZeRO-Offload ("offload_optimizer": {"device": "cpu"}) steps AsFTAdamW on the '
+                         'CPU partitions only with "zero_force_ds_cpu_optimizer": false in the DeepSpeed '
+                         "config; add that key")
+    if _get(config, "zero_optimization", "elastic_checkpoint"):
+        raise ValueError('"elastic_checkpoint": true is not supported with AsFTAdamW: its restore bypasses '
+                         "the check that a resume uses the same anchors and λ; remove the key")
+    if has_lora:
+        raise NotImplementedError(f"LoRA adapters under DeepSpeed ZeRO stage {stage} are not supported by "
+                                  "AsFTAdamW (the penalty on s·B·A needs whole A and B, which ZeRO splits); "
+                                  "train LoRA with DDP (ZeRO stage 0) or full parameters under ZeRO")
+
+
+# ----------------------------------------------------------------------------------- step
+@torch.no_grad()
+def step_partition(part: Partition, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                   max_exp_avg_sq: Tensor | None, step: Tensor, w0: Tensor, dots: Tensor, *,
+                   coef: float, penalty: str, **adam_kwargs: Any) -> Tensor:
+    """AdamW on g̃ = g + coef·R over one flat partition, R taken per segment with its tensor's
+    global dot; gaps (padding, tensors without a direction) take plain AdamW steps.
+
+    Every argument but `part` and `dots` is flat like `part.flat` (`step`: the partition's step
+    count, incremented once). Segments and gaps are stepped as views of the flat tensors, so the
+    update is elementwise what torch's AdamW on the whole partition would be, plus the penalty.
+    Returns the new partial ⟨v, ΔW⟩ per segment (fp32, shape (len(segments),)).
+    """
+    def views(t: Tensor | None, ranges: list[tuple[int, int]]) -> list[Tensor]:
+        return [] if t is None else [t[a:b] for a, b in ranges]
+
+    segs = [(s.start, s.start + s.numel) for s in part.segments]
+    gaps = part.gaps()
+    amsgrad = adam_kwargs["amsgrad"]
+    new = torch.zeros(len(segs), dtype=torch.float32, device=part.flat.device)
+    if segs:
+        out = asft_adamw_(views(part.flat, segs), views(grad, segs), views(exp_avg, segs),
+                          views(exp_avg_sq, segs), views(max_exp_avg_sq if amsgrad else None, segs),
+                          [step.clone() for _ in segs], views(w0, segs), part.bounds, list(dots.unbind()),
+                          coef=coef, penalty=penalty, **adam_kwargs)
+        new = torch.stack(out)
+    if gaps:
+        adam(views(part.flat, gaps), views(grad, gaps), views(exp_avg, gaps), views(exp_avg_sq, gaps),
+             views(max_exp_avg_sq if amsgrad else None, gaps), [step.clone() for _ in gaps], **adam_kwargs)
+    step.add_(1)
+    return new

@@ -1,0 +1,244 @@
+"""Worker for the DeepSpeed ZeRO tests: `python -m torch.distributed.run --nproc_per_node=2 zero_worker.py MODE OUT_DIR`.
+
+Modes (gloo, CPU, world size 2; each runs several DeepSpeed engines one after the other):
+  train   ZeRO-1, 2 and 3, fp32 and bf16, with torch.optim.AdamW (the harness's baseline) and with
+          AsFTAdamW, against single-process runs; all-reduces of each optimizer step counted by
+          caller; drift on both ranks; a negative control (the dot all-reduce skipped).
+  ckpt    ZeRO-2 and 3: engine.save_checkpoint after 4 steps, load_checkpoint into a fresh engine
+          (other initial weights), 4 more steps against the uninterrupted run; resumes with other
+          λ or anchors refused; config checks.
+Rank 0 writes OUT_DIR/MODE.json; the pytest file asserts on it.
+
+The model's tensors have 30, 5, 15, 3, 3 and 1 elements: ZeRO-1/2 split a.weight (group of weights,
+48 elements: 24/24) and b.bias (group of biases, 9 padded to 12) across the ranks; ZeRO-3 splits
+every tensor, unevenly (c.bias lies wholly on rank 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param
+from torch import nn
+
+import asft_optim.zero as asft_zero
+from asft_optim import Anchors, AsFTAdamW
+
+STEPS = 8
+LR = 2e-2
+LAM = 1.0
+BATCH = 8  # per rank
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 5)
+        self.b = nn.Linear(5, 3)
+        self.c = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def make_model(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return Net()
+
+
+def directions(seed: int = 1234) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    d = {n: torch.randn(p.shape, generator=gen) for n, p in make_model().named_parameters()}
+    d["c.bias"].zero_()  # a zero direction: a plain L2 pull
+    return d
+
+
+def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank `rank`'s half of step `step`'s global batch."""
+    gen = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(2 * BATCH, 6, generator=gen)
+    y = torch.randn(2 * BATCH, 1, generator=gen)
+    return x[rank * BATCH:(rank + 1) * BATCH], y[rank * BATCH:(rank + 1) * BATCH]
+
+
+def groups(model: nn.Module, named: bool = True) -> list[dict]:
+    items = [(n, p) if named else p for n, p in model.named_parameters()]
+    weights = [x for x, (n, _) in zip(items, model.named_parameters()) if n.endswith("weight")]
+    biases = [x for x, (n, _) in zip(items, model.named_parameters()) if n.endswith("bias")]
+    return [{"params": weights}, {"params": biases, "weight_decay": 0.0}]
+
+
+def asft(model: nn.Module, anchors: Anchors, lam: float = LAM) -> AsFTAdamW:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the zero direction of c.bias warns
+        return AsFTAdamW(groups(model), lr=LR, anchors=anchors, asft_lambda=lam)
+
+
+def adamw(model: nn.Module) -> torch.optim.AdamW:
+    return torch.optim.AdamW(groups(model, named=False), lr=LR)
+
+
+def config(stage: int, bf16: bool = False, **extra: Any) -> dict:
+    return {"train_micro_batch_size_per_gpu": BATCH, "zero_optimization": {"stage": stage},
+            "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9, "bf16": {"enabled": bf16},
+            **extra}
+
+
+def dtype(bf16: bool) -> torch.dtype:
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+class CallCounter:
+    """Counts `torch.distributed.all_reduce` calls made from `asft_optim` modules, per step."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, str]] = []
+
+    def __enter__(self) -> CallCounter:
+        self.real = dist.all_reduce
+
+        def counting(tensor, *args, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("asft_optim"):
+                self.calls.append((tensor.numel(), str(tensor.dtype)))
+            return self.real(tensor, *args, **kwargs)
+
+        dist.all_reduce = counting
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        dist.all_reduce = self.real
+
+
+def train(engine: Any, rank: int, steps: range, bf16: bool = False,
+          on_step: Callable[[int], None] | None = None) -> list[list[tuple[int, str]]]:
+    """Steps of a DeepSpeed engine; returns per step the asft all-reduces of `engine.step()`."""
+    comms = []
+    for step in steps:
+        x, y = batch(step, rank)
+        loss = (engine(x.to(dtype(bf16))) - y.to(dtype(bf16))).square().mean()
+        engine.backward(loss)
+        with CallCounter() as counter:
+            engine.step()
+        comms.append(counter.calls)
+        if on_step is not None:
+            on_step(step + 1)
+    return comms
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The fp32 master weights by name, gathered by DeepSpeed (collective)."""
+    return {n: safe_get_full_fp32_param(p).detach().clone() for n, p in model.named_parameters()}
+
+
+def reference(make_opt: Callable[[nn.Module], torch.optim.Optimizer], bf16: bool,
+              steps: int = STEPS) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The single-process run. fp32: the gradient is g0/2 + g1/2 of the two halves. bf16 (as
+    DeepSpeed does it): fp32 masters start as the bf16-rounded initial weights, each half's forward
+    and backward run on a bf16 copy of the masters, and the gradient is their bf16 mean."""
+    master = make_model()
+    lp = make_model().to(dtype(bf16))
+    with torch.no_grad():
+        for p in master.parameters():
+            p.copy_(p.to(dtype(bf16)).float())
+    opt = make_opt(master)
+    for step in range(steps):
+        with torch.no_grad():
+            for q, p in zip(lp.parameters(), master.parameters()):
+                q.copy_(p)
+        halves = []
+        for r in range(2):
+            lp.zero_grad()
+            x, y = batch(step, r)
+            (lp(x.to(dtype(bf16))) - y.to(dtype(bf16))).square().mean().backward()
+            halves.append([q.grad.clone() for q in lp.parameters()])
+        for p, g0, g1 in zip(master.parameters(), *halves):
+            p.grad = (g0 / 2 + g1 / 2).float()
+        opt.step()
+    return master, opt
+
+
+def max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)) for k in b)
+
+
+def run_engine(stage: int, bf16: bool, make_opt: Callable[[nn.Module], torch.optim.Optimizer], rank: int,
+               seed: int = 0, **extra: Any) -> tuple[nn.Module, Any, torch.optim.Optimizer]:
+    model = make_model(seed)
+    opt = make_opt(model)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config(stage, bf16, **extra))
+    return model, engine, opt
+
+
+def run_train(out: Path, rank: int) -> dict:
+    anchors = Anchors.from_tensors(directions())
+    result: dict[str, Any] = {}
+    for bf16 in (False, True):
+        ref_adamw = {n: p.detach() for n, p in reference(adamw, bf16)[0].named_parameters()}
+        ref_model, ref_opt = reference(lambda m: asft(m, anchors), bf16)
+        ref = {n: p.detach() for n, p in ref_model.named_parameters()}
+        ref_drift = {n: d.as_dict() for n, d in ref_opt.drift().items()}
+        plain = {n: p.detach() for n, p in reference(lambda m: asft(m, anchors, lam=0.0), bf16)[0].named_parameters()}
+        for stage in (1, 2, 3):
+            tag = f"zero{stage}_{'bf16' if bf16 else 'fp32'}"
+            model, engine, _ = run_engine(stage, bf16, adamw, rank)
+            train(engine, rank, range(STEPS), bf16)
+            result[f"{tag}/adamw_max_rel"] = max_rel(full_params(model), ref_adamw)
+            engine.destroy()
+            model, engine, opt = run_engine(stage, bf16, lambda m: asft(m, anchors), rank)
+            comms = train(engine, rank, range(STEPS), bf16)
+            result[f"{tag}/max_rel"] = max_rel(full_params(model), ref)
+            drift = {n: d.as_dict() for n, d in opt.drift().items()}  # collective
+            drifts: list = [None, None]
+            dist.all_gather_object(drifts, drift)
+            result[f"{tag}/drift_max_diff"] = max(abs(dr[n][k] - ref_drift[n][k]) for dr in drifts
+                                                  for n in ref_drift for k in ref_drift[n])
+            result[f"{tag}/drift_names"] = [sorted(dr) for dr in drifts]
+            result[f"{tag}/comms"] = comms
+            engine.destroy()
+        result[f"{'bf16' if bf16 else 'fp32'}/penalty_effect"] = max_rel(ref, plain)
+    # Negative control: ZeRO-2 with each rank's partial dots taken as the global ones (the fp32
+    # all-reduce of dots skipped; the binding's fp64 ones kept).
+    real = asft_zero.ZeroTensors._all_reduce
+
+    def no_dot_reduction(self, vec, op):
+        if vec.dtype != torch.float32:
+            real(self, vec, op)
+
+    asft_zero.ZeroTensors._all_reduce = no_dot_reduction  # type: ignore[method-assign]
+    try:
+        model, engine, _ = run_engine(2, False, lambda m: asft(m, anchors), rank)
+        train(engine, rank, range(STEPS))
+    finally:
+        asft_zero.ZeroTensors._all_reduce = real  # type: ignore[method-assign]
+    fp32_ref = {n: p.detach() for n, p in reference(lambda m: asft(m, anchors), False)[0].named_parameters()}
+    result["unreduced_max_rel"] = max_rel(full_params(model), fp32_ref)
+    engine.destroy()
+    return result
+
+
+def main() -> None:
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    torch.use_deterministic_algorithms(True)
+    result = {"train": run_train}[mode](out, rank)
+    if rank == 0:
+        (out / f"{mode}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip a C++ teardown that may abort after the results are written
+
+
+if __name__ == "__main__":
+    main()
