@@ -25,7 +25,7 @@ from .metrics import Drift, drift, drift_from_sums, sums
 from .step_lora import LoraParams
 from .step_sharded import ShardedParams
 from .step_triton import TritonStep
-from .zero import ZeroTensors, is_zero_param, original_shape, step_partition
+from .zero import ZeroTensors, is_zero_param, lora_refusal, original_shape, step_partition
 
 __all__ = ["AsFTAdamW", "IMPLS"]
 
@@ -262,6 +262,8 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
         """Step a group's flat ZeRO partitions (see `asft_optim.zero`): the penalty per segment with
         its tensor's global ⟨v, ΔW⟩, W0 snapshot from the fp32 master partition at its first step."""
         lam = group["asft_lambda"]
+        if self._lora_in_group(group):
+            raise NotImplementedError(lora_refusal("1-3"))
         for flat in group["params"]:
             if flat.grad is None:
                 continue
@@ -272,7 +274,7 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
                 adam(*lists, **kwargs)
                 continue
             st = self.state[flat]
-            part = self._zero.partition(flat, group["param_names"], self.anchors)
+            part = self._zero.partition(flat, group["param_names"], self.anchors, st.get("w0"))
             first = "w0" not in st
             if first:
                 st["w0"] = storage_w0(flat.detach().clone())

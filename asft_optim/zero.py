@@ -16,7 +16,8 @@ the original parameters (which the optimizer keeps by name from when their group
 
 Per partition the optimizer keeps (`Partition`): the segments, the direction laid out like the
 partition (each rank reads only the rows its segments cover; the rescaling power of two and ‖v‖²
-are global: one MAX and one SUM all-reduce per partition when it is first seen), W0 (snapshot of
+are global: one MAX and one SUM all-reduce per partition when it is first seen, the SUM also
+carrying the partition's dots when it is first seen after a resume), W0 (snapshot of
 the fp32 master partition at its first step, in `state[partition]["w0"]`), and each segment's
 partial ⟨v, ΔW⟩. The per-tensor sums over ranks are one all-reduce of one fp32 per tensor per
 optimizer step (`ZeroTensors.global_dots`), whatever the number of groups and sub-groups.
@@ -194,16 +195,20 @@ class ZeroTensors:
         """Forget every carried and reduced dot (a load, `resync()`)."""
         self.epoch += 1
 
-    def partition(self, flat: Tensor, group_names: Sequence[str], anchors: Anchors) -> Partition:
-        """The `Partition` of `flat` (bound on first sight: collective over the data-parallel group)."""
+    def partition(self, flat: Tensor, group_names: Sequence[str], anchors: Anchors,
+                  w0: Tensor | None = None) -> Partition:
+        """The `Partition` of `flat`, bound on first sight (collective over the data-parallel group:
+        a MAX and a SUM all-reduce). `w0`: the partition's W0 if it has one already (a resumed run):
+        its global dots are then summed in the binding's SUM all-reduce."""
         for part in self.partitions:
             if part.flat is flat:
                 return part
-        part = self._bind(flat, [(n, self.params[n]) for n in group_names if n in self.params], anchors)
+        part = self._bind(flat, [(n, self.params[n]) for n in group_names if n in self.params], anchors, w0)
         self.partitions.append(part)
         return part
 
-    def _bind(self, flat: Tensor, named: list[tuple[str, Tensor]], anchors: Anchors) -> Partition:
+    def _bind(self, flat: Tensor, named: list[tuple[str, Tensor]], anchors: Anchors,
+              w0: Tensor | None) -> Partition:
         if self.group is None:
             self.group = process_group(named)
         segments = [s for s in find_segments(flat, named) if s.name in self.keys]
@@ -222,28 +227,36 @@ class ZeroTensors:
         v = torch.zeros_like(flat, dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
         amax = torch.zeros(len(rows), dtype=torch.float64, device=flat.device)
         for s, d in zip(segments, pieces):
-            finite = bool(torch.isfinite(d).all())
-            amax[row[s.name]] = float(d.abs().max()) if finite else math.inf
+            amax[row[s.name]] = float(d.abs().max()) if bool(torch.isfinite(d).all()) else math.inf
         self._all_reduce(amax, dist.ReduceOp.MAX)
         bad = [n for n, a in zip(rows, amax.tolist()) if not math.isfinite(a)]
         if bad:
             raise ValueError(f"direction for '{bad[0]}' contains NaN or Inf"
                              + (f" (as do {len(bad) - 1} more)" if len(bad) > 1 else ""))
         scales = [math.ldexp(1.0, math.floor(math.log2(a))) if a > 0 else 1.0 for a in amax.tolist()]
-        nv2 = torch.zeros(len(rows), dtype=torch.float64, device=flat.device)
+        sums = torch.zeros(2, len(rows), dtype=torch.float64, device=flat.device)  # ‖v‖², ⟨v, ΔW⟩
+        views = []
         for s, d in zip(segments, pieces):
             piece = v[s.start: s.start + s.numel]
             piece.copy_(d)
             piece.mul_(1.0 / scales[row[s.name]])  # exact: a power of two
-            nv2[row[s.name]] = piece.double().square().sum()
-        self._all_reduce(nv2, dist.ReduceOp.SUM)
-        nv2_list = nv2.tolist()
-        bounds = []
-        for s in segments:
-            n = nv2_list[row[s.name]]
-            bounds.append(BoundDirection(v[s.start: s.start + s.numel], 1.0 / n if n > 0 else 0.0,
-                                         scales[row[s.name]]))
-        return Partition(flat, segments, bounds, [self.names.index(s.name) for s in segments], v)
+            sums[0, row[s.name]] = piece.double().square().sum()
+            views.append(piece)
+        bounds = [BoundDirection(piece, 0.0, scales[row[s.name]]) for s, piece in zip(segments, views)]
+        if w0 is not None and segments:
+            dots = partial_dots([flat[s.start: s.start + s.numel] for s in segments],
+                                [w0[s.start: s.start + s.numel] for s in segments], bounds)
+            sums[1, [row[s.name] for s in segments]] = dots.double()
+        self._all_reduce(sums, dist.ReduceOp.SUM)
+        nv2 = sums[0].tolist()
+        for s, b in zip(segments, bounds):
+            n = nv2[row[s.name]]
+            b.inv_nv2 = 1.0 / n if n > 0 else 0.0
+        part = Partition(flat, segments, bounds, [self.names.index(s.name) for s in segments], v)
+        if w0 is not None:
+            part.dots = sums[1, [row[s.name] for s in segments]].float()
+            part.dots_version, part.epoch = flat._version, self.epoch
+        return part
 
     def _all_reduce(self, vec: Tensor, op: dist.ReduceOp) -> None:
         if dist.is_initialized() and dist.get_world_size(self.group) > 1:
@@ -355,9 +368,15 @@ def check_config(config: Mapping[str, Any], *, has_lora: bool = False) -> None:
         raise ValueError('"elastic_checkpoint": true is not supported with AsFTAdamW: its restore bypasses '
                          "the check that a resume uses the same anchors and λ; remove the key")
     if has_lora:
-        raise NotImplementedError(f"LoRA adapters under DeepSpeed ZeRO stage {stage} are not supported by "
-                                  "AsFTAdamW (the penalty on s·B·A needs whole A and B, which ZeRO splits); "
-                                  "train LoRA with DDP (ZeRO stage 0) or full parameters under ZeRO")
+        raise NotImplementedError(lora_refusal(stage))
+
+
+def lora_refusal(stage: int | str) -> str:
+    """Why LoRA adapters cannot be trained under ZeRO with AsFTAdamW."""
+    return (f"LoRA adapters under DeepSpeed ZeRO stage {stage} are not supported by AsFTAdamW (the "
+            "penalty on s·B·A needs whole A and B, which ZeRO splits into flat partitions); train LoRA "
+            "without ZeRO (its adapters are small: DDP, or DeepSpeed with stage 0), or full parameters "
+            "under ZeRO")
 
 
 # ----------------------------------------------------------------------------------- step
@@ -391,3 +410,24 @@ def step_partition(part: Partition, grad: Tensor, exp_avg: Tensor, exp_avg_sq: T
              views(max_exp_avg_sq if amsgrad else None, gaps), [step.clone() for _ in gaps], **adam_kwargs)
     step.add_(1)
     return new
+
+
+def load_config(config: Mapping[str, Any] | str | Any) -> Mapping[str, Any]:
+    """A DeepSpeed config given as a dict or as the path of a JSON file."""
+    if isinstance(config, Mapping):
+        return config
+    import json
+    from pathlib import Path
+    return json.loads(Path(config).read_text())
+
+
+def initialize(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               config: Mapping[str, Any] | str, **kwargs: Any) -> tuple:
+    """`deepspeed.initialize` with an AsFTAdamW client optimizer, after `check_config`.
+
+    Returns what `deepspeed.initialize` returns (engine, optimizer, data loader, scheduler).
+    """
+    import deepspeed
+    lora = any(optimizer._lora_in_group(g) for g in optimizer.param_groups) if hasattr(optimizer, "_lora_in_group") else False
+    check_config(load_config(config), has_lora=lora)
+    return deepspeed.initialize(model=model, optimizer=optimizer, config=config, **kwargs)

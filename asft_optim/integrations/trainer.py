@@ -19,6 +19,11 @@ by name, so accelerate's `prepare` (which may wrap the optimizer and swap parame
 checkpoint resume (`Trainer` saves and reloads `optimizer.state_dict()`, W0 included) keep working.
 Trainer clips gradients before `optimizer.step()`; the AsFT penalty gradient is added inside the
 step and is not clipped.
+
+With a DeepSpeed config (`TrainingArguments(deepspeed=...)`), AsFTAdamW is ZeRO's client
+optimizer (stages 1-3, full-parameter training; see `asft_optim.zero`); the config must not have an
+"optimizer" section (DeepSpeed would build its own optimizer and AsFT would silently not run), and
+`check_config` refuses the other unsupported settings when the Trainer is built.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
 from ..anchors import Anchors
+from ..lora import is_lora_name
 from ..metrics import drift_from_sums, per_layer
 from ..optimizer import AsFTAdamW
+from ..zero import check_config
 
 __all__ = ["AsFTTrainer", "AsFTTrainerMixin", "DriftCallback", "create_asft_optimizer", "unwrap_asft"]
 
@@ -128,6 +135,11 @@ class AsFTTrainerMixin:
             raise ValueError("AsFTTrainer builds its own AsFTAdamW; do not pass `optimizers` or "
                              "`optimizer_cls_and_kwargs`")
         super().__init__(*args, **kwargs)
+        if getattr(self, "is_deepspeed_enabled", False):
+            config = self.accelerator.state.deepspeed_plugin.hf_ds_config.config  # type: ignore[attr-defined]
+            lora = any(p.requires_grad and is_lora_name(n) for n, p in self.model.named_parameters())  # type: ignore[attr-defined]
+            # transformers adds "zero_allow_untested_optimizer": true itself for a Trainer-built optimizer
+            check_config({**config, "zero_allow_untested_optimizer": True}, has_lora=lora)
         self.asft_anchors = anchors
         self.asft_options = options
         if drift_per_layer is not None:

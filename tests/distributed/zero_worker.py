@@ -225,12 +225,157 @@ def run_train(out: Path, rank: int) -> dict:
     return result
 
 
+def run_ckpt(out: Path, rank: int) -> dict:
+    anchors = Anchors.from_tensors(directions())
+    other = Anchors.from_tensors(directions(seed=99))
+    result: dict[str, Any] = {}
+    for stage in (2, 3):
+        folder = out / f"ckpt{stage}"
+        model, engine, opt = run_engine(stage, False, lambda m: asft(m, anchors), rank)
+        train(engine, rank, range(STEPS), on_step=lambda step: step == STEPS // 2 and engine.save_checkpoint(
+            str(folder), tag="half"))
+        uninterrupted = full_params(model)
+        engine.destroy()
+        model, engine, opt = run_engine(stage, False, lambda m: asft(m, anchors), rank, seed=7)
+        engine.load_checkpoint(str(folder), tag="half")
+        comms = train(engine, rank, range(STEPS // 2, STEPS))
+        resumed = full_params(model)
+        result[f"zero{stage}/resumed_max_abs"] = max(float((resumed[n] - uninterrupted[n]).abs().max())
+                                                     for n in uninterrupted)
+        result[f"zero{stage}/resumed_comms"] = comms
+        engine.destroy()
+        for what, make in (("lambda", lambda m: asft(m, anchors, lam=2.0)), ("anchors", lambda m: asft(m, other))):
+            model, engine, opt = run_engine(stage, False, make, rank, seed=7)
+            try:
+                engine.load_checkpoint(str(folder), tag="half")
+                result[f"zero{stage}/{what}_error"] = ""
+            except ValueError as e:
+                result[f"zero{stage}/{what}_error"] = str(e)
+            engine.destroy()
+        if rank == 0:  # what DeepSpeed stored for the client optimizer
+            saved = torch.load(folder / "half" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+            sd = saved["optimizer_state_dict"]
+            client = sd["base_optimizer_state"] if stage < 3 else sd["optimizer_state_dict"]
+            result[f"zero{stage}/saved_group_keys"] = sorted(client["param_groups"][0])
+            result[f"zero{stage}/saved_state_keys"] = sorted(client["state"][0])
+            result[f"zero{stage}/saved_w0_numel"] = client["state"][0]["w0"].numel()
+    errors = {}
+    for name, cfg in (("untested", {"zero_optimization": {"stage": 2}}),
+                      ("offload", {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+                                   "zero_allow_untested_optimizer": True})):
+        try:
+            asft_zero.initialize(model=make_model(), optimizer=asft(make_model(), anchors),
+                                 config={"train_micro_batch_size_per_gpu": BATCH, **cfg})
+            errors[name] = ""
+        except ValueError as e:
+            errors[name] = str(e)
+    result["config_errors"] = errors
+    # ZeRO-Offload with "zero_force_ds_cpu_optimizer": false: AsFTAdamW steps the CPU partitions.
+    ref = {n: p.detach() for n, p in reference(lambda m: asft(m, anchors), False)[0].named_parameters()}
+    model = make_model()
+    engine, _, _, _ = asft_zero.initialize(model=model, optimizer=asft(model, anchors), config=config(
+        2, zero_force_ds_cpu_optimizer=False, zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}))
+    train(engine, rank, range(STEPS))
+    result["offload/max_rel"] = max_rel(full_params(model), ref)
+    engine.destroy()
+    return result
+
+
+class Regressor(nn.Module):
+    """`Net` with the loss inside, as a Trainer model; records the batches it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_model()
+        self.seen: list[tuple[list, list]] = []
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.training:
+            self.seen.append((x.tolist(), y.tolist()))
+        return {"loss": (self.net(x) - y).square().mean()}
+
+
+class Logs:
+    """A TrainerCallback-like recorder of every log (on every rank)."""
+
+    def __init__(self) -> None:
+        from transformers import TrainerCallback
+
+        class Recorder(TrainerCallback):
+            def on_log(inner, args, state, control, logs=None, **kwargs):
+                self.logs.append(dict(logs or {}))
+
+        self.logs: list[dict] = []
+        self.callback = Recorder()
+
+
+def run_trainer(out: Path, rank: int) -> dict:
+    """AsFTTrainer with a DeepSpeed config dict (ZeRO-2, then ZeRO-3), 2 ranks × 4 samples per step,
+    against a single-process AsFTAdamW loop over the batches each rank saw."""
+    from transformers import TrainingArguments
+
+    from asft_optim.integrations import AsFTTrainer
+
+    gen = torch.Generator().manual_seed(5)
+    xs, ys = torch.randn(64, 6, generator=gen), torch.randn(64, 1, generator=gen)
+    data = [{"x": x, "y": y} for x, y in zip(xs, ys)]
+    anchors = Anchors.from_tensors({f"net.{n}": d for n, d in directions().items()})
+    result: dict[str, Any] = {}
+    for stage in (2, 3):
+        ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "gradient_clipping": 0.0, "steps_per_print": 10 ** 9,
+              "zero_optimization": {"stage": stage}}
+        args = TrainingArguments(output_dir=str(out / f"trainer{stage}"), per_device_train_batch_size=4,
+                                 max_steps=STEPS, learning_rate=LR, lr_scheduler_type="constant",
+                                 weight_decay=0.01, max_grad_norm=0.0, logging_steps=STEPS // 2,
+                                 save_strategy="no", report_to=[], disable_tqdm=True, deepspeed=ds, seed=0)
+        model = Regressor()
+        logs = Logs()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = AsFTTrainer(model=model, args=args, train_dataset=data, anchors=anchors,
+                                  asft_lambda=LAM, callbacks=[logs.callback])
+            trainer.train()
+        params = full_params(model)
+        seen: list = [None, None]
+        dist.all_gather_object(seen, model.seen)
+        drift_logs: list = [None, None]
+        dist.all_gather_object(drift_logs, [{k: v for k, v in log.items() if k.startswith("asft/")}
+                                            for log in logs.logs if "loss" in log])
+        result[f"zero{stage}/client"] = type(trainer.optimizer.optimizer.optimizer).__name__
+        # The single-process run over the same global batches (rank 0's half, rank 1's half).
+        ref = Regressor()
+        ref.train(False)
+        decay = [n for n, _ in ref.named_parameters() if not n.endswith("bias")]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = AsFTAdamW.from_model(ref, anchors=anchors, lr=LR, weight_decay=0.01, asft_lambda=LAM,
+                                       no_weight_decay=[n for n, _ in ref.named_parameters() if n not in decay])
+        for step in range(STEPS):
+            halves = []
+            for r in range(2):
+                ref.zero_grad()
+                x, y = (torch.tensor(t) for t in seen[r][step])
+                ref(x, y)["loss"].backward()
+                halves.append([p.grad.clone() for p in ref.parameters()])
+            for p, g0, g1 in zip(ref.parameters(), *halves):
+                p.grad = g0 / 2 + g1 / 2
+            opt.step()
+        result[f"zero{stage}/max_rel"] = max_rel(params, {n: p.detach() for n, p in ref.named_parameters()})
+        result[f"zero{stage}/drift_logs"] = drift_logs
+        sums = opt.drift_sums()
+        total = [sum(s[i] for s in sums.values()) for i in range(4)]
+        from asft_optim.metrics import drift_from_sums
+        result[f"zero{stage}/ref_cos"] = drift_from_sums(total[0], total[1], total[2], int(total[3])).cos
+        trainer.accelerator.free_memory()
+    return result
+
+
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
-    torch.use_deterministic_algorithms(True)
-    result = {"train": run_train}[mode](out, rank)
+    result = {"train": run_train, "ckpt": run_ckpt, "trainer": run_trainer}[mode](out, rank)
     if rank == 0:
         (out / f"{mode}.json").write_text(json.dumps(result))
     dist.barrier()
