@@ -14,6 +14,7 @@ setup(
         "triton": ["triton>=3.1"],
         "hf": ["transformers>=4.56", "peft>=0.13", "accelerate>=1.0", "huggingface_hub>=0.24"],
         "plot": ["matplotlib>=3.7"],
+        "deepspeed": ["deepspeed>=0.19"],
         "test": ["pytest>=8", "hypothesis>=6.100", "numpy>=1.24"],
         "bench": ["pytest-benchmark>=4", "psutil>=5.9"],
     },

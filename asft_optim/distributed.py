@@ -1,4 +1,4 @@
-"""AsFT across processes: sharded (DTensor) parameters, distributed checkpoints, ZeRO detection.
+"""AsFT across processes: sharded (DTensor) parameters, distributed checkpoints, flattening checks.
 
 DDP needs nothing here: every replica holds whole tensors, receives the same averaged gradients and
 takes the same deterministic step, so the replicas stay bitwise identical without communication.
@@ -36,10 +36,10 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .anchors import Anchors
-from .functional import BoundDirection
+from .functional import BoundDirection, direction_dtype, times_pow2
 
 __all__ = ["is_dtensor", "local", "like", "local_direction", "bind_sharded", "all_reduce_dots",
-           "snapshot_w0", "check_not_flattened", "check_not_zero3", "save_checkpoint",
+           "snapshot_w0", "check_not_flattened", "save_checkpoint",
            "load_checkpoint", "latest_checkpoint", "LATEST"]
 
 LATEST = "latest"  # file in a checkpoint folder naming its newest complete checkpoint
@@ -161,14 +161,13 @@ def bind_sharded(anchors: Anchors, named: list[tuple[str, DTensor]]) -> list[Bou
                          + (f" (as do {len(bad) - 1} more)" if len(bad) > 1 else ""))
     vs, scales = [], []
     for (name, p), d, a in zip(named, blocks, amax):
-        v = torch.empty_like(p._local_tensor, dtype=d.dtype)
+        v = torch.empty_like(p._local_tensor, dtype=direction_dtype(d.dtype, p.dtype))
         if a == 0.0:
             v.zero_()
             scales.append(1.0)
-        else:
+        else:  # as `functional.rescaled`, with the global max: exact, in float64
             k = math.floor(math.log2(a))
-            v.copy_(d.reshape(v.shape))
-            v.mul_(math.ldexp(1.0, -k))  # exact: a power of two
+            v.copy_(times_pow2(d.reshape(v.shape).to(torch.float64, copy=True), -k))
             scales.append(math.ldexp(1.0, k))
         vs.append(v)
     nv2 = torch.stack([v.double().square().sum() for v in vs]).to(device)
@@ -190,35 +189,18 @@ def snapshot_w0(p: DTensor) -> DTensor:
     return like(p._local_tensor.detach().clone(memory_format=torch.preserve_format), p)
 
 
-# ----------------------------------------------------------------------------------- DeepSpeed
-_POINTER = ("use PyTorch FSDP2 instead (torch.distributed.fsdp.fully_shard, or accelerate with "
-            "fsdp_version: 2), which keeps parameter names and shards them as DTensors; DeepSpeed "
-            "without ZeRO partitioning works too")
-
-
-def check_not_zero3(name: str, p: Tensor) -> None:
-    """Raise if p is a DeepSpeed ZeRO-3 partitioned parameter (it carries `ds_id`)."""
-    if hasattr(p, "ds_id") or hasattr(p, "ds_tensor"):
-        raise RuntimeError(f"parameter '{name}' is partitioned by DeepSpeed ZeRO-3: its local data is "
-                           "a flat partition that AsFTAdamW cannot match to its direction; " + _POINTER)
-
-
+# ----------------------------------------------------------------------------------- flattening
 def check_not_flattened(group: Mapping[str, Any], index: int) -> None:
-    """Raise if a param group's tensors no longer match its names.
-
-    DeepSpeed ZeRO (stages 1-3) replaces each group's parameters by flattened fp32 partitions, so
-    the names that bind the directions no longer describe the tensors.
-    """
+    """Raise if a param group's tensors no longer match its names (and DeepSpeed ZeRO, which
+    `asft_optim.zero` follows through its bookkeeping, did not do it)."""
     params, names = group["params"], group.get("param_names")
     if names is not None and len(names) == len(params):
         return
-    hint = (" (DeepSpeed ZeRO replaces each param group's tensors by flattened partitions)"
-            if names is not None else "")
     raise RuntimeError(
         f"param group {index} holds {len(params)} tensor(s) but "
         f"{'no names' if names is None else f'{len(names)} parameter name(s)'}: its parameters were "
-        f"replaced after the optimizer was built{hint}. AsFTAdamW binds directions by name and cannot "
-        "follow flattened parameters; " + _POINTER)
+        "replaced after the optimizer was built by something other than DeepSpeed ZeRO. AsFTAdamW binds "
+        "directions by name; build the optimizer on the parameters it will step")
 
 
 # ----------------------------------------------------------------------------------- checkpoints

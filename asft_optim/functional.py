@@ -17,14 +17,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
 __all__ = ["BoundDirection", "bind_direction", "penalty_reference", "penalised_grads_reference",
-           "partial_dots", "asft_adamw_", "PENALTIES", "Penalty", "dense_flat"]
+           "partial_dots", "asft_adamw", "asft_adamw_", "StepTensors", "PENALTIES", "Penalty", "dense_flat",
+           "rescaled"]
 
 Penalty = Literal["orthogonal", "parallel", "full"]
 PENALTIES: tuple[str, ...] = ("orthogonal", "parallel", "full")
@@ -59,6 +60,33 @@ def storage_w0(w: Tensor) -> Tensor:
     return w
 
 
+def rescaled(d: Tensor, out: Tensor) -> tuple[Tensor, float]:
+    """out ← d·2**-k with k = ⌊log2 max|d|⌋, so that max|out| ∈ [1, 2); returns (out, 2**k).
+
+    Exact: the power of two is applied in float64 (in two halves: 2**-k alone overflows for fp64
+    subnormals), then cast to out's dtype (the significands fit), for any d down to its dtype's
+    smallest subnormal. An all-zero d gives out = 0 and scale 1.
+    """
+    amax = float(d.abs().max()) if d.numel() else 0.0
+    if amax == 0.0:
+        return out.zero_(), 1.0
+    k = math.floor(math.log2(amax))
+    out.copy_(times_pow2(d.reshape(out.shape).to(torch.float64, copy=True), -k))
+    return out, math.ldexp(1.0, k)
+
+
+def times_pow2(x: Tensor, k: int) -> Tensor:
+    """x ← x·2**k in place (float64), in two exact halves so that 2**k itself never overflows."""
+    half = k // 2
+    return x.mul_(math.ldexp(1.0, half)).mul_(math.ldexp(1.0, k - half))
+
+
+def direction_dtype(d: torch.dtype, param: torch.dtype) -> torch.dtype:
+    """The dtype a bound direction is kept in: d's, except float64 for a lower-precision parameter
+    (kept in float32: the math is fp32 on every path, and the Triton kernels take no fp64)."""
+    return torch.float32 if d == torch.float64 and param != torch.float64 else d
+
+
 def bind_direction(d: Tensor, like: Tensor, name: str) -> BoundDirection:
     """Check a direction against its parameter and prepare it (see `BoundDirection`).
 
@@ -72,17 +100,9 @@ def bind_direction(d: Tensor, like: Tensor, name: str) -> BoundDirection:
     d = d.to(like.device)
     if not bool(torch.isfinite(d).all()):
         raise ValueError(f"direction for '{name}' contains NaN or Inf")
-    amax = float(d.abs().max()) if d.numel() else 0.0
-    if amax == 0.0:
-        v = torch.zeros_like(like, dtype=d.dtype)
-        return BoundDirection(v, 0.0, 1.0)
-    k = math.floor(math.log2(amax))
-    scale = math.ldexp(1.0, k)
-    v = torch.empty_like(like, dtype=d.dtype)
-    v.copy_(d.reshape(like.shape))
-    v.mul_(math.ldexp(1.0, -k))  # exact: a power of two
+    v, scale = rescaled(d, torch.empty_like(like, dtype=direction_dtype(d.dtype, like.dtype)))
     nv2 = float(v.double().square().sum())
-    return BoundDirection(v, 1.0 / nv2, scale)
+    return BoundDirection(v, 1.0 / nv2 if nv2 > 0 else 0.0, scale)
 
 
 def penalty_reference(p: Tensor, w0: Tensor, bound: BoundDirection, penalty: Penalty,
@@ -115,6 +135,52 @@ def penalised_grads_reference(grads: list[Tensor], params: list[Tensor], w0s: li
     dots = [None] * len(params) if dots is None else dots
     return [(g.float() + coef * penalty_reference(p, w0, b, penalty, dot)).to(g.dtype)
             for g, p, w0, b, dot in zip(grads, params, w0s, bounds, dots, strict=True)]
+
+
+class StepTensors(NamedTuple):
+    """One step's tensor lists, entry i for one (local) tensor; all plain tensors.
+
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs (empty without amsgrad), state_steps: as
+    for torch's functional `adam`. w0s: W0 per tensor. directions: the bound direction per tensor.
+    dots: ⟨v, p - W0⟩ at the current p (0-d fp32) or None to compute it here (impl "reference");
+    impl "torch" needs every dot.
+    """
+    params: list[Tensor]
+    grads: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    max_exp_avg_sqs: list[Tensor]
+    state_steps: list[Tensor]
+    w0s: list[Tensor]
+    directions: list[BoundDirection]
+    dots: list[Tensor | None]
+
+
+@torch.no_grad()
+def asft_adamw(t: StepTensors, *, coef: float, penalty: Penalty, impl: str, **adam_kwargs) -> list[Tensor] | None:
+    """AdamW on g̃ = g + coef·R for every tensor of `t`: the one functional entry of the PyTorch paths.
+
+    impl "reference": the obvious formula (`penalised_grads_reference`, then torch's `adam`); returns
+    None. impl "torch": `asft_adamw_`, per device as torch's own AdamW groups tensors; returns the
+    carried ⟨v, p_new - W0⟩ per tensor (0-d fp32), equal bitwise to `partial_dots` of the new p.
+    """
+    if impl == "reference":
+        grads = penalised_grads_reference(t.grads, t.params, t.w0s, t.directions, coef, penalty, t.dots)
+        adam(t.params, grads, t.exp_avgs, t.exp_avg_sqs, t.max_exp_avg_sqs, t.state_steps, **adam_kwargs)
+        return None
+    if impl != "torch":
+        raise ValueError(f"asft_adamw: unknown impl {impl!r}; expected 'torch' or 'reference'")
+    amsgrad = adam_kwargs["amsgrad"]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, p in enumerate(t.params):
+        by_device.setdefault(p.device, []).append(i)
+    out: list[Tensor] = [None] * len(t.params)  # type: ignore[list-item]
+    for idx in by_device.values():
+        sub = [[] if k == 4 and not amsgrad else [xs[i] for i in idx] for k, xs in enumerate(t)]
+        new = asft_adamw_(*sub[:8], sub[8], coef=coef, penalty=penalty, **adam_kwargs)
+        for i, d in zip(idx, new):
+            out[i] = d
+    return out
 
 
 def dense_flat(t: Tensor) -> Tensor | None:
@@ -224,21 +290,21 @@ def asft_adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         for i, lo, hi in batch:
             fl = flats[i]
             if fl is None:  # irregular layout: whole-tensor ops with shaped temporaries
-                s = (grads[i].float() + coef * penalty_reference(params[i], w0s[i], bounds[i], penalty,
-                                                                 dots[i])).to(grads[i].dtype)
-                row = [params[i], s, exp_avgs[i], exp_avg_sqs[i],
+                gpen = (grads[i].float() + coef * penalty_reference(params[i], w0s[i], bounds[i], penalty,
+                                                                    dots[i])).to(grads[i].dtype)
+                row = [params[i], gpen, exp_avgs[i], exp_avg_sqs[i],
                        max_exp_avg_sqs[i] if amsgrad else None]
             else:
-                fp, fg, fm, fv2, fw0, fdir = fl[:6]
+                fp, fg, fexp_avg, fexp_avg_sq, fw0, fdir = fl[:6]
                 dt = fp.dtype
                 if dt not in scratch:
                     scratch[dt] = torch.empty(chunk, device=device, dtype=dt)
                 off = offsets.get(dt, 0)
                 offsets[dt] = off + hi - lo
-                s = scratch[dt][off: off + hi - lo]
-                _penalised_piece(s, fg[lo:hi], fp[lo:hi], fw0[lo:hi], fdir[lo:hi], t32[: hi - lo], cs[i],
+                gpen = scratch[dt][off: off + hi - lo]
+                _penalised_piece(gpen, fg[lo:hi], fp[lo:hi], fw0[lo:hi], fdir[lo:hi], t32[: hi - lo], cs[i],
                                  coef, penalty)
-                row = [fp[lo:hi], s, fm[lo:hi], fv2[lo:hi], fl[6][lo:hi] if amsgrad else None]
+                row = [fp[lo:hi], gpen, fexp_avg[lo:hi], fexp_avg_sq[lo:hi], fl[6][lo:hi] if amsgrad else None]
             for k, x in enumerate(row):
                 if x is not None:
                     views[k].append(x)
@@ -267,20 +333,20 @@ def asft_adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     return [torch.stack(ps).sum() if ps else zero.clone() for ps in parts]
 
 
-def _penalised_piece(s: Tensor, g: Tensor, p: Tensor, w0: Tensor, v: Tensor, t: Tensor, c: Tensor | None,
+def _penalised_piece(out: Tensor, g: Tensor, p: Tensor, w0: Tensor, v: Tensor, t: Tensor, c: Tensor | None,
                      coef: float, penalty: Penalty) -> None:
-    """s ← g + coef·R on one 1-D piece (t: fp32 scratch of the piece's length)."""
+    """out ← g + coef·R on one 1-D piece (t: fp32 scratch of the piece's length)."""
     if penalty == "parallel":
         if c is None:
-            s.copy_(g)
+            out.copy_(g)
         else:
             torch.mul(v, c, out=t)
-            torch.add(g, t, alpha=coef, out=s)
+            torch.add(g, t, alpha=coef, out=out)
         return
     _delta_into(t, p, w0)
     if penalty == "orthogonal" and c is not None:
         t.addcmul_(v, c, value=-1.0)
-    torch.add(g, t, alpha=coef, out=s)
+    torch.add(g, t, alpha=coef, out=out)
 
 
 def _dot_piece(p: Tensor, w0: Tensor, v: Tensor, t32: Tensor, tv: Tensor) -> Tensor:

@@ -2,7 +2,19 @@
 
 AdamW on g̃ = g + 2λ·R(ΔW) follows exactly the trajectory of AdamW on L_task + λ‖R(ΔW)‖², where
 ΔW = W - W0, W0 is the parameter at its first step and R is chosen by `penalty` (see
-`asft_optim.functional`). Directions are bound to parameters by name, never by object identity.
+`asft_optim.functional`).
+
+Where the state lives (data flow: anchors → bindings → optimizer state → implementation):
+
+- `self.state[p]`: torch's AdamW state plus "w0" (saved in `state_dict`).
+- `self._bindings`: one `binding.Binding` per parameter name, made when its group is added: kind
+  (dense / DTensor shard / LoRA A / LoRA B / plain), direction key, bound direction, LoRA pair.
+- `self._dots`: the carried ⟨v, ΔW⟩ (`dot_cache.DotCache`), one validity rule for every impl.
+- `self._triton`: the Triton launch cache (`triton_step.TritonCache`: c slots, tables, plans).
+- `self._zero`: DeepSpeed ZeRO's flat partitions of ZERO parameters (`zero.ZeroTensors`): their
+  segments, direction slices and reduced dots; W0 in `self.state[partition]["w0"]`.
+- Param groups: torch's options plus asft_lambda, penalty, projection, impl and the anchors
+  fingerprint. These are the optimizer's own: a checkpoint never changes them.
 """
 
 from __future__ import annotations
@@ -10,37 +22,57 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim.adam import adam
 
 from . import distributed as _dist
 from .anchors import Anchors, normalize_name
-from .functional import (PENALTIES, BoundDirection, asft_adamw_, bind_direction, partial_dots,
-                         penalised_grads_reference, storage_w0)
-from .lora import PROJECTIONS, LoraLayout
+from .binding import Binding, Kind, anchor_key, bind_group, bind_shards
+from .dot_cache import DotCache
+from .functional import (PENALTIES, BoundDirection, StepTensors, asft_adamw, partial_dots,
+                         storage_w0)
+from .lora import (PROJECTIONS, LoraLayout, lora_drift_sums, lora_layout, lora_penalty_grads,
+                   lora_penalty_grads_reference)
 from .metrics import Drift, drift, drift_from_sums, sums
-from .step_lora import LoraParams
-from .step_sharded import ShardedParams
-from .step_triton import TritonStep
-from .zero import ZeroTensors, is_zero_param, lora_refusal, original_shape, step_partition
+from .triton_step import TritonCache, resolve_impl, triton_group_step
+from .zero import ZeroTensors, lora_refusal, step_partition
 
 __all__ = ["AsFTAdamW", "IMPLS"]
 
 IMPLS: tuple[str, ...] = ("torch", "reference", "triton")
-_MISSING = object()
+# The optimizer's own options per param group: kept across load_state_dict, never taken from it.
+ASFT_KEYS: tuple[str, ...] = ("asft_lambda", "penalty", "projection", "impl", "asft_anchors")
+_CHECKED_ON_RESUME = (("asft_anchors", "anchors (fingerprint)"), ("asft_lambda", "asft_lambda"),
+                      ("penalty", "penalty"), ("projection", "projection"))
 
 
-def _check_number(value: Any, wording: str) -> None:
+def _check_number(value: Any, wording: str, tensor_name: str | None = None) -> None:
+    """Raise ValueError(f"{wording}: {value}") unless value is a finite number ≥ 0 (torch's wording;
+    a Tensor must have one element: "Tensor {tensor_name} must be 1-element")."""
     if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {tensor_name or 'value'} must be 1-element")
         value = float(value)
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{wording}: {value}")
 
 
-class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
+class GroupTensors(NamedTuple):
+    """The tensor lists of one param group's parameters that have gradients (lazy state created)."""
+    names: list[str]
+    params: list[Tensor]
+    grads: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    max_exp_avg_sqs: list[Tensor]   # empty without amsgrad
+    state_steps: list[Tensor]
+    has_complex: bool
+
+
+class AsFTAdamW(torch.optim.AdamW):
     r"""AdamW with the AsFT regulariser λ‖C⊥(W - W0)‖² folded into its gradient.
 
     All `torch.optim.AdamW` arguments keep their meaning and defaults. AsFT options (keyword-only):
@@ -56,7 +88,7 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
             (slow, obvious; the tests' oracle twin), "triton" (fused kernels on CUDA), or None (triton
             on CUDA when available, else torch).
         allow_unanchored: let trainable parameters without a direction take plain AdamW steps
-            instead of raising.
+            instead of raising (at least one parameter must still have a direction).
         projection: "vector" (the paper's Eq. 3, d flattened; the default) or "reference" (the
             paper's released code: C = d·dᵀ/‖d‖_F on the LoRA product B·A; LoRA adapters only).
             Per group.
@@ -69,6 +101,8 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
         exact). The penalty gradient is added inside `step()`: gradient clipping done before it does
         not see the penalty. `differentiable=True` is not supported. With a `GradScaler` the
         optimizer always lets the scaler unscale and skip inf steps (it never takes `grad_scale`).
+        `load_state_dict` keeps this optimizer's AsFT options and parameter names and refuses a
+        checkpoint made with other anchors, λ, penalty or projection.
     """
 
     def __init__(
@@ -93,7 +127,7 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
         projection: str = "vector",
         lora: LoraLayout | None = None,
     ) -> None:
-        _check_number(lr, "Invalid learning rate")
+        _check_number(lr, "Invalid learning rate", "lr")
         _check_number(eps, "Invalid epsilon value")
         _check_number(weight_decay, "Invalid weight_decay value")
         if differentiable:
@@ -107,25 +141,30 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
         self._asft_defaults = {"asft_lambda": asft_lambda, "penalty": penalty, "impl": impl,
                                "projection": projection}
         self._lora = lora
-        self._lora_bound: dict[str, BoundDirection] = {}
-        self._lora_pending: dict[str, Tensor] = {}
-        self._bound: dict[str, BoundDirection | None] = {}
-        self._dots: dict[str, tuple[Tensor, int]] = {}  # name -> (⟨v, p - W0⟩, p._version) after the last step
-        self._sharded: set[str] = set()  # names bound as DTensor shards
-        self._zero = ZeroTensors()  # DeepSpeed ZeRO partitions (see asft_optim.zero)
+        self._bindings: dict[str, Binding] = {}
+        self._lora_bound: dict[str, BoundDirection] = {}  # LoraPair.key → the base weight's direction
+        self._dots = DotCache()
+        self._triton = TritonCache()
+        self._zero = ZeroTensors()
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          foreach=foreach, capturable=capturable, differentiable=differentiable,
                          fused=fused)
         self.defaults.update(self._asft_defaults)
         # The penalty must be added to unscaled gradients: GradScaler unscales and skips for us.
         self._step_supports_amp_scaling = False
+        if not any(b.anchored for b in self._bindings.values()):
+            known = ", ".join(f"'{n}'" for n in list(anchors)[:3])
+            raise ValueError(
+                f"none of the optimizer's {len(self._bindings)} trainable parameter(s) has a direction "
+                f"(e.g. '{next(iter(self._bindings), '')}'; the anchors hold {len(anchors)} tensors, e.g. "
+                f"{known}): AsFT would be plain AdamW. Check the names, or use torch.optim.AdamW")
 
     # ------------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for key, value in self._asft_defaults.items():
             param_group.setdefault(key, value)
         lam = param_group["asft_lambda"]
-        _check_number(lam, "Invalid asft_lambda value")
+        _check_number(lam, "Invalid asft_lambda value", "asft_lambda")
         param_group["asft_lambda"] = float(lam)
         if param_group["penalty"] not in PENALTIES:
             raise ValueError(f"Invalid penalty: {param_group['penalty']!r}; expected one of {PENALTIES}")
@@ -137,62 +176,66 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
         group = self.param_groups[-1]
         if "param_names" not in group:
             raise ValueError("AsFTAdamW binds directions to parameters by name: pass "
-                             "model.named_parameters() or (name, tensor) pairs, not bare tensors")
+                             "model.named_parameters() or (name, tensor) pairs, not bare tensors "
+                             "(with the transformers Trainer, use asft_optim.integrations.AsFTTrainer, or "
+                             "build the optimizer with AsFTAdamW.from_model(model, anchors=...) and pass "
+                             "optimizers=(optimizer, None))")
         group["asft_anchors"] = self.anchors.fingerprint
-        self._bind_group(group)
+        bindings = bind_group(zip(group["param_names"], group["params"]), self.anchors, self._lora,
+                              self._lora_bound, projection=group["projection"],
+                              penalised=group["asft_lambda"] > 0)
+        self._check_anchored(group, bindings.values(), "")
+        if group["impl"] == "triton":
+            _check_triton_dtypes(bindings.values(), group)
+        self._bindings.update(bindings)
         for name, p in zip(group["param_names"], group["params"]):
-            if p.requires_grad:
-                key = self._anchor_key(name)
-                self._zero.add(name, key if key in self.anchors and not self._is_lora_param(name) else None, p)
+            b = bindings.get(name)
+            if b is not None:  # ZeRO may later replace the group's tensors: keep the originals by name
+                self._zero.add(name, b.key if b.kind in (Kind.DENSE, Kind.ZERO) else None, p)
 
-    def _bind_group(self, group: dict[str, Any]) -> None:
-        """Bind the directions of a group's trainable parameters; raise for missing ones."""
-        missing, zero = [], []
-        self._bind_sharded_group(group)
-        lora_names = self._bind_lora_group(group)
-        for name, p in zip(group["param_names"], group["params"]):
-            if p.is_complex():
-                raise ValueError(f"AsFTAdamW does not support complex parameters: '{name}' is {p.dtype}")
-            if not p.requires_grad or name in lora_names:
-                continue
-            if hasattr(p, "ds_id"):  # partitioned by ZeRO-3 already (zero.Init): bound at its first step
-                key = self._anchor_key(name)
-                if key not in self.anchors:
-                    missing.append(name)
-                elif tuple(self.anchors.shape(key)) != tuple(original_shape(p)):
-                    raise ValueError(f"direction for '{name}' has shape {tuple(self.anchors.shape(key))} "
-                                     f"but the parameter has shape {tuple(original_shape(p))}")
-                continue
-            bound = self._direction(name, p)
-            if bound is None:
-                missing.append(name)
-            elif bound.is_zero:
-                zero.append(name)
+    def _check_anchored(self, group: dict[str, Any], bindings: Iterable[Binding], when: str) -> None:
+        """Refuse trainable parameters without a direction in a penalised group (unless allowed)."""
+        missing = [b.name for b in bindings if b.kind is Kind.PLAIN]
         if missing and not self.allow_unanchored and group["asft_lambda"] > 0:
             shown = ", ".join(f"'{n}'" for n in missing[:20])
             more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
             known = ", ".join(f"'{n}'" for n in list(self.anchors)[:3])
             raise ValueError(
-                f"no direction for {len(missing)} trainable parameter(s): {shown}{more}. The anchors "
+                f"no direction for {len(missing)} trainable parameter(s){when}: {shown}{more}. The anchors "
                 f"hold {len(self.anchors)} tensors (e.g. {known}). Check the names, or pass "
                 "allow_unanchored=True to give these parameters plain AdamW steps")
-        if zero:
-            warnings.warn(f"AsFT: the direction is zero for {len(zero)} tensor(s): "
-                          f"{', '.join(zero[:20])}{' …' if len(zero) > 20 else ''}; their penalty is a "
-                          "plain L2 pull towards W0", stacklevel=3)
 
-    def _direction(self, name: str, p: Tensor) -> BoundDirection | None:
-        """The bound direction of parameter `name` on p's device (cached by name), or None."""
-        bound = self._bound.get(name, _MISSING)
-        if _dist.is_dtensor(p) or name in self._sharded:
-            return self._sharded_direction(name, p, bound)
-        if bound is _MISSING:
-            key = self._anchor_key(name)
-            bound = bind_direction(self.anchors[key], p, key) if key in self.anchors else None
-            self._bound[name] = bound
-        elif bound is not None and bound.v.device != p.device:
-            bound.v = bound.v.to(p.device)
-        return bound  # type: ignore[return-value]
+    def _refresh_bindings(self) -> None:
+        """Bind parameters that became trainable after their group was added, and rebind those whose
+        kind changed (accelerate swaps a dense parameter for an FSDP2 DTensor after the optimizer is
+        built; collective then, as every rank steps the same groups: one binding for all groups)."""
+        reshard = []
+        for index, group in enumerate(self.param_groups):
+            if self._zero.owns(group):
+                continue
+            _dist.check_not_flattened(group, index)
+            new = []
+            for name, p in zip(group["param_names"], group["params"]):
+                b = self._bindings.get(name)
+                if b is None:
+                    if p.grad is not None:
+                        new.append((name, p))
+                elif b.kind in (Kind.DENSE, Kind.SHARD) and (b.kind is Kind.SHARD) != _dist.is_dtensor(p):
+                    reshard.append((name, p))
+            if new:
+                bound = bind_group(new, self.anchors, self._lora, self._lora_bound,
+                                   projection=group["projection"], penalised=group["asft_lambda"] > 0)
+                self._check_anchored(group, bound.values(), " (they gained gradients after the optimizer "
+                                     "was built)")
+                self._bindings.update(bound)
+        if reshard:
+            for name, _ in reshard:
+                self._dots.drop(name)
+            self._bindings.update(bind_shards([(n, p) for n, p in reshard if _dist.is_dtensor(p)],
+                                              self.anchors, self._lora))
+            self._bindings.update(bind_group([(n, p) for n, p in reshard if not _dist.is_dtensor(p)],
+                                             self.anchors, self._lora, self._lora_bound,
+                                             projection="vector", penalised=False))
 
     # ------------------------------------------------------------------------------- step
     def _init_group(self, group, params_with_grad, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
@@ -204,15 +247,21 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
         has_complex = super()._init_group(group, params_with_grad, grads, exp_avgs, exp_avg_sqs,
                                           max_exp_avg_sqs, state_steps)
         for name, p in zip(group["param_names"], group["params"]):
-            if p.grad is not None and "w0" not in self.state[p] and (
-                    self._direction(name, p) is not None or self._is_lora_param(name)):
+            b = self._bindings.get(name)
+            if p.grad is not None and b is not None and b.anchored and "w0" not in self.state[p]:
                 self.state[p]["w0"] = (_dist.snapshot_w0(p) if _dist.is_dtensor(p) else
                                        storage_w0(p.detach().clone(memory_format=torch.preserve_format)))
         return has_complex
 
+    def _gather(self, group: dict[str, Any]) -> GroupTensors:
+        names = [n for n, p in zip(group["param_names"], group["params"]) if p.grad is not None]
+        lists: list[list[Tensor]] = [[], [], [], [], [], []]
+        has_complex = self._init_group(group, *lists)
+        return GroupTensors(names, *lists, has_complex)
+
     @torch.no_grad()
     def step(self, closure=None):
-        """Perform a single optimization step (penalty gradient, then torch's AdamW update).
+        """Perform a single optimization step (penalty gradient, then the AdamW update).
 
         Args:
             closure (Callable, optional): A closure that reevaluates the model and returns the loss.
@@ -221,71 +270,150 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        zero = [self._zero_group(g) for g in self.param_groups]
-        for group, is_zero in zip(self.param_groups, zero):
-            if is_zero:
-                self._step_zero(group)
-        if all(zero):
-            return loss
-        self._lora_pending = self._lora_step_grads()
-        dots = self._sharded_dots()
-        for group_index, group in enumerate(self.param_groups):
-            if zero[group_index]:
+        self._refresh_bindings()
+        impls = ["zero" if self._zero.owns(g) else resolve_impl(g, self._lora_in_group(g))
+                 for g in self.param_groups]
+        for group, impl in zip(self.param_groups, impls):
+            if impl == "zero" and self._lora_in_group(group):
+                raise NotImplementedError(lora_refusal("1/2"))
+        lora_grads = self._lora_penalty_grads()
+        shard_dots = self._shard_dots(impls)
+        for index, (group, impl) in enumerate(zip(self.param_groups, impls)):
+            if impl == "zero":
+                self._zero_group_step(group)
                 continue
-            if self._resolve_impl(group) == "triton" and not self._lora_in_group(group):
-                self._step_triton(group_index, group)
+            if impl == "triton":
+                triton_group_step(self, index, group, self._triton)
                 continue
-            (names, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-             has_complex) = self._gather(group)
-            if not params:
-                continue
-            self._check_missing(group, names)
-            if group["impl"] != "reference":
-                names, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = \
-                    self._step_torch_fused(group, names, params, grads, exp_avgs, exp_avg_sqs,
-                                           max_exp_avg_sqs, state_steps, dots)
-                if not params:
-                    continue
-            grads = self._penalised_grads(group, names, params, grads, dots)
-            adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                 **self._adam_kwargs(group, has_complex))
-        self._lora_pending = {}
+            t = self._gather(group)
+            if t.params:
+                self._torch_group_step(group, impl, t, lora_grads, shard_dots)
         return loss
 
-    def _zero_group(self, group: dict[str, Any]) -> bool:
-        """Whether DeepSpeed ZeRO replaced the group's parameters by flat partitions."""
-        originals = [self._zero.params.get(n) for n in group["param_names"]]
-        return (any(p is not None and is_zero_param(p) for p in originals)
-                and not any(p is q for p in group["params"] for q in originals))
-
-    def _step_zero(self, group: dict[str, Any]) -> None:
-        """Step a group's flat ZeRO partitions (see `asft_optim.zero`): the penalty per segment with
-        its tensor's global ⟨v, ΔW⟩, W0 snapshot from the fp32 master partition at its first step."""
+    def _torch_group_step(self, group: dict[str, Any], impl: str, t: GroupTensors,
+                          lora_grads: Mapping[str, Tensor], shard_dots: Mapping[str, Tensor]) -> None:
+        """impl="torch"/"reference" for one group: anchored dense/shard tensors through
+        `functional.asft_adamw`, the rest (LoRA adapters with their penalty gradient, plain) through
+        torch's `adam`."""
+        kwargs = adam_kwargs(group, t.has_complex)
         lam = group["asft_lambda"]
-        if self._lora_in_group(group):
-            raise NotImplementedError(lora_refusal("1-3"))
+        take = [lam > 0 and self._bindings[n].kind in (Kind.DENSE, Kind.SHARD) for n in t.names]
+        if any(take):
+            self._penalised_step(group, impl, [x for x, k in zip(t.names, take) if k],
+                                 [[x for x, k in zip(xs, take) if k] for xs in t[1:7]], kwargs, shard_dots)
+        rest = [[x for x, k in zip(xs, take) if not k] for xs in t[:7]]
+        if not rest[1]:
+            return
+        names, params, grads = rest[0], rest[1], list(rest[2])
+        for i, name in enumerate(names):
+            extra = lora_grads.get(name)
+            if extra is not None:
+                grads[i] = (grads[i].to(extra.dtype) + extra).to(grads[i].dtype)
+        adam(params, grads, *rest[3:7], **kwargs)
+
+    def _penalised_step(self, group: dict[str, Any], impl: str, names: list[str], lists: list[list[Tensor]],
+                        kwargs: dict[str, Any], shard_dots: Mapping[str, Tensor]) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = lists
+        locals_ = [_dist.local(p) for p in params]
+        dirs = [self._bindings[n].direction_on(q.device) for n, q in zip(names, locals_)]
+        w0s = [_dist.local(self.state[p]["w0"]) for p in params]
+        dots: list[Tensor | None] = []
+        for n, p, q in zip(names, params, locals_):
+            dots.append(shard_dots.get(n, torch.zeros((), device=q.device)) if _dist.is_dtensor(p)
+                        else self._dots.get(n, q) if impl == "torch" else None)
+        stale = [j for j, d in enumerate(dots) if d is None]
+        if stale and impl == "torch":
+            fresh = partial_dots([locals_[j] for j in stale], [w0s[j] for j in stale], [dirs[j] for j in stale])
+            for k, j in enumerate(stale):
+                dots[j] = fresh[k]
+        tensors = StepTensors(locals_, [_dist.local(g) for g in grads], [_dist.local(x) for x in exp_avgs],
+                              [_dist.local(x) for x in exp_avg_sqs], [_dist.local(x) for x in max_exp_avg_sqs],
+                              state_steps, w0s, dirs, dots)
+        coef = (-2.0 if group["maximize"] else 2.0) * group["asft_lambda"]
+        new = asft_adamw(tensors, coef=coef, penalty=group["penalty"], impl=impl, **kwargs)
+        if new is not None:
+            for n, q, d in zip(names, locals_, new):
+                self._dots.put(n, q, d)  # for a shard: its local partial, summed by `_shard_dots`
+
+    def _shard_dots(self, impls: list[str]) -> dict[str, Tensor]:
+        """Global ⟨v, ΔW⟩ (0-d fp32) of every DTensor parameter the torch paths penalise this step.
+
+        One all-reduce of one fp32 per such tensor for the whole step, whatever the number of param
+        groups; it also sums the Triton path's c slots of shards (`TritonCache.shard_partials`). None
+        at a shard's first step (no W0 yet: ΔW = 0 on every shard) nor for a zero direction (c = 0).
+        """
+        names, params, partials = [], [], []
+        stale: list[tuple[str, Tensor, Tensor, BoundDirection]] = []
+        for group, impl in zip(self.param_groups, impls):
+            if group["asft_lambda"] == 0 or group["penalty"] == "full" or impl == "triton":
+                continue
+            for name, p in zip(group["param_names"], group["params"]):
+                b = self._bindings.get(name)
+                st = self.state.get(p)
+                if (p.grad is None or b is None or b.kind is not Kind.SHARD or not st or "w0" not in st
+                        or b.direction.is_zero):  # c = 0: no dot needed
+                    continue
+                q = _dist.local(p)
+                names.append(name)
+                params.append(p)
+                carried = self._dots.get(name, q) if impl == "torch" else None
+                partials.append(carried)
+                if carried is None:
+                    stale.append((name, q, _dist.local(st["w0"]), b.direction_on(q.device)))
+        triton = self._triton.shard_partials(self)
+        if not names and not triton:
+            return {}
+        if stale:
+            fresh = partial_dots([s[1] for s in stale], [s[2] for s in stale], [s[3] for s in stale]).unbind()
+            it = iter(fresh)
+            partials = [next(it) if x is None else x for x in partials]
+        vec = torch.stack(partials + [c for _, _, c in triton]) if names or triton else None
+        vec = _dist.all_reduce_dots(params + [p for _, p, _ in triton], vec)
+        self._triton.set_shard_c(self, triton, vec[len(names):])
+        return dict(zip(names, vec[:len(names)].unbind()))
+
+    # ------------------------------------------------------------------------------- ZeRO
+    def _zero_group_step(self, group: dict[str, Any]) -> None:
+        """Step a group whose tensors DeepSpeed ZeRO replaced by flat fp32 partitions (stage 3: the
+        one sub-group it hands over now): per partition, AdamW with the penalty of each segment from
+        its tensor's global ⟨v, ΔW⟩ (`zero.ZeroTensors.global_dots`); W0 is the fp32 master
+        partition at its first step. Always the PyTorch path."""
+        if group["impl"] == "triton":
+            raise ValueError("impl='triton' does not step DeepSpeed ZeRO partitions: build the optimizer "
+                             "with impl=None or impl='torch'")
+        for name in group["param_names"]:  # their direction slices live with the partitions now
+            b = self._bindings.get(name)
+            if b is not None and b.kind is Kind.DENSE:
+                self._bindings[name] = Binding(name, Kind.ZERO, b.key)
+                self._dots.drop(name)
+        anchored = any(n in self._zero.keys for n in group["param_names"])
+        kwargs = adam_kwargs(group)
         for flat in group["params"]:
             if flat.grad is None:
                 continue
             lists: list[list[Tensor]] = [[], [], [], [], [], []]
             torch.optim.Adam._init_group(self, {**group, "params": [flat]}, *lists)
-            kwargs = self._adam_kwargs(group)
-            if lam == 0:
+            if not anchored:
                 adam(*lists, **kwargs)
                 continue
             st = self.state[flat]
-            part = self._zero.partition(flat, group["param_names"], self.anchors, st.get("w0"))
-            first = "w0" not in st
-            if first:
+            part = self._zero.partition(flat, group["param_names"], self.anchors, self._dots.epoch, st.get("w0"))
+            if "w0" not in st:
                 st["w0"] = storage_w0(flat.detach().clone())
-            if first or group["penalty"] == "full" or not part.segments:
+                dots = torch.zeros(len(part.segments), device=flat.device)
+            elif group["penalty"] == "full" or group["asft_lambda"] == 0:
                 dots = torch.zeros(len(part.segments), device=flat.device)
             else:
-                dots = self._zero.global_dots(part, self._zero_w0s())
+                dots = self._zero.global_dots(part, self._zero_w0s(), self._dots)
+            if group["asft_lambda"] == 0:
+                adam(*lists, **kwargs)
+                continue
             new = step_partition(part, flat.grad, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq"),
-                                 st["step"], st["w0"], dots, coef=(-2.0 if group["maximize"] else 2.0) * lam,
-                                 penalty=group["penalty"], **kwargs)
-            self._zero.carry(part, new)
+                                 st["step"], st["w0"], dots, coef=(-2.0 if group["maximize"] else 2.0)
+                                 * group["asft_lambda"], penalty=group["penalty"], impl=group["impl"] or "torch",
+                                 **kwargs)
+            for seg, d in zip(part.segments, new or ()):
+                self._dots.put(seg.name, flat, d)  # this rank's partial, summed at the next step
 
     def _zero_w0s(self) -> dict[int, Tensor]:
         """W0 of each ZeRO partition that has one, by its position in `self._zero.partitions`."""
@@ -296,148 +424,191 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
                 out[i] = st["w0"]
         return out
 
-    def _gather(self, group: dict[str, Any]) -> tuple:
-        """(names, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, has_complex)
-        of a group's parameters that have gradients, with lazy state (and W0) created."""
-        names = [n for n, p in zip(group["param_names"], group["params"]) if p.grad is not None]
-        lists: list[list[Tensor]] = [[], [], [], [], [], []]
-        has_complex = self._init_group(group, *lists)
-        return (names, *lists, has_complex)
+    def _zero_drift_sums(self, by: str) -> dict[str, tuple[float, float, float, int]]:
+        """Drift sums of ZERO tensors over their segments on every rank (collective once any
+        partition is bound), keyed by name or key."""
+        if not self._zero.partitions:
+            return {}
+        sums_ = self._zero.drift_sums(self._zero_w0s())
+        return {(n if by == "name" else self._bindings[n].key): s for n, s in sums_.items()}
 
-    @staticmethod
-    def _adam_kwargs(group: dict[str, Any], has_complex: bool = False) -> dict[str, Any]:
-        """Keyword arguments of torch's functional `adam` for one group (decoupled decay: AdamW)."""
-        beta1, beta2 = group["betas"]
-        return dict(foreach=group["foreach"], capturable=group["capturable"], differentiable=False,
-                    fused=group["fused"], grad_scale=None, found_inf=None, has_complex=has_complex,
-                    decoupled_weight_decay=True, amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2,
-                    lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
-                    maximize=group["maximize"])
+    # ------------------------------------------------------------------------------- LoRA
+    def _lora_in_group(self, group: dict[str, Any]) -> bool:
+        return any(self._bindings.get(n, _PLAIN).kind in (Kind.LORA_A, Kind.LORA_B) for n in group["param_names"])
 
-    def _step_torch_fused(self, group, names, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                          state_steps, sharded_dots: Mapping[str, Tensor]):
-        """Step the anchored tensors of a λ > 0 group with `asft_adamw_` (penalty and torch's AdamW
-        fused chunk by chunk) and return the lists of the remaining tensors.
+    def _lora_penalty_grads(self) -> dict[str, Tensor]:
+        """Penalty gradients of every LoRA pair with a gradient, from the pre-step A and B.
 
-        c carries over between steps: ⟨v, p - W0⟩ is folded while the new p is in cache, and
-        trusted at the next step only if the parameter's version counter shows no write since
-        (else, and after `resync()`/`load_state_dict`, it is recomputed exactly). Sharded (DTensor)
-        parameters are stepped as their local shards with the global dot of `sharded_dots`
-        (`_sharded_dots`; absent means 0: no W0 yet, or c unused).
+        A0/B0 are each parameter's W0 (snapshot at its first step); before that the parameter has
+        not moved, so its current value is its W0.
         """
-        lam = group["asft_lambda"]
-        take = [lam > 0 and self._direction(n, p) is not None for n, p in zip(names, params)]
-        if not any(take):
-            return names, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
-        lists = (names, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
-        sel = [[x for x, t in zip(xs, take) if t] for xs in lists]  # max_exp_avg_sqs is [] without amsgrad
-        rest = [[x for x, t in zip(xs, take) if not t] for xs in lists]
-        sub_names, sub_p = sel[0], sel[1]
-        w0s = [_dist.local(self.state[p]["w0"]) for p in sub_p]
-        bounds = [self._bound[n] for n in sub_names]
-        dots: list[Tensor | None] = []
-        for n, p in zip(sub_names, sub_p):
-            if _dist.is_dtensor(p):
-                dots.append(sharded_dots.get(n, torch.zeros((), device=_dist.local(p).device)))
+        if self._lora is None or not self._lora.pairs:
+            return {}
+        where = {n: (g, p) for g in self.param_groups for n, p in zip(g["param_names"], g["params"])
+                 if self._bindings.get(n, _PLAIN).pair is not None}
+        out: dict[str, Tensor] = {}
+        for pair in self._lora.pairs:
+            wa, wb = where.get(pair.a_name), where.get(pair.b_name)
+            if wa is None and wb is None:
                 continue
-            cached = self._dots.get(n)
-            dots.append(cached[0] if cached is not None and cached[1] == p._version
-                        and cached[0].device == p.device else None)
-        stale = [j for j, d in enumerate(dots) if d is None]
-        if stale:
-            fresh = partial_dots([sub_p[j] for j in stale], [w0s[j] for j in stale], [bounds[j] for j in stale])
-            for k, j in enumerate(stale):
-                dots[j] = fresh[k]
-        local = [[_dist.local(x) for x in xs] for xs in sel[1:6]]
-        new = asft_adamw_(*local, sel[6], w0s, bounds, dots, coef=(-2.0 if group["maximize"] else 2.0) * lam,
-                          penalty=group["penalty"], **self._adam_kwargs(group))
-        for n, p, d in zip(sub_names, sub_p, new):
-            if not _dist.is_dtensor(p):  # a shard's fold is partial: `_sharded_dots` sums it next step
-                self._dots[n] = (d, p._version)
-        return tuple(rest)
+            if wa is None or wb is None:
+                raise ValueError(f"LoRA module '{pair.module}' (adapter '{pair.adapter}'): only lora_"
+                                 f"{'A' if wb is None else 'B'} is in this optimizer; AsFT needs both")
+            (group, a), (group_b, b) = wa, wb
+            if a.grad is None and b.grad is None:
+                continue
+            for key in ("asft_lambda", "penalty", "projection", "maximize", "impl"):
+                if group[key] != group_b[key]:
+                    raise ValueError(f"LoRA module '{pair.module}': lora_A and lora_B are in param groups with "
+                                     f"different {key} ({group[key]!r} and {group_b[key]!r})")
+            if group["asft_lambda"] == 0:
+                continue
+            coef = (-2.0 if group["maximize"] else 2.0) * group["asft_lambda"]
+            fn = lora_penalty_grads_reference if group["impl"] == "reference" else lora_penalty_grads
+            a0 = self.state[a]["w0"] if "w0" in self.state.get(a, {}) else a
+            b0 = self.state[b]["w0"] if "w0" in self.state.get(b, {}) else b
+            bound = self._bindings[pair.a_name].direction_on(a.device)
+            g_a, g_b = fn(a.detach(), b.detach(), a0, b0, bound, pair, coef, group["penalty"],
+                          group["projection"])
+            if a.grad is not None:
+                out[pair.a_name] = g_a
+            if b.grad is not None:
+                out[pair.b_name] = g_b
+        return out
 
-    def _check_missing(self, group: dict[str, Any], names: list[str]) -> None:
-        if group["asft_lambda"] > 0 and not self.allow_unanchored:
-            missing = [n for n in names if self._bound.get(n) is None and self._anchor_key(n) not in self.anchors
-                       and not (self._lora and n in self._lora.by_param)]
-            if missing:
-                raise ValueError(f"no direction for parameter(s) {missing} (they gained gradients after "
-                                 "the optimizer was built); pass allow_unanchored=True to step them plainly")
+    @classmethod
+    def from_model(cls, model: nn.Module, *, anchors: Anchors | Mapping[str, Tensor],
+                   no_weight_decay: Iterable[str] = (), **kwargs: Any) -> AsFTAdamW:
+        """Build the optimizer for a model's trainable parameters: full-parameter or peft LoRA.
 
-    def _penalised_grads(self, group: dict[str, Any], names: list[str], params: list[Tensor],
-                         grads: list[Tensor], dots: Mapping[str, Tensor]) -> list[Tensor]:
-        """Gradients with the LoRA penalty terms and, for impl="reference", 2λ·R of every anchored
-        parameter added (with impl="torch" those were stepped by `_step_torch_fused`); the user's
-        `.grad` is untouched.
+        The LoRA pairs, their scaling s (lora_alpha/r, or lora_alpha/√r with rslora) and layout
+        (`fan_in_fan_out` for GPT-2 `Conv1D`) are read from the model's peft layers now.
 
-        dots: global ⟨v, ΔW⟩ of sharded parameters by name (`_sharded_dots`); sharded tensors are
-        processed as their local shards and their new gradients wrapped back as DTensors.
+        Parameter policy:
+            - LoRA adapters (lora_A/lora_B of the trained adapters): penalty on the effective update
+              s·(B·A − B0·A0) of the base weight, against the base weight's direction. An adapter
+              whose base weight has no direction is an error naming the module.
+            - Other trainable parameters with a direction (full-parameter training; peft
+              `modules_to_save` copies, anchored to the original module's direction): the
+              full-parameter penalty.
+            - Biases (names ending in `.bias`) without a direction: plain AdamW steps, in a param
+              group of their own with asft_lambda=0.
+            - Any other trainable parameter without a direction: an error, unless
+              `allow_unanchored=True` gives it plain AdamW steps.
+            - Not supported (a clear error): DoRA and other LoRA variants, embedding and Conv2d
+              adapters, peft's `lora_bias`, and a pair with only one of lora_A/lora_B trainable.
+
+        Args:
+            model: the module to train (a peft `PeftModel`, a transformers model, or any
+                `nn.Module`); frozen parameters are left out.
+            anchors: directions keyed by the base model's tensor names.
+            no_weight_decay: parameter names that get weight_decay=0 (e.g. the complement of
+                `Trainer.get_decay_parameter_names`).
+            **kwargs: any `AsFTAdamW` argument (lr, betas, weight_decay, asft_lambda, penalty,
+                projection, impl, allow_unanchored, ...).
+
+        Returns:
+            An `AsFTAdamW` over up to four param groups (decay or not × anchored or unanchored
+            biases); parameters are bound by name, so wrappers that swap parameter objects later
+            (accelerate) keep working. Groups that hold LoRA adapters take the PyTorch path (the
+            adapters are small); `impl="triton"` applies to the other groups. LoRA on DTensor
+            (FSDP2-sharded) adapters is not supported.
         """
-        if self._lora_pending:
-            grads = self._add_lora_grads(names, grads)
-        lam = group["asft_lambda"]
-        if lam == 0 or group["impl"] != "reference":
-            return grads
-        coef = (-2.0 if group["maximize"] else 2.0) * lam
-        idx = [i for i, (n, p) in enumerate(zip(names, params)) if self._direction(n, p) is not None]
-        if not idx:
-            return grads
-        sub_p = [_dist.local(params[i]) for i in idx]
-        sub_g = [_dist.local(grads[i]) for i in idx]
-        w0s = [_dist.local(self.state[params[i]]["w0"]) for i in idx]
-        bounds = [self._bound[names[i]] for i in idx]
-        sub_dots = [dots.get(names[i]) for i in idx]
-        new = penalised_grads_reference(sub_g, sub_p, w0s, bounds, coef, group["penalty"], sub_dots)
-        grads = list(grads)
-        for j, i in enumerate(idx):
-            grads[i] = _dist.like(new[j], params[i]) if _dist.is_dtensor(params[i]) else new[j]
-        return grads
-
-    def resync(self) -> None:
-        """Recompute c = ⟨v, p - W0⟩/‖v‖² exactly at the next step (impl="triton" carries it over).
-
-        Call after writing to the parameters outside `step()` (loading weights, an EMA swap, …)
-        or replacing optimizer state tensors by hand. `load_state_dict` calls it. The torch path
-        also notices in-place writes through the parameter's version counter; writes through
-        `.data` bypass that counter.
-        """
-        self._dots.clear()
-        self._zero.invalidate()
-        slots = self.__dict__.get("_triton_c")
-        if slots is not None:
-            slots.clear()
+        if "lora" in kwargs or "params" in kwargs:
+            raise TypeError("from_model reads the parameters and the LoRA layout from the model; do not "
+                            "pass params= or lora=")
+        if isinstance(anchors, Mapping) and not isinstance(anchors, Anchors):
+            anchors = Anchors.from_tensors(anchors)
+        layout = lora_layout(model)
+        no_decay = set(no_weight_decay)
+        groups: dict[tuple[bool, bool], list[tuple[str, Tensor]]] = {}
+        anchored = 0
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            has_dir = name in layout.by_param or anchor_key(name, layout) in anchors
+            anchored += has_dir
+            plain_bias = name.endswith(".bias") and not has_dir
+            groups.setdefault((name in no_decay, plain_bias), []).append((name, p))
+        if not groups:
+            raise ValueError("from_model: the model has no trainable parameters")
+        if not anchored:
+            raise ValueError(f"from_model: none of the model's trainable parameters has a direction in "
+                             f"{anchors!r} (e.g. '{next(iter(groups.values()))[0][0]}'); check that the "
+                             "directions were computed for this model")
+        param_groups = []
+        for (nd, plain_bias), named in sorted(groups.items()):
+            group: dict[str, Any] = {"params": named}
+            if nd:
+                group["weight_decay"] = 0.0
+            if plain_bias:
+                group["asft_lambda"] = 0.0
+            param_groups.append(group)
+        lora = layout if (layout.pairs or layout.aliases) else None
+        return cls(param_groups, anchors=anchors, lora=lora, **kwargs)
 
     # ------------------------------------------------------------------------------- state
+    def resync(self) -> None:
+        """Recompute c = ⟨v, p - W0⟩/‖v‖² exactly at the next step, on every implementation.
+
+        Call after writing to the parameters outside `step()` through `.data` (which bypasses the
+        version counter) or after replacing optimizer state tensors by hand. In-place writes that go
+        through the version counter (`model.load_state_dict`, `p.copy_`) are noticed without it.
+        `load_state_dict` calls it.
+        """
+        self._dots.invalidate()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state saved by `state_dict()`; refuses a checkpoint made with other anchors, λ or penalty."""
+        """Load state saved by `state_dict()` (ours, or a `torch.optim.AdamW` one).
+
+        The AsFT options (asft_lambda, penalty, projection, impl, anchors) and the parameter names
+        stay this optimizer's. Refuses a checkpoint made with other anchors, λ, penalty or
+        projection, or whose parameter names differ (after removing wrapper prefixes such as
+        `module.` and `_orig_mod.`). A checkpoint without W0 (e.g. from `torch.optim.AdamW`)
+        anchors at the first step after the load, with a warning.
+        """
         saved = state_dict["param_groups"]
         for i, (group, sg) in enumerate(zip(self.param_groups, saved)):
-            for key, what in (("asft_anchors", "anchors (fingerprint)"), ("asft_lambda", "asft_lambda"),
-                              ("penalty", "penalty"), ("projection", "projection")):
+            for key, what in _CHECKED_ON_RESUME:
                 if key in sg and sg[key] != group[key]:
                     raise ValueError(
                         f"cannot resume: param group {i} of the checkpoint was made with {what} "
                         f"{sg[key]!r}, this optimizer has {group[key]!r}")
-        impls = [g["impl"] for g in self.param_groups]
+            theirs = sg.get("param_names")
+            if theirs is not None and len(theirs) == len(group["param_names"]):
+                for ours, other in zip(group["param_names"], theirs):
+                    if normalize_name(ours) != normalize_name(other):
+                        raise ValueError(
+                            f"cannot resume: param group {i} of the checkpoint names a parameter '{other}' "
+                            f"where this optimizer has '{ours}'")
+        own = [{k: g[k] for k in ASFT_KEYS + ("param_names",)} for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for group, impl in zip(self.param_groups, impls):
-            group["impl"] = impl  # the implementation is a property of this process, not the checkpoint
-            for p in group["params"]:
+        no_w0 = []
+        for group, keep in zip(self.param_groups, own):
+            group.update(keep)
+            for name, p in zip(group["param_names"], group["params"]):
                 st = self.state.get(p)
-                if st and "w0" in st and not _dist.is_dtensor(st["w0"]):  # cast to the param dtype: restore its storage
+                if not st:
+                    continue
+                if "w0" in st and not _dist.is_dtensor(st["w0"]):  # cast to the param dtype: restore its storage
                     st["w0"] = storage_w0(st["w0"])
+                elif "w0" not in st and self._bindings.get(name, _PLAIN).anchored:
+                    no_w0.append(name)
+        if no_w0:
+            warnings.warn(f"AsFT: the checkpoint holds optimizer state but no W0 for {len(no_w0)} anchored "
+                          f"parameter(s) (e.g. '{no_w0[0]}'; a torch.optim.AdamW checkpoint?): W0 is taken "
+                          "at their first step after this load, so ΔW counts from there", stacklevel=2)
         self.resync()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_bound", {})
-        self.__dict__.setdefault("_dots", {})
-        self.__dict__.setdefault("_sharded", set())
-        self.__dict__.setdefault("_zero", ZeroTensors())
         self.__dict__.setdefault("allow_unanchored", False)
         self.__dict__.setdefault("_lora", None)
+        self.__dict__.setdefault("_bindings", {})
         self.__dict__.setdefault("_lora_bound", {})
-        self.__dict__.setdefault("_lora_pending", {})
+        self.__dict__.setdefault("_dots", DotCache())
+        self.__dict__.setdefault("_triton", TritonCache())
+        self.__dict__.setdefault("_zero", ZeroTensors())
         for group in self.param_groups:
             group.setdefault("asft_lambda", 1.0)
             group.setdefault("penalty", "orthogonal")
@@ -447,48 +618,108 @@ class AsFTAdamW(LoraParams, ShardedParams, TritonStep, torch.optim.AdamW):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.update(anchors=self.anchors, allow_unanchored=self.allow_unanchored, _lora=self._lora,
-                     _asft_defaults=self._asft_defaults)
+                     _asft_defaults=self._asft_defaults, _bindings=self._bindings,
+                     _lora_bound=self._lora_bound)
         return state
 
     # ------------------------------------------------------------------------------- metrics
+    def _stepped(self, kinds: tuple[Kind, ...]) -> Iterable[tuple[Binding, Tensor, Tensor]]:
+        """(binding, parameter, W0) of every parameter of the given kinds that has a W0."""
+        for group in self.param_groups:
+            for name, p in zip(group["param_names"], group["params"]):
+                b = self._bindings.get(name)
+                st = self.state.get(p)
+                if b is not None and b.kind in kinds and st and "w0" in st:
+                    yield b, p, st["w0"]
+
     @torch.no_grad()
     def drift(self) -> dict[str, Drift]:
-        """Per-tensor drift (‖ΔW‖, cos(ΔW, d), ‖C⊥ΔW‖/‖ΔW‖) of every anchored parameter that has stepped."""
-        out: dict[str, Drift] = {}
-        for group in self.param_groups:
-            if self._zero_group(group):
-                continue
-            for name, p in zip(group["param_names"], group["params"]):
-                st = self.state.get(p)
-                bound = self._bound.get(name)
-                if st and "w0" in st and bound is not None and not _dist.is_dtensor(p):
-                    out[name] = drift(p.detach().double() - st["w0"].double(), bound.v)
+        """Per-tensor drift (‖ΔW‖, cos(ΔW, d), ‖C⊥ΔW‖/‖ΔW‖) of every anchored parameter that has
+        stepped, by parameter name (LoRA pairs by their base weight's name). Collective under FSDP2
+        and DeepSpeed ZeRO (every rank gets the global numbers)."""
+        out = {b.name: drift(p.detach().double() - w0.double(), b.direction_on(p.device).v)
+               for b, p, w0 in self._stepped((Kind.DENSE,))}
         out.update({name: drift_from_sums(*s) for name, s in self._lora_drift_sums().items()})
-        out.update({name: drift_from_sums(*s) for name, s in self._sharded_drift_sums().items()})
-        if self._zero.partitions:
-            out.update({name: drift_from_sums(*s) for name, s in self._zero.drift_sums(self._zero_w0s()).items()})
+        out.update({name: drift_from_sums(*s) for name, s in self._shard_drift_sums(by="name").items()})
+        out.update({name: drift_from_sums(*s) for name, s in self._zero_drift_sums(by="name").items()})
         return out
 
     @torch.no_grad()
     def drift_sums(self) -> dict[str, tuple[float, float, float, int]]:
         """(‖ΔW‖², ‖d‖², ⟨ΔW, d⟩, numel) in float64 per anchored tensor that has stepped, keyed by its
         direction's (normalised) name: LoRA adapters appear as their base weight, `modules_to_save`
-        copies as the original module. Feed to `metrics.per_layer`."""
+        copies as the original module, FSDP2 shards as the whole tensor. Feed to
+        `metrics.per_layer`. Collective under FSDP2 and DeepSpeed ZeRO."""
         out: dict[str, tuple[float, float, float, int]] = {}
-        for group in self.param_groups:
-            if self._zero_group(group):
-                continue
-            for name, p in zip(group["param_names"], group["params"]):
-                st = self.state.get(p)
-                bound = self._bound.get(name)
-                if st and "w0" in st and bound is not None and not _dist.is_dtensor(p):
-                    xx, uu, xu, n = sums(p.detach().double() - st["w0"].double(), bound.v)
-                    out[normalize_name(self._anchor_key(name))] = (xx, uu * bound.scale ** 2, xu * bound.scale, n)
+        for b, p, w0 in self._stepped((Kind.DENSE,)):
+            bound = b.direction_on(p.device)
+            xx, uu, xu, n = sums(p.detach().double() - w0.double(), bound.v)
+            out[b.key] = (xx, uu * bound.scale ** 2, xu * bound.scale, n)
         out.update(self._lora_drift_sums())
-        out.update(self._sharded_drift_sums())
-        if self._zero.partitions:
-            out.update({normalize_name(self._anchor_key(n)): s
-                        for n, s in self._zero.drift_sums(self._zero_w0s()).items()})
+        out.update(self._shard_drift_sums(by="key"))
+        out.update(self._zero_drift_sums(by="key"))
         return out
 
+    @torch.no_grad()
+    def _lora_drift_sums(self) -> dict[str, tuple[float, float, float, int]]:
+        """Drift sums of each stepped LoRA pair's effective update, keyed by the base weight's name
+        (`name@adapter` when several adapters on one module train)."""
+        if self._lora is None:
+            return {}
+        where = {n: p for g in self.param_groups for n, p in zip(g["param_names"], g["params"])}
+        per_module: dict[str, int] = {}
+        for pair in self._lora.pairs:
+            per_module[pair.direction] = per_module.get(pair.direction, 0) + 1
+        out = {}
+        for pair in self._lora.pairs:
+            if pair.a_name not in where or pair.b_name not in where:
+                continue
+            a, b = where[pair.a_name], where[pair.b_name]
+            sa, sb = self.state.get(a, {}), self.state.get(b, {})
+            if "w0" not in sa and "w0" not in sb:
+                continue
+            key = pair.direction if per_module[pair.direction] == 1 else f"{pair.direction}@{pair.adapter}"
+            out[key] = lora_drift_sums(a, b, sa.get("w0", a), sb.get("w0", b),
+                                       self._bindings[pair.a_name].direction_on(a.device), pair)
+        return out
 
+    @torch.no_grad()
+    def _shard_drift_sums(self, by: str) -> dict[str, tuple[float, float, float, int]]:
+        """Drift sums of DTensor parameters: sums over local shards, then one all-reduce of three
+        fp64 per tensor (collective when any parameter is a DTensor). Keyed by name or key."""
+        rows, local_sums = [], []
+        for b, p, w0 in self._stepped((Kind.SHARD,)):
+            q = _dist.local(p)
+            xx, uu, xu, _ = sums(q.double() - _dist.local(w0).double(), b.direction_on(q.device).v)
+            rows.append((b, p))
+            local_sums.append([xx, uu, xu])
+        if not rows:
+            return {}
+        total = torch.tensor(local_sums, dtype=torch.float64, device=_dist.local(rows[0][1]).device)
+        total = _dist.all_reduce_dots([p for _, p in rows], total).tolist()
+        return {(b.name if by == "name" else b.key): (xx, uu * b.direction.scale ** 2, xu * b.direction.scale,
+                                                      p.numel())
+                for (b, p), (xx, uu, xu) in zip(rows, total)}
+
+
+_PLAIN = Binding("", Kind.PLAIN)
+
+
+def adam_kwargs(group: dict[str, Any], has_complex: bool = False) -> dict[str, Any]:
+    """Keyword arguments of torch's functional `adam` for one group (decoupled decay: AdamW)."""
+    beta1, beta2 = group["betas"]
+    return dict(foreach=group["foreach"], capturable=group["capturable"], differentiable=False,
+                fused=group["fused"], grad_scale=None, found_inf=None, has_complex=has_complex,
+                decoupled_weight_decay=True, amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2,
+                lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+                maximize=group["maximize"])
+
+
+def _check_triton_dtypes(bindings: Iterable[Binding], group: dict[str, Any]) -> None:
+    """impl="triton" takes fp32/bf16/fp16 parameters: refuse others when the group is added."""
+    where = dict(zip(group["param_names"], group["params"]))
+    for b in bindings:
+        p = where[b.name]
+        if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"impl='triton' supports float32, bfloat16 and float16 parameters; "
+                             f"'{b.name}' is {p.dtype} (use impl='torch')")

@@ -20,7 +20,8 @@ are global: one MAX and one SUM all-reduce per partition when it is first seen, 
 carrying the partition's dots when it is first seen after a resume), W0 (snapshot of
 the fp32 master partition at its first step, in `state[partition]["w0"]`), and each segment's
 partial ⟨v, ΔW⟩. The per-tensor sums over ranks are one all-reduce of one fp32 per tensor per
-optimizer step (`ZeroTensors.global_dots`), whatever the number of groups and sub-groups.
+optimizer step (`ZeroTensors.global_dots`), whatever the number of groups and sub-groups. The
+partial dots of our own update carry over to the next step in the optimizer's `DotCache`.
 """
 
 from __future__ import annotations
@@ -36,14 +37,11 @@ from torch import Tensor
 from torch.optim.adam import adam
 
 from .anchors import Anchors
-from .functional import BoundDirection, asft_adamw_, partial_dots
+from .dot_cache import DotCache
+from .functional import BoundDirection, StepTensors, asft_adamw, partial_dots
 
 __all__ = ["Segment", "Partition", "ZeroTensors", "is_zero_param", "find_segments", "check_config",
-           "ZERO_CONFIG_HINT"]
-
-ZERO_CONFIG_HINT = ('DeepSpeed config keys for AsFTAdamW: "zero_allow_untested_optimizer": true; with '
-                    '"offload_optimizer" also "zero_force_ds_cpu_optimizer": false')
-
+           "check_client", "initialize", "step_partition", "lora_refusal", "original_shape"]
 
 def is_zero_param(p: Tensor) -> bool:
     """Whether DeepSpeed ZeRO manages p (a stage-3 partitioned parameter, or a stage-1/2 one linked
@@ -143,17 +141,18 @@ class Partition:
     bounds: per segment the direction slice as a `BoundDirection` whose v is a view of `v` and
         whose `inv_nv2`, `scale` are those of the whole tensor.
     index: per segment the position of its tensor in `ZeroTensors.names`.
+    v: the direction laid out like `flat` (zeros in the gaps).
+    The carried partial dots of this rank's segments live in the optimizer's `DotCache`, keyed by
+    tensor name with `flat` as the parameter (one validity rule for every kind).
     """
     flat: Tensor
     segments: list[Segment]
     bounds: list[BoundDirection]
     index: list[int]
     v: Tensor
-    partial: Tensor | None = None   # per segment ⟨v, ΔW⟩ of this rank after our last update ...
-    partial_version: int = -1       # ... valid while flat._version equals this
-    dots: Tensor | None = None      # per segment the global ⟨v, ΔW⟩ ...
-    dots_version: int = -1          # ... valid while flat._version equals this
-    epoch: int = 0                  # `ZeroTensors.epoch` when partial and dots were recorded
+    dots: Tensor | None = None      # per segment the global ⟨v, ΔW⟩, valid while flat._version ...
+    dots_version: int = -1          # ... equals this and the optimizer's `DotCache.epoch` ...
+    dots_epoch: int = -1            # ... equals this
 
     def gaps(self) -> list[tuple[int, int]]:
         """(start, stop) of the partition's ranges outside every segment."""
@@ -181,8 +180,6 @@ class ZeroTensors:
     params: dict[str, Tensor] = field(default_factory=dict)
     partitions: list[Partition] = field(default_factory=list)
     group: Any = None
-    epoch: int = 0
-    reductions: int = 0  # all-reduces of dots made so far (the tests count them per step)
 
     def add(self, name: str, key: str | None, p: Tensor) -> None:
         """Register a trainable parameter of a group (key None: no direction)."""
@@ -191,11 +188,14 @@ class ZeroTensors:
             self.keys[name] = key
             self.names.append(name)
 
-    def invalidate(self) -> None:
-        """Forget every carried and reduced dot (a load, `resync()`)."""
-        self.epoch += 1
+    def owns(self, group: Mapping[str, Any]) -> bool:
+        """Whether ZeRO replaced this param group's parameters by flat partitions (its originals
+        carry ZeRO bookkeeping and none of them is still in the group)."""
+        originals = [self.params.get(n) for n in group["param_names"]]
+        return (any(p is not None and is_zero_param(p) for p in originals)
+                and not any(p is q for p in group["params"] for q in originals))
 
-    def partition(self, flat: Tensor, group_names: Sequence[str], anchors: Anchors,
+    def partition(self, flat: Tensor, group_names: Sequence[str], anchors: Anchors, epoch: int,
                   w0: Tensor | None = None) -> Partition:
         """The `Partition` of `flat`, bound on first sight (collective over the data-parallel group:
         a MAX and a SUM all-reduce). `w0`: the partition's W0 if it has one already (a resumed run):
@@ -204,6 +204,8 @@ class ZeroTensors:
             if part.flat is flat:
                 return part
         part = self._bind(flat, [(n, self.params[n]) for n in group_names if n in self.params], anchors, w0)
+        if w0 is not None:
+            part.dots_version, part.dots_epoch = flat._version, epoch
         self.partitions.append(part)
         return part
 
@@ -255,7 +257,6 @@ class ZeroTensors:
         part = Partition(flat, segments, bounds, [self.names.index(s.name) for s in segments], v)
         if w0 is not None:
             part.dots = sums[1, [row[s.name] for s in segments]].float()
-            part.dots_version, part.epoch = flat._version, self.epoch
         return part
 
     def _all_reduce(self, vec: Tensor, op: dist.ReduceOp) -> None:
@@ -263,40 +264,36 @@ class ZeroTensors:
             dist.all_reduce(vec, op=op, group=self.group)
 
     # ------------------------------------------------------------------------------- dots
-    def global_dots(self, part: Partition, w0s: Mapping[int, Tensor]) -> Tensor:
+    def global_dots(self, part: Partition, w0s: Mapping[int, Tensor], cache: DotCache) -> Tensor:
         """Per segment of `part` the global ⟨v, ΔW⟩ (fp32, shape (len(segments),)).
 
-        Valid dots (the partition unchanged since they were reduced) are returned as they are.
-        Otherwise the partial dots of every partition that has a W0 (`w0s`: position in
-        `self.partitions` → W0) are summed over ranks in one all-reduce of one fp32 per tensor:
-        the carried partials of our last update where the partition was not written since, else
-        recomputed exactly (`functional.partial_dots`). Collective whenever it
-        reduces; every rank takes the same decision (the same updates bump the same counters).
+        Valid dots (the partition unchanged since they were reduced, same `cache.epoch`) are
+        returned as they are. Otherwise the partial dots of every partition that has a W0 (`w0s`:
+        position in `self.partitions` → W0) are summed over ranks in one all-reduce of one fp32
+        per tensor: the partials `cache` carries from our last update where valid, else recomputed
+        exactly (`functional.partial_dots`). Collective whenever it reduces; every rank takes the
+        same decision (the same updates bump the same version counters).
         """
-        if part.dots is not None and part.dots_version == part.flat._version and part.epoch == self.epoch:
+        if part.dots is not None and part.dots_version == part.flat._version and part.dots_epoch == cache.epoch:
             return part.dots
         vec = torch.zeros(len(self.names), dtype=torch.float32, device=part.flat.device)
         for i, q in enumerate(self.partitions):
             if i not in w0s or not q.segments:
                 continue
-            if q.partial is not None and q.partial_version == q.flat._version and q.epoch == self.epoch:
-                partial = q.partial
-            else:
+            carried = [cache.get(s.name, q.flat) for s in q.segments]
+            if any(c is None for c in carried):
                 w0 = w0s[i]
                 partial = partial_dots([q.flat[s.start: s.start + s.numel] for s in q.segments],
                                        [w0[s.start: s.start + s.numel] for s in q.segments], q.bounds)
+            else:
+                partial = torch.stack(carried)
             vec.index_add_(0, torch.tensor(q.index, device=vec.device), partial.to(vec.device))
         self._all_reduce(vec, dist.ReduceOp.SUM)
-        self.reductions += 1
         for i, q in enumerate(self.partitions):
             if i in w0s:
-                q.dots = vec[q.index].to(q.flat.device) if q.segments else vec[:0]
-                q.dots_version, q.epoch = q.flat._version, self.epoch
+                q.dots = vec[q.index].to(q.flat.device)
+                q.dots_version, q.dots_epoch = q.flat._version, cache.epoch
         return part.dots
-
-    def carry(self, part: Partition, partial: Tensor) -> None:
-        """Record the partial dots our update just produced for `part` (call right after it)."""
-        part.partial, part.partial_version, part.epoch = partial, part.flat._version, self.epoch
 
     # ------------------------------------------------------------------------------- drift
     def drift_sums(self, w0s: Mapping[int, Tensor]) -> dict[str, tuple[float, float, float, int]]:
@@ -383,31 +380,31 @@ def lora_refusal(stage: int | str) -> str:
 @torch.no_grad()
 def step_partition(part: Partition, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
                    max_exp_avg_sq: Tensor | None, step: Tensor, w0: Tensor, dots: Tensor, *,
-                   coef: float, penalty: str, **adam_kwargs: Any) -> Tensor:
+                   coef: float, penalty: str, impl: str, **adam_kwargs: Any) -> list[Tensor] | None:
     """AdamW on g̃ = g + coef·R over one flat partition, R taken per segment with its tensor's
     global dot; gaps (padding, tensors without a direction) take plain AdamW steps.
 
-    Every argument but `part` and `dots` is flat like `part.flat` (`step`: the partition's step
-    count, incremented once). Segments and gaps are stepped as views of the flat tensors, so the
-    update is elementwise what torch's AdamW on the whole partition would be, plus the penalty.
-    Returns the new partial ⟨v, ΔW⟩ per segment (fp32, shape (len(segments),)).
+    Every tensor argument but `dots` is flat like `part.flat` (`step`: the partition's step count,
+    incremented once). Segments and gaps are stepped as views of the flat tensors, so the update
+    is elementwise what torch's AdamW on the whole partition would be, plus the penalty.
+    impl: "torch" or "reference" (`functional.asft_adamw`).
+    Returns the new partial ⟨v, ΔW⟩ per segment (impl "torch"), else None.
     """
     def views(t: Tensor | None, ranges: list[tuple[int, int]]) -> list[Tensor]:
         return [] if t is None else [t[a:b] for a, b in ranges]
 
     segs = [(s.start, s.start + s.numel) for s in part.segments]
     gaps = part.gaps()
-    amsgrad = adam_kwargs["amsgrad"]
-    new = torch.zeros(len(segs), dtype=torch.float32, device=part.flat.device)
+    ams = max_exp_avg_sq if adam_kwargs["amsgrad"] else None
+    new = None
     if segs:
-        out = asft_adamw_(views(part.flat, segs), views(grad, segs), views(exp_avg, segs),
-                          views(exp_avg_sq, segs), views(max_exp_avg_sq if amsgrad else None, segs),
-                          [step.clone() for _ in segs], views(w0, segs), part.bounds, list(dots.unbind()),
-                          coef=coef, penalty=penalty, **adam_kwargs)
-        new = torch.stack(out)
+        new = asft_adamw(StepTensors(views(part.flat, segs), views(grad, segs), views(exp_avg, segs),
+                                     views(exp_avg_sq, segs), views(ams, segs), [step.clone() for _ in segs],
+                                     views(w0, segs), part.bounds, list(dots.unbind())),
+                         coef=coef, penalty=penalty, impl=impl, **adam_kwargs)
     if gaps:
         adam(views(part.flat, gaps), views(grad, gaps), views(exp_avg, gaps), views(exp_avg_sq, gaps),
-             views(max_exp_avg_sq if amsgrad else None, gaps), [step.clone() for _ in gaps], **adam_kwargs)
+             views(ams, gaps), [step.clone() for _ in gaps], **adam_kwargs)
     step.add_(1)
     return new
 
@@ -421,13 +418,25 @@ def load_config(config: Mapping[str, Any] | str | Any) -> Mapping[str, Any]:
     return json.loads(Path(config).read_text())
 
 
+def check_client(optimizer: torch.optim.Optimizer, config: Mapping[str, Any]) -> None:
+    """`check_config` for this client optimizer, and refuse impl="triton" groups (ZeRO partitions
+    step on the PyTorch path)."""
+    groups = getattr(optimizer, "param_groups", [])
+    lora = hasattr(optimizer, "_lora_in_group") and any(optimizer._lora_in_group(g) for g in groups)
+    check_config(config, has_lora=lora)
+    stage = _get(config, "zero_optimization", "stage") or 0
+    if stage and any(g.get("impl") == "triton" for g in groups):
+        raise ValueError("impl='triton' does not step DeepSpeed ZeRO partitions: build the optimizer "
+                         "with impl=None or impl='torch'")
+
+
 def initialize(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                config: Mapping[str, Any] | str, **kwargs: Any) -> tuple:
-    """`deepspeed.initialize` with an AsFTAdamW client optimizer, after `check_config`.
+    """`deepspeed.initialize` with an AsFTAdamW client optimizer, after `check_client`: an
+    unsupported setting fails here, with the config key to change, not at the first step.
 
     Returns what `deepspeed.initialize` returns (engine, optimizer, data loader, scheduler).
     """
     import deepspeed
-    lora = any(optimizer._lora_in_group(g) for g in optimizer.param_groups) if hasattr(optimizer, "_lora_in_group") else False
-    check_config(load_config(config), has_lora=lora)
+    check_client(optimizer, load_config(config))
     return deepspeed.initialize(model=model, optimizer=optimizer, config=config, **kwargs)

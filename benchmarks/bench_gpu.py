@@ -227,21 +227,21 @@ def check_big_tensor(rep: Report, numel: int, device) -> bool:
         g0 = p.grad[tail].double()
         m0 = st["exp_avg"][tail].double() if st else torch.zeros_like(p0)
         s0 = st["exp_avg_sq"][tail].double() if st else torch.zeros_like(p0)
-        bound = opt._bound.get("big")
+        bound = (opt._bindings["big"].direction if "big" in opt._bindings else None)
         c = 0.0
         if st:  # exact c in float64 over the whole tensor, in chunks
             w0 = st["w0"]
             dot = sum(float((bound.v[i:i + (1 << 28)].double() * (p.detach()[i:i + (1 << 28)].double()
                       - w0[i:i + (1 << 28)].double())).sum()) for i in range(0, numel, 1 << 28))
             c = dot * bound.inv_nv2
-            kernel_c = float(opt._triton_c.buffers[p.device][opt._triton_c.slot["big"]])
+            kernel_c = float(opt._triton.slots.buffers[p.device][opt._triton.slots.slot["big"]])
             c_err = abs(kernel_c - c) / max(abs(c), 1e-30)
             rep.data.setdefault("checks", {})["big_c_rel_err"] = c_err
             rep.line(f"check big tensor c (one pass vs float64 dot) relative error {c_err:.2e}")
             ok &= c_err <= 1e-4
         opt.step()
         if bound is None:
-            bound = opt._bound["big"]
+            bound = opt._bindings["big"].direction
         v = bound.v[tail].double()
         w0t = opt.state[p]["w0"][tail].double()
         gt = g0 + 1.0 * ((p0 - w0t) - c * v)  # coef = 2λ = 1
@@ -276,9 +276,9 @@ def check_one_pass_c(rep: Report, shapes, device) -> bool:
     for t in range(3):
         set_grads(params, seed=200 + t)
         opt.step()
-    (buf,) = opt._triton_c.buffers.values()
+    (buf,) = opt._triton.slots.buffers.values()
     one_pass = buf.clone()
-    for _, table in opt._triton_tables.values():
+    for _, table in opt._triton.tables.values():
         K.exact_c_(table, buf)
     diff = float(((buf - one_pass).abs() / one_pass.abs().clamp_min(1e-30)).max())
     bitwise = bool(torch.equal(buf, one_pass))
@@ -340,7 +340,7 @@ def bench_provider(name: str, shapes, device, warmup: int, iters: int) -> dict:
     if name == "asft_triton_bf16wd":
         sample = next(iter(params.values()))
         res["w0_dtype"] = str(opt.state[sample]["w0"].dtype)
-        res["v_dtype"] = str(opt._bound[next(iter(params))].v.dtype)
+        res["v_dtype"] = str(opt._bindings[next(iter(params))].direction.v.dtype)
     del opt, params, step
     free()
     return res

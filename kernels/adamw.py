@@ -71,12 +71,12 @@ def _update_block(table, t, offs, n, c, coef, decay, omb1, beta2, omb2, eps, ste
     p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
     g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
     m_ptr = tl.load(row + 2).to(tl.pointer_type(M_DTYPE))
-    s_ptr = tl.load(row + 3).to(tl.pointer_type(M_DTYPE))
+    sq_ptr = tl.load(row + 3).to(tl.pointer_type(M_DTYPE))
     if ALIGNED:
         p_ptr = tl.multiple_of(p_ptr, 16)
         g_ptr = tl.multiple_of(g_ptr, 16)
         m_ptr = tl.multiple_of(m_ptr, 16)
-        s_ptr = tl.multiple_of(s_ptr, 16)
+        sq_ptr = tl.multiple_of(sq_ptr, 16)
     if MASKED:
         mask = offs < n
         other = 0.0
@@ -104,19 +104,19 @@ def _update_block(table, t, offs, n, c, coef, decay, omb1, beta2, omb2, eps, ste
     if MAXIMIZE:
         g = -g
     m = tl.load(m_ptr + offs, mask=mask, other=other).to(tl.float32)
-    s = tl.load(s_ptr + offs, mask=mask, other=other).to(tl.float32)
+    sq = tl.load(sq_ptr + offs, mask=mask, other=other).to(tl.float32)
     m = (m + omb1 * (g - m)).to(M_DTYPE)
-    s = (s * beta2 + omb2 * (g * g)).to(M_DTYPE)
+    sq = (sq * beta2 + omb2 * (g * g)).to(M_DTYPE)
     tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(s_ptr + offs, s, mask=mask)
+    tl.store(sq_ptr + offs, sq, mask=mask)
     if AMSGRAD:
         x_ptr = tl.load(row + 4).to(tl.pointer_type(M_DTYPE))
         if ALIGNED:
             x_ptr = tl.multiple_of(x_ptr, 16)
-        s = tl.maximum(tl.load(x_ptr + offs, mask=mask, other=other), s)
-        tl.store(x_ptr + offs, s, mask=mask)
+        sq = tl.maximum(tl.load(x_ptr + offs, mask=mask, other=other), sq)
+        tl.store(x_ptr + offs, sq, mask=mask)
     # the update reads the moments as stored, like torch's AdamW
-    denom = tl.div_rn(tl.sqrt_rn(s.to(tl.float32)), bc2_sqrt) + eps
+    denom = tl.div_rn(tl.sqrt_rn(sq.to(tl.float32)), bc2_sqrt) + eps
     p_new = (p * decay - step_size * tl.div_rn(m.to(tl.float32), denom)).to(P_DTYPE)
     tl.store(p_ptr + offs, p_new, mask=mask)
     if HAS_PEN:
@@ -270,7 +270,7 @@ def make_table(roles: list[list[Tensor | None]], cslots: list[int], inv_nv2: lis
     aligned = True
     for i, (row, name) in enumerate(zip(roles, names, strict=True)):
         p = row[0]
-        if not (p.is_contiguous() or p.is_non_overlapping_and_dense()):
+        if not _dense(p):
             raise ValueError(f"impl='triton' needs dense parameters; '{name}' has shape {tuple(p.shape)} "
                              f"and strides {p.stride()}")
         for k, x in enumerate(row):
@@ -307,6 +307,14 @@ def make_table(roles: list[list[Tensor | None]], cslots: list[int], inv_nv2: lis
         cslot=dev(cslots, torch.int32), inv_nv2=dev(inv_nv2, torch.float32),
         partials=torch.zeros(max(len(blk_start), 1), dtype=torch.float32, device=device),
         dtypes=dtypes, aligned=aligned, block=block)
+
+
+def _dense(t: Tensor) -> bool:
+    """t covers its memory without gaps or overlaps (any dim order: contiguous, transposed, channels_last)."""
+    if t.is_contiguous():
+        return True
+    order = sorted(range(t.dim()), key=lambda i: -t.stride(i))
+    return t.permute(order).is_contiguous()
 
 
 def _tl(dtype: torch.dtype | None, role: str):
@@ -387,16 +395,13 @@ def fused_step_(table: LaunchTable, c_buf: Tensor, steps: list[float], *, lr: fl
 class CSlots:
     """c = ⟨v, p - W0⟩/‖v‖² between steps: one fp32 slot per parameter name, one buffer per device.
 
-    `valid` holds the names whose slot matches the parameter as it is now; anything else (a load,
-    an outside write: `clear()`) is recomputed by `exact_c_` before the slot is read. `epoch`
-    counts the clears (a cached launch plan is only reused within one epoch).
+    Which slots may be read is the optimizer's business (`asft_optim.dot_cache`); a buffer may be
+    reallocated when new names arrive (old values kept), so callers look it up at each launch.
     """
 
     def __init__(self) -> None:
         self.slot: dict[str, int] = {}
         self.buffers: dict[torch.device, Tensor] = {}
-        self.valid: set[str] = set()
-        self.epoch = 0
 
     def slots(self, names: list[str], device: torch.device) -> list[int]:
         """Slots of `names` (allocated on first use; the device buffer grows, keeping old values)."""
@@ -409,7 +414,3 @@ class CSlots:
                 new[: buf.numel()] = buf
             self.buffers[device] = new
         return [self.slot[n] for n in names]
-
-    def clear(self) -> None:
-        self.valid.clear()
-        self.epoch += 1

@@ -30,6 +30,7 @@ triton = pytest.importorskip("triton")
 
 from asft_optim.kernels import adamw as K  # noqa: E402
 from asft_optim.optimizer import AsFTAdamW  # noqa: E402
+from asft_optim.triton_step import resolve_impl  # noqa: E402
 
 if DEVICE == "cpu" and not K.is_interpreted():  # triton was imported earlier without the interpreter
     pytest.skip("asft_optim.kernels was imported before TRITON_INTERPRET=1 was set; run this module "
@@ -107,7 +108,7 @@ def expected_step(opt: AsFTAdamW, name: str, p: torch.Tensor, g: torch.Tensor,
     b1, b2 = grp["betas"]
     lr, lam, dt = float(grp["lr"]), grp["asft_lambda"], p.dtype
     p64, g64, w64 = p.double(), g.double(), w0.double()
-    bound = opt._bound[name]
+    bound = opt._bindings[name].direction
     v = bound.v.double()
     dw = p64 - w64
     c = (v * dw).sum() * bound.inv_nv2
@@ -228,7 +229,7 @@ def test_mixed_dtypes_split_into_one_launch_each():
     specs = {"a": ((300,), torch.float32), "b": ((129,), torch.bfloat16), "c": ((5, 7), torch.float16),
              "d": ((4097,), torch.float32), "e": ((33,), torch.bfloat16)}
     pa, oa, _, _ = run_pair(specs, steps=10, amsgrad=True)
-    keys = {k for (gi, k) in oa._triton_tables}
+    keys = {k for (gi, k) in oa._triton.tables}
     assert sorted(str(k[2]) for k in keys) == ["torch.bfloat16", "torch.float16", "torch.float32"]
     counts = []
     for t in (50, 51):
@@ -261,7 +262,7 @@ def test_tensor_lr_is_supported():
 
 # ----------------------------------------------------------------------------------------- c
 def _c_values(opt: AsFTAdamW, names) -> torch.Tensor:
-    cs = opt._triton_c
+    cs = opt._triton.slots
     (buf,) = cs.buffers.values()  # one device
     return torch.stack([buf[cs.slot[n]] for n in names]).clone()
 
@@ -276,11 +277,11 @@ def test_one_pass_c_equals_a_fresh_exact_reduction(dtype):
     names = list(specs)
     one_pass = _c_values(oa, names)
     assert bool((one_pass != 0).all())
-    for (_, table) in oa._triton_tables.values():
-        K.exact_c_(table, *oa._triton_c.buffers.values())
+    for (_, table) in oa._triton.tables.values():
+        K.exact_c_(table, *oa._triton.slots.buffers.values())
     same(_c_values(oa, names), one_pass, "c")
     for n, c in zip(names, one_pass):
-        b = oa._bound[n]
+        b = oa._bindings[n].direction
         dw = pa[n].detach().double() - oa.state[pa[n]]["w0"].double()
         ref = float((b.v.double() * dw).sum() * b.inv_nv2)
         assert abs(float(c) - ref) <= 1e-5 * max(abs(ref), 1e-3), (n, float(c), ref)
@@ -325,25 +326,30 @@ def test_state_dict_round_trip_continues_exactly():
                 same(x, y, f"step {t} moments of {n}")
 
 
-def test_resync_after_an_outside_write_continues_exactly():
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_outside_writes_are_noticed_on_every_impl(impl):
+    """An in-place write between steps (`model.load_state_dict`, `p.add_`) bumps the version counter
+    and forces an exact c on every impl, with or without resync(); a write through `.data`
+    bypasses the counter and needs resync() (without it the stale c shows)."""
     specs = f32({"odd": (4097,), "mat": (5, 123)})
     results = {}
-    for impl, call_resync in (("reference", False), ("triton", True), ("triton", False)):
-        p, o = make(specs, impl)
+    for run_impl, how in (("reference", "inplace"), (impl, "inplace"), (impl, "data+resync"), (impl, "data")):
+        p, o = make(specs, run_impl)
         for t in range(10):
             if t == 4:
                 with torch.no_grad():
                     for x in p.values():
-                        x.add_(0.25)
-                if call_resync:
+                        (x if how == "inplace" else x.data).add_(0.25)
+                if how == "data+resync":
                     o.resync()
             set_grads(p, t)
             o.step()
-        results[(impl, call_resync)] = p
+        results[(run_impl, how)] = p
     for n in specs:
-        ref = results[("reference", False)][n].detach()
-        assert_close(results[("triton", True)][n].detach(), ref, n)
-        stale = results[("triton", False)][n].detach()
+        ref = results[("reference", "inplace")][n].detach()
+        assert_close(results[(impl, "inplace")][n].detach(), ref, n)
+        assert_close(results[(impl, "data+resync")][n].detach(), ref, n)
+        stale = results[(impl, "data")][n].detach()
         assert not torch.allclose(stale, ref, rtol=1e-5, atol=1e-5), f"{n}: the stale c went unnoticed"
 
 
@@ -389,9 +395,9 @@ def test_triton_on_cpu_without_the_interpreter_raises():
 
 def test_default_impl_is_triton_on_cuda_and_torch_elsewhere():
     p, o = make(f32({"a": (8,)}), None)
-    assert o._resolve_impl(o.param_groups[0]) == ("triton" if DEVICE == "cuda" else "torch")
+    assert resolve_impl(o.param_groups[0], False) == ("triton" if DEVICE == "cuda" else "torch")
     p, o = make(f32({"a": (8,)}), None, fused=True)  # an explicit torch kernel keeps the torch path
-    assert o._resolve_impl(o.param_groups[0]) == "torch"
+    assert resolve_impl(o.param_groups[0], False) == "torch"
 
 
 # ----------------------------------------------------------------------------------------- PTX

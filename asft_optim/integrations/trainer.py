@@ -39,7 +39,7 @@ from ..anchors import Anchors
 from ..lora import is_lora_name
 from ..metrics import drift_from_sums, per_layer
 from ..optimizer import AsFTAdamW
-from ..zero import check_config
+from ..zero import check_client, check_config
 
 __all__ = ["AsFTTrainer", "AsFTTrainerMixin", "DriftCallback", "create_asft_optimizer", "unwrap_asft"]
 
@@ -135,11 +135,9 @@ class AsFTTrainerMixin:
             raise ValueError("AsFTTrainer builds its own AsFTAdamW; do not pass `optimizers` or "
                              "`optimizer_cls_and_kwargs`")
         super().__init__(*args, **kwargs)
-        if getattr(self, "is_deepspeed_enabled", False):
-            config = self.accelerator.state.deepspeed_plugin.hf_ds_config.config  # type: ignore[attr-defined]
+        if self._deepspeed_config() is not None:
             lora = any(p.requires_grad and is_lora_name(n) for n, p in self.model.named_parameters())  # type: ignore[attr-defined]
-            # transformers adds "zero_allow_untested_optimizer": true itself for a Trainer-built optimizer
-            check_config({**config, "zero_allow_untested_optimizer": True}, has_lora=lora)
+            check_config(self._deepspeed_config(), has_lora=lora)  # type: ignore[arg-type]
         self.asft_anchors = anchors
         self.asft_options = options
         if drift_per_layer is not None:
@@ -151,7 +149,17 @@ class AsFTTrainerMixin:
             opt_model = self.model if model is None else model  # type: ignore[attr-defined]
             self.optimizer = create_asft_optimizer(self, opt_model, self.asft_anchors,  # type: ignore[arg-type]
                                                    **self.asft_options)
+            if self._deepspeed_config() is not None:
+                check_client(self.optimizer, self._deepspeed_config())  # type: ignore[arg-type]
         return self.optimizer
+
+    def _deepspeed_config(self) -> dict[str, Any] | None:
+        """The DeepSpeed config the Trainer will use, or None without DeepSpeed. transformers adds
+        "zero_allow_untested_optimizer": true itself for an optimizer the Trainer builds."""
+        if not getattr(self, "is_deepspeed_enabled", False):
+            return None
+        config = self.accelerator.state.deepspeed_plugin.hf_ds_config.config  # type: ignore[attr-defined]
+        return {**config, "zero_allow_untested_optimizer": True}
 
 
 class AsFTTrainer(AsFTTrainerMixin, Trainer):

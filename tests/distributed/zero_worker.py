@@ -1,4 +1,4 @@
-"""Worker for the DeepSpeed ZeRO tests: `python -m torch.distributed.run --nproc_per_node=2 zero_worker.py MODE OUT_DIR`.
+"""Worker for the DeepSpeed ZeRO tests: `python -m torch.distributed.run --nproc_per_node=2 zero_worker.py MODES OUT_DIR`.
 
 Modes (gloo, CPU, world size 2; each runs several DeepSpeed engines one after the other):
   train   ZeRO-1, 2 and 3, fp32 and bf16, with torch.optim.AdamW (the harness's baseline) and with
@@ -6,8 +6,11 @@ Modes (gloo, CPU, world size 2; each runs several DeepSpeed engines one after th
           caller; drift on both ranks; a negative control (the dot all-reduce skipped).
   ckpt    ZeRO-2 and 3: engine.save_checkpoint after 4 steps, load_checkpoint into a fresh engine
           (other initial weights), 4 more steps against the uninterrupted run; resumes with other
-          λ or anchors refused; config checks.
-Rank 0 writes OUT_DIR/MODE.json; the pytest file asserts on it.
+          λ or anchors refused; config checks; ZeRO-Offload to the CPU.
+  trainer AsFTTrainer with a DeepSpeed config dict (ZeRO-2, then ZeRO-3) against a single-process
+          loop over the batches each rank saw; drift logs of both ranks.
+MODES is one mode or several, comma-separated (one launch). Rank 0 writes OUT_DIR/MODES.json
+({mode: what it measured}); the pytest file asserts on it.
 
 The model's tensors have 30, 5, 15, 3, 3 and 1 elements: ZeRO-1/2 split a.weight (group of weights,
 48 elements: 24/24) and b.bias (group of biases, 9 padded to 12) across the ranks; ZeRO-3 splits
@@ -372,12 +375,13 @@ def run_trainer(out: Path, rank: int) -> dict:
 
 
 def main() -> None:
-    mode, out = sys.argv[1], Path(sys.argv[2])
+    modes, out = sys.argv[1].split(","), Path(sys.argv[2])
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
-    result = {"train": run_train, "ckpt": run_ckpt, "trainer": run_trainer}[mode](out, rank)
+    results = {mode: {"train": run_train, "ckpt": run_ckpt, "trainer": run_trainer}[mode](out, rank)
+               for mode in modes}
     if rank == 0:
-        (out / f"{mode}.json").write_text(json.dumps(result))
+        (out / f"{sys.argv[1]}.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()

@@ -1,0 +1,169 @@
+"""What `AsFTAdamW` knows about each parameter beyond torch's `state[p]`: one `Binding` per name.
+
+A binding is made when the parameter's group is added (`bind_group`) and read by every path
+(torch, reference, Triton, shards, LoRA, resume, drift). It records the parameter's kind, the
+normalised anchors key of its direction, the bound direction and, for LoRA adapters, the pair.
+Bindings are keyed by the name the group was built with, never by `id(param)`: accelerate and
+FSDP2 swap parameter objects after the optimizer is built.
+"""
+
+from __future__ import annotations
+
+import enum
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import distributed as _dist
+from .anchors import Anchors, normalize_name
+from .functional import BoundDirection, bind_direction
+from .lora import LoraLayout, LoraPair, bind_lora_direction, is_lora_name
+from .zero import lora_refusal, original_shape
+
+__all__ = ["Kind", "Binding", "bind_group", "anchor_key", "zero_binding"]
+
+
+class Kind(str, enum.Enum):
+    """How a parameter is penalised."""
+    DENSE = "dense"      # a whole tensor with its own direction
+    SHARD = "shard"      # a DTensor (FSDP2) shard bound to its block of the direction
+    LORA_A = "lora_a"    # peft lora_A: penalty on s·(B·A − B0·A0) against the base weight's d
+    LORA_B = "lora_b"
+    ZERO = "zero"        # DeepSpeed ZeRO: pieces of the tensor live in flat partitions (`asft_optim.zero`)
+    PLAIN = "plain"      # no direction (allow_unanchored, or λ = 0): plain AdamW steps
+
+
+@dataclass
+class Binding:
+    """One parameter's AsFT record.
+
+    Attributes:
+        name: the name in its param group.
+        kind: see `Kind`.
+        key: the normalised anchors key of the direction (the base weight's for LoRA), or None.
+        direction: the bound direction (for a shard: its block; for LoRA: the base weight's, shared
+            by A and B), or None (ZERO: the direction slices live with each flat partition).
+        pair: the LoRA pair of a LORA_A/LORA_B parameter.
+    """
+    name: str
+    kind: Kind
+    key: str | None = None
+    direction: BoundDirection | None = None
+    pair: LoraPair | None = None
+
+    @property
+    def anchored(self) -> bool:
+        return self.kind is not Kind.PLAIN
+
+    def direction_on(self, device: torch.device) -> BoundDirection:
+        """The bound direction, moved to `device` on first use there (a dense/LoRA direction follows
+        its parameter when the parameter moves)."""
+        assert self.direction is not None, self.name
+        if self.direction.v.device != device:
+            self.direction.v = self.direction.v.to(device)
+        return self.direction
+
+
+def anchor_key(name: str, lora: LoraLayout | None) -> str:
+    """The anchors key of a full parameter: its normalised name, or the original module's for a
+    peft `modules_to_save` copy."""
+    if lora is not None and name in lora.aliases:
+        return lora.aliases[name]
+    return normalize_name(name)
+
+
+def bind_group(named: Iterable[tuple[str, Tensor]], anchors: Anchors, lora: LoraLayout | None,
+               lora_bound: dict[str, BoundDirection], *, projection: str, penalised: bool
+               ) -> dict[str, Binding]:
+    """Bind every trainable parameter of a group; frozen ones are left out.
+
+    Collective when the group holds DTensors (every rank adds the same groups). `lora_bound` caches
+    each LoRA pair's base direction by `LoraPair.key` (A and B share one). `penalised`: the group
+    has λ > 0 (only then is projection="reference" on a full parameter an error).
+
+    Raises:
+        ValueError naming the parameter: complex dtype, a LoRA name without a layout (points to
+        `from_model`), a LoRA name missing from the layout, projection="reference" on a full
+        parameter, a direction whose shape or dtype does not fit.
+    """
+    out: dict[str, Binding] = {}
+    shards: list[tuple[str, Tensor]] = []
+    zero: list[str] = []
+    for name, p in named:
+        if p.is_complex():
+            raise ValueError(f"AsFTAdamW does not support complex parameters: '{name}' is {p.dtype}")
+        if not p.requires_grad:
+            continue
+        in_layout = lora is not None and name in lora.by_param
+        if hasattr(p, "ds_id"):  # partitioned by ZeRO-3 already (zero.Init): bound with its partition
+            if in_layout or is_lora_name(name):
+                raise NotImplementedError(lora_refusal(3))
+            out[name] = zero_binding(name, anchor_key(name, lora), p, anchors)
+            continue
+        if is_lora_name(name) and not in_layout:
+            if lora is None:
+                raise ValueError(
+                    f"'{name}' is a peft LoRA parameter: its penalty lives on the product s·B·A, whose "
+                    "scaling and layout the names alone do not give. Build the optimizer with "
+                    "AsFTAdamW.from_model(model, anchors=..., **adamw_kwargs)")
+            raise ValueError(f"LoRA parameter '{name}' is not in the LoRA layout given to AsFTAdamW; "
+                             "build the optimizer with AsFTAdamW.from_model(model, ...) on this model")
+        if in_layout:
+            pair, which = lora.by_param[name]
+            if _dist.is_dtensor(p):
+                raise NotImplementedError(f"LoRA parameter '{name}' is a DTensor: AsFTAdamW supports "
+                                          "sharded (FSDP2) parameters for full fine-tuning only")
+            bound = lora_bound.get(pair.key)
+            if bound is None:
+                bound = lora_bound[pair.key] = bind_lora_direction(anchors, pair, p.device)
+                if bound.is_zero:
+                    zero.append(f"{pair.module} (LoRA)")
+            out[name] = Binding(name, Kind.LORA_A if which == "A" else Kind.LORA_B, pair.direction, bound, pair)
+            continue
+        key = anchor_key(name, lora)
+        if key not in anchors:
+            out[name] = Binding(name, Kind.PLAIN)
+            continue
+        if projection == "reference" and penalised:
+            raise ValueError(f"projection='reference' (C = d·dᵀ/‖d‖_F on B·A) is defined for LoRA "
+                             f"adapters only; '{name}' is a full parameter with a direction: put it in "
+                             "a param group with projection='vector'")
+        if _dist.is_dtensor(p):
+            shards.append((name, p))
+            continue
+        bound = bind_direction(anchors[key], p, key)
+        out[name] = Binding(name, Kind.DENSE, key, bound)
+        if bound.is_zero:
+            zero.append(name)
+    sharded = bind_shards(shards, anchors, lora)
+    zero += [n for n, b in sharded.items() if b.direction.is_zero]
+    out.update(sharded)
+    if zero:
+        warnings.warn(f"AsFT: the direction is zero for {len(zero)} tensor(s): {', '.join(zero[:20])}"
+                      f"{' …' if len(zero) > 20 else ''}; their penalty is a plain L2 pull towards W0",
+                      stacklevel=4)
+    return out
+
+
+def zero_binding(name: str, key: str, p: Tensor, anchors: Anchors) -> Binding:
+    """The ZERO binding of a DeepSpeed-managed parameter (PLAIN without a direction); its direction
+    is read slice by slice when its partitions are first stepped (`zero.ZeroTensors.partition`)."""
+    if key not in anchors:
+        return Binding(name, Kind.PLAIN)
+    shape = original_shape(p)
+    if tuple(anchors.shape(key)) != tuple(shape):
+        raise ValueError(f"direction for '{name}' has shape {tuple(anchors.shape(key))} but the parameter "
+                         f"has shape {tuple(shape)}")
+    return Binding(name, Kind.ZERO, key)
+
+
+def bind_shards(named: list[tuple[str, Tensor]], anchors: Anchors, lora: LoraLayout | None
+                ) -> dict[str, Binding]:
+    """SHARD bindings of DTensor parameters that have directions (collective; see
+    `distributed.bind_sharded`)."""
+    keys = [anchor_key(n, lora) for n, _ in named]
+    bounds = _dist.bind_sharded(anchors, [(k, p) for k, (_, p) in zip(keys, named)])
+    return {name: Binding(name, Kind.SHARD, key, bound) for (name, _), key, bound in zip(named, keys, bounds)}
