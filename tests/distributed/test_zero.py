@@ -39,6 +39,11 @@ def test_zero_equals_single_process(train, tag):
     assert train[f"{tag}/max_rel"] <= TOL
 
 
+def test_zero3_model_built_under_zero_init(train):
+    assert train["zero_init/kinds"] == ["zero"]  # bound as ZeRO tensors at construction, nothing read
+    assert train["zero_init/max_rel"] <= TOL
+
+
 def test_zero_comparison_has_teeth(train):
     for precision in ("fp32", "bf16"):
         assert train[f"{precision}/penalty_effect"] > 0.05  # λ changes the trajectory

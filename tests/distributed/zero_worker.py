@@ -208,6 +208,15 @@ def run_train(out: Path, rank: int) -> dict:
             result[f"{tag}/comms"] = comms
             engine.destroy()
         result[f"{'bf16' if bf16 else 'fp32'}/penalty_effect"] = max_rel(ref, plain)
+        if not bf16:  # ZeRO-3 with the model built under zero.Init: partitioned before the optimizer
+            with deepspeed.zero.Init(config_dict_or_path=config(3)):
+                model = make_model()
+            opt = asft(model, anchors)
+            result["zero_init/kinds"] = sorted({b.kind.value for b in opt._bindings.values()})
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config(3))
+            train(engine, rank, range(STEPS))
+            result["zero_init/max_rel"] = max_rel(full_params(model), ref)
+            engine.destroy()
     # Negative control: ZeRO-2 with each rank's partial dots taken as the global ones (the fp32
     # all-reduce of dots skipped; the binding's fp64 ones kept).
     real = asft_zero.ZeroTensors._all_reduce
