@@ -44,6 +44,14 @@ def test_zero3_model_built_under_zero_init(train):
     assert train["zero_init/max_rel"] <= TOL
 
 
+def test_zero3_sub_groups_still_one_all_reduce_per_step(train):
+    assert train["subgroups/partitions"] == 4  # DeepSpeed calls step() once per sub-group
+    assert train["subgroups/max_rel"] <= TOL
+    first, *rest = train["subgroups/comms"]
+    assert [dtype for _, dtype in first] == ["torch.float64"] * 8  # binding: MAX + SUM per sub-group
+    assert all(step == [[N_TENSORS, "torch.float32"]] for step in rest)
+
+
 def test_zero_comparison_has_teeth(train):
     for precision in ("fp32", "bf16"):
         assert train[f"{precision}/penalty_effect"] > 0.05  # λ changes the trajectory

@@ -217,6 +217,14 @@ def run_train(out: Path, rank: int) -> dict:
             train(engine, rank, range(STEPS))
             result["zero_init/max_rel"] = max_rel(full_params(model), ref)
             engine.destroy()
+            # ZeRO-3 sub-groups of about 8 elements per rank: four partitions, one step() call each.
+            model = make_model()
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=asft(model, anchors), config=config(
+                3, zero_optimization={"stage": 3, "sub_group_size": 8}))
+            result["subgroups/partitions"] = len(engine.optimizer.fp16_groups)
+            result["subgroups/comms"] = train(engine, rank, range(STEPS))
+            result["subgroups/max_rel"] = max_rel(full_params(model), ref)
+            engine.destroy()
     # Negative control: ZeRO-2 with each rank's partial dots taken as the global ones (the fp32
     # all-reduce of dots skipped; the binding's fp64 ones kept).
     real = asft_zero.ZeroTensors._all_reduce
