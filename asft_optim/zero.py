@@ -44,9 +44,9 @@ __all__ = ["Segment", "Partition", "ZeroTensors", "is_zero_param", "find_segment
            "check_client", "initialize", "step_partition", "lora_refusal", "original_shape"]
 
 def is_zero_param(p: Tensor) -> bool:
-    """Whether DeepSpeed ZeRO manages p (a stage-3 partitioned parameter, or a stage-1/2 one linked
-    to an fp32 partition)."""
-    return hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None
+    """Whether DeepSpeed ZeRO manages p: a stage-3 partitioned parameter, or a stage-1/2 one that
+    `link_hp_params` linked (its `_hp_mapping` is None on ranks whose partition it misses)."""
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
 
 
 def original_shape(p: Tensor) -> torch.Size:
@@ -68,10 +68,6 @@ class Segment:
     shape: torch.Size
 
 
-def _same_storage(a: Tensor, b: Tensor) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-
-
 def find_segments(flat: Tensor, named: Sequence[tuple[str, Tensor]]) -> list[Segment]:
     """The segments of the flat partition `flat`, from the ZeRO bookkeeping of the original
     parameters `named` (the partition's group), ordered by their start in `flat`.
@@ -90,9 +86,11 @@ def find_segments(flat: Tensor, named: Sequence[tuple[str, Tensor]]) -> list[Seg
             numel = max(0, min(numel, p.ds_numel - offset))
         else:
             mapping = getattr(p, "_hp_mapping", None)
-            if mapping is None or not _same_storage(mapping.hp_fragment, flat):
+            if mapping is None:
                 continue
             start, numel = mapping.hp_fragment_address.start, mapping.hp_fragment_address.numel
+            if mapping.hp_fragment.data_ptr() != flat.data_ptr() + start * flat.element_size():
+                continue  # a fragment of another partition
             offset = mapping.lp_fragment_address.start
         if numel == 0:
             continue
@@ -123,9 +121,7 @@ def _read_segment(anchors: Anchors, key: str, seg: Segment) -> Tensor:
     """Elements offset:offset+numel of the flattened direction `key`, reading only the rows they span."""
     if len(seg.shape) == 0:
         return anchors[key].reshape(1)
-    row = seg.shape[1:].numel()
-    if row == 0:
-        return torch.zeros(0)
+    row = seg.shape[1:].numel()  # > 0: a segment is never empty
     first, last = seg.offset // row, (seg.offset + seg.numel - 1) // row + 1
     rows = anchors.get_slice(key, first, last).reshape(-1)
     return rows[seg.offset - first * row: seg.offset - first * row + seg.numel]
@@ -211,8 +207,11 @@ class ZeroTensors:
 
     def _bind(self, flat: Tensor, named: list[tuple[str, Tensor]], anchors: Anchors,
               w0: Tensor | None) -> Partition:
-        if self.group is None:
-            self.group = process_group(named)
+        group = process_group(named)
+        if self.partitions and group is not self.group:
+            raise NotImplementedError("the parameters of one AsFTAdamW are partitioned over several "
+                                      "DeepSpeed process groups (MoE experts, hpZ or MiCS): not supported")
+        self.group = group
         segments = [s for s in find_segments(flat, named) if s.name in self.keys]
         rows = [n for n, _ in named if n in self.keys]  # the group's anchored tensors, same on every rank
         row = {n: i for i, n in enumerate(rows)}
