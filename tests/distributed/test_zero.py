@@ -110,3 +110,9 @@ def test_zero_trainer_with_deepspeed_config(resume, stage):
     rank0, rank1 = r[f"zero{stage}/drift_logs"]
     assert rank0 == rank1 and len(rank0) == 2 and "asft/cos/net.a" in rank0[-1]
     assert abs(rank0[-1]["asft/cos"] - r[f"zero{stage}/ref_cos"]) < 1e-6
+
+
+def test_zero_trainer_refuses_a_deepspeed_optimizer_section(resume):
+    assert resume["trainer"]["optimizer_section_error"] == (
+        'the DeepSpeed config has an "optimizer" section: DeepSpeed would build that optimizer instead of '
+        "AsFTAdamW; remove the section and pass the AsFTAdamW as the client optimizer")

@@ -392,6 +392,15 @@ def run_trainer(out: Path, rank: int) -> dict:
         from asft_optim.metrics import drift_from_sums
         result[f"zero{stage}/ref_cos"] = drift_from_sums(total[0], total[1], total[2], int(total[3])).cos
         trainer.accelerator.free_memory()
+    # A config with an "optimizer" section: DeepSpeed would build its own optimizer (no AsFT).
+    args = TrainingArguments(output_dir=str(out / "trainer_bad"), per_device_train_batch_size=4, report_to=[],
+                             deepspeed={"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2},
+                                        "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}})
+    try:
+        AsFTTrainer(model=Regressor(), args=args, train_dataset=data, anchors=anchors)
+        result["optimizer_section_error"] = ""
+    except ValueError as e:
+        result["optimizer_section_error"] = str(e)
     return result
 
 
