@@ -38,7 +38,7 @@ from torch.optim.adam import adam
 
 from .anchors import Anchors
 from .dot_cache import DotCache
-from .functional import BoundDirection, StepTensors, asft_adamw, partial_dots
+from .functional import BoundDirection, StepTensors, asft_adamw, direction_dtype, partial_dots, times_pow2
 
 __all__ = ["Segment", "Partition", "ZeroTensors", "is_zero_param", "find_segments", "check_config",
            "check_client", "initialize", "step_partition", "lora_refusal", "original_shape"]
@@ -224,9 +224,10 @@ class ZeroTensors:
             if not anchors.dtype(key).is_floating_point:
                 raise ValueError(f"direction for '{name}' has dtype {anchors.dtype(key)}; expected a floating dtype")
         pieces = [_read_segment(anchors, self.keys[s.name], s).to(flat.device) for s in segments]
-        dtypes = {d.dtype for d in pieces}
+        dtypes = {direction_dtype(d.dtype, flat.dtype) for d in pieces}
         v = torch.zeros_like(flat, dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
-        amax = torch.zeros(len(rows), dtype=torch.float64, device=flat.device)
+        device = self._comm_device(flat)
+        amax = torch.zeros(len(rows), dtype=torch.float64, device=device)
         for s, d in zip(segments, pieces):
             amax[row[s.name]] = float(d.abs().max()) if bool(torch.isfinite(d).all()) else math.inf
         self._all_reduce(amax, dist.ReduceOp.MAX)
@@ -234,20 +235,20 @@ class ZeroTensors:
         if bad:
             raise ValueError(f"direction for '{bad[0]}' contains NaN or Inf"
                              + (f" (as do {len(bad) - 1} more)" if len(bad) > 1 else ""))
-        scales = [math.ldexp(1.0, math.floor(math.log2(a))) if a > 0 else 1.0 for a in amax.tolist()]
-        sums = torch.zeros(2, len(rows), dtype=torch.float64, device=flat.device)  # ‖v‖², ⟨v, ΔW⟩
+        exps = [math.floor(math.log2(a)) if a > 0 else 0 for a in amax.tolist()]
+        scales = [math.ldexp(1.0, k) for k in exps]
+        sums = torch.zeros(2, len(rows), dtype=torch.float64, device=device)  # ‖v‖², ⟨v, ΔW⟩
         views = []
         for s, d in zip(segments, pieces):
             piece = v[s.start: s.start + s.numel]
-            piece.copy_(d)
-            piece.mul_(1.0 / scales[row[s.name]])  # exact: a power of two
+            piece.copy_(times_pow2(d.to(torch.float64, copy=True), -exps[row[s.name]]))  # exact, as `rescaled`
             sums[0, row[s.name]] = piece.double().square().sum()
             views.append(piece)
         bounds = [BoundDirection(piece, 0.0, scales[row[s.name]]) for s, piece in zip(segments, views)]
         if w0 is not None and segments:
             dots = partial_dots([flat[s.start: s.start + s.numel] for s in segments],
                                 [w0[s.start: s.start + s.numel] for s in segments], bounds)
-            sums[1, [row[s.name] for s in segments]] = dots.double()
+            sums[1, [row[s.name] for s in segments]] = dots.double().to(device)
         self._all_reduce(sums, dist.ReduceOp.SUM)
         nv2 = sums[0].tolist()
         for s, b in zip(segments, bounds):
@@ -255,12 +256,19 @@ class ZeroTensors:
             b.inv_nv2 = 1.0 / n if n > 0 else 0.0
         part = Partition(flat, segments, bounds, [self.names.index(s.name) for s in segments], v)
         if w0 is not None:
-            part.dots = sums[1, [row[s.name] for s in segments]].float()
+            part.dots = sums[1, [row[s.name] for s in segments]].float().to(flat.device)
         return part
 
     def _all_reduce(self, vec: Tensor, op: dist.ReduceOp) -> None:
         if dist.is_initialized() and dist.get_world_size(self.group) > 1:
             dist.all_reduce(vec, op=op, group=self.group)
+
+    def _comm_device(self, flat: Tensor) -> torch.device:
+        """Where the reduced vectors live: the current CUDA device under NCCL (ZeRO-Offload keeps
+        partitions on the CPU), else the partition's device."""
+        if dist.is_initialized() and dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return flat.device
 
     # ------------------------------------------------------------------------------- dots
     def global_dots(self, part: Partition, w0s: Mapping[int, Tensor], cache: DotCache) -> Tensor:
@@ -275,7 +283,7 @@ class ZeroTensors:
         """
         if part.dots is not None and part.dots_version == part.flat._version and part.dots_epoch == cache.epoch:
             return part.dots
-        vec = torch.zeros(len(self.names), dtype=torch.float32, device=part.flat.device)
+        vec = torch.zeros(len(self.names), dtype=torch.float32, device=self._comm_device(part.flat))
         for i, q in enumerate(self.partitions):
             if i not in w0s or not q.segments:
                 continue
@@ -298,8 +306,9 @@ class ZeroTensors:
     def drift_sums(self, w0s: Mapping[int, Tensor]) -> dict[str, tuple[float, float, float, int]]:
         """(‖ΔW‖², ‖d‖², ⟨ΔW, d⟩, numel) in float64 per tensor that has stepped, summed over its
         segments on every rank (one all-reduce; collective)."""
-        sums = torch.zeros(len(self.names), 3, dtype=torch.float64)
-        stepped = torch.zeros(len(self.names), dtype=torch.float64)
+        device = self._comm_device(self.partitions[0].flat)
+        sums = torch.zeros(len(self.names), 3, dtype=torch.float64, device=device)
+        stepped = torch.zeros(len(self.names), dtype=torch.float64, device=device)
         for i, q in enumerate(self.partitions):
             if i not in w0s:
                 continue
@@ -307,7 +316,7 @@ class ZeroTensors:
                 dw = q.flat[s.start: s.start + s.numel].double() - w0s[i][s.start: s.start + s.numel].double()
                 v = b.v.double()
                 sums[row] += torch.stack([dw.square().sum(), v.square().sum() * b.scale ** 2,
-                                          (dw * v).sum() * b.scale]).cpu()
+                                          (dw * v).sum() * b.scale]).to(device)
             for row in set(q.index):
                 stepped[row] = 1.0
         both = torch.cat([sums, stepped[:, None]], dim=1)

@@ -60,10 +60,16 @@ def _zero1_step(model: nn.Module, opt: AsFTAdamW, flat: torch.Tensor, state: dic
             p.view(-1)[m.lp_fragment_address.start:][:m.lp_fragment_address.numel].copy_(m.hp_fragment)
 
 
-@pytest.mark.parametrize("penalty", ["orthogonal", "parallel", "full"])
-def test_a_flat_partition_steps_like_the_dense_tensors(penalty):
+@pytest.mark.parametrize("penalty, directions", [("orthogonal", "fp32"), ("parallel", "fp32"), ("full", "fp32"),
+                                                 ("orthogonal", "subnormal"), ("orthogonal", "fp64")])
+def test_a_flat_partition_steps_like_the_dense_tensors(penalty, directions):
     dense, zero = _model(), _model()
-    anchors = Anchors.from_tensors(_anchors(dense))
+    dirs = _anchors(dense)
+    if directions == "subnormal":  # fp32 subnormals: the rescale by 2**140 must stay exact
+        dirs = {n: d * 2.0 ** -140 for n, d in dirs.items()}
+    if directions == "fp64":
+        dirs = {n: d.double() for n, d in dirs.items()}
+    anchors = Anchors.from_tensors(dirs)
     kw = dict(lr=5e-2, anchors=anchors, asft_lambda=3.0, penalty=penalty)
     ref = AsFTAdamW(dense.named_parameters(), **kw)
     opt = AsFTAdamW(zero.named_parameters(), **kw)
