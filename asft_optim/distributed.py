@@ -167,7 +167,10 @@ def bind_sharded(anchors: Anchors, named: list[tuple[str, DTensor]]) -> list[Bou
             scales.append(1.0)
         else:  # as `functional.rescaled`, with the global max: exact, in float64
             k = math.floor(math.log2(a))
-            v.copy_(times_pow2(d.reshape(v.shape).to(torch.float64, copy=True), -k))
+            if d.dtype == v.dtype:
+                times_pow2(v.copy_(d.reshape(v.shape)), -k)
+            else:
+                v.copy_(times_pow2(d.reshape(v.shape).to(torch.float64, copy=True), -k))
             scales.append(math.ldexp(1.0, k))
         vs.append(v)
     nv2 = torch.stack([v.double().square().sum() for v in vs]).to(device)
@@ -281,11 +284,33 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{path} is not a complete distributed checkpoint (no .metadata)")
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    _w0_at_full_precision(model_sd, optim_sd)
     state = {"model": model_sd, "optim": optim_sd, "extra": "{}", "step": 0}
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=str(path), no_dist=not _initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return {"step": int(state["step"]), "extra": json.loads(state["extra"])}
+
+
+def _w0_at_full_precision(model_sd: Mapping[str, Any], optim_sd: dict[str, Any]) -> None:
+    """Give every W0 of `optim_sd` its parameter's dtype, in place, so that `dcp.load` (which copies
+    into the tensors it is given) lands the saved values at full precision.
+
+    `get_state_dict` creates the optimizer state of a fresh model with a zero-gradient step, and W0
+    then takes bf16 storage wherever the fresh values happen to be exact in bf16 (constants, norms
+    at 1, zero biases, an empty skeleton): loading fp32 W0 into that would round it. The optimizer's
+    `load_state_dict` (through `set_state_dict`) keeps bf16 afterwards only where the loaded W0 is
+    exact in it.
+    """
+    for fqn, st in optim_sd["state"].items():
+        if "w0" not in st:
+            continue
+        if fqn not in model_sd:
+            raise KeyError(f"optimizer state of '{fqn}' holds W0 but the model's state dict has no "
+                           f"'{fqn}' to take its dtype from")
+        dtype = model_sd[fqn].dtype
+        if st["w0"].dtype != dtype:
+            st["w0"] = st["w0"].to(dtype)
 
 
 @contextlib.contextmanager

@@ -241,7 +241,10 @@ class ZeroTensors:
         views = []
         for s, d in zip(segments, pieces):
             piece = v[s.start: s.start + s.numel]
-            piece.copy_(times_pow2(d.to(torch.float64, copy=True), -exps[row[s.name]]))  # exact, as `rescaled`
+            if d.dtype == piece.dtype:  # exact in place, as `functional.rescaled`
+                times_pow2(piece.copy_(d), -exps[row[s.name]])
+            else:
+                piece.copy_(times_pow2(d.to(torch.float64, copy=True), -exps[row[s.name]]))
             sums[0, row[s.name]] = piece.double().square().sum()
             views.append(piece)
         bounds = [BoundDirection(piece, 0.0, scales[row[s.name]]) for s, piece in zip(segments, views)]

@@ -114,3 +114,51 @@ def test_load_checkpoint_names_incomplete_folder(tmp_path):
     opt = AsFTAdamW(model.named_parameters(), anchors=_anchors(model))
     with pytest.raises(FileNotFoundError, match="not a complete distributed checkpoint"):
         load_checkpoint(tmp_path, model, opt)
+
+
+# ------------------------------------------------------------- W0's storage follows the saved values
+def _filled(seed: int, init: str) -> nn.Module:
+    """The model of `_model` with other weights: `random` fp32 values (not exact in bf16),
+    `bf16_exact` random ones, `constant` 0.25 everywhere, `zeros` (an empty skeleton, as
+    `to_empty()` + zero init or a model built for loading leaves it)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+    with torch.no_grad():
+        for p in model.parameters():
+            if init == "bf16_exact":
+                p.copy_(p.bfloat16().float())
+            elif init == "constant":
+                p.fill_(0.25)
+            elif init == "zeros":
+                p.zero_()
+    return model
+
+
+@pytest.mark.parametrize("saved, fresh", [
+    ("random", "constant"), ("random", "zeros"), ("random", "bf16_exact"), ("random", "random"),
+    ("bf16_exact", "random"), ("bf16_exact", "constant")])
+def test_resume_into_any_fresh_model_is_bitwise_exact(tmp_path, saved, fresh):
+    """Save after 3 steps, load into a freshly built model whose values may happen to be exact in
+    bf16 (so the optimizer state that `get_state_dict` initialises holds bf16 W0), train 3 more:
+    parameters, moments and W0 (values and storage dtype) equal the uninterrupted run's."""
+    model = _filled(0, saved)
+    anchors = _anchors(model)
+    opt = AsFTAdamW(model.named_parameters(), lr=1e-2, anchors=anchors)
+    _train(model, opt, range(3))
+    w0_saved = {n: opt.state[p]["w0"].clone() for n, p in model.named_parameters()}
+    assert all(w.dtype == (torch.bfloat16 if saved == "bf16_exact" else torch.float32)
+               for w in w0_saved.values())
+    path = save_checkpoint(tmp_path, 3, model, opt)
+    _train(model, opt, range(3, 6))
+    expected = _state(model, opt)
+
+    other = _filled(1, fresh)
+    other_opt = AsFTAdamW(other.named_parameters(), lr=1e-2, anchors=anchors)
+    load_checkpoint(path, other, other_opt)
+    for n, p in other.named_parameters():
+        w0 = other_opt.state[p]["w0"]
+        assert w0.dtype == w0_saved[n].dtype and torch.equal(w0, w0_saved[n]), n
+    _train(other, other_opt, range(3, 6))
+    got = _state(other, other_opt)
+    for k in expected:
+        assert got[k].dtype == expected[k].dtype and torch.equal(got[k], expected[k]), k
