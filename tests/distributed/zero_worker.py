@@ -8,7 +8,8 @@ Modes (gloo, CPU, world size 2; each runs several DeepSpeed engines one after th
           (other initial weights), 4 more steps against the uninterrupted run; resumes with other
           λ or anchors refused; config checks; ZeRO-Offload to the CPU.
   trainer AsFTTrainer with a DeepSpeed config dict (ZeRO-2, then ZeRO-3) against a single-process
-          loop over the batches each rank saw; drift logs of both ranks.
+          loop over the batches each rank saw; drift logs of both ranks; ZeRO-2 resumed by the
+          Trainer from its step-4 checkpoint; a config with an "optimizer" section refused.
 MODES is one mode or several, comma-separated (one launch). Rank 0 writes OUT_DIR/MODES.json
 ({mode: what it measured}); the pytest file asserts on it.
 
@@ -308,9 +309,9 @@ def run_ckpt(out: Path, rank: int) -> dict:
 class Regressor(nn.Module):
     """`Net` with the loss inside, as a Trainer model; records the batches it sees."""
 
-    def __init__(self) -> None:
+    def __init__(self, seed: int = 0) -> None:
         super().__init__()
-        self.net = make_model()
+        self.net = make_model(seed)
         self.seen: list[tuple[list, list]] = []
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -345,14 +346,17 @@ def run_trainer(out: Path, rank: int) -> dict:
     data = [{"x": x, "y": y} for x, y in zip(xs, ys)]
     anchors = Anchors.from_tensors({f"net.{n}": d for n, d in directions().items()})
     result: dict[str, Any] = {}
-    for stage in (2, 3):
+    def trainer_args(stage: int) -> TrainingArguments:  # a fresh one per Trainer (accelerate's rule)
         ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-              "gradient_clipping": 0.0, "steps_per_print": 10 ** 9,
-              "zero_optimization": {"stage": stage}}
-        args = TrainingArguments(output_dir=str(out / f"trainer{stage}"), per_device_train_batch_size=4,
+              "gradient_clipping": 0.0, "steps_per_print": 10 ** 9, "zero_optimization": {"stage": stage}}
+        return TrainingArguments(output_dir=str(out / f"trainer{stage}"), per_device_train_batch_size=4,
                                  max_steps=STEPS, learning_rate=LR, lr_scheduler_type="constant",
                                  weight_decay=0.01, max_grad_norm=0.0, logging_steps=STEPS // 2,
-                                 save_strategy="no", report_to=[], disable_tqdm=True, deepspeed=ds, seed=0)
+                                 save_strategy="steps" if stage == 2 else "no", save_steps=STEPS // 2,
+                                 report_to=[], disable_tqdm=True, deepspeed=ds, seed=0)
+
+    for stage in (2, 3):
+        args = trainer_args(stage)
         model = Regressor()
         logs = Logs()
         with warnings.catch_warnings():
@@ -361,6 +365,16 @@ def run_trainer(out: Path, rank: int) -> dict:
                                   asft_lambda=LAM, callbacks=[logs.callback])
             trainer.train()
         params = full_params(model)
+        if stage == 2:  # Trainer's resume from its DeepSpeed checkpoint, into other initial weights
+            resumed_model = Regressor(seed=7)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                resumed = AsFTTrainer(model=resumed_model, args=trainer_args(2), train_dataset=data,
+                                      anchors=anchors, asft_lambda=LAM)
+                resumed.train(resume_from_checkpoint=str(out / "trainer2" / f"checkpoint-{STEPS // 2}"))
+            again = full_params(resumed_model)
+            result["zero2/trainer_resumed_max_abs"] = max(float((again[n] - params[n]).abs().max()) for n in params)
+            resumed.accelerator.free_memory()
         seen: list = [None, None]
         dist.all_gather_object(seen, model.seen)
         drift_logs: list = [None, None]
