@@ -23,13 +23,14 @@ setup(
     python_requires=">=3.10",
     packages=["asft_optim", "asft_optim.kernels", "asft_optim.demo", "asft_optim.integrations"],
     package_dir={"asft_optim": "asft_optim", "asft_optim.kernels": "kernels"},
-    install_requires=["torch>=2.7", "safetensors>=0.4", "tqdm>=4.60"],
+    # numpy: safetensors hands tensors to torch through numpy (Anchors.load, asft directions)
+    install_requires=["torch>=2.7", "safetensors>=0.4", "numpy>=1.24", "tqdm>=4.60"],
     extras_require={
         "triton": ["triton>=3.1"],
         "hf": ["transformers>=4.56", "peft>=0.13", "accelerate>=1.0", "huggingface_hub>=0.24"],
         "plot": ["matplotlib>=3.7"],
         "deepspeed": ["deepspeed>=0.19"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "numpy>=1.24"],
+        "test": ["pytest>=8", "hypothesis>=6.100"],
         "bench": ["pytest-benchmark>=4", "psutil>=5.9"],
     },
     entry_points={"console_scripts": ["asft=asft_optim.cli:main"]},

@@ -20,6 +20,7 @@ Where the state lives (data flow: anchors → bindings → optimizer state → i
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
@@ -80,7 +81,8 @@ class AsFTAdamW(torch.optim.AdamW):
     Args:
         params: `model.named_parameters()`, a list of `(name, tensor)` pairs, or param groups of
             them (`{"params": named, "asft_lambda": 0.0}`). Names bind the directions.
-        anchors: `Anchors` (or a `{name: d}` mapping) with d = W_aligned - W_base per parameter.
+        anchors: `Anchors` (or a `{name: d}` mapping, or a directions file path) with
+            d = W_aligned - W_base per parameter.
         asft_lambda: λ ≥ 0, per group; 0 turns the penalty off for the group.
         penalty: "orthogonal" (AsFT, penalises C⊥ΔW), "parallel" (penalises the part along d: the
             paper's ablation, and AsFT_Alt when d is a harmful direction) or "full" (L2-SP).
@@ -119,7 +121,7 @@ class AsFTAdamW(torch.optim.AdamW):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
-        anchors: Anchors | Mapping[str, Tensor],
+        anchors: Anchors | Mapping[str, Tensor] | str | os.PathLike,
         asft_lambda: float = 1.0,
         penalty: str = "orthogonal",
         impl: str | None = None,
@@ -132,10 +134,7 @@ class AsFTAdamW(torch.optim.AdamW):
         _check_number(weight_decay, "Invalid weight_decay value")
         if differentiable:
             raise ValueError("AsFTAdamW does not support differentiable=True")
-        if isinstance(anchors, Mapping) and not isinstance(anchors, Anchors):
-            anchors = Anchors.from_tensors(anchors)
-        if not isinstance(anchors, Anchors):
-            raise TypeError(f"anchors must be an Anchors or a mapping of name to tensor, got {type(anchors).__name__}")
+        anchors = as_anchors(anchors)
         self.anchors = anchors
         self.allow_unanchored = allow_unanchored
         self._asft_defaults = {"asft_lambda": asft_lambda, "penalty": penalty, "impl": impl,
@@ -477,7 +476,7 @@ class AsFTAdamW(torch.optim.AdamW):
         return out
 
     @classmethod
-    def from_model(cls, model: nn.Module, *, anchors: Anchors | Mapping[str, Tensor],
+    def from_model(cls, model: nn.Module, *, anchors: Anchors | Mapping[str, Tensor] | str | os.PathLike,
                    no_weight_decay: Iterable[str] = (), **kwargs: Any) -> AsFTAdamW:
         """Build the optimizer for a model's trainable parameters: full-parameter or peft LoRA.
 
@@ -517,8 +516,7 @@ class AsFTAdamW(torch.optim.AdamW):
         if "lora" in kwargs or "params" in kwargs:
             raise TypeError("from_model reads the parameters and the LoRA layout from the model; do not "
                             "pass params= or lora=")
-        if isinstance(anchors, Mapping) and not isinstance(anchors, Anchors):
-            anchors = Anchors.from_tensors(anchors)
+        anchors = as_anchors(anchors)
         layout = lora_layout(model)
         no_decay = set(no_weight_decay)
         groups: dict[tuple[bool, bool], list[tuple[str, Tensor]]] = {}
@@ -703,6 +701,18 @@ class AsFTAdamW(torch.optim.AdamW):
 
 
 _PLAIN = Binding("", Kind.PLAIN)
+
+
+def as_anchors(anchors: Anchors | Mapping[str, Tensor] | str | os.PathLike) -> Anchors:
+    """An `Anchors` from an `Anchors`, a `{name: d}` mapping or a directions file path."""
+    if isinstance(anchors, Anchors):
+        return anchors
+    if isinstance(anchors, Mapping):
+        return Anchors.from_tensors(anchors)
+    if isinstance(anchors, (str, os.PathLike)):
+        return Anchors.load(anchors)
+    raise TypeError(f"anchors must be an Anchors, a name -> tensor mapping or the path of a directions file, "
+                    f"got {type(anchors).__name__}")
 
 
 def adam_kwargs(group: dict[str, Any], has_complex: bool = False) -> dict[str, Any]:

@@ -347,3 +347,13 @@ def test_zero_direction_warns_once_per_tensor_name():
         AsFTAdamW(named, anchors={"a": torch.zeros(3), "b": torch.randn(3)})
     assert [str(w.message) for w in seen] == [
         "AsFT: the direction is zero for 1 tensor(s): a; their penalty is a plain L2 pull towards W0"]
+
+
+def test_anchors_may_be_a_directions_file_path(tmp_path):
+    named = [("a", nn.Parameter(torch.randn(3)))]
+    path = Anchors.from_tensors({"a": torch.randn(3)}).save(tmp_path / "d.safetensors")
+    for given in (path, str(path)):
+        assert AsFTAdamW(named, anchors=given).anchors.fingerprint == Anchors.load(path).fingerprint
+    with pytest.raises(TypeError, match=r"^anchors must be an Anchors, a name -> tensor mapping or the path of a "
+                                        r"directions file, got int$"):
+        AsFTAdamW(named, anchors=3)
