@@ -53,6 +53,12 @@ def test_zero3_sub_groups_still_one_all_reduce_per_step(train):
     assert all(step == [[N_TENSORS, "torch.float32"]] for step in rest)
 
 
+def test_zero1_bf16_with_fp32_gradient_accumulation(train):
+    assert train["bf16_optimizer/wrapper"] == "BF16_Optimizer"  # links partitions as ZeRO-1/2 do
+    assert train["bf16_optimizer/max_rel"] <= TOL
+    assert all(step == [[N_TENSORS, "torch.float32"]] for step in train["bf16_optimizer/comms"][1:])
+
+
 def test_zero_comparison_has_teeth(train):
     for precision in ("fp32", "bf16"):
         assert train[f"{precision}/penalty_effect"] > 0.05  # λ changes the trajectory

@@ -213,6 +213,13 @@ def run_train(out: Path, rank: int) -> dict:
             result[f"{tag}/comms"] = comms
             engine.destroy()
         result[f"{'bf16' if bf16 else 'fp32'}/penalty_effect"] = max_rel(ref, plain)
+        if bf16:  # ZeRO-1 + bf16 + fp32 gradient accumulation: DeepSpeed's BF16_Optimizer wraps the client
+            model, engine, _ = run_engine(1, True, lambda m: asft(m, anchors), rank,
+                                          data_types={"grad_accum_dtype": "fp32"})
+            result["bf16_optimizer/wrapper"] = type(engine.optimizer).__name__
+            result["bf16_optimizer/comms"] = train(engine, rank, range(STEPS), True)
+            result["bf16_optimizer/max_rel"] = max_rel(full_params(model), ref)
+            engine.destroy()
         if not bf16:  # ZeRO-3 with the model built under zero.Init: partitioned before the optimizer
             with deepspeed.zero.Init(config_dict_or_path=config(3)):
                 model = make_model()
