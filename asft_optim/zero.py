@@ -27,6 +27,7 @@ partial dots of our own update carry over to the next step in the optimizer's `D
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -168,26 +169,34 @@ class ZeroTensors:
 
     names: the anchored tensor names of all groups, in the order the groups were added (the same
         on every rank): row i of the per-step dot vector is tensor names[i].
-    keys: name → the anchors key of its direction.
-    params: name → the original parameter (holding DeepSpeed's bookkeeping).
+    keys: name → the anchors key of its direction; numels: name → its number of elements.
+    params: name → a weak reference to the original parameter (holding DeepSpeed's bookkeeping;
+        weak, so that a parameter swapped out later, e.g. by accelerate for FSDP2, is freed).
     """
     names: list[str] = field(default_factory=list)
     keys: dict[str, str] = field(default_factory=dict)
-    params: dict[str, Tensor] = field(default_factory=dict)
+    numels: dict[str, int] = field(default_factory=dict)
+    params: dict[str, weakref.ref] = field(default_factory=dict)
     partitions: list[Partition] = field(default_factory=list)
     group: Any = None
 
     def add(self, name: str, key: str | None, p: Tensor) -> None:
         """Register a trainable parameter of a group (key None: no direction)."""
-        self.params[name] = p
+        self.params[name] = weakref.ref(p)
         if key is not None and name not in self.keys:
             self.keys[name] = key
             self.names.append(name)
+            self.numels[name] = original_shape(p).numel()
+
+    def param(self, name: str) -> Tensor | None:
+        """The original parameter `name`, or None (unknown, or freed)."""
+        ref = self.params.get(name)
+        return None if ref is None else ref()
 
     def owns(self, group: Mapping[str, Any]) -> bool:
         """Whether ZeRO replaced this param group's parameters by flat partitions (its originals
         carry ZeRO bookkeeping and none of them is still in the group)."""
-        originals = [self.params.get(n) for n in group["param_names"]]
+        originals = [self.param(n) for n in group["param_names"]]
         return (any(p is not None and is_zero_param(p) for p in originals)
                 and not any(p is q for p in group["params"] for q in originals))
 
@@ -199,7 +208,8 @@ class ZeroTensors:
         for part in self.partitions:
             if part.flat is flat:
                 return part
-        part = self._bind(flat, [(n, self.params[n]) for n in group_names if n in self.params], anchors, w0)
+        named = [(n, p) for n in group_names if (p := self.param(n)) is not None]
+        part = self._bind(flat, named, anchors, w0)
         if w0 is not None:
             part.dots_version, part.dots_epoch = flat._version, epoch
         self.partitions.append(part)
@@ -217,7 +227,7 @@ class ZeroTensors:
         row = {n: i for i, n in enumerate(rows)}
         for name in rows:
             key = self.keys[name]
-            shape = original_shape(self.params[name])
+            shape = original_shape(dict(named)[name])
             if tuple(anchors.shape(key)) != tuple(shape):
                 raise ValueError(f"direction for '{name}' has shape {tuple(anchors.shape(key))} but the "
                                  f"parameter has shape {tuple(shape)}")
@@ -327,7 +337,7 @@ class ZeroTensors:
         out = {}
         for name, (xx, uu, xu, n) in zip(self.names, both.tolist()):
             if n > 0:
-                out[name] = (xx, uu, xu, original_shape(self.params[name]).numel())
+                out[name] = (xx, uu, xu, self.numels[name])
         return out
 
 

@@ -148,3 +148,16 @@ def test_config_accepted_and_lora_refused():
         check_config(BASE, has_lora=True)
     assert str(e.value) == lora_refusal(2)
     assert str(e.value).startswith("LoRA adapters under DeepSpeed ZeRO stage 2 are not supported by AsFTAdamW")
+
+
+def test_original_parameters_are_held_weakly():
+    """A parameter swapped out of the optimizer (accelerate does it for FSDP2) is freed."""
+    import gc
+    import weakref
+    model = _model()
+    opt = AsFTAdamW(model.named_parameters(), anchors=_anchors(model))
+    old = weakref.ref(model[0].weight)
+    opt.param_groups[0]["params"] = [p.detach().clone().requires_grad_() for p in opt.param_groups[0]["params"]]
+    del model
+    gc.collect()
+    assert old() is None and opt._zero.param("0.weight") is None
