@@ -31,6 +31,7 @@ setup(
         "hf": ["transformers>=4.56", "peft>=0.13", "accelerate>=1.0", "huggingface_hub>=0.24"],
         "plot": ["matplotlib>=3.7"],
         "eval": ["datasets>=2.14"],
+        "deepspeed": ["deepspeed>=0.19"],
         "test": ["pytest>=8", "hypothesis>=6.100"],
         "bench": ["pytest-benchmark>=4", "psutil>=5.9"],
     },

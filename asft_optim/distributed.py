@@ -1,4 +1,4 @@
-"""AsFT across processes: sharded (DTensor) parameters, distributed checkpoints, ZeRO detection.
+"""AsFT across processes: sharded (DTensor) parameters, distributed checkpoints, flattening checks.
 
 DDP needs nothing here: every replica holds whole tensors, receives the same averaged gradients and
 takes the same deterministic step, so the replicas stay bitwise identical without communication.
@@ -39,7 +39,7 @@ from .anchors import Anchors
 from .functional import BoundDirection, direction_dtype, times_pow2
 
 __all__ = ["is_dtensor", "local", "like", "local_direction", "bind_sharded", "all_reduce_dots",
-           "snapshot_w0", "check_not_flattened", "check_not_zero3", "save_checkpoint",
+           "snapshot_w0", "check_not_flattened", "save_checkpoint",
            "load_checkpoint", "latest_checkpoint", "LATEST"]
 
 LATEST = "latest"  # file in a checkpoint folder naming its newest complete checkpoint
@@ -192,35 +192,18 @@ def snapshot_w0(p: DTensor) -> DTensor:
     return like(p._local_tensor.detach().clone(memory_format=torch.preserve_format), p)
 
 
-# ----------------------------------------------------------------------------------- DeepSpeed
-_POINTER = ("use PyTorch FSDP2 instead (torch.distributed.fsdp.fully_shard, or accelerate with "
-            "fsdp_version: 2), which keeps parameter names and shards them as DTensors; DeepSpeed "
-            "without ZeRO partitioning works too")
-
-
-def check_not_zero3(name: str, p: Tensor) -> None:
-    """Raise if p is a DeepSpeed ZeRO-3 partitioned parameter (it carries `ds_id`)."""
-    if hasattr(p, "ds_id") or hasattr(p, "ds_tensor"):
-        raise RuntimeError(f"parameter '{name}' is partitioned by DeepSpeed ZeRO-3: its local data is "
-                           "a flat partition that AsFTAdamW cannot match to its direction; " + _POINTER)
-
-
+# ----------------------------------------------------------------------------------- flattening
 def check_not_flattened(group: Mapping[str, Any], index: int) -> None:
-    """Raise if a param group's tensors no longer match its names.
-
-    DeepSpeed ZeRO (stages 1-3) replaces each group's parameters by flattened fp32 partitions, so
-    the names that bind the directions no longer describe the tensors.
-    """
+    """Raise if a param group's tensors no longer match its names (and DeepSpeed ZeRO, which
+    `asft_optim.zero` follows through its bookkeeping, did not do it)."""
     params, names = group["params"], group.get("param_names")
     if names is not None and len(names) == len(params):
         return
-    hint = (" (DeepSpeed ZeRO replaces each param group's tensors by flattened partitions)"
-            if names is not None else "")
     raise RuntimeError(
         f"param group {index} holds {len(params)} tensor(s) but "
         f"{'no names' if names is None else f'{len(names)} parameter name(s)'}: its parameters were "
-        f"replaced after the optimizer was built{hint}. AsFTAdamW binds directions by name and cannot "
-        "follow flattened parameters; " + _POINTER)
+        "replaced after the optimizer was built by something other than DeepSpeed ZeRO. AsFTAdamW binds "
+        "directions by name; build the optimizer on the parameters it will step")
 
 
 # ----------------------------------------------------------------------------------- checkpoints

@@ -24,6 +24,11 @@ step and is not clipped.
 `lambda_per_micro_batch=True` reproduces the paper's released code, which adds its penalty to the
 loss of every micro-batch: each optimizer step then uses λ·k, k = the number of micro-batches in
 that step's accumulation window (the last window of an epoch may be shorter).
+
+With a DeepSpeed config (`TrainingArguments(deepspeed=...)`), AsFTAdamW is ZeRO's client
+optimizer (stages 1-3, full-parameter training; see `asft_optim.zero`); the config must not have an
+"optimizer" section (DeepSpeed would build its own optimizer and AsFT would silently not run), and
+`check_config` refuses the other unsupported settings when the Trainer is built.
 """
 
 from __future__ import annotations
@@ -38,8 +43,10 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
 from ..anchors import Anchors
+from ..lora import is_lora_name
 from ..metrics import drift_from_sums, per_layer
 from ..optimizer import AsFTAdamW, as_anchors
+from ..zero import check_client, check_config
 
 __all__ = ["AsFTTrainer", "AsFTTrainerMixin", "DriftCallback", "create_asft_optimizer", "unwrap_asft",
            "resolve_anchors", "HONOURED_OPTIMS"]
@@ -200,6 +207,9 @@ class AsFTTrainerMixin:
             raise ValueError(f"AsFTTrainer would ignore TrainingArguments(optim_args="
                              f"{self.args.optim_args!r}); pass AsFTAdamW options as keyword arguments "  # type: ignore[attr-defined]
                              "(asft_lambda=..., penalty=..., ...) instead")
+        if self._deepspeed_config() is not None:
+            lora = any(p.requires_grad and is_lora_name(n) for n, p in self.model.named_parameters())  # type: ignore[attr-defined]
+            check_config(self._deepspeed_config(), has_lora=lora)  # type: ignore[arg-type]
         self.asft_anchors = anchors
         self.asft_options = options
         self.asft_micro_batches = 0  # micro-batches since the last optimizer step
@@ -219,7 +229,17 @@ class AsFTTrainerMixin:
             opt_model = self.model if model is None else model  # type: ignore[attr-defined]
             self.optimizer = create_asft_optimizer(self, opt_model, self.asft_anchors,  # type: ignore[arg-type]
                                                    **self.asft_options)
+            if self._deepspeed_config() is not None:
+                check_client(self.optimizer, self._deepspeed_config())  # type: ignore[arg-type]
         return self.optimizer
+
+    def _deepspeed_config(self) -> dict[str, Any] | None:
+        """The DeepSpeed config the Trainer will use, or None without DeepSpeed. transformers adds
+        "zero_allow_untested_optimizer": true itself for an optimizer the Trainer builds."""
+        if not getattr(self, "is_deepspeed_enabled", False):
+            return None
+        config = self.accelerator.state.deepspeed_plugin.hf_ds_config.config  # type: ignore[attr-defined]
+        return {**config, "zero_allow_untested_optimizer": True}
 
 
 class AsFTTrainer(AsFTTrainerMixin, Trainer):

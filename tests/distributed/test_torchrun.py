@@ -24,9 +24,10 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 
 def torchrun(mode: str, out: Path, env: dict[str, str] | None = None, expect_ok: bool = True,
-             timeout: float = 180) -> dict:
+             timeout: float = 180, worker: Path = WORKER) -> dict:
+    """Launch 2 gloo ranks of `worker` with MODE and OUT; return rank 0's OUT/MODE.json."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(WORKER), mode, str(out)]
+           str(worker), mode, str(out)]
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
