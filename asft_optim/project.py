@@ -26,6 +26,8 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +89,19 @@ def _new_out(out: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
 
 
-def _commit(tmp: Path, out: Path) -> None:
-    if out.is_dir():
-        out.rmdir()  # empty (checked in _new_out)
-    os.replace(tmp, out)
+@contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A new hidden sibling folder of `out` to write into: renamed to `out` when the block completes,
+    deleted when it raises, so a failed run leaves no `out`."""
+    tmp = _new_out(out)
+    try:
+        yield tmp
+        if out.is_dir():
+            out.rmdir()  # empty (checked in _new_out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _copy_others(src: Path, dst: Path, skip: set[str]) -> None:
@@ -131,8 +142,7 @@ def project_flat(model: str | Path, aligned: str | Path, directions: str | Path,
             got = ak.tensors[name].shape if name in ak.tensors else "no such tensor"
             raise ValueError(f"aligned checkpoint {aligned} does not fit model {model}: '{name}' is {info.shape} "
                              f"in the model, {got} in the aligned checkpoint")
-    tmp = _new_out(out)
-    try:
+    with _staged(out) as tmp:
         cos: dict[str, float] = {}
         with tqdm(total=len(ck.tensors), desc="projecting (flat)", unit="tensor", disable=not progress) as bar:
             for file in ck.files:
@@ -152,10 +162,6 @@ def project_flat(model: str | Path, aligned: str | Path, directions: str | Path,
                 "projected": len(cos), "unchanged": len(ck.tensors) - len(cos),
                 "cos_delta_d": {k: (None if math.isnan(c) else c) for k, c in cos.items()}}
         (tmp / INFO).write_text(json.dumps(info, indent=1))
-        _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info
 
 
@@ -217,8 +223,7 @@ def project_safelora(adapter: str | Path, directions: str | Path, out: str | Pat
         if m.module in chosen:
             tensors[m.b_name] = new_b[m.module].contiguous()
             layers[m.module]["projected"] = True
-    tmp = _new_out(out)
-    try:
+    with _staged(out) as tmp:
         meta, _ = read_header(adapter / ADAPTER_WEIGHTS)
         atomic_save_safetensors(tensors, tmp / ADAPTER_WEIGHTS, {**meta, "asft_project": "safelora"})
         _copy_others(adapter, tmp, {ADAPTER_WEIGHTS, INFO})
@@ -227,10 +232,6 @@ def project_safelora(adapter: str | Path, directions: str | Path, out: str | Pat
                 "rule": {"fraction": fraction} if fraction is not None else {"threshold": threshold},
                 "projected": len(chosen), "layers": layers}
         (tmp / INFO).write_text(json.dumps(info, indent=1))
-        _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info
 
 
