@@ -79,7 +79,8 @@ class Adapter:
         """Raise CheckpointError unless every change the adapter makes is some s·B·A (no DoRA, no
         other tensors); `action` ends the message ("inspected", "projected")."""
         if self.config.get("use_dora"):
-            raise CheckpointError(f"{self.folder} holds a DoRA adapter: its update is not s·B·A, so it cannot be {action}")
+            raise CheckpointError(f"{self.folder} holds a DoRA adapter: its update is not s·B·A, so it cannot be "
+                                  f"{action}")
         if self.others:
             raise CheckpointError(f"{self.folder / ADAPTER_WEIGHTS}: tensor '{self.others[0]}' is not a lora_A/lora_B "
                                   f"weight (DoRA magnitudes, embedding adapters, lora_bias and modules_to_save cannot "
@@ -134,7 +135,8 @@ def open_adapter(folder: str | os.PathLike) -> Adapter:
             others.append(name)
         else:
             found.setdefault(m["module"], {})[m["kind"]] = name
-    alpha, rslora, fifo = float(config["lora_alpha"]), bool(config.get("use_rslora")), bool(config.get("fan_in_fan_out"))
+    alpha, rslora = float(config["lora_alpha"]), bool(config.get("use_rslora"))
+    fifo = bool(config.get("fan_in_fan_out"))
     modules = []
     for module, kinds in sorted(found.items()):
         if set(kinds) != {"A", "B"}:
