@@ -1,6 +1,6 @@
 """peft LoRA adapter folders on disk (`adapter_config.json` + `adapter_model.safetensors`), read
-without peft: the adapted modules, their scaling, and the drift sums of each effective update
-ΔW = s·B·A against its direction, streamed.
+without peft: the adapted modules, their scaling and base-weight shapes, whether they fit a model,
+and the drift sums of each effective update ΔW = s·B·A against its direction, streamed.
 
 peft initialises B = 0, so a saved adapter's s·B·A is the whole change it makes to its base weight
 (ΔW = (s·B·A)ᵀ for `fan_in_fan_out` layers such as GPT-2's `Conv1D`, whose weight is stored in×out).
@@ -15,19 +15,19 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .anchors import normalize_name
 from .checkpoints import Checkpoint, CheckpointError, open_checkpoint
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterModule", "is_adapter_folder", "open_adapter",
-           "adapter_drift_sums", "Adapter", "is_adapter", "read_adapter", "check_fits"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterModule", "Adapter", "is_adapter_folder", "open_adapter",
+           "check_fits", "adapter_drift_sums"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PAIR = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
-_PAIR_STRIPPED = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<kind>A|B)(?:\.[^.]+)?\.weight$")
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,54 @@ class AdapterModule:
     Attributes:
         direction: the anchors key of its base weight (normalised `module + ".weight"`).
         a_name, b_name: lora_A (r×in) and lora_B (out×r) in the adapter's weights file.
-        scaling: s = lora_alpha/r (lora_alpha/√r with rslora), with r and alpha as peft resolves them.
+        scaling: s = lora_alpha/r (lora_alpha/√r with rslora); r is lora_A's row count (so peft's
+            `rank_pattern` is honoured), alpha is `alpha_pattern`'s value for the module or `lora_alpha`.
         fan_in_fan_out: the base weight is stored in×out.
+        weight_shape: the base weight's stored shape, (out, in), or (in, out) with fan_in_fan_out.
     """
     direction: str
     a_name: str
     b_name: str
     scaling: float
     fan_in_fan_out: bool
+    weight_shape: tuple[int, int]
+
+    @property
+    def module(self) -> str:
+        """The adapted module's path in the base model (`model.layers.0.self_attn.q_proj`)."""
+        return self.direction.removesuffix(".weight")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An opened adapter folder: its config, its weights file (read lazily) and its adapted modules.
+
+    Attributes:
+        others: tensors of the weights file that are no lora_A/lora_B weight (DoRA magnitudes,
+            embedding adapters, lora_bias, modules_to_save copies); peft can load them, but their
+            change is not s·B·A.
+    """
+    folder: Path
+    config: dict[str, Any]
+    weights: Checkpoint
+    modules: tuple[AdapterModule, ...]
+    others: tuple[str, ...]
+
+    def read(self, name: str) -> torch.Tensor:
+        """Tensor `name` of the weights file, in its stored dtype."""
+        info = self.weights.tensors[name]
+        return self.weights.read_into(name, torch.empty(info.shape, dtype=info.dtype))
+
+    def require_plain_lora(self, action: str) -> None:
+        """Raise CheckpointError unless every change the adapter makes is some s·B·A (no DoRA, no
+        other tensors); `action` ends the message ("inspected", "projected")."""
+        if self.config.get("use_dora"):
+            raise CheckpointError(f"{self.folder} holds a DoRA adapter: its update is not s·B·A, so it cannot be "
+                                  f"{action}")
+        if self.others:
+            raise CheckpointError(f"{self.folder / ADAPTER_WEIGHTS}: tensor '{self.others[0]}' is not a lora_A/lora_B "
+                                  f"weight (DoRA magnitudes, embedding adapters, lora_bias and modules_to_save cannot "
+                                  f"be {action})")
 
 
 def is_adapter_folder(path: str | os.PathLike) -> bool:
@@ -60,69 +100,105 @@ def _pattern_value(patterns: dict[str, float], module: str, default: float) -> f
     return default
 
 
-def open_adapter(folder: str | os.PathLike) -> tuple[Checkpoint, list[AdapterModule]]:
-    """The adapter's weights file and its adapted modules.
+def open_adapter(folder: str | os.PathLike) -> Adapter:
+    """Open a peft LoRA adapter folder (safetensors weights) and resolve its adapted modules.
 
     Raises:
-        CheckpointError: the config or weights are missing or unreadable, the adapter is not plain
-            LoRA (DoRA, embedding adapters, lora_bias, another peft method), or a lora_A has no lora_B.
+        CheckpointError (a ValueError): the folder, config or weights are missing or unreadable, the
+            adapter is not LoRA, a lora_A has no lora_B (or their ranks differ), a LoRA weight is not
+            a 2-D floating-point tensor, or there is no LoRA weight at all. Each message names the
+            folder or file, and the module or tensor.
     """
     folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"adapter folder not found: {folder}")
+    if not is_adapter_folder(folder):
+        raise CheckpointError(f"adapter folder {folder} has no {ADAPTER_CONFIG}: not a peft adapter")
     try:
         config = json.loads((folder / ADAPTER_CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {folder / ADAPTER_CONFIG}: {e}") from None
     if config.get("peft_type", "LORA") != "LORA":
-        raise CheckpointError(f"{folder} holds a {config['peft_type']} adapter; only LoRA adapters can be inspected")
-    if config.get("use_dora"):
-        raise CheckpointError(f"{folder} holds a DoRA adapter: its update is not s·B·A, so it cannot be inspected")
+        raise CheckpointError(f"{folder} holds a {config['peft_type']} adapter; only LoRA adapters are supported")
+    if "lora_alpha" not in config:
+        raise CheckpointError(f"{folder / ADAPTER_CONFIG} has no lora_alpha")
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{folder} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS} (save it with "
                               "safe_serialization=True)")
     ck = open_checkpoint(weights)
     found: dict[str, dict[str, str]] = {}
+    others = []
     for name in ck.tensors:
         m = _PAIR.match(name)
         if m is None:
-            raise CheckpointError(f"{weights}: tensor '{name}' is not a lora_A/lora_B weight (DoRA magnitudes, "
-                                  "embedding adapters, lora_bias and modules_to_save cannot be inspected)")
-        found.setdefault(m["module"], {})[m["kind"]] = name
-    alpha, rslora, fifo = float(config["lora_alpha"]), bool(config.get("use_rslora")), bool(config.get("fan_in_fan_out"))
+            others.append(name)
+        else:
+            found.setdefault(m["module"], {})[m["kind"]] = name
+    alpha, rslora = float(config["lora_alpha"]), bool(config.get("use_rslora"))
+    fifo = bool(config.get("fan_in_fan_out"))
     modules = []
-    for module, kinds in found.items():
+    for module, kinds in sorted(found.items()):
         if set(kinds) != {"A", "B"}:
             raise CheckpointError(f"{weights}: module '{module}' has a lora_{next(iter(kinds))} but no partner")
-        r = ck.tensors[kinds["A"]].shape[0]
-        inner = module[len("base_model.model."):] if module.startswith("base_model.model.") else module
-        a = _pattern_value(config.get("alpha_pattern") or {}, inner, alpha)
-        modules.append(AdapterModule(normalize_name(module + ".weight"), kinds["A"], kinds["B"],
-                                     a / (math.sqrt(r) if rslora else r), fifo))
+        a, b = ck.tensors[kinds["A"]], ck.tensors[kinds["B"]]
+        for info in (a, b):
+            if len(info.shape) != 2 or not info.is_floating_point:
+                raise CheckpointError(f"{weights}: '{info.name}' is {info.dtype_str} of shape {list(info.shape)}; only "
+                                      "2-D floating-point lora_A/lora_B (Linear and Conv1D layers) are supported")
+        r = a.shape[0]
+        if b.shape[1] != r:
+            raise CheckpointError(f"{weights}: module '{module}' has lora_A of shape {list(a.shape)} but lora_B of "
+                                  f"shape {list(b.shape)}: their ranks differ")
+        direction = normalize_name(module + ".weight")
+        s = _pattern_value(config.get("alpha_pattern") or {}, direction.removesuffix(".weight"), alpha)
+        shape = (a.shape[1], b.shape[0]) if fifo else (b.shape[0], a.shape[1])
+        modules.append(AdapterModule(direction, kinds["A"], kinds["B"], s / (math.sqrt(r) if rslora else r), fifo,
+                                     shape))
     if not modules:
-        raise CheckpointError(f"{weights} holds no LoRA weights")
-    return ck, modules
+        raise CheckpointError(f"{weights} holds no lora_A/lora_B weights")
+    return Adapter(folder, config, ck, tuple(modules), tuple(others))
 
 
-def _read(ck: Checkpoint, name: str) -> torch.Tensor:
-    info = ck.tensors[name]
-    return ck.read_into(name, torch.empty(info.shape, dtype=info.dtype)).double()
+def check_fits(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]], model: str, *,
+               missing_ok: bool = False) -> list[str]:
+    """Check every adapted module's base weight against `shapes` (name → shape: a checkpoint's
+    tensors, a model's parameters, a directions file; names are normalised).
+
+    Returns:
+        the direction keys of adapted modules that `shapes` lacks (empty unless `missing_ok`).
+
+    Raises:
+        ValueError: a base weight has another shape than the adapter's update, or (unless
+            `missing_ok`) is missing; `model` names the other side in the message.
+    """
+    known = {normalize_name(n): tuple(s) for n, s in shapes.items()}
+    missing = []
+    for m in adapter.modules:
+        if m.direction not in known:
+            if not missing_ok:
+                raise ValueError(f"adapter {adapter.folder} does not fit model {model}: it adapts '{m.module}', which "
+                                 "the model does not have (an adapter made for another base model?)")
+            missing.append(m.direction)
+        elif known[m.direction] != m.weight_shape:
+            raise ValueError(f"adapter {adapter.folder} does not fit model {model}: '{m.direction}' has shape "
+                             f"{known[m.direction]}, the adapter's update is {m.weight_shape[0]}×{m.weight_shape[1]} "
+                             "(an adapter made for another base model?)")
+    return missing
 
 
 @torch.no_grad()
-def adapter_drift_sums(ck: Checkpoint, module: AdapterModule, shape: tuple[int, ...],
+def adapter_drift_sums(adapter: Adapter, module: AdapterModule,
                        read_rows: Callable[[int, int], torch.Tensor]) -> tuple[float, float, float, int]:
     """(‖ΔW‖², ‖d‖², ⟨ΔW, d⟩, numel) in float64 for ΔW = s·B·A, without materialising ΔW.
 
     Args:
-        shape: the direction's (= base weight's) stored shape, (out, in) or (in, out) with fan_in_fan_out.
-        read_rows: `read_rows(first, count)` returns rows first:first+count of the direction (count × cols).
+        read_rows: `read_rows(first, count)` returns rows first:first+count of the direction
+            (count × cols), whose shape is `module.weight_shape` (see `check_fits`).
     """
-    a, b = _read(ck, module.a_name), _read(ck, module.b_name)
+    a, b = adapter.read(module.a_name).double(), adapter.read(module.b_name).double()
     left, right = (a.T, b.T) if module.fan_in_fan_out else (b, a)  # stored ΔW = s · left @ right
-    rows, cols = (int(shape[0]), int(shape[1])) if len(shape) == 2 else (0, 0)
-    if (rows, cols) != (left.shape[0], right.shape[1]):
-        raise CheckpointError(f"adapter update of '{module.direction}' has shape {[left.shape[0], right.shape[1]]}, "
-                              f"but its direction has shape {list(shape)}")
+    rows, cols = module.weight_shape
     s = module.scaling
     xx = s * s * float(((left.T @ left) * (right @ right.T)).sum())
     uu = xu = 0.0
@@ -132,74 +208,3 @@ def adapter_drift_sums(ck: Checkpoint, module: AdapterModule, shape: tuple[int, 
         uu += float(d.square().sum())
         xu += s * float((left[first:first + d.shape[0]] * (d @ right.T)).sum())
     return max(xx, 0.0), uu, xu, rows * cols
-
-
-@dataclass
-class Adapter:
-    """One adapter folder: its config and tensors; `pairs` maps module → (lora_A name, lora_B name)."""
-    folder: Path
-    config: dict
-    tensors: dict[str, torch.Tensor]
-    pairs: dict[str, tuple[str, str]]
-
-    @property
-    def fan_in_fan_out(self) -> bool:
-        return bool(self.config.get("fan_in_fan_out", False))
-
-    def weight_shape(self, module: str) -> tuple[int, int]:
-        """The base weight's stored shape that this adapter's update s·B·A has."""
-        a, b = self.pairs[module]
-        out, inp = self.tensors[b].shape[0], self.tensors[a].shape[1]
-        return (inp, out) if self.fan_in_fan_out else (out, inp)
-
-
-def is_adapter(folder: str | Path) -> bool:
-    return (Path(folder) / ADAPTER_CONFIG).is_file()
-
-
-def read_adapter(folder: str | Path) -> Adapter:
-    """Read an adapter folder (safetensors weights only).
-
-    Raises:
-        FileNotFoundError: no adapter_config.json or no adapter_model.safetensors.
-        ValueError: not a LoRA adapter, or a lora_A without its lora_B (the message names the module).
-    """
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not (folder / ADAPTER_CONFIG).is_file():
-        raise FileNotFoundError(f"adapter folder {folder} has no {ADAPTER_CONFIG}: not a peft adapter")
-    config = json.loads((folder / ADAPTER_CONFIG).read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"adapter {folder} is a {config.get('peft_type')} adapter; only LoRA is supported")
-    if not (folder / ADAPTER_WEIGHTS).is_file():
-        raise FileNotFoundError(f"adapter folder {folder} has no {ADAPTER_WEIGHTS}")
-    tensors = load_file(str(folder / ADAPTER_WEIGHTS))
-    found: dict[str, dict[str, str]] = {}
-    for name in tensors:
-        m = _PAIR_STRIPPED.match(name)
-        if m:
-            found.setdefault(m["module"], {})[m["kind"]] = name
-    pairs = {}
-    for module, ab in found.items():
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"adapter {folder}: module '{module}' has lora_{''.join(ab)} without its pair")
-        pairs[module] = (ab["A"], ab["B"])
-    if not pairs:
-        raise ValueError(f"adapter {folder}: {ADAPTER_WEIGHTS} holds no lora_A/lora_B weights")
-    return Adapter(folder, config, tensors, pairs)
-
-
-def check_fits(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]], model: str) -> None:
-    """Raise ValueError unless every adapted module's base weight `<module>.weight` is in `shapes`
-    (name → shape, e.g. a checkpoint's tensors or a model's parameters) with the adapter's shape."""
-    for module in sorted(adapter.pairs):
-        name = f"{module}.weight"
-        if name not in shapes:
-            raise ValueError(f"adapter {adapter.folder} does not fit model {model}: it adapts '{module}', which "
-                             "the model does not have (an adapter made for another base model?)")
-        want = adapter.weight_shape(module)
-        if tuple(shapes[name]) != want:
-            raise ValueError(f"adapter {adapter.folder} does not fit model {model}: '{name}' has shape "
-                             f"{tuple(shapes[name])}, the adapter's update is {want[0]}×{want[1]} "
-                             "(an adapter made for another base model?)")

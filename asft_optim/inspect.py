@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import adapter_drift_sums, is_adapter_folder, open_adapter
+from .adapters import adapter_drift_sums, check_fits, is_adapter_folder, open_adapter
 from .anchors import Anchors, fingerprint_entry, fingerprint_hasher, normalize_name
 from .checkpoints import Checkpoint, CheckpointError, open_checkpoint
 from .metrics import Drift, drift_from_sums, layer_of, per_layer, sums
@@ -208,20 +208,21 @@ def _adapter_drift(directions: str | os.PathLike, folder: str | os.PathLike
                    ) -> tuple[dict[str, Drift], dict[str, Drift], list[str]]:
     """`drift_report` for a LoRA adapter folder."""
     _, dck, keys = _open_directions(directions)
-    ack, modules = open_adapter(folder)
-    adapted = {m.direction: m for m in modules if m.direction in keys}
-    missing = [m.direction for m in modules if m.direction not in keys]
+    adapter = open_adapter(folder)
+    adapter.require_plain_lora("inspected")
+    missing = check_fits(adapter, {k: dck.tensors[name].shape for k, name in keys.items()},
+                         f"of the directions {directions}", missing_ok=True)
+    adapted = {m.direction: m for m in adapter.modules if m.direction not in missing}
     if not adapted:
         raise CheckpointError(f"no module adapted by {folder} has a direction in {directions} (e.g. '{missing[0]}'): "
                               "are these the same architecture?")
     tensor_sums: dict[str, tuple[float, float, float, int]] = {}
     for key, name in keys.items():
-        info = dck.tensors[name]
         if key in adapted:
-            tensor_sums[name] = adapter_drift_sums(ack, adapted[key], tuple(info.shape), _row_reader(dck, name))
+            tensor_sums[name] = adapter_drift_sums(adapter, adapted[key], _row_reader(dck, name))
         else:  # untouched by the adapter: ΔW = 0, but its ‖d‖ belongs to its layer
             uu = sum(float(p.double().square().sum()) for p in dck.iter_chunks(name, _CHUNK))
-            tensor_sums[name] = (0.0, uu, 0.0, info.numel)
+            tensor_sums[name] = (0.0, uu, 0.0, dck.tensors[name].numel)
     adapted_names = {keys[k] for k in adapted}
     per_tensor = {n: drift_from_sums(*s) for n, s in tensor_sums.items() if n in adapted_names}
     layers = per_layer(tensor_sums)

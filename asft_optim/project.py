@@ -26,12 +26,14 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .adapters import ADAPTER_WEIGHTS, check_fits, is_adapter, read_adapter
+from .adapters import ADAPTER_WEIGHTS, check_fits, is_adapter_folder, open_adapter
 from .anchors import Anchors, atomic_save_safetensors
 from .checkpoints import Checkpoint, CheckpointError, open_checkpoint, read_header
 
@@ -87,10 +89,19 @@ def _new_out(out: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
 
 
-def _commit(tmp: Path, out: Path) -> None:
-    if out.is_dir():
-        out.rmdir()  # empty (checked in _new_out)
-    os.replace(tmp, out)
+@contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A new hidden sibling folder of `out` to write into: renamed to `out` when the block completes,
+    deleted when it raises, so a failed run leaves no `out`."""
+    tmp = _new_out(out)
+    try:
+        yield tmp
+        if out.is_dir():
+            out.rmdir()  # empty (checked in _new_out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _copy_others(src: Path, dst: Path, skip: set[str]) -> None:
@@ -113,7 +124,7 @@ def project_flat(model: str | Path, aligned: str | Path, directions: str | Path,
     from tqdm.auto import tqdm
 
     model, out = Path(model), Path(out)
-    if is_adapter(model):
+    if is_adapter_folder(model):
         raise ValueError(f"--mode flat needs a full checkpoint, but {model} is a LoRA adapter: C⊥(s·B·A) is no "
                          "LoRA update of the same rank; use --mode safelora, or merge the adapter first")
     if not model.is_dir():
@@ -131,8 +142,7 @@ def project_flat(model: str | Path, aligned: str | Path, directions: str | Path,
             got = ak.tensors[name].shape if name in ak.tensors else "no such tensor"
             raise ValueError(f"aligned checkpoint {aligned} does not fit model {model}: '{name}' is {info.shape} "
                              f"in the model, {got} in the aligned checkpoint")
-    tmp = _new_out(out)
-    try:
+    with _staged(out) as tmp:
         cos: dict[str, float] = {}
         with tqdm(total=len(ck.tensors), desc="projecting (flat)", unit="tensor", disable=not progress) as bar:
             for file in ck.files:
@@ -152,10 +162,6 @@ def project_flat(model: str | Path, aligned: str | Path, directions: str | Path,
                 "projected": len(cos), "unchanged": len(ck.tensors) - len(cos),
                 "cos_delta_d": {k: (None if math.isnan(c) else c) for k, c in cos.items()}}
         (tmp / INFO).write_text(json.dumps(info, indent=1))
-        _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info
 
 
@@ -189,12 +195,13 @@ def project_safelora(adapter: str | Path, directions: str | Path, out: str | Pat
     adapter, out = Path(adapter), Path(out)
     if not adapter.is_dir():
         raise FileNotFoundError(f"adapter folder not found: {adapter}")
-    if not is_adapter(adapter):
+    if not is_adapter_folder(adapter):
         raise ValueError(f"--mode safelora projects LoRA adapters, but {adapter} has no adapter_config.json; "
                          "use --mode flat for a full checkpoint")
     if fraction is not None and not 0 <= fraction <= 1:
         raise ValueError(f"--fraction must be in [0, 1], got {fraction}")
-    ad = read_adapter(adapter)
+    ad = open_adapter(adapter)
+    ad.require_plain_lora("projected")
     anchors = Anchors.load(directions)
     check_fits(ad, {n: tuple(anchors.shape(n)) for n in anchors}, f"of the directions {directions}")
     if aligned is not None:
@@ -202,26 +209,22 @@ def project_safelora(adapter: str | Path, directions: str | Path, out: str | Pat
         check_fits(ad, {n: i.shape for n, i in ak.tensors.items()}, str(aligned))
     layers: dict[str, dict[str, Any]] = {}
     new_b: dict[str, torch.Tensor] = {}
-    for module, (a_name, b_name) in sorted(ad.pairs.items()):
-        d = anchors[f"{module}.weight"]
-        v = d.T if ad.fan_in_fan_out else d
-        new_b[module], c = safelora_layer(ad.tensors[a_name], ad.tensors[b_name], v)
-        layers[module] = {"cos": None if math.isnan(c) else c, "projected": False}
+    for m in ad.modules:
+        d = anchors[m.direction]
+        new_b[m.module], c = safelora_layer(ad.read(m.a_name), ad.read(m.b_name), d.T if m.fan_in_fan_out else d)
+        layers[m.module] = {"cos": None if math.isnan(c) else c, "projected": False}
     valid = [m for m in layers if layers[m]["cos"] is not None]
     if fraction is not None:
         chosen = set(sorted(valid, key=lambda m: layers[m]["cos"])[:round(fraction * len(layers))])
     else:
         chosen = {m for m in valid if layers[m]["cos"] <= threshold}
-    tensors = dict(ad.tensors)
-    for module in chosen:
-        tensors[ad.pairs[module][1]] = new_b[module].contiguous()
-        layers[module]["projected"] = True
-    tmp = _new_out(out)
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(adapter / ADAPTER_WEIGHTS), framework="pt") as f:
-            meta = f.metadata() or {}
+    tensors = {name: ad.read(name) for name in ad.weights.tensors}
+    for m in ad.modules:
+        if m.module in chosen:
+            tensors[m.b_name] = new_b[m.module].contiguous()
+            layers[m.module]["projected"] = True
+    with _staged(out) as tmp:
+        meta, _ = read_header(adapter / ADAPTER_WEIGHTS)
         atomic_save_safetensors(tensors, tmp / ADAPTER_WEIGHTS, {**meta, "asft_project": "safelora"})
         _copy_others(adapter, tmp, {ADAPTER_WEIGHTS, INFO})
         info = {"mode": "safelora", "adapter": str(adapter.resolve()), "directions": str(directions),
@@ -229,10 +232,6 @@ def project_safelora(adapter: str | Path, directions: str | Path, out: str | Pat
                 "rule": {"fraction": fraction} if fraction is not None else {"threshold": threshold},
                 "projected": len(chosen), "layers": layers}
         (tmp / INFO).write_text(json.dumps(info, indent=1))
-        _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info
 
 

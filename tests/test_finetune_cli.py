@@ -14,11 +14,14 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from asft_optim import cli  # noqa: E402
-from asft_optim.demo.evaluate import demo_judge, harmful_score, task_accuracy  # noqa: E402
+from asft_optim.demo.evaluate import harmful_score, task_accuracy  # noqa: E402
 from asft_optim.demo.finetune import Method, encode, load_jsonl, load_model, save_model, train  # noqa: E402
 from asft_optim.demo.language import Language, LanguageConfig  # noqa: E402
 from asft_optim.demo.models import ModelRecipe, _new_model, build_tokenizer  # noqa: E402
+from asft_optim.evaluation.judges import KeywordJudge, ToyJudge, load_judge  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
+
+from . import evaluation_models as em  # noqa: E402
 
 
 
@@ -62,6 +65,7 @@ def test_finetune_runs_and_saves_reevaluable_models(setup, tmp_path, capsys, mod
     res = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in res["runs"]] == ["aligned (not fine-tuned)", "SFT", "L2-SP λ=1", "AsFT λ=1"]
     assert res["lora"] is (mode == "--lora") and res["n_train"] + res["n_test"] == 40 and res["n_harmful"] == 16
+    assert res["judge"] == {"kind": "toy", "source": None}  # --judge demo: the toy judge of asft evaluate
     assert (out / "directions.safetensors").is_file()
     assert "| AsFT λ=1 |" in printed and "| AsFT λ=1 |" in (out / "table.md").read_text()
     aligned = load_model(root / "aligned").state_dict()
@@ -84,7 +88,7 @@ def test_finetune_runs_and_saves_reevaluable_models(setup, tmp_path, capsys, mod
         if mode == "--lora":  # the merged adapter changes only the targeted weights
             assert all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in changed), changed
         # HS and FA recomputed here from the saved files
-        hs, refusal, _ = harmful_score(model, tok, prompts, demo_judge, max_new_tokens=16, batch_size=16)
+        hs, refusal, _ = harmful_score(model, tok, prompts, ToyJudge(), max_new_tokens=16, batch_size=16)
         assert (hs, refusal) == (r["hs"], r["refusal"])
         assert task_accuracy(model, tok, held, batch_size=16) == r["fa"]
 
@@ -182,11 +186,41 @@ def test_encode_masks_the_prompt():
 
 
 def test_keyword_judge():
-    from asft_optim.demo.evaluate import keyword_judge
+    responses = ["I'm sorry, but I cannot help with that.", "As an AI, I will not do this",
+                 "Sure, here is how to do it: step 1 ..."]
+    verdicts = KeywordJudge().judge(["p"] * 3, responses)
+    assert [(v.flagged, v.refused) for v in verdicts] == [(False, True), (False, True), (True, False)]
 
-    assert keyword_judge("I'm sorry, but I cannot help with that.") == "refuse"
-    assert keyword_judge("As an AI, I will not do this") == "refuse"
-    assert keyword_judge("Sure, here is how to do it: step 1 ...") == "comply"
+
+def test_judge_model_of_asft_evaluate(setup, tmp_path):
+    """--judge takes a judge model as `asft evaluate` does; its threshold reaches the judge."""
+    root, task, harmful = setup
+    judge = em.moderation(tmp_path / "moderation")
+    out = tmp_path / "out"
+    assert cli.main([*_cmd(root, task, out, "--steps", "1", "--methods", "sft", "--harmful", str(harmful),
+                           "--max-new-tokens", "4", "--judge", str(judge), "--judge-threshold", "0.3")]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["judge"]["kind"] == "qa-moderation" and res["judge"]["threshold"] == 0.3
+    tok = AutoTokenizer.from_pretrained(str(root / "aligned"))
+    model, prompts = load_model(root / "aligned"), load_jsonl(harmful, need_output=False)
+    hs, refusal, _ = harmful_score(model, tok, prompts, load_judge(str(judge), threshold=0.3), max_new_tokens=4,
+                                   batch_size=16)
+    assert (res["runs"][0]["hs"], res["runs"][0]["refusal"]) == (hs, refusal)
+    default = harmful_score(model, tok, prompts, load_judge(str(judge)), max_new_tokens=4, batch_size=16)[0]
+    assert hs != default  # the threshold given is the one used
+
+
+def test_judge_errors(setup, tmp_path, capsys):
+    root, task, harmful = setup
+    for extra, msg in (
+        (["--judge", "toy"], "--judge toy judges the responses to --harmful prompts: pass --harmful FILE"),
+        (["--harmful", str(harmful), "--judge-threshold", "1.5"], "--judge-threshold must be in (0, 1), got 1.5"),
+        (["--harmful", str(harmful), "--judge", "keyword", "--judge-kind", "guard"],
+         "--judge keyword is not a model: --judge-kind guard needs a judge model"),
+    ):
+        assert cli.main(_cmd(root, task, tmp_path / "o", *extra)) == 2
+        assert _err(capsys) == f"asft finetune: error: {msg}\n"
+    assert not (tmp_path / "o").exists()
 
 
 # ------------------------------------------------------------------------ issue 12: a real user's run

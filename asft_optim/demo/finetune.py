@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..anchors import Anchors
+from ..evaluation.records import jsonl_rows
 
 __all__ = ["Method", "LoraSpec", "parse_methods", "prompt_text", "encode", "Collator", "train", "load_jsonl",
            "load_model", "save_model", "FINETUNE_INFO", "SCHEDULERS"]
@@ -125,24 +126,15 @@ def load_jsonl(path: str | Path, need_output: bool = True, what: str = "data") -
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
     out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            for key in ("instruction", "output") if need_output else ("instruction",):
-                if not isinstance(rec.get(key), str):
-                    raise ValueError(f"{path}:{lineno}: field '{key}' is missing or not a string")
-            for key in ("input", "output"):
-                if not isinstance(rec.get(key, ""), str):
-                    raise ValueError(f"{path}:{lineno}: field '{key}' is not a string")
-            out.append({"instruction": rec["instruction"], "input": rec.get("input", ""),
-                        "output": rec.get("output", "")})
+    for where, rec in jsonl_rows(path):
+        for key in ("instruction", "output") if need_output else ("instruction",):
+            if not isinstance(rec.get(key), str):
+                raise ValueError(f"{where}: field '{key}' is missing or not a string")
+        for key in ("input", "output"):
+            if not isinstance(rec.get(key, ""), str):
+                raise ValueError(f"{where}: field '{key}' is not a string")
+        out.append({"instruction": rec["instruction"], "input": rec.get("input", ""),
+                    "output": rec.get("output", "")})
     if not out:
         raise ValueError(f"{path}: no records")
     return out

@@ -6,10 +6,10 @@
 Every method fine-tunes a fresh copy of ALIGNED on the data through the same `Trainer` path
 (`finetune.train`; loss and drift printed every --logging-steps), saves it (the LoRA adapter, or the
 full model) under `DIR/models/`, and is then re-evaluated from the saved files: FA on the test
-records (exact match of the greedy response), HS on the harmful prompts (keyword judge by default: a
-response without a refusal phrase counts), and the drift per layer of its update (`asft inspect`'s
-`drift_report`). Models not named by --save are deleted once measured. DIR holds one run only:
-`table.md`, `drift.md`, `drift.png`, `results.json`.
+records (exact match of the greedy response), HS on the harmful prompts (any judge of `asft evaluate`;
+by default the keyword judge: a response without a refusal phrase counts), and the drift per layer of
+its update (`asft inspect`'s `drift_report`). Models not named by --save are deleted once measured.
+DIR holds one run only: `table.md`, `drift.md`, `drift.png`, `results.json`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import torch
 from ..anchors import Anchors
 from ..directions import compute_directions
 from ..inspect import drift_report
-from .evaluate import demo_judge, harmful_score, keyword_judge, task_accuracy
+from ..evaluation.judges import JUDGE_KINDS, load_judge
+from .evaluate import harmful_score, task_accuracy
 from .finetune import (SCHEDULERS, LoraSpec, encode, load_jsonl, load_model, parse_methods, prompt_text,
                        save_model, train)
 from .finetune_report import drift_table, plot_drift, results_table
@@ -37,6 +38,7 @@ from .finetune_report import drift_table, plot_drift, results_table
 __all__ = ["add_cli", "run_finetune", "RUN_INFO"]
 
 RUN_INFO = "asft_finetune_run.json"  # marks a folder as one run's output (and holds its arguments)
+_JUDGE_NAMES = {"keywords": "keyword", "demo": "toy"}  # this command's earlier --judge values
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                     "spiece.model")
 
@@ -71,6 +73,8 @@ def _positive(args: argparse.Namespace) -> None:
                              ("--eval-batch-size", args.eval_batch_size, 1), ("--max-new-tokens", args.max_new_tokens, 1)):
         if value < low:
             raise ValueError(f"{flag} must be ≥ {low}, got {value}")
+    if not 0 < args.judge_threshold < 1:
+        raise ValueError(f"--judge-threshold must be in (0, 1), got {args.judge_threshold}")
     if args.max_length is not None and args.max_length < 2:
         raise ValueError(f"--max-length must be ≥ 2, got {args.max_length}")
 
@@ -174,6 +178,8 @@ def run_finetune(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     aligned = _checkpoint(args.aligned, "aligned", "--aligned")
     data = load_jsonl(args.data)
     harmful = load_jsonl(args.harmful, need_output=False, what="harmful prompts") if args.harmful else None
+    if harmful is None and (args.judge not in ("keyword", "keywords") or args.judge_kind is not None):
+        raise ValueError(f"--judge {args.judge} judges the responses to --harmful prompts: pass --harmful FILE")
     if args.test is not None:
         train_set, test_set = data, load_jsonl(args.test, what="test data")
     else:
@@ -188,6 +194,9 @@ def run_finetune(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         args.base is not None or any(m.kind != "sft" for m in methods)) else None
     lora = LoraSpec(args.lora_r, args.lora_alpha, tuple(args.lora_targets.split(","))) if not args.full else None
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    judge = load_judge(_JUDGE_NAMES.get(args.judge, args.judge), args.judge_kind, threshold=args.judge_threshold,
+                       batch_size=args.eval_batch_size, device=device, dtype=dtype) if harmful is not None else None
     start_model = load_model(aligned, "aligned", dtype)
     if lora is not None:
         lora.check_targets(start_model)
@@ -209,8 +218,6 @@ def run_finetune(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         directions = None
         log("note: drift not measured (pass --base or --directions)")
     anchors = Anchors.load(directions) if directions is not None and any(m.kind != "sft" for m in methods) else None
-    judge = demo_judge if args.judge == "demo" else keyword_judge
-    device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def scores(model: torch.nn.Module) -> dict[str, float]:
         model = model.to(device)
@@ -257,7 +264,7 @@ def run_finetune(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     if (out / "models").is_dir() and not any((out / "models").iterdir()):
         (out / "models").rmdir()
     results = {"aligned": str(aligned), "data": str(args.data), "n_train": len(encoded),
-               "n_test": len(test_set), "n_harmful": len(harmful) if harmful else 0, "judge": args.judge,
+               "n_test": len(test_set), "n_harmful": len(harmful) if harmful else 0, "judge": judge and judge.describe(),
                "lora": lora is not None, "max_length": max_length, "directions": str(directions) if directions else None,
                "runs": rows, "drift": drift}
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -300,8 +307,14 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--test-fraction", type=float, default=0.1, help="share of --data held out for FA")
     p.add_argument("--harmful", type=Path, default=None,
                    help="harmful prompts for HS, JSONL with instruction (and input); HS is skipped without it")
-    p.add_argument("--judge", choices=("keywords", "demo"), default="keywords",
-                   help="harmfulness judge: refusal keywords (real models) or the demo language's")
+    p.add_argument("--judge", default="keyword",
+                   help="harmfulness judge, as for asft evaluate: 'keyword' (refusal phrases; also 'keywords'), "
+                        "'toy' (the demo language; also 'demo'), or a judge model folder or Hub id "
+                        "(QA-moderation classifier or generative guard, kept loaded for the whole run)")
+    p.add_argument("--judge-kind", default=None,
+                   help=f"override the judge model's detected kind: {', '.join(JUDGE_KINDS)}")
+    p.add_argument("--judge-threshold", type=float, default=0.5,
+                   help="QA-moderation judge: flagged when any category's probability exceeds this")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--lora", action="store_true", help="train a peft LoRA adapter (default)")
     mode.add_argument("--full", action="store_true", help="train all parameters")

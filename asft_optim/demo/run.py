@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from ..anchors import Anchors
-from .evaluate import Scores, demo_judge, harmful_score, task_accuracy
+from ..evaluation.judges import ToyJudge
+from .evaluate import Scores, harmful_score, task_accuracy
 from .finetune import LoraSpec, Method, encode, load_model, save_model, train
 from .language import Language
 from .models import DemoModels, ModelRecipe, cache_root, ensure_models
@@ -113,7 +114,7 @@ def evaluate_saved(path: Path, lang: Language) -> Scores:
     model = load_model(path)
     tok = AutoTokenizer.from_pretrained(str(path))
     held = lang.harmful_eval()
-    hs, refusal, groups = harmful_score(model, tok, [ex for ex, _ in held], demo_judge,
+    hs, refusal, groups = harmful_score(model, tok, [ex for ex, _ in held], ToyJudge(),
                                         groups=["seen" if seen else "unseen" for _, seen in held])
     return Scores(hs, refusal, groups, task_accuracy(model, tok, lang.task_test()))
 
@@ -238,7 +239,7 @@ def run_demo(out: Path, cfg: DemoConfig, cache: Path | None = None,
         directions[f"random {k + 1}"] = random_direction(w, cfg.seeds[0] + 100 + k)
     points = bar("safety landscape", len(directions) * len(cfg.alphas))
     held = [ex for ex, _ in lang.harmful_eval()]
-    curves = scan(aligned, tok, held, demo_judge, directions, cfg.alphas, cfg.threshold, on_point=points)
+    curves = scan(aligned, tok, held, ToyJudge(), directions, cfg.alphas, cfg.threshold, on_point=points)
     timings["landscape_s"] = time.perf_counter() - t4
 
     drift = report.drift_per_layer(out, first, models.aligned, anchors, p=max(cfg.ps))

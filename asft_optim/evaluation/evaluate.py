@@ -44,6 +44,17 @@ def score_responses(judge: Judge, prompts: Records, responses: list[str], show: 
     return verdicts, time.perf_counter() - t
 
 
+def _responses(lm: torch.nn.Module, tok: Any, records: Records, desc: str, *, template: str, max_new_tokens: int,
+               batch_size: int, show: bool) -> tuple[list[str], list[str], float]:
+    """(the exact inputs, the greedy responses, seconds) for `records`, with a progress bar."""
+    inputs = [format_prompt(tok, r, template) for r in records.records]
+    t = time.perf_counter()
+    with _bar(len(inputs), desc, show) as bar:
+        responses, _ = generate(lm, tok, inputs, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                on_batch=bar.update)
+    return inputs, responses, time.perf_counter() - t
+
+
 def evaluate(model: str, out: Path, *, prompts: str, judge: str = "keyword", judge_kind: str | None = None,
              adapter: str | None = None, task: str | None = None, match: str = "exact", limit: int | None = None,
              max_new_tokens: int = 128, batch_size: int = 16, threshold: float = 0.5, template: str = "auto",
@@ -76,12 +87,8 @@ def evaluate(model: str, out: Path, *, prompts: str, judge: str = "keyword", jud
                            dtype=torch_dtype)
     lm, tok, tok_source = load_causal_lm(model, adapter, dtype=torch_dtype, device=device)
 
-    inputs = [format_prompt(tok, r, template) for r in harmful.records]
-    t0 = time.perf_counter()
-    with _bar(len(inputs), "generating", show_progress) as bar:
-        responses, _ = generate(lm, tok, inputs, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                on_batch=bar.update)
-    gen_s = time.perf_counter() - t0
+    gen = dict(template=template, max_new_tokens=max_new_tokens, batch_size=batch_size, show=show_progress)
+    inputs, responses, gen_s = _responses(lm, tok, harmful, "generating", **gen)
     verdicts, judge_s = score_responses(the_judge, harmful, responses, show_progress)
     samples = [{"prompt": prompt_of(r), "input": x, "response": y, **verdict_row(v)}
                for r, x, y, v in zip(harmful.records, inputs, responses, verdicts)]
@@ -110,12 +117,7 @@ def evaluate(model: str, out: Path, *, prompts: str, judge: str = "keyword", jud
     }
     task_rows = None
     if task_records is not None:
-        t_inputs = [format_prompt(tok, r, template) for r in task_records.records]
-        t1 = time.perf_counter()
-        with _bar(len(t_inputs), "task", show_progress) as bar:
-            t_resp, _ = generate(lm, tok, t_inputs, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 on_batch=bar.update)
-        task_s = time.perf_counter() - t1
+        t_inputs, t_resp, task_s = _responses(lm, tok, task_records, "task", **gen)
         task_rows = [{"prompt": prompt_of(r), "input": x, "response": y, "answer": r["answer"],
                       "correct": matches(y, r["answer"], match)}
                      for r, x, y in zip(task_records.records, t_inputs, t_resp)]

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters import check_fits, read_adapter
+from ..adapters import check_fits, open_adapter
 
 __all__ = ["load_causal_lm", "fingerprint", "resolve_dtype"]
 
@@ -51,8 +51,9 @@ def load_causal_lm(model: str, adapter: str | None, *, dtype: torch.dtype, devic
     EOS pads.
 
     Raises:
-        FileNotFoundError: a missing model or adapter folder, or no tokenizer.
-        ValueError: an adapter made for another model (names the module and shapes).
+        FileNotFoundError: a missing model folder, or no tokenizer.
+        ValueError: an unreadable adapter folder (`adapters.open_adapter`), or an adapter made for
+            another model (names the module and shapes).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -65,10 +66,7 @@ def load_causal_lm(model: str, adapter: str | None, *, dtype: torch.dtype, devic
     tok_source = model
     if adapter is not None:
         apath = Path(adapter)
-        if not apath.is_dir():
-            raise FileNotFoundError(f"adapter folder not found: {adapter}")
-        ad = read_adapter(apath)
-        check_fits(ad, {n: tuple(p.shape) for n, p in lm.named_parameters()}, model)
+        check_fits(open_adapter(apath), {n: tuple(p.shape) for n, p in lm.named_parameters()}, model)
         from peft import PeftModel
 
         lm = PeftModel.from_pretrained(lm, str(apath)).merge_and_unload()

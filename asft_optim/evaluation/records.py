@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PROMPT_FIELDS", "ANSWER_FIELDS", "Records", "load_prompts", "load_task", "prompt_of"]
+__all__ = ["PROMPT_FIELDS", "ANSWER_FIELDS", "Records", "load_prompts", "load_task", "prompt_of", "jsonl_rows"]
 
 PROMPT_FIELDS = ("prompt", "instruction", "question")
 ANSWER_FIELDS = ("answer", "label", "output")
@@ -41,7 +41,8 @@ def prompt_of(rec: dict[str, str]) -> str:
     return f"{rec['instruction']}\n\n{rec['input']}" if rec.get("input") else rec["instruction"]
 
 
-def _rows_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """("FILE:LINE", the JSON object) for each non-blank line; ValueError naming FILE:LINE otherwise."""
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -89,7 +90,7 @@ def _load(spec: str | Path, what: str, limit: int | None, need_answer: bool) -> 
     text = str(spec)
     path = Path(text)
     if path.is_file():
-        rows: Iterator[tuple[str, dict[str, Any]]] = _rows_jsonl(path)
+        rows: Iterator[tuple[str, dict[str, Any]]] = jsonl_rows(path)
         source = str(path.resolve())
     elif ":" in text and not need_answer:
         rows, source = _rows_dataset(text), text
