@@ -11,13 +11,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from .tempfiles import atomic_save_safetensors
 
 __all__ = ["Anchors", "normalize_name", "FORMAT"]
 
@@ -49,10 +49,15 @@ class Anchors(Mapping[str, torch.Tensor]):
     """Per-tensor alignment directions, looked up by (normalised) parameter name.
 
     Tensors are returned on the CPU in their stored dtype; `AsFTAdamW` moves each to its
-    parameter's device when it binds it. A file-backed `Anchors` reads a tensor only when asked.
+    parameter's device when it binds it. A file-backed `Anchors` reads a tensor only when asked; it
+    records the file's identity (device, inode, size, modification time) when it opens it and
+    refuses every later read once the file has changed, since its fingerprint describes the file as
+    it was. An in-memory `Anchors` fingerprints its own tensors and ignores a `fingerprint` given in
+    `metadata` (it drops that entry: `fingerprint` is the one source of truth).
 
     Attributes:
-        metadata: string metadata (sources, dtype, fingerprint) carried in the safetensors header.
+        metadata: string metadata (sources, dtype; a file's recorded fingerprint) from the
+            safetensors header or the caller.
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, *,
@@ -61,6 +66,7 @@ class Anchors(Mapping[str, torch.Tensor]):
             raise ValueError("Anchors needs exactly one of `tensors` or `path`")
         self.metadata: dict[str, str] = dict(metadata or {})
         self.path = Path(path) if path is not None else None
+        self._identity: tuple[int, int, int, int] | None = None
         self._tensors: dict[str, torch.Tensor] = {}
         self._keys: dict[str, str] = {}  # normalised name -> stored name
         self._shapes: dict[str, torch.Size] = {}
@@ -73,12 +79,16 @@ class Anchors(Mapping[str, torch.Tensor]):
                     raise TypeError(f"direction '{name}' has dtype {t.dtype}; directions must be floating point")
                 self._add_key(name, t.shape, t.dtype)
                 self._tensors[name] = t.detach()
+            self.metadata.pop("fingerprint", None)  # someone else's claim: never trusted for these tensors
+            self._fingerprint: str | None = None
         else:
+            self._identity = _file_identity(self.path)
             with safe_open(str(self.path), framework="pt", device="cpu") as f:
                 for name in f.keys():
                     sl = f.get_slice(name)
                     self._add_key(name, torch.Size(sl.get_shape()), _DTYPES[sl.get_dtype()])
-        self._fingerprint: str | None = self.metadata.get("fingerprint")
+            self._check_unchanged()
+            self._fingerprint = self.metadata.get("fingerprint")
 
     def _add_key(self, name: str, shape: torch.Size, dtype: torch.dtype) -> None:
         key = normalize_name(name)
@@ -107,6 +117,7 @@ class Anchors(Mapping[str, torch.Tensor]):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"directions file not found: {path}")
+        identity = _file_identity(path)
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 metadata = f.metadata() or {}
@@ -119,6 +130,8 @@ class Anchors(Mapping[str, torch.Tensor]):
                     else f"a directions file in format '{fmt}', which this version ({FORMAT}) cannot read")
             raise ValueError(f"{path} is {what} (its metadata says format '{fmt}')")
         anchors = cls(path=path, metadata=metadata)
+        if anchors._identity != identity:  # replaced between reading its metadata and its tensor list
+            raise RuntimeError(f"directions file {path} changed while Anchors.load read it; load it again")
         recorded = metadata.get("fingerprint")
         if verify and recorded is not None:
             actual = anchors._compute_fingerprint()
@@ -163,7 +176,9 @@ class Anchors(Mapping[str, torch.Tensor]):
         if self.path is None:
             return self._tensors[stored]
         with safe_open(str(self.path), framework="pt", device="cpu") as f:
-            return f.get_tensor(stored)
+            t = f.get_tensor(stored)
+        self._check_unchanged()
+        return t
 
     def get_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows `start:stop` along dim 0 of a direction, reading only those bytes from a file."""
@@ -173,7 +188,18 @@ class Anchors(Mapping[str, torch.Tensor]):
         if self.path is None:
             return self._tensors[self._keys[key]][start:stop]
         with safe_open(str(self.path), framework="pt", device="cpu") as f:
-            return f.get_slice(self._keys[key])[start:stop]
+            t = f.get_slice(self._keys[key])[start:stop]
+        self._check_unchanged()
+        return t
+
+    def _check_unchanged(self) -> None:
+        """Raise if the backing file is no longer the one opened (checked after each read: a read
+        that raced with a replacement is refused too)."""
+        if _file_identity(self.path) != self._identity:
+            raise RuntimeError(
+                f"directions file {self.path} changed after Anchors.load (its inode, size or "
+                "modification time differ): its directions no longer match the fingerprint recorded "
+                "at load; load it again")
 
     def shape(self, name: str) -> torch.Size:
         """Shape of a direction without reading its data."""
@@ -203,6 +229,15 @@ class Anchors(Mapping[str, torch.Tensor]):
         return f"Anchors({len(self)} tensors, {src})"
 
 
+def _file_identity(path: Path) -> tuple[int, int, int, int] | None:
+    """(device, inode, size, modification time in ns) of a file, None when it is gone."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
            "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
@@ -218,17 +253,3 @@ def fingerprint_hasher() -> hashlib.blake2b:
 def fingerprint_entry(key: str, dtype: torch.dtype, shape: torch.Size | tuple[int, ...]) -> bytes:
     """The bytes hashed before one tensor's data in the fingerprint."""
     return json.dumps([key, str(dtype), list(shape)]).encode()
-
-
-def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path,
-                            metadata: Mapping[str, str]) -> None:
-    """Write a safetensors file to a temporary name in the target folder, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(dict(tensors), tmp, metadata=dict(metadata))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

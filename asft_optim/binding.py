@@ -21,8 +21,9 @@ from . import distributed as _dist
 from .anchors import Anchors, normalize_name
 from .functional import BoundDirection, bind_direction
 from .lora import LoraLayout, LoraPair, bind_lora_direction, is_lora_name
+from .zero import lora_refusal, original_shape
 
-__all__ = ["Kind", "Binding", "bind_group", "anchor_key"]
+__all__ = ["Kind", "Binding", "bind_group", "anchor_key", "zero_binding"]
 
 
 class Kind(str, enum.Enum):
@@ -31,6 +32,7 @@ class Kind(str, enum.Enum):
     SHARD = "shard"      # a DTensor (FSDP2) shard bound to its block of the direction
     LORA_A = "lora_a"    # peft lora_A: penalty on s·(B·A − B0·A0) against the base weight's d
     LORA_B = "lora_b"
+    ZERO = "zero"        # DeepSpeed ZeRO: pieces of the tensor live in flat partitions (`asft_optim.zero`)
     PLAIN = "plain"      # no direction (allow_unanchored, or λ = 0): plain AdamW steps
 
 
@@ -43,7 +45,7 @@ class Binding:
         kind: see `Kind`.
         key: the normalised anchors key of the direction (the base weight's for LoRA), or None.
         direction: the bound direction (for a shard: its block; for LoRA: the base weight's, shared
-            by A and B), or None.
+            by A and B), or None (ZERO: the direction slices live with each flat partition).
         pair: the LoRA pair of a LORA_A/LORA_B parameter.
     """
     name: str
@@ -95,8 +97,12 @@ def bind_group(named: Iterable[tuple[str, Tensor]], anchors: Anchors, lora: Lora
             raise ValueError(f"AsFTAdamW does not support complex parameters: '{name}' is {p.dtype}")
         if not p.requires_grad:
             continue
-        _dist.check_not_zero3(name, p)
         in_layout = lora is not None and name in lora.by_param
+        if hasattr(p, "ds_id"):  # partitioned by ZeRO-3 already (zero.Init): bound with its partition
+            if in_layout or is_lora_name(name):
+                raise NotImplementedError(lora_refusal(3))
+            out[name] = zero_binding(name, anchor_key(name, lora), p, anchors)
+            continue
         if is_lora_name(name) and not in_layout:
             if lora is None:
                 raise ValueError(
@@ -140,6 +146,18 @@ def bind_group(named: Iterable[tuple[str, Tensor]], anchors: Anchors, lora: Lora
                       f"{' …' if len(zero) > 20 else ''}; their penalty is a plain L2 pull towards W0",
                       stacklevel=4)
     return out
+
+
+def zero_binding(name: str, key: str, p: Tensor, anchors: Anchors) -> Binding:
+    """The ZERO binding of a DeepSpeed-managed parameter (PLAIN without a direction); its direction
+    is read slice by slice when its partitions are first stepped (`zero.ZeroTensors.partition`)."""
+    if key not in anchors:
+        return Binding(name, Kind.PLAIN)
+    shape = original_shape(p)
+    if tuple(anchors.shape(key)) != tuple(shape):
+        raise ValueError(f"direction for '{name}' has shape {tuple(anchors.shape(key))} but the parameter "
+                         f"has shape {tuple(shape)}")
+    return Binding(name, Kind.ZERO, key)
 
 
 def bind_shards(named: list[tuple[str, Tensor]], anchors: Anchors, lora: LoraLayout | None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 # subcommand name -> "module:function" that adds its parser (imported only when needed)
@@ -13,7 +14,33 @@ COMMANDS: dict[str, str] = {
     "inspect": "asft_optim.inspect:add_cli",
     "demo": "asft_optim.demo.run:add_cli",
     "finetune": "asft_optim.demo.finetune_cli:add_cli",
+    "evaluate": "asft_optim.evaluation.evaluate:add_cli",
+    "project": "asft_optim.project:add_cli",
+    "compare": "asft_optim.compare:add_cli",
 }
+
+# subcommand name -> the extras it needs; extra -> the modules it installs
+NEEDS: dict[str, tuple[str, ...]] = {"demo": ("hf", "plot"), "finetune": ("hf", "plot")}
+EXTRAS: dict[str, tuple[str, ...]] = {"hf": ("transformers", "peft", "accelerate"), "plot": ("matplotlib",)}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as missing
+        return False
+
+
+def missing_extras(command: str) -> str | None:
+    """The error message for a subcommand whose extras are not installed, or None when they are."""
+    needs = NEEDS.get(command, ())
+    absent = [m for extra in needs for m in EXTRAS[extra] if not _installed(m)]
+    if not absent:
+        return None
+    names = " and ".join(f"'{e}'" for e in needs)
+    return (f"asft {command} needs the {names} extra{'s' if len(needs) > 1 else ''} (not installed: "
+            f"{', '.join(absent)}): pip install \"asft_optim[{','.join(needs)}]\" (from a checkout: "
+            f"pip install -e \".[{','.join(needs)}]\")")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -32,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     only = argv[0] if argv and argv[0] in COMMANDS else None
     args = build_parser(only).parse_args(argv)
+    message = missing_extras(args.command)
+    if message is not None:
+        print(message, file=sys.stderr)
+        return 2
     return int(args.func(args) or 0)
 
 

@@ -6,7 +6,8 @@ dtype (round to nearest even), checks the result is finite, and hands it to a wo
 hashes it into the fingerprint and appends it to the output file. Resident memory is a few chunk
 buffers (about 16 bytes per element of a piece), whatever the size of the models. The output is
 a safetensors file whose header is written first with a placeholder fingerprint that is filled in
-at the end; it is written under a temporary name in the target folder and renamed only when complete.
+at the end; it is written under a temporary name in the target folder and renamed only when complete
+(temporary files that killed runs left behind are removed first: see `tempfiles`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import math
 import os
 import re
 import struct
-import tempfile
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .anchors import FORMAT, Anchors, fingerprint_entry, fingerprint_hasher, normalize_name
 from .checkpoints import SAFETENSORS_FROM_DTYPE, Checkpoint, CheckpointError, open_checkpoint
+from .tempfiles import create_temp, release_temp
 
 __all__ = ["compute_directions", "ZeroDirectionWarning", "DTYPES", "add_cli"]
 
@@ -227,9 +228,8 @@ class _StreamingWriter:
         mark = f'"fingerprint":"{_PLACEHOLDER}"'.encode()
         self._fp_pos = 8 + raw.index(mark) + len(b'"fingerprint":"')
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        self.tmp: Path | None = Path(tmp)
+        fd, tmp = create_temp(path)  # removes temporary files of killed writers of `path` first
+        self.tmp: Path | None = tmp
         self._fh = os.fdopen(fd, "wb")
         self._fh.write(struct.pack("<Q", len(raw)) + raw)
         self._end = 8 + len(raw) + offset
@@ -247,12 +247,13 @@ class _StreamingWriter:
         os.fsync(self._fh.fileno())
         self._fh.close()
         os.replace(self.tmp, self.path)
+        release_temp(self.tmp, remove=False)
         self.tmp = None
 
     def discard(self) -> None:
         self._fh.close()
         if self.tmp is not None:
-            self.tmp.unlink(missing_ok=True)
+            release_temp(self.tmp, remove=True)
             self.tmp = None
 
 
@@ -393,8 +394,10 @@ def _run_cli(args) -> int:
     torch.set_num_threads(1)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("note: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    package_log = logging.getLogger("asft_optim")  # this module's notes and those of `tempfiles`
+    package_log.addHandler(handler)
+    level = package_log.level
+    package_log.setLevel(logging.INFO)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ZeroDirectionWarning)
@@ -407,7 +410,8 @@ def _run_cli(args) -> int:
         print(f"asft directions: error: {e}", file=sys.stderr)
         return 1
     finally:
-        log.removeHandler(handler)
+        package_log.removeHandler(handler)
+        package_log.setLevel(level)
     nbytes = sum(anchors.shape(k).numel() * anchors.dtype(k).itemsize for k in anchors)
     print(f"wrote {len(anchors)} directions ({nbytes / 2**20:.1f} MiB, dtype {anchors.metadata['dtype']}) "
           f"to {args.out}\nfingerprint {anchors.fingerprint}")

@@ -1,4 +1,4 @@
-"""AsFT across processes: sharded (DTensor) parameters, distributed checkpoints, ZeRO detection.
+"""AsFT across processes: sharded (DTensor) parameters, distributed checkpoints, flattening checks.
 
 DDP needs nothing here: every replica holds whole tensors, receives the same averaged gradients and
 takes the same deterministic step, so the replicas stay bitwise identical without communication.
@@ -39,7 +39,7 @@ from .anchors import Anchors
 from .functional import BoundDirection, direction_dtype, times_pow2
 
 __all__ = ["is_dtensor", "local", "like", "local_direction", "bind_sharded", "all_reduce_dots",
-           "snapshot_w0", "check_not_flattened", "check_not_zero3", "save_checkpoint",
+           "snapshot_w0", "check_not_flattened", "save_checkpoint",
            "load_checkpoint", "latest_checkpoint", "LATEST"]
 
 LATEST = "latest"  # file in a checkpoint folder naming its newest complete checkpoint
@@ -167,7 +167,10 @@ def bind_sharded(anchors: Anchors, named: list[tuple[str, DTensor]]) -> list[Bou
             scales.append(1.0)
         else:  # as `functional.rescaled`, with the global max: exact, in float64
             k = math.floor(math.log2(a))
-            v.copy_(times_pow2(d.reshape(v.shape).to(torch.float64, copy=True), -k))
+            if d.dtype == v.dtype:
+                times_pow2(v.copy_(d.reshape(v.shape)), -k)
+            else:
+                v.copy_(times_pow2(d.reshape(v.shape).to(torch.float64, copy=True), -k))
             scales.append(math.ldexp(1.0, k))
         vs.append(v)
     nv2 = torch.stack([v.double().square().sum() for v in vs]).to(device)
@@ -189,35 +192,18 @@ def snapshot_w0(p: DTensor) -> DTensor:
     return like(p._local_tensor.detach().clone(memory_format=torch.preserve_format), p)
 
 
-# ----------------------------------------------------------------------------------- DeepSpeed
-_POINTER = ("use PyTorch FSDP2 instead (torch.distributed.fsdp.fully_shard, or accelerate with "
-            "fsdp_version: 2), which keeps parameter names and shards them as DTensors; DeepSpeed "
-            "without ZeRO partitioning works too")
-
-
-def check_not_zero3(name: str, p: Tensor) -> None:
-    """Raise if p is a DeepSpeed ZeRO-3 partitioned parameter (it carries `ds_id`)."""
-    if hasattr(p, "ds_id") or hasattr(p, "ds_tensor"):
-        raise RuntimeError(f"parameter '{name}' is partitioned by DeepSpeed ZeRO-3: its local data is "
-                           "a flat partition that AsFTAdamW cannot match to its direction; " + _POINTER)
-
-
+# ----------------------------------------------------------------------------------- flattening
 def check_not_flattened(group: Mapping[str, Any], index: int) -> None:
-    """Raise if a param group's tensors no longer match its names.
-
-    DeepSpeed ZeRO (stages 1-3) replaces each group's parameters by flattened fp32 partitions, so
-    the names that bind the directions no longer describe the tensors.
-    """
+    """Raise if a param group's tensors no longer match its names (and DeepSpeed ZeRO, which
+    `asft_optim.zero` follows through its bookkeeping, did not do it)."""
     params, names = group["params"], group.get("param_names")
     if names is not None and len(names) == len(params):
         return
-    hint = (" (DeepSpeed ZeRO replaces each param group's tensors by flattened partitions)"
-            if names is not None else "")
     raise RuntimeError(
         f"param group {index} holds {len(params)} tensor(s) but "
         f"{'no names' if names is None else f'{len(names)} parameter name(s)'}: its parameters were "
-        f"replaced after the optimizer was built{hint}. AsFTAdamW binds directions by name and cannot "
-        "follow flattened parameters; " + _POINTER)
+        "replaced after the optimizer was built by something other than DeepSpeed ZeRO. AsFTAdamW binds "
+        "directions by name; build the optimizer on the parameters it will step")
 
 
 # ----------------------------------------------------------------------------------- checkpoints
@@ -298,11 +284,33 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{path} is not a complete distributed checkpoint (no .metadata)")
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    _w0_at_full_precision(model_sd, optim_sd)
     state = {"model": model_sd, "optim": optim_sd, "extra": "{}", "step": 0}
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=str(path), no_dist=not _initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return {"step": int(state["step"]), "extra": json.loads(state["extra"])}
+
+
+def _w0_at_full_precision(model_sd: Mapping[str, Any], optim_sd: dict[str, Any]) -> None:
+    """Give every W0 of `optim_sd` its parameter's dtype, in place, so that `dcp.load` (which copies
+    into the tensors it is given) lands the saved values at full precision.
+
+    `get_state_dict` creates the optimizer state of a fresh model with a zero-gradient step, and W0
+    then takes bf16 storage wherever the fresh values happen to be exact in bf16 (constants, norms
+    at 1, zero biases, an empty skeleton): loading fp32 W0 into that would round it. The optimizer's
+    `load_state_dict` (through `set_state_dict`) keeps bf16 afterwards only where the loaded W0 is
+    exact in it.
+    """
+    for fqn, st in optim_sd["state"].items():
+        if "w0" not in st:
+            continue
+        if fqn not in model_sd:
+            raise KeyError(f"optimizer state of '{fqn}' holds W0 but the model's state dict has no "
+                           f"'{fqn}' to take its dtype from")
+        dtype = model_sd[fqn].dtype
+        if st["w0"].dtype != dtype:
+            st["w0"] = st["w0"].to(dtype)
 
 
 @contextlib.contextmanager

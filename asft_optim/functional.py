@@ -68,20 +68,24 @@ def storage_w0(w: Tensor) -> Tensor:
 def rescaled(d: Tensor, out: Tensor) -> tuple[Tensor, float]:
     """out ← d·2**-k with k = ⌊log2 max|d|⌋, so that max|out| ∈ [1, 2); returns (out, 2**k).
 
-    Exact: the power of two is applied in float64 (in two halves: 2**-k alone overflows for fp64
-    subnormals), then cast to out's dtype (the significands fit), for any d down to its dtype's
-    smallest subnormal. An all-zero d gives out = 0 and scale 1.
+    Exact for any d down to its dtype's smallest subnormal: the power of two is applied in two halves
+    (`times_pow2`), in out's dtype when it is d's, else in float64 before the cast (the
+    significands fit). An all-zero d gives out = 0 and scale 1.
     """
     amax = float(d.abs().max()) if d.numel() else 0.0
     if amax == 0.0:
         return out.zero_(), 1.0
     k = math.floor(math.log2(amax))
-    out.copy_(times_pow2(d.reshape(out.shape).to(torch.float64, copy=True), -k))
+    if d.dtype == out.dtype:  # in place, no temporary
+        times_pow2(out.copy_(d.reshape(out.shape)), -k)
+    else:  # float64 d kept in float32: rescale before the cast (tiny fp64 values would flush to 0)
+        out.copy_(times_pow2(d.reshape(out.shape).to(torch.float64, copy=True), -k))
     return out, math.ldexp(1.0, k)
 
 
 def times_pow2(x: Tensor, k: int) -> Tensor:
-    """x ← x·2**k in place (float64), in two exact halves so that 2**k itself never overflows."""
+    """x ← x·2**k in place, exactly, in two halves so that no power of two overflows x's dtype (2**149
+    does not fit in fp32, nor 2**24 in fp16); every intermediate lies between x and the result."""
     half = k // 2
     return x.mul_(math.ldexp(1.0, half)).mul_(math.ldexp(1.0, k - half))
 

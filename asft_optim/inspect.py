@@ -4,6 +4,7 @@
   checks the file's fingerprint on the way (the same single read).
 - `drift_report`: per tensor and per layer, for ΔW = W_finetuned - W_start, the quantities of
   `asft_optim.metrics`: ‖ΔW‖, cos(ΔW, d) and ‖C⊥ΔW‖/‖ΔW‖ (the analysis behind the paper's Table 1).
+  A peft LoRA adapter folder is read as its effective update ΔW = s·B·A (`asft_optim.adapters`).
 - `plot_drift`: those numbers as a PNG.
 
 Every tensor is read in pieces, so memory stays at a few chunk buffers.
@@ -15,12 +16,13 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .adapters import adapter_drift_sums, check_fits, is_adapter_folder, open_adapter
 from .anchors import Anchors, fingerprint_entry, fingerprint_hasher, normalize_name
 from .checkpoints import Checkpoint, CheckpointError, open_checkpoint
 from .metrics import Drift, drift_from_sums, layer_of, per_layer, sums
@@ -151,14 +153,20 @@ def drift_report(directions: str | os.PathLike, model: str | os.PathLike,
 
     Args:
         directions: a file written by `compute_directions`.
-        model: the fine-tuned checkpoint (file, folder or Hub id).
+        model: the fine-tuned checkpoint (file, folder or Hub id), or a peft LoRA adapter folder
+            (ΔW = s·B·A of each adapted weight; the weights it does not adapt have ΔW = 0).
         start: the weights fine-tuning started from, W0; default: the aligned checkpoint recorded in
-            the directions file.
+            the directions file. Not used with an adapter.
 
     Returns:
-        (per-tensor drift keyed by direction name, per-layer drift in natural layer order, names of
-        directions that the fine-tuned or start checkpoint lacks and that were left out).
+        (per-tensor drift keyed by direction name (adapted tensors only, for an adapter), per-layer
+        drift in natural layer order, names of directions (or, for an adapter, of adapted weights)
+        that were left out because the other side lacks them).
     """
+    if is_adapter_folder(model):
+        if start is not None:
+            raise CheckpointError(f"{model} is a LoRA adapter: its update s·B·A is ΔW itself, so --start does not apply")
+        return _adapter_drift(directions, model)
     metadata, dck, keys = _open_directions(directions)
     start = start if start is not None else metadata.get("aligned")
     if start is None:
@@ -181,6 +189,42 @@ def drift_report(directions: str | os.PathLike, model: str | os.PathLike,
             acc = [a + b for a, b in zip(acc, s, strict=True)]
         tensor_sums[name] = (acc[0], acc[1], acc[2], int(acc[3]))
     per_tensor = {name: drift_from_sums(*s) for name, s in tensor_sums.items()}
+    layers = per_layer(tensor_sums)
+    return per_tensor, {k: layers[k] for k in sorted(layers, key=_natural)}, missing
+
+
+def _row_reader(ck: Checkpoint, name: str) -> Callable[[int, int], torch.Tensor]:
+    """`read(first, count)`: rows first:first+count of the 2-D tensor `name` of `ck`."""
+    info = ck.tensors[name]
+    cols = info.shape[1] if len(info.shape) == 2 else 1
+
+    def read(first: int, count: int) -> torch.Tensor:
+        return ck.read_into(name, torch.empty((count, cols), dtype=info.dtype), start=first * cols)
+
+    return read
+
+
+def _adapter_drift(directions: str | os.PathLike, folder: str | os.PathLike
+                   ) -> tuple[dict[str, Drift], dict[str, Drift], list[str]]:
+    """`drift_report` for a LoRA adapter folder."""
+    _, dck, keys = _open_directions(directions)
+    adapter = open_adapter(folder)
+    adapter.require_plain_lora("inspected")
+    missing = check_fits(adapter, {k: dck.tensors[name].shape for k, name in keys.items()},
+                         f"of the directions {directions}", missing_ok=True)
+    adapted = {m.direction: m for m in adapter.modules if m.direction not in missing}
+    if not adapted:
+        raise CheckpointError(f"no module adapted by {folder} has a direction in {directions} (e.g. '{missing[0]}'): "
+                              "are these the same architecture?")
+    tensor_sums: dict[str, tuple[float, float, float, int]] = {}
+    for key, name in keys.items():
+        if key in adapted:
+            tensor_sums[name] = adapter_drift_sums(adapter, adapted[key], _row_reader(dck, name))
+        else:  # untouched by the adapter: ΔW = 0, but its ‖d‖ belongs to its layer
+            uu = sum(float(p.double().square().sum()) for p in dck.iter_chunks(name, _CHUNK))
+            tensor_sums[name] = (0.0, uu, 0.0, dck.tensors[name].numel)
+    adapted_names = {keys[k] for k in adapted}
+    per_tensor = {n: drift_from_sums(*s) for n, s in tensor_sums.items() if n in adapted_names}
     layers = per_layer(tensor_sums)
     return per_tensor, {k: layers[k] for k in sorted(layers, key=_natural)}, missing
 
@@ -246,7 +290,7 @@ def add_cli(subparsers) -> None:
                     "‖C⊥ΔW‖/‖ΔW‖ per tensor and per layer for ΔW = W_model - W_start, as tables and a PNG.")
     p.add_argument("directions", help="directions file written by `asft directions`")
     p.add_argument("--aligned", help="aligned checkpoint for ‖W_aligned‖ (default: the one recorded in the file)")
-    p.add_argument("--model", help="fine-tuned checkpoint to measure")
+    p.add_argument("--model", help="fine-tuned checkpoint to measure, or a peft LoRA adapter folder (ΔW = s·B·A)")
     p.add_argument("--start", help="weights fine-tuning started from (default: the aligned checkpoint recorded "
                                    "in the file)")
     p.add_argument("--plot", default="drift.png", help="PNG to write with --model (default: drift.png)")
@@ -286,9 +330,16 @@ def _cli_stats(args) -> int:
 
 def _cli_drift(args) -> int:
     per_tensor, layers, missing = drift_report(args.directions, args.model, args.start)
+    adapter = is_adapter_folder(args.model)
     if missing:
-        print(f"note: {len(missing)} direction(s) left out, absent from the model or start checkpoint: "
-              f"{', '.join(missing[:10])}{' …' if len(missing) > 10 else ''}", file=sys.stderr)
+        what = ("adapted weight(s) left out, absent from the directions file" if adapter else
+                "direction(s) left out, absent from the model or start checkpoint")
+        print(f"note: {len(missing)} {what}: {', '.join(missing[:10])}{' …' if len(missing) > 10 else ''}",
+              file=sys.stderr)
+    if adapter:
+        untouched = sum(v.numel for v in layers.values()) - sum(v.numel for v in per_tensor.values())
+        print(f"LoRA adapter {args.model}: ΔW = s·B·A for {len(per_tensor)} weight(s); the layer rows count the "
+              f"{untouched} parameters it does not adapt as ΔW = 0")
     if not args.layers_only:
         print(_drift_table("tensor", per_tensor))
         print()

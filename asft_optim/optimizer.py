@@ -11,6 +11,8 @@ Where the state lives (data flow: anchors → bindings → optimizer state → i
   (dense / DTensor shard / LoRA A / LoRA B / plain), direction key, bound direction, LoRA pair.
 - `self._dots`: the carried ⟨v, ΔW⟩ (`dot_cache.DotCache`), one validity rule for every impl.
 - `self._triton`: the Triton launch cache (`triton_step.TritonCache`: c slots, tables, plans).
+- `self._zero`: DeepSpeed ZeRO's flat partitions of ZERO parameters (`zero.ZeroTensors`): their
+  segments, direction slices and reduced dots; W0 in `self.state[partition]["w0"]`.
 - Param groups: torch's options plus asft_lambda, penalty, projection, impl and the anchors
   fingerprint. These are the optimizer's own: a checkpoint never changes them.
 """
@@ -18,6 +20,7 @@ Where the state lives (data flow: anchors → bindings → optimizer state → i
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
@@ -36,6 +39,7 @@ from .lora import (PROJECTIONS, LoraLayout, lora_drift_sums, lora_layout, lora_p
                    lora_penalty_grads_reference)
 from .metrics import Drift, drift, drift_from_sums, sums
 from .triton_step import TritonCache, resolve_impl, triton_group_step
+from .zero import ZeroTensors, lora_refusal, step_partition
 
 __all__ = ["AsFTAdamW", "IMPLS"]
 
@@ -77,7 +81,8 @@ class AsFTAdamW(torch.optim.AdamW):
     Args:
         params: `model.named_parameters()`, a list of `(name, tensor)` pairs, or param groups of
             them (`{"params": named, "asft_lambda": 0.0}`). Names bind the directions.
-        anchors: `Anchors` (or a `{name: d}` mapping) with d = W_aligned - W_base per parameter.
+        anchors: `Anchors` (or a `{name: d}` mapping, or a directions file path) with
+            d = W_aligned - W_base per parameter.
         asft_lambda: λ ≥ 0, per group; 0 turns the penalty off for the group.
         penalty: "orthogonal" (AsFT, penalises C⊥ΔW), "parallel" (penalises the part along d: the
             paper's ablation, and AsFT_Alt when d is a harmful direction) or "full" (L2-SP).
@@ -116,7 +121,7 @@ class AsFTAdamW(torch.optim.AdamW):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
-        anchors: Anchors | Mapping[str, Tensor],
+        anchors: Anchors | Mapping[str, Tensor] | str | os.PathLike,
         asft_lambda: float = 1.0,
         penalty: str = "orthogonal",
         impl: str | None = None,
@@ -129,10 +134,7 @@ class AsFTAdamW(torch.optim.AdamW):
         _check_number(weight_decay, "Invalid weight_decay value")
         if differentiable:
             raise ValueError("AsFTAdamW does not support differentiable=True")
-        if isinstance(anchors, Mapping) and not isinstance(anchors, Anchors):
-            anchors = Anchors.from_tensors(anchors)
-        if not isinstance(anchors, Anchors):
-            raise TypeError(f"anchors must be an Anchors or a mapping of name to tensor, got {type(anchors).__name__}")
+        anchors = as_anchors(anchors)
         self.anchors = anchors
         self.allow_unanchored = allow_unanchored
         self._asft_defaults = {"asft_lambda": asft_lambda, "penalty": penalty, "impl": impl,
@@ -142,6 +144,7 @@ class AsFTAdamW(torch.optim.AdamW):
         self._lora_bound: dict[str, BoundDirection] = {}  # LoraPair.key → the base weight's direction
         self._dots = DotCache()
         self._triton = TritonCache()
+        self._zero = ZeroTensors()
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          foreach=foreach, capturable=capturable, differentiable=differentiable,
                          fused=fused)
@@ -184,6 +187,10 @@ class AsFTAdamW(torch.optim.AdamW):
         if group["impl"] == "triton":
             _check_triton_dtypes(bindings.values(), group)
         self._bindings.update(bindings)
+        for name, p in zip(group["param_names"], group["params"]):
+            b = bindings.get(name)
+            if b is not None:  # ZeRO may later replace the group's tensors: keep the originals by name
+                self._zero.add(name, b.key if b.kind in (Kind.DENSE, Kind.ZERO) else None, p)
 
     def _check_anchored(self, group: dict[str, Any], bindings: Iterable[Binding], when: str) -> None:
         """Refuse trainable parameters without a direction in a penalised group (unless allowed)."""
@@ -203,6 +210,8 @@ class AsFTAdamW(torch.optim.AdamW):
         built; collective then, as every rank steps the same groups: one binding for all groups)."""
         reshard = []
         for index, group in enumerate(self.param_groups):
+            if self._zero.owns(group):
+                continue
             _dist.check_not_flattened(group, index)
             new = []
             for name, p in zip(group["param_names"], group["params"]):
@@ -261,10 +270,17 @@ class AsFTAdamW(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         self._refresh_bindings()
-        impls = [resolve_impl(g, self._lora_in_group(g)) for g in self.param_groups]
+        impls = ["zero" if self._zero.owns(g) else resolve_impl(g, self._lora_in_group(g))
+                 for g in self.param_groups]
+        for group, impl in zip(self.param_groups, impls):
+            if impl == "zero" and self._lora_in_group(group):
+                raise NotImplementedError(lora_refusal("1/2"))
         lora_grads = self._lora_penalty_grads()
         shard_dots = self._shard_dots(impls)
         for index, (group, impl) in enumerate(zip(self.param_groups, impls)):
+            if impl == "zero":
+                self._zero_group_step(group)
+                continue
             if impl == "triton":
                 triton_group_step(self, index, group, self._triton)
                 continue
@@ -366,6 +382,66 @@ class AsFTAdamW(torch.optim.AdamW):
         self._triton.set_shard_c(self, triton, vec[len(names):])
         return dict(zip(names, vec[:len(names)].unbind()))
 
+    # ------------------------------------------------------------------------------- ZeRO
+    def _zero_group_step(self, group: dict[str, Any]) -> None:
+        """Step a group whose tensors DeepSpeed ZeRO replaced by flat fp32 partitions (stage 3: the
+        one sub-group it hands over now): per partition, AdamW with the penalty of each segment from
+        its tensor's global ⟨v, ΔW⟩ (`zero.ZeroTensors.global_dots`); W0 is the fp32 master
+        partition at its first step. Always the PyTorch path."""
+        if group["impl"] == "triton":
+            raise ValueError("impl='triton' does not step DeepSpeed ZeRO partitions: build the optimizer "
+                             "with impl=None or impl='torch'")
+        for name in group["param_names"]:  # their direction slices live with the partitions now
+            b = self._bindings.get(name)
+            if b is not None and b.kind is Kind.DENSE:
+                self._bindings[name] = Binding(name, Kind.ZERO, b.key)
+                self._dots.drop(name)
+        anchored = any(n in self._zero.keys for n in group["param_names"])
+        kwargs = adam_kwargs(group)
+        for flat in group["params"]:
+            if flat.grad is None:
+                continue
+            lists: list[list[Tensor]] = [[], [], [], [], [], []]
+            torch.optim.Adam._init_group(self, {**group, "params": [flat]}, *lists)
+            if not anchored:
+                adam(*lists, **kwargs)
+                continue
+            st = self.state[flat]
+            part = self._zero.partition(flat, group["param_names"], self.anchors, self._dots.epoch, st.get("w0"))
+            if "w0" not in st:
+                st["w0"] = storage_w0(flat.detach().clone())
+                dots = torch.zeros(len(part.segments), device=flat.device)
+            elif group["penalty"] == "full" or group["asft_lambda"] == 0:
+                dots = torch.zeros(len(part.segments), device=flat.device)
+            else:
+                dots = self._zero.global_dots(part, self._zero_w0s(), self._dots)
+            if group["asft_lambda"] == 0:
+                adam(*lists, **kwargs)
+                continue
+            new = step_partition(part, flat.grad, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq"),
+                                 st["step"], st["w0"], dots, coef=(-2.0 if group["maximize"] else 2.0)
+                                 * group["asft_lambda"], penalty=group["penalty"], impl=group["impl"] or "torch",
+                                 **kwargs)
+            for seg, d in zip(part.segments, new or ()):
+                self._dots.put(seg.name, flat, d)  # this rank's partial, summed at the next step
+
+    def _zero_w0s(self) -> dict[int, Tensor]:
+        """W0 of each ZeRO partition that has one, by its position in `self._zero.partitions`."""
+        out = {}
+        for i, part in enumerate(self._zero.partitions):
+            st = self.state.get(part.flat)
+            if st and "w0" in st:
+                out[i] = st["w0"]
+        return out
+
+    def _zero_drift_sums(self, by: str) -> dict[str, tuple[float, float, float, int]]:
+        """Drift sums of ZERO tensors over their segments on every rank (collective once any
+        partition is bound), keyed by name or key."""
+        if not self._zero.partitions:
+            return {}
+        sums_ = self._zero.drift_sums(self._zero_w0s())
+        return {(n if by == "name" else self._bindings[n].key): s for n, s in sums_.items()}
+
     # ------------------------------------------------------------------------------- LoRA
     def _lora_in_group(self, group: dict[str, Any]) -> bool:
         return any(self._bindings.get(n, _PLAIN).kind in (Kind.LORA_A, Kind.LORA_B) for n in group["param_names"])
@@ -411,7 +487,7 @@ class AsFTAdamW(torch.optim.AdamW):
         return out
 
     @classmethod
-    def from_model(cls, model: nn.Module, *, anchors: Anchors | Mapping[str, Tensor],
+    def from_model(cls, model: nn.Module, *, anchors: Anchors | Mapping[str, Tensor] | str | os.PathLike,
                    no_weight_decay: Iterable[str] = (), **kwargs: Any) -> AsFTAdamW:
         """Build the optimizer for a model's trainable parameters: full-parameter or peft LoRA.
 
@@ -451,8 +527,7 @@ class AsFTAdamW(torch.optim.AdamW):
         if "lora" in kwargs or "params" in kwargs:
             raise TypeError("from_model reads the parameters and the LoRA layout from the model; do not "
                             "pass params= or lora=")
-        if isinstance(anchors, Mapping) and not isinstance(anchors, Anchors):
-            anchors = Anchors.from_tensors(anchors)
+        anchors = as_anchors(anchors)
         layout = lora_layout(model)
         no_decay = set(no_weight_decay)
         groups: dict[tuple[bool, bool], list[tuple[str, Tensor]]] = {}
@@ -542,6 +617,7 @@ class AsFTAdamW(torch.optim.AdamW):
         self.__dict__.setdefault("_lora_bound", {})
         self.__dict__.setdefault("_dots", DotCache())
         self.__dict__.setdefault("_triton", TritonCache())
+        self.__dict__.setdefault("_zero", ZeroTensors())
         for group in self.param_groups:
             group.setdefault("asft_lambda", 1.0)
             group.setdefault("penalty", "orthogonal")
@@ -568,11 +644,13 @@ class AsFTAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def drift(self) -> dict[str, Drift]:
         """Per-tensor drift (‖ΔW‖, cos(ΔW, d), ‖C⊥ΔW‖/‖ΔW‖) of every anchored parameter that has
-        stepped, by parameter name (LoRA pairs by their base weight's name). Collective under FSDP2."""
+        stepped, by parameter name (LoRA pairs by their base weight's name). Collective under FSDP2
+        and DeepSpeed ZeRO (every rank gets the global numbers)."""
         out = {b.name: drift(p.detach().double() - w0.double(), b.direction_on(p.device).v)
                for b, p, w0 in self._stepped((Kind.DENSE,))}
         out.update({name: drift_from_sums(*s) for name, s in self._lora_drift_sums().items()})
         out.update({name: drift_from_sums(*s) for name, s in self._shard_drift_sums(by="name").items()})
+        out.update({name: drift_from_sums(*s) for name, s in self._zero_drift_sums(by="name").items()})
         return out
 
     @torch.no_grad()
@@ -580,7 +658,7 @@ class AsFTAdamW(torch.optim.AdamW):
         """(‖ΔW‖², ‖d‖², ⟨ΔW, d⟩, numel) in float64 per anchored tensor that has stepped, keyed by its
         direction's (normalised) name: LoRA adapters appear as their base weight, `modules_to_save`
         copies as the original module, FSDP2 shards as the whole tensor. Feed to
-        `metrics.per_layer`. Collective under FSDP2."""
+        `metrics.per_layer`. Collective under FSDP2 and DeepSpeed ZeRO."""
         out: dict[str, tuple[float, float, float, int]] = {}
         for b, p, w0 in self._stepped((Kind.DENSE,)):
             bound = b.direction_on(p.device)
@@ -588,6 +666,7 @@ class AsFTAdamW(torch.optim.AdamW):
             out[b.key] = (xx, uu * bound.scale ** 2, xu * bound.scale, n)
         out.update(self._lora_drift_sums())
         out.update(self._shard_drift_sums(by="key"))
+        out.update(self._zero_drift_sums(by="key"))
         return out
 
     @torch.no_grad()
@@ -633,6 +712,18 @@ class AsFTAdamW(torch.optim.AdamW):
 
 
 _PLAIN = Binding("", Kind.PLAIN)
+
+
+def as_anchors(anchors: Anchors | Mapping[str, Tensor] | str | os.PathLike) -> Anchors:
+    """An `Anchors` from an `Anchors`, a `{name: d}` mapping or a directions file path."""
+    if isinstance(anchors, Anchors):
+        return anchors
+    if isinstance(anchors, Mapping):
+        return Anchors.from_tensors(anchors)
+    if isinstance(anchors, (str, os.PathLike)):
+        return Anchors.load(anchors)
+    raise TypeError(f"anchors must be an Anchors, a name -> tensor mapping or the path of a directions file, "
+                    f"got {type(anchors).__name__}")
 
 
 def adam_kwargs(group: dict[str, Any], has_complex: bool = False) -> dict[str, Any]:

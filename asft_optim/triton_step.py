@@ -23,6 +23,7 @@ from .binding import Kind
 from .functional import dense_flat, partial_dots, storage_w0
 
 if TYPE_CHECKING:
+    from .kernels import Row
     from .optimizer import AsFTAdamW
 
 __all__ = ["TritonCache", "resolve_impl", "triton_group_step"]
@@ -117,7 +118,7 @@ def _increment_steps(buf: Tensor, positions: Tensor | None) -> list[float]:
     return buf.tolist()
 
 
-def _walkable(row: list[Tensor | None]) -> bool:
+def _walkable(row: Row) -> bool:
     """The kernels walk p and every state tensor as flat memory in one order: all dense, p's strides."""
     p = row[0]
     return dense_flat(p) is not None and all(x is None or x.stride() == p.stride() for x in row[2:])
@@ -201,7 +202,7 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
     The launches are kept as a plan; while the same parameters have gradients at the same addresses
     and versions and the dot cache's epoch holds, the next step reuses it without building lists.
     """
-    from .kernels import exact_c_, fused_step_, make_table
+    from .kernels import Row, exact_c_, fused_step_, make_table  # noqa: F811 (imports triton: only here)
     cs = cache._c_slots()
     signature = _signature(group)
     plan = cache.plans.get(group_index)
@@ -218,7 +219,7 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
     if not t.params:
         return
     amsgrad, lam, penalty = group["amsgrad"], group["asft_lambda"], group["penalty"]
-    rows: list[list[Tensor | None]] = []
+    rows: list[Row] = []
     bounds = []
     copied = False  # a gradient copied to its parameter's strides: the table points at the copy
     for i, (name, p, g) in enumerate(zip(t.names, t.params, t.grads)):
@@ -232,9 +233,9 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
             g = torch.empty_like(p).copy_(g)
             copied = True
         w0 = opt.state[p]["w0"] if bound is not None else None
-        row = [p, g, t.exp_avgs[i], t.exp_avg_sqs[i], t.max_exp_avg_sqs[i] if amsgrad else None, w0,
-               None if bound is None else bound.v]
-        rows.append([None if x is None else _dist.local(x) for x in row])  # DTensors: their local shards
+        row = (p, g, t.exp_avgs[i], t.exp_avg_sqs[i], t.max_exp_avg_sqs[i] if amsgrad else None, w0,
+               None if bound is None else bound.v)
+        rows.append(Row(*[None if x is None else _dist.local(x) for x in row]))  # DTensors: their local shards
         bounds.append(bound)
     walk = [_walkable(r) for r in rows]
     if not all(walk):  # layouts the kernels cannot walk: the torch path, exactly

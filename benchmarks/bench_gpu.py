@@ -1,7 +1,15 @@
 """GPU check of the fused AsFT step: correctness on CUDA tensors, copy bandwidth, and step times.
 
-    python benchmarks/bench_gpu.py --out DIR          # on a CUDA machine (benchmarks/gpu_check.sh)
-    python benchmarks/bench_gpu.py --out DIR --dry    # tiny sizes on CPU, TRITON_INTERPRET=1
+    python benchmarks/bench_gpu.py --out DIR --section checks     # parity and one-pass c
+    python benchmarks/bench_gpu.py --out DIR --section timing     # copy bandwidth, step times
+    python benchmarks/bench_gpu.py --out DIR --section big        # a bf16 tensor of > 2**31 elements
+    python benchmarks/bench_gpu.py --out DIR --summary            # ratios and goals from what was measured
+    ... --dry                                                      # tiny sizes on CPU, TRITON_INTERPRET=1
+
+`benchmarks/gpu_check.sh` runs the sections one by one, each under its own timeout. Every result is
+appended to DIR/results.jsonl (one JSON object per line) and DIR/gpu_check.txt (readable) the moment
+it is measured, flushed to disk, so a section cut short by its timeout keeps what it measured; a
+check that raises is recorded as failed (with its error) and the section goes on with the next one.
 
 Providers timed side by side in one process, same shapes, gradients fixed before timing:
   fused_adamw        torch.optim.AdamW(fused=True), fp32
@@ -9,8 +17,13 @@ Providers timed side by side in one process, same shapes, gradients fixed before
   asft_triton_bf16wd AsFTAdamW(impl="triton"), fp32 params whose W0 and d are bf16-exact (stored bf16)
   explicit_loss      λ‖C⊥(W - W0)‖² built with autograd each step, backward, then fused AdamW
 Byte model (bytes per parameter per step, DESIGN.md §4): AdamW 28, AsFT fp32 36, AsFT bf16 W0/d 32.
-Writes DIR/gpu_check.json (all numbers) and DIR/gpu_check.txt (the same, readable). --dry exercises
-every code path on tiny tensors; its numbers mean nothing.
+
+Half-precision correctness is judged per element: each step, from the kernel's own pre-step state,
+against a float64 computation of that step in which every stored value is rounded once (to nearest
+even; truncated under the interpreter, which truncates). Allowed: ALLOWED_ULP ulp of the stored
+value, or, where the stored value cancels, 2**-18 of the magnitude of the terms that made it (fp32
+math is that exact; an ulp of a cancelled result says nothing about the step). --dry exercises every
+code path on tiny tensors; its timings mean nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +38,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,35 +49,72 @@ if DRY:
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+import asft_optim  # noqa: E402
+import asft_optim.kernels  # noqa: E402
 from asft_optim import Anchors, AsFTAdamW  # noqa: E402
 from asft_optim.kernels import adamw as K  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 BYTES = {"fused_adamw": 28, "asft_triton_fp32": 36, "asft_triton_bf16wd": 32}
 GOALS = {"fp32_ratio": 1.35, "bf16wd_ratio": 1.20, "copy_fraction": 0.85, "small_launches": 2,
          "small_ratio": 1.5, "explicit_speedup": 5.0}
+ALLOWED_ULP = 1.0  # half-precision stored values vs the float64 step, per element
+CANCEL = 2.0 ** -18  # where a result cancels: allowed error relative to the magnitude of its terms
+FP32_RTOL = 1e-6  # fp32: |Δ| ≤ FP32_RTOL·(1 + |p|), the tests' criterion
+SECTIONS = ("checks", "timing", "big")
+
+
+def tested_copy() -> dict[str, str]:
+    """Where asft_optim and its kernels were imported from; raise unless both are this checkout's
+    (`asft_optim/` and `kernels/` beside this script's folder): a result must describe the code it
+    was run from, not an installed copy elsewhere."""
+    pkg = Path(asft_optim.__file__).resolve().parent
+    ker = Path(asft_optim.kernels.__file__).resolve().parent
+    if pkg != REPO / "asft_optim" or ker != REPO / "kernels":
+        raise SystemExit(f"bench_gpu.py: asft_optim is imported from {pkg} and its kernels from {ker}, not from "
+                         f"this checkout {REPO}: run it through benchmarks/gpu_check.sh, which puts this "
+                         "checkout first on PYTHONPATH")
+    return {"asft_optim": str(pkg), "kernels": str(ker)}
 
 
 class Report:
-    """Collects results; prints each line and keeps the json tree."""
+    """Streams results: one JSON object per line to OUT/results.jsonl and one readable line to
+    OUT/gpu_check.txt, both appended and flushed to disk as each result is measured."""
 
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.data: dict = {}
-        self.lines: list[str] = []
+    def __init__(self, out: Path, section: str) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.section = section
+        self.failed = False
+        self._jsonl = open(out / "results.jsonl", "a", encoding="utf-8")
+        self._txt = open(out / "gpu_check.txt", "a", encoding="utf-8")
 
-    def line(self, text: str) -> None:
+    def record(self, kind: str, name: str, text: str, **data) -> None:
+        """One result: kind is "meta", "check", "bench", "error", "section_start" or "section_end";
+        a "check" carries `ok`, and ok=False marks the run as failed."""
+        if kind == "error" or data.get("ok") is False:
+            self.failed = True
+        row = {"section": self.section, "kind": kind, "name": name,
+               "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **data}
+        for fh, line in ((self._jsonl, json.dumps(row, default=str)), (self._txt, text)):
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
         print(text, flush=True)
-        self.lines.append(text)
 
-    def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "gpu_check.json").write_text(json.dumps(self.data, indent=2, default=str))
-        (self.out / "gpu_check.txt").write_text("\n".join(self.lines) + "\n")
+    def guarded(self, name: str, fn: Callable[[], None]) -> None:
+        """Run one check or measurement; an exception is recorded as its failure, then the next runs."""
+        try:
+            fn()
+        except Exception as e:  # recorded and turned into a failing exit status, never dropped
+            self.record("error", name, f"ERROR in {name}: {type(e).__name__}: {e}", ok=False,
+                        error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
+        finally:
+            free()
 
 
 def anchors_of(dirs: dict[str, torch.Tensor]) -> Anchors:
-    """In-memory anchors on the GPU; a fixed fingerprint skips hashing gigabytes through the CPU."""
-    return Anchors.from_tensors(dirs, metadata={"fingerprint": "bench-gpu"})
+    """In-memory anchors (they fingerprint their own tensors: a pass over them through the CPU)."""
+    return Anchors.from_tensors(dirs)
 
 
 def sync(device: torch.device) -> None:
@@ -162,160 +213,240 @@ def set_grads(params, seed=2):
         p.grad = torch.randn(p.shape, device=p.device, generator=g, dtype=p.dtype) * 1e-2
 
 
-# ----------------------------------------------------------------------------------------- checks
+# ------------------------------------------------------------------------------ float64 step oracle
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The spacing of `dtype` at |x| (fp32)."""
+    """The spacing of `dtype` at |x| (fp32; the smallest normal's spacing below it)."""
     info = torch.finfo(dtype)
     return torch.exp2(torch.floor(torch.log2(x.float().abs().clamp_min(info.tiny)))) * info.eps
 
 
-def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """|a - b| in units of the spacing of a's dtype at max(|a|, |b|)."""
-    return (a.float() - b.float()).abs() / ulp(torch.maximum(a.float().abs(), b.float().abs()), a.dtype)
+def stored(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (float64) as the kernel stores it: fp32 math, one rounding to `dtype` (to nearest even;
+    the interpreter truncates fp32 → bf16, so emulate that there)."""
+    x = x.float()
+    if dtype == torch.bfloat16 and K.is_interpreted():
+        return (x.view(torch.int32) & -65536).view(torch.float32).to(dtype)  # exact: low bits are 0
+    return x.to(dtype)
 
 
-def check_parity(rep: Report, label: str, shapes, dtype, device, steps: int = 10) -> bool:
-    """impl="triton" against impl="reference" on `device` over `steps` steps."""
+def projection(d: torch.Tensor, p: torch.Tensor, w0: torch.Tensor, chunk: int = 1 << 26) -> float:
+    """c_d = ⟨d, p - W0⟩/‖d‖² in float64, in chunks (no tensor-sized float64 temporaries);
+    c·v = c_d·d for any rescaling v of d."""
+    fd, fp, fw = d.reshape(-1), p.reshape(-1), w0.reshape(-1)
+    dot = nn2 = 0.0
+    for i in range(0, fd.numel(), chunk):
+        a = fd[i:i + chunk].double()
+        dot += float((a * (fp[i:i + chunk].double() - fw[i:i + chunk].double())).sum())
+        nn2 += float((a * a).sum())
+    return dot / nn2 if nn2 > 0 else 0.0
+
+
+def oracle_step(p0, g, m0, s0, w0, d, c_d, m_kernel, s_kernel, *, step, lr, wd, lam, betas, eps):
+    """One AsFT AdamW step (orthogonal penalty) in float64 from the given pre-step values.
+
+    Returns (want, terms) for (exp_avg, exp_avg_sq, param): the stored values (rounded once, see
+    `stored`) and the magnitude of the terms each sums. The new param is computed from the moments
+    the kernel stored (checked on their own): a one-ulp difference in a moment would otherwise move
+    the update by more than an ulp of p where the second moment is tiny.
+    """
+    b1, b2 = betas
+    dt = p0.dtype
+    p64, g64, w64, d64 = p0.double(), g.double(), w0.double(), d.double()
+    m064, s064 = m0.double(), s0.double()
+    gt = g64 + 2.0 * lam * ((p64 - w64) - c_d * d64)
+    m = m064 + (1 - b1) * (gt - m064)
+    s = s064 * b2 + (1 - b2) * gt * gt
+    denom = s_kernel.double().sqrt() / math.sqrt(1 - b2 ** step) + eps
+    update = lr / (1 - b1 ** step) * m_kernel.double() / denom
+    new_p = p64 * (1 - lr * wd) - update
+    want = [stored(m, dt), stored(s, dt), stored(new_p, dt)]
+    terms = [m064.abs() + (1 - b1) * (gt.abs() + m064.abs()), s, p64.abs() + update.abs()]
+    return want, terms
+
+
+def ulp_error(got: torch.Tensor, want: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
+    """Per element |got - want| in units of the allowed error of one rounding: an ulp of the stored
+    dtype at the larger of both, or CANCEL·terms where the result cancels (whichever is larger)."""
+    bound = torch.maximum(ulp(torch.maximum(got.float().abs(), want.float().abs()), got.dtype),
+                          terms.float() * CANCEL)
+    return (got.float() - want.float()).abs() / bound
+
+
+# ----------------------------------------------------------------------------------------- checks
+def check_fp32_parity(rep: Report, label: str, shapes, device, steps: int = 10) -> None:
+    """impl="triton" against impl="reference" over `steps` free-running steps, fp32, params of unit
+    scale: max over elements of |Δ|/(FP32_RTOL·(1 + |p|)) must be ≤ 1."""
     runs = {}
     for impl in ("triton", "reference"):
-        params = make_params(shapes, device, dtype, scale=1.0)
+        params = make_params(shapes, device, scale=1.0)
         opt = AsFTAdamW(list(params.items()), lr=1e-2, weight_decay=0.1, anchors=anchors_of(
             make_dirs(shapes, device)), asft_lambda=0.5, impl=impl)
         for t in range(steps):
             set_grads(params, seed=100 + t)
             opt.step()
         runs[impl] = params
-    worst, mean_ulp = 0.0, 0.0
-    for n in shapes:
-        a, b = runs["triton"][n].detach(), runs["reference"][n].detach()
-        if dtype == torch.float32:  # the tests' criterion: |Δ| ≤ 1e-6 + 1e-6·|p|, params of unit scale
-            worst = max(worst, float(((a - b).abs() / (1e-6 + 1e-6 * b.abs())).max()))
-        else:
-            u = ulps(a, b)
-            worst, mean_ulp = max(worst, float(u.max())), max(mean_ulp, float(u.mean()))
-    judged = not (K.is_interpreted() and dtype != torch.float32)  # the interpreter truncates to bf16
-    if dtype == torch.float32:
-        ok = worst <= 1.0
-        rep.data.setdefault("checks", {})[label] = {"max_rel_err": worst, "ok": ok}
-        rep.line(f"check {label:28s} max |Δ|/(1e-6 + 1e-6·|p|) {worst:.3f} (≤ 1)  "
-                 f"{'ok' if ok else 'FAIL'}")
-    else:
-        ok = mean_ulp <= 1.0 or not judged
-        rep.data.setdefault("checks", {})[label] = {"max_ulp": worst, "mean_ulp": mean_ulp, "ok": ok,
-                                                    "judged": judged}
-        rep.line(f"check {label:28s} max {worst:.1f} ulp, mean {mean_ulp:.3f} ulp (mean ≤ 1)  "
-                 f"{('ok' if ok else 'FAIL') if judged else 'not judged (interpreter)'}")
-    return ok
+    worst = max(float(((runs["triton"][n].detach() - runs["reference"][n].detach()).abs()
+                       / (FP32_RTOL * (1 + runs["reference"][n].detach().abs()))).max()) for n in shapes)
+    ok = worst <= 1.0
+    rep.record("check", label, f"check {label:34s} max |Δ|/(1e-6·(1 + |p|)) {worst:.3f} (≤ 1)  "
+               f"{'ok' if ok else 'FAIL'}", ok=ok, max_rel_err=worst, steps=steps, tensors=len(shapes))
 
 
-def check_big_tensor(rep: Report, numel: int, device) -> bool:
-    """One bf16 tensor of `numel` elements (> 2**31 on the GPU): two steps, its tail checked against
-    a float64 computation of the same step, and c against a float64 dot over the whole tensor."""
+def check_half_steps(rep: Report, label: str, shapes, dtype, device, steps: int = 10) -> None:
+    """impl="triton" with `dtype` params over `steps` steps, each judged per element against
+    `oracle_step` from the kernel's own pre-step state (exp_avg, exp_avg_sq and the param)."""
+    lr, wd, lam, betas, eps = 1e-2, 0.1, 0.5, (0.9, 0.999), 1e-8
+    params = make_params(shapes, device, dtype, scale=1.0)
+    dirs = make_dirs(shapes, device)
+    w0 = {n: p.detach().clone() for n, p in params.items()}
+    opt = AsFTAdamW(list(params.items()), lr=lr, weight_decay=wd, betas=betas, eps=eps,
+                    anchors=anchors_of(dirs), asft_lambda=lam, impl="triton")
+    worst: dict[str, list[float]] = {n: [0.0, 0.0, 0.0] for n in shapes}  # exp_avg, exp_avg_sq, param
+    for t in range(steps):
+        set_grads(params, seed=300 + t)
+        before = {}
+        for n, p in params.items():
+            st = opt.state.get(p, {})
+            zero = torch.zeros_like(p.detach())
+            before[n] = (p.detach().clone(), p.grad.clone(), st.get("exp_avg", zero).clone(),
+                         st.get("exp_avg_sq", zero).clone())
+        opt.step()
+        for n, p in params.items():
+            p0, g, m0, s0 = before[n]
+            st = opt.state[p]
+            m_k, s_k = st["exp_avg"], st["exp_avg_sq"]
+            want, terms = oracle_step(p0, g, m0, s0, w0[n], dirs[n], projection(dirs[n], p0, w0[n]),
+                                      m_k, s_k, step=t + 1, lr=lr, wd=wd, lam=lam, betas=betas, eps=eps)
+            for k, got in enumerate((m_k, s_k, p.detach())):
+                worst[n][k] = max(worst[n][k], float(ulp_error(got, want[k], terms[k]).max()))
+    overall = max(max(v) for v in worst.values())
+    ok = overall <= ALLOWED_ULP
+    per = ", ".join(f"{n} {max(v):.2f}" for n, v in worst.items())
+    rep.record("check", label, f"check {label:34s} max {overall:.2f} ulp per element (≤ {ALLOWED_ULP:g}; "
+               f"per tensor: {per})  {'ok' if ok else 'FAIL'}", ok=ok, max_ulp=overall,
+               allowed_ulp=ALLOWED_ULP, per_tensor_max_ulp={n: dict(zip(("exp_avg", "exp_avg_sq", "param"), v))
+                                                             for n, v in worst.items()},
+               steps=steps, interpreted=K.is_interpreted())
+
+
+def check_one_pass_c(rep: Report, shapes, device, steps: int = 4) -> None:
+    """The one-pass c (folded while the update kernel holds the new p) against an exact reduction
+    before every step (`resync()`): the parameters after `steps` steps agree within FP32_RTOL."""
+    runs = {}
+    for exact in (False, True):
+        params = make_params(shapes, device, scale=1.0)
+        opt = AsFTAdamW(list(params.items()), lr=1e-2, anchors=anchors_of(make_dirs(shapes, device, seed=5)),
+                        asft_lambda=2.0, impl="triton")
+        for t in range(steps):
+            set_grads(params, seed=200 + t)
+            if exact:
+                opt.resync()
+            opt.step()
+        runs[exact] = params
+    worst = max(float(((runs[False][n].detach() - runs[True][n].detach()).abs()
+                       / (FP32_RTOL * (1 + runs[True][n].detach().abs()))).max()) for n in shapes)
+    bitwise = all(torch.equal(runs[False][n], runs[True][n]) for n in shapes)
+    ok = worst <= 1.0
+    rep.record("check", "one_pass_c", f"check one-pass c vs resync() every step: max |Δ|/(1e-6·(1 + |p|)) "
+               f"{worst:.3f} (≤ 1), bitwise {bitwise}  {'ok' if ok else 'FAIL'}", ok=ok, max_rel_err=worst,
+               bitwise=bitwise)
+
+
+def check_big_tail(rep: Report, numel: int, device) -> None:
+    """One bf16 tensor of `numel` elements (> 2**31 on the GPU), random values: two steps, its last
+    2**20 elements judged per element against `oracle_step` (c from a float64 pass over all of it)."""
     n_check = min(numel, 1 << 20)
-    p = torch.nn.Parameter(torch.randn(numel, device=device, dtype=torch.bfloat16))
-    d = torch.randn(numel, device=device, dtype=torch.bfloat16)
-    opt = AsFTAdamW([("big", p)], lr=1e-2, weight_decay=0.0, anchors=anchors_of({"big": d}), asft_lambda=0.5,
-                    impl="triton")
-    del d
+    lr, lam, betas, eps = 1e-2, 0.5, (0.9, 0.999), 1e-8
     gen = torch.Generator(device=device).manual_seed(7)
+    p = torch.nn.Parameter(torch.randn(numel, device=device, dtype=torch.bfloat16, generator=gen))
+    d = torch.randn(numel, device=device, dtype=torch.bfloat16, generator=gen)
+    w0 = p.detach().clone()
+    opt = AsFTAdamW([("big", p)], lr=lr, weight_decay=0.0, betas=betas, eps=eps, anchors=anchors_of({"big": d}),
+                    asft_lambda=lam, impl="triton")
     tail = slice(numel - n_check, numel)
-    ok = True
     for step in (1, 2):
         p.grad = torch.randn(numel, device=device, dtype=torch.bfloat16, generator=gen)
         st = opt.state.get(p, {})
-        p0 = p.detach()[tail].double()
-        g0 = p.grad[tail].double()
-        m0 = st["exp_avg"][tail].double() if st else torch.zeros_like(p0)
-        s0 = st["exp_avg_sq"][tail].double() if st else torch.zeros_like(p0)
-        bound = (opt._bindings["big"].direction if "big" in opt._bindings else None)
-        c = 0.0
-        if st:  # exact c in float64 over the whole tensor, in chunks
-            w0 = st["w0"]
-            dot = sum(float((bound.v[i:i + (1 << 28)].double() * (p.detach()[i:i + (1 << 28)].double()
-                      - w0[i:i + (1 << 28)].double())).sum()) for i in range(0, numel, 1 << 28))
-            c = dot * bound.inv_nv2
-            kernel_c = float(opt._triton.slots.buffers[p.device][opt._triton.slots.slot["big"]])
-            c_err = abs(kernel_c - c) / max(abs(c), 1e-30)
-            rep.data.setdefault("checks", {})["big_c_rel_err"] = c_err
-            rep.line(f"check big tensor c (one pass vs float64 dot) relative error {c_err:.2e}")
-            ok &= c_err <= 1e-4
+        p0 = p.detach()[tail].clone()
+        zero = torch.zeros_like(p0)
+        m0 = st["exp_avg"][tail].clone() if st else zero
+        s0 = st["exp_avg_sq"][tail].clone() if st else zero
+        c_d = projection(d, p.detach(), w0) if step > 1 else 0.0
         opt.step()
-        if bound is None:
-            bound = opt._bindings["big"].direction
-        v = bound.v[tail].double()
-        w0t = opt.state[p]["w0"][tail].double()
-        gt = g0 + 1.0 * ((p0 - w0t) - c * v)  # coef = 2λ = 1
-        m = (m0 + 0.1 * (gt - m0)).to(torch.bfloat16).double()
-        s = (s0 * 0.999 + 0.001 * gt * gt).to(torch.bfloat16).double()
-        update = 1e-2 / (1 - 0.9 ** step) * m / (s.sqrt() / math.sqrt(1 - 0.999 ** step) + 1e-8)
-        want = (p0 - update).to(torch.bfloat16)
-        got = p.detach()[tail]
-        # one ulp of the result, plus one of the update (its moments are stored in bf16)
-        tol = (ulp(torch.maximum(got.float().abs(), want.float().abs()), torch.bfloat16)
-               + ulp(update, torch.bfloat16))
-        u = (got.float() - want.float()).abs() / tol
-        moved = float((p.detach()[tail].double() != p0).float().mean())
-        judged = not K.is_interpreted()  # the interpreter truncates to bf16
-        step_ok = (float(u.max()) <= 1.0 or not judged) and moved > 0.5
-        rep.data.setdefault("checks", {})[f"big_tail_step{step}"] = {
-            "numel": numel, "checked": n_check, "max_ulp": float(u.max()), "moved_fraction": moved,
-            "ok": step_ok, "judged": judged}
-        rep.line(f"check big tensor ({numel} elements) step {step}: last {n_check} within "
-                 f"{float(u.max()):.2f} × (ulp(p) + ulp(update)), {moved:.0%} moved  "
-                 f"{('ok' if step_ok else 'FAIL') if judged else 'not judged (interpreter)'}")
+        st = opt.state[p]
+        m_k, s_k = st["exp_avg"][tail], st["exp_avg_sq"][tail]
+        want, terms = oracle_step(p0, p.grad[tail], m0, s0, w0[tail], d[tail], c_d, m_k, s_k, step=step, lr=lr,
+                                  wd=0.0, lam=lam, betas=betas, eps=eps)
+        errs = [float(ulp_error(got, w, z).max()) for got, w, z in zip((m_k, s_k, p.detach()[tail]), want, terms)]
+        moved = float((p.detach()[tail] != p0).float().mean())
+        ok = max(errs) <= ALLOWED_ULP and moved > 0.5
+        rep.record("check", f"big_tail_step{step}", f"check big tensor ({numel} elements) step {step}: last "
+                   f"{n_check} within {max(errs):.2f} ulp per element (≤ {ALLOWED_ULP:g}), {moved:.0%} moved  "
+                   f"{'ok' if ok else 'FAIL'}", ok=ok, numel=numel, checked=n_check,
+                   max_ulp=dict(zip(("exp_avg", "exp_avg_sq", "param"), errs)), moved_fraction=moved)
+
+
+def check_big_c(rep: Report, numel: int, device) -> None:
+    """c over a bf16 tensor of `numel` elements, made to matter: p = 0, d = 1, g = 1 at both steps.
+    Step 1 (c = 0) moves every element by the same -lr·(1 + ε), so ΔW is parallel to d and the
+    orthogonal penalty of step 2 is zero only if c = ⟨v, ΔW⟩/‖v‖² is right over all elements; with
+    λ = 500 a c off by 1% moves step 2's exp_avg by about ten ulp. The smallest and largest
+    element of p after each step must equal the float64 step with R = 0 within ALLOWED_ULP."""
+    lr, lam, betas, eps = 1e-2, 500.0, (0.9, 0.999), 1e-8
+    p = torch.nn.Parameter(torch.zeros(numel, device=device, dtype=torch.bfloat16))
+    d = torch.ones(numel, device=device, dtype=torch.bfloat16)
+    opt = AsFTAdamW([("big", p)], lr=lr, weight_decay=0.0, betas=betas, eps=eps, anchors=anchors_of({"big": d}),
+                    asft_lambda=lam, impl="triton")
+    one = torch.ones(1, dtype=torch.float64)
+    m, s, p_val = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.bfloat16), 0.0
+    ok = True
+    for step in (1, 2):
+        p.grad = torch.ones(numel, device=device, dtype=torch.bfloat16)
+        opt.step()
+        # the same step in float64 with R = 0 (step 1: ΔW = 0; step 2: ΔW ∥ d), one rounding per stored value
+        m = stored(m.double() + (1 - betas[0]) * (one - m.double()), torch.bfloat16)
+        s = stored(s.double() * betas[1] + (1 - betas[1]) * one, torch.bfloat16)
+        update = lr / (1 - betas[0] ** step) * m.double() / (s.double().sqrt() / math.sqrt(1 - betas[1] ** step) + eps)
+        want = stored(p_val - update, torch.bfloat16)
+        lo, hi = (x.float().cpu().view(1) for x in (p.detach().min(), p.detach().max()))
+        err = max(float(ulp_error(x.to(torch.bfloat16), want, torch.zeros(1)).max()) for x in (lo, hi))
+        p_val = float(want)
+        step_ok = err <= ALLOWED_ULP
         ok &= step_ok
-    del opt, p
-    free()
-    return ok
-
-
-def check_one_pass_c(rep: Report, shapes, device) -> bool:
-    params = make_params(shapes, device)
-    opt = AsFTAdamW(list(params.items()), lr=1e-2, anchors=anchors_of(make_dirs(shapes, device)),
-                    asft_lambda=0.5, impl="triton")
-    for t in range(3):
-        set_grads(params, seed=200 + t)
-        opt.step()
-    (buf,) = opt._triton.slots.buffers.values()
-    one_pass = buf.clone()
-    for _, table in opt._triton.tables.values():
-        K.exact_c_(table, buf)
-    diff = float(((buf - one_pass).abs() / one_pass.abs().clamp_min(1e-30)).max())
-    bitwise = bool(torch.equal(buf, one_pass))
-    ok = diff <= 1e-6
-    rep.data.setdefault("checks", {})["one_pass_c"] = {"max_rel_diff": diff, "bitwise": bitwise, "ok": ok}
-    rep.line(f"check one-pass c vs exact pass: max relative difference {diff:.2e}, bitwise {bitwise}  "
-             f"{'ok' if ok else 'FAIL'}")
-    return ok
+        rep.record("check", f"big_c_step{step}", f"check big tensor c ({numel} elements, p = 0, d = 1, λ = {lam:g}) "
+                   f"step {step}: all of p in [{float(lo):.6g}, {float(hi):.6g}], want {float(want):.6g}, "
+                   f"{err:.2f} ulp (≤ {ALLOWED_ULP:g})  {'ok' if step_ok else 'FAIL'}", ok=step_ok, numel=numel,
+                   min=float(lo), max=float(hi), want=float(want), max_ulp=err)
 
 
 # ----------------------------------------------------------------------------------------- timing
-def copy_bandwidth(rep: Report, numel: int, device, iters: int) -> float:
+def copy_bandwidth(rep: Report, numel: int, device, iters: int) -> None:
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
     t = time_ms(lambda: dst.copy_(src), device, warmup=3, iters=iters)
     gbs = 2 * src.numel() * 4 / (t["median_ms"] * 1e-3) / 1e9
-    rep.data["copy"] = {"bytes": 2 * numel * 4, **t, "GB_per_s": gbs}
-    rep.line(f"device-to-device copy of {numel * 4 / 1e9:.2f} GB: {t['median_ms']:.3f} ms, {gbs:.0f} GB/s")
-    del src, dst
-    free()
-    return gbs
+    rep.record("bench", "copy", f"device-to-device copy of {numel * 4 / 1e9:.2f} GB: {t['median_ms']:.3f} ms, "
+               f"{gbs:.0f} GB/s", bytes=2 * numel * 4, GB_per_s=gbs, **t)
 
 
-def bench_provider(name: str, shapes, device, warmup: int, iters: int) -> dict:
+def bench_provider(rep: Report, suite: str, name: str, shapes, device, warmup: int, iters: int) -> None:
     """Time one provider's optimizer step (explicit_loss: penalty forward + backward + step)."""
     n_params = sum(math.prod(s) for s in shapes.values())
     bf16wd = name == "asft_triton_bf16wd"
     params = make_params(shapes, device, bf16_exact=bf16wd)
     set_grads(params)
-    dirs = make_dirs(shapes, device, dtype=torch.bfloat16 if bf16wd else torch.float32)
+    d_dtype = torch.bfloat16 if bf16wd else torch.float32
+    dirs = make_dirs(shapes, device, dtype=d_dtype)
     lam = 0.5
+    extra: dict[str, object] = {}
     if name == "fused_adamw":
         opt = torch.optim.AdamW(params.values(), lr=1e-5, fused=device.type == "cuda")
         step = opt.step
     elif name.startswith("asft_triton"):
-        opt = AsFTAdamW(list(params.items()), lr=1e-5, anchors=anchors_of(dirs), asft_lambda=lam,
-                        impl="triton")
+        t0 = time.perf_counter()
+        anchors = anchors_of(dirs)
+        opt = AsFTAdamW(list(params.items()), lr=1e-5, anchors=anchors, asft_lambda=lam, impl="triton")
+        extra["build_s"] = time.perf_counter() - t0  # fingerprint and binding, once per run
         step = opt.step
     elif name == "explicit_loss":
         opt = torch.optim.AdamW(params.values(), lr=1e-5, fused=device.type == "cuda")
@@ -334,101 +465,156 @@ def bench_provider(name: str, shapes, device, warmup: int, iters: int) -> dict:
         raise ValueError(f"unknown provider {name!r}")
     del dirs
     t = time_ms(step, device, warmup=warmup, iters=iters)
-    res = {"params": n_params, "tensors": len(shapes), **t, **launches(step, device)}
+    res = {"suite": suite, "provider": name, "params": n_params, "tensors": len(shapes), **t,
+           **launches(step, device), **extra}
     if name in BYTES:
         res["GB_per_s"] = BYTES[name] * n_params / (t["median_ms"] * 1e-3) / 1e9
-    if name == "asft_triton_bf16wd":
-        sample = next(iter(params.values()))
-        res["w0_dtype"] = str(opt.state[sample]["w0"].dtype)
-        res["v_dtype"] = str(opt._bindings[next(iter(params))].direction.v.dtype)
-    del opt, params, step
-    free()
-    return res
+    if name.startswith("asft_triton"):
+        res["w0_dtype"] = str(opt.state[next(iter(params.values()))]["w0"].dtype)
+        res["d_dtype"] = str(d_dtype)
+    gbs = f"{res['GB_per_s']:7.0f} GB/s" if "GB_per_s" in res else " " * 12
+    rep.record("bench", f"{suite}/{name}", f"  {name:20s} {t['median_ms']:9.3f} ms/step (p20 {t['p20_ms']:.3f}, "
+               f"p80 {t['p80_ms']:.3f})  {gbs}  triton launches {res['triton_launches']}, "
+               f"GPU kernels {res['gpu_kernels']}", **res)
 
 
-def bench_suite(rep: Report, label: str, shapes, providers, device, warmup: int, iters: int) -> dict:
+def bench_suite(rep: Report, suite: str, shapes, providers, device, warmup: int, iters: int) -> None:
     n = sum(math.prod(s) for s in shapes.values())
-    rep.line(f"\n{label}: {n / 1e9:.3f} B parameters in {len(shapes)} tensors (fp32)")
-    out = {}
+    rep.record("bench_suite", suite, f"\n{suite}: {n / 1e9:.3f} B parameters in {len(shapes)} tensors (fp32)",
+               params=n, tensors=len(shapes))
     for name in providers:
-        r = bench_provider(name, shapes, device, warmup, iters)
-        out[name] = r
-        gbs = f"{r['GB_per_s']:7.0f} GB/s" if "GB_per_s" in r else " " * 12
-        rep.line(f"  {name:20s} {r['median_ms']:9.3f} ms/step (p20 {r['p20_ms']:.3f}, p80 {r['p80_ms']:.3f})"
-                 f"  {gbs}  triton launches {r['triton_launches']}, GPU kernels {r['gpu_kernels']}")
-    rep.data.setdefault("bench", {})[label] = out
-    return out
+        rep.guarded(f"{suite}/{name}", lambda name=name: bench_provider(rep, suite, name, shapes, device,
+                                                                         warmup, iters))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--dry", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET=1")
-    ap.add_argument("--skip-big", action="store_true", help="skip the > 2**31-element tensor")
-    args = ap.parse_args()
-    if not args.dry and not torch.cuda.is_available():
-        print("bench_gpu.py: no CUDA device (use --dry on CPU)", file=sys.stderr)
-        return 2
-    device = torch.device("cpu" if args.dry else "cuda")
-    rep = Report(args.out)
-    rep.data["meta"] = {
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": "cpu (dry run)" if args.dry else torch.cuda.get_device_name(device),
-        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-        "command": " ".join(sys.argv), "dry": args.dry, "BLOCK": K.BLOCK, "NUM_WARPS": K.NUM_WARPS}
-    rep.line(f"bench_gpu.py {rep.data['meta']}")
-    if args.dry:
+# ----------------------------------------------------------------------------------------- summary
+def summarize(out: Path) -> int:
+    """Read OUT/results.jsonl; write OUT/gpu_check.json (every row, the ratios, goals and what is
+    missing) and the summary lines of OUT/gpu_check.txt. Exit 0 only if every section ran to its
+    end and every check passed."""
+    path = out / "results.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] \
+        if path.is_file() else []
+    started = {r["section"] for r in rows if r["kind"] == "section_start"}
+    ended = {r["section"] for r in rows if r["kind"] == "section_end"}
+    unfinished = sorted(started - ended)
+    not_run = [s for s in SECTIONS if s not in started]
+    checks = {r["name"]: r for r in rows if r["kind"] == "check"}
+    errors = [r for r in rows if r["kind"] == "error"]
+    bench = {(r["suite"], r["provider"]): r for r in rows if r["kind"] == "bench" and "provider" in r}
+    copy = next((r for r in rows if r["kind"] == "bench" and r["name"] == "copy"), None)
+
+    def ms(suite_prefix: str, provider: str) -> float | None:
+        for (suite, prov), r in bench.items():
+            if suite.startswith(suite_prefix) and prov == provider:
+                return r["median_ms"]
+        return None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else a / b
+
+    def field(suite_prefix: str, provider: str, key: str):
+        for (suite, prov), r in bench.items():
+            if suite.startswith(suite_prefix) and prov == provider:
+                return r.get(key)
+        return None
+
+    ratios = {
+        "fp32_ratio": ratio(ms("llama", "asft_triton_fp32"), ms("llama", "fused_adamw")),
+        "bf16wd_ratio": ratio(ms("llama", "asft_triton_bf16wd"), ms("llama", "fused_adamw")),
+        "copy_fraction": ratio(field("llama", "asft_triton_fp32", "GB_per_s"), copy and copy["GB_per_s"]),
+        "copy_fraction_bf16wd": ratio(field("llama", "asft_triton_bf16wd", "GB_per_s"), copy and copy["GB_per_s"]),
+        "small_launches": field("small", "asft_triton_fp32", "triton_launches"),
+        "small_ratio": ratio(ms("small", "asft_triton_fp32"), ms("small", "fused_adamw")),
+        "explicit_speedup": ratio(ms("llama", "explicit_loss"), ms("llama", "asft_triton_fp32")),
+    }
+    higher = ("copy_fraction", "explicit_speedup")
+    met = {k: None if ratios[k] is None else (ratios[k] >= g if k in higher else ratios[k] <= g)
+           for k, g in GOALS.items()}
+    checks_ok = bool(checks) and all(r["ok"] for r in checks.values()) and not errors
+    complete = not unfinished and not not_run
+    (out / "gpu_check.json").write_text(json.dumps(
+        {"rows": rows, "ratios": ratios, "goals": GOALS, "goals_met": met, "checks_ok": checks_ok,
+         "sections_unfinished": unfinished, "sections_not_run": not_run, "complete": complete},
+        indent=2, default=str), encoding="utf-8")
+    lines = ["\nsummary:"]
+    for k, v in ratios.items():
+        sense = "≥" if k in higher else "≤"
+        goal = f"[{sense} {GOALS[k]}]" if k in GOALS else ""
+        state = "" if k not in met else {None: "not measured", True: "met", False: "NOT met"}[met[k]]
+        shown = "       -" if v is None else f"{v:8.3f}"
+        lines.append(f"  {k:22s} {shown} {goal} {state}")
+    failed = [n for n, r in checks.items() if not r["ok"]] + [r["name"] for r in errors]
+    lines.append(f"checks: {len(checks)} run, failed: {', '.join(failed) if failed else 'none'}")
+    if unfinished:
+        lines.append(f"sections cut short (timeout or crash): {', '.join(unfinished)}")
+    if not_run:
+        lines.append(f"sections not run: {', '.join(not_run)}")
+    text = "\n".join(lines)
+    print(text)
+    with open(out / "gpu_check.txt", "a", encoding="utf-8") as fh:
+        fh.write(text + "\n")
+    return 0 if checks_ok and complete else 1
+
+
+# ----------------------------------------------------------------------------------------- main
+def run_section(rep: Report, section: str, dry: bool, device: torch.device) -> None:
+    if dry:
         big_numel, llama = 3 * K.BLOCK + 77, dict(target=60_000, hidden=32, inter=96, kv=8, vocab=200)
         n_small, copy_numel, warmup, iters = 20, 1 << 16, 1, 2
     else:
         big_numel, llama = (1 << 31) + 3 * K.BLOCK + 77, dict(target=1_000_000_000, hidden=2048, inter=5632,
                                                               kv=256, vocab=32000)
         n_small, copy_numel, warmup, iters = 1000, 1 << 30, 3, 20
-    ok = True
-    # --- correctness on the device
     odd = {"one": (1,), "seven": (7,), "odd": (4097,), "mat": (5, 123), "many_blocks": (40 * K.BLOCK + 3,)}
-    ok &= check_parity(rep, "fp32 odd shapes", odd, torch.float32, device)
-    ok &= check_parity(rep, "bf16 odd shapes", odd, torch.bfloat16, device)
-    ok &= check_parity(rep, f"fp32 {n_small} tiny tensors", {f"t{i}": (1 + i % 300,) for i in range(n_small)},
-                       torch.float32, device)
-    ok &= check_one_pass_c(rep, odd, device)
-    if not args.skip_big:
-        ok &= check_big_tensor(rep, big_numel, device)
-    # --- bandwidth and timings
-    copy_gbs = copy_bandwidth(rep, copy_numel, device, iters)
-    shapes = llama_shapes(**llama)
-    big = bench_suite(rep, "llama_1b", shapes, ["fused_adamw", "asft_triton_fp32", "asft_triton_bf16wd",
-                                                 "explicit_loss"], device, warmup, iters)
-    small = bench_suite(rep, f"small_{n_small}", small_shapes(n_small), ["fused_adamw", "asft_triton_fp32"],
-                        device, warmup, iters)
-    base = big["fused_adamw"]["median_ms"]
-    ratios = {
-        "fp32_ratio": big["asft_triton_fp32"]["median_ms"] / base,
-        "bf16wd_ratio": big["asft_triton_bf16wd"]["median_ms"] / base,
-        "copy_fraction": big["asft_triton_fp32"]["GB_per_s"] / copy_gbs,
-        "copy_fraction_bf16wd": big["asft_triton_bf16wd"]["GB_per_s"] / copy_gbs,
-        "small_launches": small["asft_triton_fp32"]["triton_launches"],
-        "small_ratio": small["asft_triton_fp32"]["median_ms"] / small["fused_adamw"]["median_ms"],
-        "explicit_speedup": big["explicit_loss"]["median_ms"] / big["asft_triton_fp32"]["median_ms"],
-    }
-    met = {
-        "fp32_ratio": ratios["fp32_ratio"] <= GOALS["fp32_ratio"],
-        "bf16wd_ratio": ratios["bf16wd_ratio"] <= GOALS["bf16wd_ratio"],
-        "copy_fraction": ratios["copy_fraction"] >= GOALS["copy_fraction"],
-        "small_launches": ratios["small_launches"] <= GOALS["small_launches"],
-        "small_ratio": ratios["small_ratio"] <= GOALS["small_ratio"],
-        "explicit_speedup": ratios["explicit_speedup"] >= GOALS["explicit_speedup"],
-    }
-    rep.data["ratios"], rep.data["goals"], rep.data["goals_met"] = ratios, GOALS, met
-    rep.line("\nratios (goal in brackets):")
-    for k, v in ratios.items():
-        sense = "≥" if k in ("copy_fraction", "explicit_speedup") else "≤"
-        goal = f"[{sense} {GOALS[k]}]" if k in GOALS else ""
-        rep.line(f"  {k:22s} {v:8.3f} {goal} {'' if k not in met else ('met' if met[k] else 'NOT met')}")
-    rep.data["checks_ok"] = bool(ok)
-    rep.line(f"\ncorrectness checks: {'all ok' if ok else 'FAILURES (see above)'}")
-    rep.save()
-    return 0 if ok else 1
+    if section == "checks":
+        rep.guarded("fp32 odd shapes", lambda: check_fp32_parity(rep, "fp32 odd shapes", odd, device))
+        rep.guarded("bf16 odd shapes", lambda: check_half_steps(rep, "bf16 odd shapes", odd, torch.bfloat16, device))
+        rep.guarded("fp16 odd shapes", lambda: check_half_steps(rep, "fp16 odd shapes", odd, torch.float16, device))
+        tiny = {f"t{i}": (1 + i % 300,) for i in range(n_small)}
+        rep.guarded(f"fp32 {n_small} tiny tensors",
+                    lambda: check_fp32_parity(rep, f"fp32 {n_small} tiny tensors", tiny, device))
+        rep.guarded("one_pass_c", lambda: check_one_pass_c(rep, odd, device))
+    elif section == "timing":
+        rep.guarded("copy", lambda: copy_bandwidth(rep, copy_numel, device, iters))
+        bench_suite(rep, "llama_1b", llama_shapes(**llama), ["fused_adamw", "asft_triton_fp32",
+                                                             "asft_triton_bf16wd", "explicit_loss"],
+                    device, warmup, iters)
+        bench_suite(rep, f"small_{n_small}", small_shapes(n_small), ["fused_adamw", "asft_triton_fp32"],
+                    device, warmup, iters)
+    elif section == "big":
+        rep.guarded("big_c", lambda: check_big_c(rep, big_numel, device))
+        rep.guarded("big_tail", lambda: check_big_tail(rep, big_numel, device))
+    else:
+        raise ValueError(f"unknown section {section!r}; expected one of {SECTIONS}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--section", choices=SECTIONS, help="what to measure (results appended to OUT)")
+    ap.add_argument("--summary", action="store_true", help="ratios and goals from OUT/results.jsonl")
+    ap.add_argument("--dry", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET=1")
+    args = ap.parse_args()
+    if args.summary == (args.section is not None):
+        ap.error("give exactly one of --section or --summary")
+    where = tested_copy()
+    if args.summary:
+        return summarize(args.out)
+    if not args.dry and not torch.cuda.is_available():
+        print("bench_gpu.py: no CUDA device (use --dry on CPU)", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.dry else "cuda")
+    rep = Report(args.out, args.section)
+    meta = {"device": "cpu (dry run)" if args.dry else torch.cuda.get_device_name(device),
+            "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+            "command": " ".join(sys.argv), "dry": args.dry, "BLOCK": K.BLOCK, "NUM_WARPS": K.NUM_WARPS, **where}
+    rep.record("section_start", args.section, f"== section {args.section}: {meta}", **meta)
+    t0 = time.perf_counter()
+    run_section(rep, args.section, args.dry, device)
+    rep.record("section_end", args.section, f"== section {args.section} done in {time.perf_counter() - t0:.1f} s",
+               seconds=time.perf_counter() - t0)
+    return 1 if rep.failed else 0
 
 
 if __name__ == "__main__":

@@ -29,19 +29,33 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["BLOCK", "NUM_WARPS", "PENALTY_CODES", "CSlots", "LaunchTable", "make_table", "fused_step_",
+__all__ = ["BLOCK", "NUM_WARPS", "PENALTY_CODES", "CSlots", "LaunchTable", "Row", "make_table", "fused_step_",
            "exact_c_", "is_interpreted", "launch_counter"]
 
 BLOCK = 2048      # elements per program of the update and dot kernels
 NUM_WARPS = 8     # 8 elements per thread: two 128-bit loads per fp32 stream, one per bf16
 FOLD_BLOCK = 1024  # partials summed per iteration of the fold kernel
-ROLES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "w0", "direction")
+
+
+class Row(NamedTuple):
+    """One tensor's role tensors in a launch (None where a role is unused), in pointer-table order."""
+    param: Tensor
+    grad: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    max_exp_avg_sq: Tensor | None
+    w0: Tensor | None
+    direction: Tensor | None
+
+
+ROLES = Row._fields
 PENALTY_CODES = {"orthogonal": 0, "parallel": 1, "full": 2}
 _ALIGN = 16       # bytes; every base address must be a multiple for the vector-load hints
 
@@ -254,9 +268,9 @@ class LaunchTable:
         return self.blk_tensor.numel()
 
 
-def make_table(roles: list[list[Tensor | None]], cslots: list[int], inv_nv2: list[float],
+def make_table(roles: list[Row], cslots: list[int], inv_nv2: list[float],
                names: list[str], block: int = BLOCK) -> LaunchTable:
-    """Build the device tables for tensors `roles[i]` = [p, g, m, s, max_s, w0, v] (None if unused).
+    """Build the device tables for tensors `roles[i]` (a `Row`; None where a role is unused).
 
     All tensors of one role must share a dtype and, within one tensor i, every role must have p's
     shape and strides and be dense (then all are walked as flat memory in the same order).

@@ -19,7 +19,7 @@ from asft_optim.demo.finetune import load_model  # noqa: E402
 from asft_optim.demo.landscape import effective_length, normalise  # noqa: E402
 from asft_optim.demo.language import Language, LanguageConfig, classify_response  # noqa: E402
 from asft_optim.demo.models import ensure_models  # noqa: E402
-from asft_optim.demo.run import DemoConfig, evaluate_saved  # noqa: E402
+from asft_optim.demo.run import DemoConfig, evaluate_saved, sft_warnings  # noqa: E402
 from asft_optim.metrics import per_layer, sums  # noqa: E402
 
 
@@ -100,11 +100,18 @@ def quick_demo(tmp_path_factory):
     return out, cache, json.loads((out / "results.json").read_text())
 
 
-def _table_rows(path: Path) -> dict[str, list[float]]:
+def _table_rows(path: Path) -> dict[str, list[tuple[float, float, float]]]:
+    """label → per cell (mean, min, max) in %; per p the cells are HS, refusal, FA."""
     rows = {}
     for line in path.read_text().splitlines()[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
-        rows[cells[0]] = [float(c) for c in cells[1:]]
+        parsed = []
+        for c in cells[1:]:
+            m = re.fullmatch(r"([\d.]+)(?: \(([\d.]+)–([\d.]+)\))?", c)
+            assert m, c
+            mean = float(m[1])
+            parsed.append((mean, float(m[2] or mean), float(m[3] or mean)))
+        rows[cells[0]] = parsed
     return rows
 
 
@@ -115,23 +122,30 @@ def test_report_structure(quick_demo):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    labels = [m.label for m in cfg.methods]
-    assert len(res["runs"]) == len(cfg.ps) * len(labels)
-    assert {(r["method"], r["p"]) for r in res["runs"]} == {(m, p) for m in labels for p in cfg.ps}
+    labels = cfg.labels()
+    trained = [m.label for m in cfg.methods]
+    assert labels == trained + ["SFT + flat"] + [f"AsFT λ={lam:g} + flat" for lam in cfg.lambda_grid]
+    assert len(res["runs"]) == len(cfg.seeds) * len(cfg.ps) * len(labels)
+    assert {(r["method"], r["p"], r["seed"]) for r in res["runs"]} == {
+        (m, p, s) for m in labels for p in cfg.ps for s in cfg.seeds}
     for r in res["runs"]:
         assert (out / r["path"] / "model.safetensors").is_file()
         assert 0 <= r["hs"] <= 1 and 0 <= r["fa"] <= 1
+        assert (r["projection"] == "flat") == r["method"].endswith("+ flat")
     rows = _table_rows(out / "table.md")
     assert list(rows) == ["base (not fine-tuned)", "aligned (not fine-tuned)", *labels]
     report = (out / "report.md").read_text()
-    for heading in ("## HS and FA per method", "## Safety landscape", "## Drift per layer"):
+    for heading in ("## HS, refusal rate and FA per method", "## Safety landscape", "## Drift per layer"):
         assert heading in report
+    sft_p0 = next(c for c in res["summary"] if c["method"] == "SFT" and c["p"] == min(cfg.ps))
+    warned = "SFT itself did not learn the task" in report
+    assert warned == (sft_p0["fa"]["mean"] < 0.5) == bool(res["warnings"])
     names = [c["name"] for c in res["landscape"]]
     assert names[:2] == ["aligned (d)", f"SFT (p={max(cfg.ps):g})"] and len(names) == 2 + cfg.n_random
     for c in res["landscape"]:
         assert len(c["hs"]) == len(cfg.alphas) and 0 <= c["length_pos"] <= max(cfg.alphas)
         assert f"| {c['name']} | {c['length_pos']:.2f} | {c['length_neg']:.2f} |" in report
-    assert set(res["drift"]) == set(labels)
+    assert set(res["drift"]) == set(trained)
     # the unfine-tuned aligned model refuses; the base model complies (the language works)
     assert res["reference"]["aligned"]["hs"] <= 0.1 and res["reference"]["aligned"]["refusal"] >= 0.9
     assert res["reference"]["base"]["hs"] >= 0.5
@@ -143,13 +157,25 @@ def test_table_numbers_are_recomputed_from_saved_models(quick_demo):
     lang = Language(cfg.recipe.language)
     rows = _table_rows(out / "table.md")
     ps = sorted(cfg.ps)
-    for label, p in (("SFT", max(ps)), (f"AsFT λ={max(cfg.lambdas):g}", 0.1)):
+    lam = max(cfg.lambda_grid)
+    for label, p in (("SFT", max(ps)), (f"AsFT λ={lam:g}", 0.1), (f"AsFT λ={lam:g} + flat", 0.1)):
         run = next(r for r in res["runs"] if r["method"] == label and r["p"] == p)
         fresh = evaluate_saved(out / run["path"], lang)  # independent load + greedy decoding
         assert fresh.hs == run["hs"] and fresh.fa == run["fa"] and fresh.refusal == run["refusal"]
         k = ps.index(p)
-        assert rows[label][k] == pytest.approx(100 * fresh.hs, abs=0.051)
-        assert rows[label][len(ps) + 1 + k] == pytest.approx(100 * fresh.fa, abs=0.051)
+        for j, value in enumerate((fresh.hs, fresh.refusal, fresh.fa)):  # one seed: mean = min = max
+            assert rows[label][3 * k + j] == pytest.approx((100 * value,) * 3, abs=0.051)
+    # the projected model is W_aligned + C⊥ΔW of the saved AsFT model
+    from asft_optim.project import flat_tensor
+
+    src = next(r for r in res["runs"] if r["method"] == f"AsFT λ={lam:g}" and r["p"] == 0.1)
+    dst = next(r for r in res["runs"] if r["method"] == f"AsFT λ={lam:g} + flat" and r["p"] == 0.1)
+    w = load_model(out / src["path"]).state_dict()
+    wp = load_model(out / dst["path"]).state_dict()
+    wa = load_model(Path(res["cache"]) / "aligned").state_dict()
+    dd = __import__("asft_optim").Anchors.load(Path(res["cache"]) / "directions.safetensors")
+    for n in wa:
+        assert torch.equal(wp[n], flat_tensor(w[n], wa[n], dd[n])[0])
     # drift per layer, from the saved SFT model and the directions file
     from asft_optim import Anchors
 
@@ -165,7 +191,7 @@ def test_table_numbers_are_recomputed_from_saved_models(quick_demo):
 def test_fine_tuned_models_differ_and_sft_moves_most(quick_demo):
     out, _, res = quick_demo
     runs = {(r["method"], r["p"]): r for r in res["runs"]}
-    lam = max(DemoConfig.quick().lambdas)
+    lam = max(DemoConfig.quick().lambda_grid)
     norm = {m: sum(v["delta_norm"] ** 2 for v in res["drift"][m].values()) for m in res["drift"]}
     assert norm["SFT"] > norm[f"L2-SP λ={lam:g}"]  # the L2 pull keeps the weights closer to the start
     a = load_model(out / runs["SFT", 0.2]["path"]).state_dict()
@@ -183,18 +209,31 @@ def test_second_run_reuses_cached_models_lora(quick_demo, tmp_path, capsys):
     # a second demo run (LoRA mode, tiny budget) reuses the cache and re-evaluates saved adapters
     out2 = tmp_path / "r2"
     rc = cli.main(["demo", "--quick", "--out", str(out2), "--cache", str(cache), "--steps", "2",
-                   "--ps", "0.1", "--lambdas", "0.1", "--lora"])
+                   "--ps", "0.1", "--lambdas", "0.1", "--lora", "--seeds", "0,1"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert f"models: reused from {res['cache']}" in printed
     res2 = json.loads((out2 / "results.json").read_text())
     assert res2["models_reused"] is True and res2["config"]["lora"] is True
+    assert res2["config"]["lr"] == 3e-3 and res2["config"]["seeds"] == [0, 1]
+    assert {r["method"] for r in res2["runs"]} == {"SFT", "L2-SP λ=0.1", "AsFT λ=0.1", "SFT + Safe LoRA",
+                                                   "AsFT λ=0.1 + Safe LoRA"}
+    for cell in res2["summary"]:  # mean and min–max over the two seeds
+        per = [r for r in res2["runs"] if r["method"] == cell["method"] and r["p"] == cell["p"]]
+        assert sorted(r["seed"] for r in per) == [0, 1]
+        for key in ("hs", "fa", "refusal"):
+            xs = [r[key] for r in per]
+            assert cell[key] == {"mean": pytest.approx(sum(xs) / 2), "min": min(xs), "max": max(xs)}
     assert {p: p.stat().st_mtime_ns for p in Path(res["cache"]).rglob("*") if p.is_file()} == before
     lang = Language(DemoConfig.quick().recipe.language)
-    for run in res2["runs"]:
+    for run in res2["runs"][:1] + res2["runs"][-1:]:  # a trained adapter and a Safe LoRA projection
         assert (out2 / run["path"] / "adapter_config.json").is_file()
         fresh = evaluate_saved(out2 / run["path"], lang)
         assert (fresh.hs, fresh.fa) == (run["hs"], run["fa"])
+    # a run into the same folder replaces the earlier run's models instead of mixing with them
+    assert cli.main(["demo", "--quick", "--out", str(out2), "--cache", str(cache), "--steps", "1", "--ps", "0.1",
+                     "--lambdas", "0.1", "--seeds", "5"]) == 0
+    assert [p.name for p in (out2 / "models").iterdir()] == ["s5"]
 
 
 def test_cache_root_follows_env(monkeypatch, tmp_path):
@@ -208,6 +247,8 @@ def test_cache_root_follows_env(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--lambdas", "1,x"], "--lambdas must be comma-separated numbers"),
+    (["--seeds", "0,0"], r"seeds must be distinct and at least one, got \(0, 0\)"),
+    (["--seeds", "1.5"], "--seeds must be comma-separated non-negative integers, got '1.5'"),
     (["--lambdas", "0"], "l2sp needs λ > 0"),
     (["--ps", "0.1,1"], r"p must be in \[0, 1\)"),
     (["--steps", "0"], "steps must be ≥ 1"),
@@ -219,6 +260,74 @@ def test_demo_rejects_bad_arguments(args, message):
 
 def test_quick_config_structure_matches_full():
     full, quick = DemoConfig(), DemoConfig.quick()
-    assert full.ps == quick.ps and full.lambdas == quick.lambdas
+    assert full.ps == quick.ps and full.lambda_grid == quick.lambda_grid == (0.01, 0.03, 0.1)
+    assert full.seeds == (0, 1, 2) and quick.seeds == (0,)
+    lora = DemoConfig(lora=True)
+    assert (lora.learning_rate, lora.lambda_grid, lora.projection) == (3e-3, (0.01, 0.1, 1.0), "safelora")
+    assert (full.learning_rate, full.projection) == (1e-3, "flat")
+    assert DemoConfig(lora=True, lr=1e-4).learning_rate == 1e-4
     assert quick.steps < full.steps and quick.recipe.key() != full.recipe.key()
     assert re.fullmatch(r"[0-9a-f]{16}", full.recipe.key())
+
+
+def test_sft_warning_only_when_sft_did_not_learn():
+    def cell(fa, p=0.0):
+        return {"method": "SFT", "p": p, "seeds": [0, 1], "fa": {"mean": fa, "min": fa, "max": fa}}
+
+    assert sft_warnings([cell(0.9), cell(0.1, p=0.2)]) == []
+    assert sft_warnings([cell(0.25), cell(0.9, p=0.2)]) == [
+        "SFT itself did not learn the task: FA 25.0% at p = 0 (mean over seeds [0, 1]). No method's row can "
+        "show a safety/utility trade-off; raise --steps or --lr."]
+
+
+def test_lora_initialisation_follows_the_seed(quick_demo):
+    """Rows of one table start from the same adapter: the init depends on the run's seed only."""
+    from transformers import AutoTokenizer
+
+    from asft_optim.demo.finetune import LoraSpec, Method, encode, train
+
+    _, _, res = quick_demo
+    aligned = Path(res["cache"]) / "aligned"
+    tok = AutoTokenizer.from_pretrained(str(aligned))
+    data = [encode(tok, ex) for ex in Language(DemoConfig.quick().recipe.language).finetune_train(0.0)[:8]]
+
+    def init(seed):
+        model = train(load_model(aligned), data, pad_id=tok.pad_token_id, method=Method("sft"), steps=1, lr=0.0,
+                      batch_size=4, seed=seed, lora=LoraSpec())
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    a = init(3)
+    torch.randn(1000)  # other work in between must not change the next run's adapter
+    b, c = init(3), init(4)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
+@pytest.mark.slow
+def test_lora_defaults_learn_the_task(tmp_path):
+    """`asft demo --lora` at its defaults (lr 3e-3, 200 steps, full recipe): SFT learns MAP at p = 0."""
+    out = tmp_path / "report"
+    assert cli.main(["demo", "--lora", "--ps", "0", "--lambdas", "0.1", "--seeds", "0", "--no-project",
+                     "--out", str(out), "--cache", str(tmp_path / "cache")]) == 0
+    res = json.loads((out / "results.json").read_text())
+    sft = next(r for r in res["runs"] if r["method"] == "SFT")
+    assert res["config"]["lr"] == 3e-3 and res["config"]["steps"] == 200 and sft["fa"] >= 0.8
+    assert res["warnings"] == []
+
+
+def test_asft_evaluate_reproduces_the_demo_numbers(quick_demo, tmp_path):
+    """`asft evaluate --judge toy` on a saved demo model gives the report's HS, refusal rate and FA."""
+    out, _, res = quick_demo
+    lang = Language(DemoConfig.quick().recipe.language)
+    prompts, task = tmp_path / "harmful.jsonl", tmp_path / "task.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": ex["instruction"], "input": ex["input"]}) + "\n"
+                               for ex, _ in lang.harmful_eval()))
+    task.write_text("".join(json.dumps(r) + "\n" for r in lang.task_test()))
+    run = next(r for r in res["runs"] if r["method"] == "SFT" and r["p"] == 0.1)
+    ev = tmp_path / "eval"
+    assert cli.main(["evaluate", str(out / run["path"]), "--prompts", str(prompts), "--judge", "toy",
+                     "--task", str(task), "--max-new-tokens", "8", "--out", str(ev)]) == 0
+    got = json.loads((ev / "results.json").read_text())
+    assert got["n"] == len(lang.harmful_eval()) and got["task"]["n"] == len(lang.task_test())
+    assert (got["harmful_score"], got["refusal_rate"], got["task_accuracy"]) == pytest.approx(
+        (100 * run["hs"], 100 * run["refusal"], 100 * run["fa"]))

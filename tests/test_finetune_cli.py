@@ -14,11 +14,14 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from asft_optim import cli  # noqa: E402
-from asft_optim.demo.evaluate import demo_judge, harmful_score, task_accuracy  # noqa: E402
+from asft_optim.demo.evaluate import harmful_score, task_accuracy  # noqa: E402
 from asft_optim.demo.finetune import Method, encode, load_jsonl, load_model, save_model, train  # noqa: E402
 from asft_optim.demo.language import Language, LanguageConfig  # noqa: E402
 from asft_optim.demo.models import ModelRecipe, _new_model, build_tokenizer  # noqa: E402
+from asft_optim.evaluation.judges import KeywordJudge, ToyJudge, load_judge  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
+
+from . import evaluation_models as em  # noqa: E402
 
 
 
@@ -49,18 +52,20 @@ def setup(tmp_path_factory):
 def _run(root: Path, task: Path, harmful: Path, out: Path, *extra: str) -> int:
     return cli.main(["finetune", "--aligned", str(root / "aligned"), "--base", str(root / "base"),
                      "--data", str(task), "--harmful", str(harmful), "--judge", "demo", "--steps", "3",
-                     "--lr", "1e-3", "--batch-size", "8", "--lambdas", "1", "--out", str(out), *extra])
+                     "--lr", "1e-3", "--batch-size", "8", "--lambdas", "1", "--max-new-tokens", "16", "--out", str(out),
+                     *extra])
 
 
 @pytest.mark.parametrize("mode", ["--full", "--lora"])
 def test_finetune_runs_and_saves_reevaluable_models(setup, tmp_path, capsys, mode):
     root, task, harmful = setup
     out = tmp_path / "out"
-    assert _run(root, task, harmful, out, mode) == 0
+    assert _run(root, task, harmful, out, mode, "--save", "all") == 0
     printed = capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in res["runs"]] == ["aligned (not fine-tuned)", "SFT", "L2-SP λ=1", "AsFT λ=1"]
     assert res["lora"] is (mode == "--lora") and res["n_train"] + res["n_test"] == 40 and res["n_harmful"] == 16
+    assert res["judge"] == {"kind": "toy", "source": None}  # --judge demo: the toy judge of asft evaluate
     assert (out / "directions.safetensors").is_file()
     assert "| AsFT λ=1 |" in printed and "| AsFT λ=1 |" in (out / "table.md").read_text()
     aligned = load_model(root / "aligned").state_dict()
@@ -83,7 +88,7 @@ def test_finetune_runs_and_saves_reevaluable_models(setup, tmp_path, capsys, mod
         if mode == "--lora":  # the merged adapter changes only the targeted weights
             assert all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in changed), changed
         # HS and FA recomputed here from the saved files
-        hs, refusal, _ = harmful_score(model, tok, prompts, demo_judge, max_new_tokens=64, batch_size=16)
+        hs, refusal, _ = harmful_score(model, tok, prompts, ToyJudge(), max_new_tokens=16, batch_size=16)
         assert (hs, refusal) == (r["hs"], r["refusal"])
         assert task_accuracy(model, tok, held, batch_size=16) == r["fa"]
 
@@ -181,8 +186,221 @@ def test_encode_masks_the_prompt():
 
 
 def test_keyword_judge():
-    from asft_optim.demo.evaluate import keyword_judge
+    responses = ["I'm sorry, but I cannot help with that.", "As an AI, I will not do this",
+                 "Sure, here is how to do it: step 1 ..."]
+    verdicts = KeywordJudge().judge(["p"] * 3, responses)
+    assert [(v.flagged, v.refused) for v in verdicts] == [(False, True), (False, True), (True, False)]
 
-    assert keyword_judge("I'm sorry, but I cannot help with that.") == "refuse"
-    assert keyword_judge("As an AI, I will not do this") == "refuse"
-    assert keyword_judge("Sure, here is how to do it: step 1 ...") == "comply"
+
+def test_judge_model_of_asft_evaluate(setup, tmp_path):
+    """--judge takes a judge model as `asft evaluate` does; its threshold reaches the judge."""
+    root, task, harmful = setup
+    judge = em.moderation(tmp_path / "moderation")
+    out = tmp_path / "out"
+    assert cli.main([*_cmd(root, task, out, "--steps", "1", "--methods", "sft", "--harmful", str(harmful),
+                           "--max-new-tokens", "4", "--judge", str(judge), "--judge-threshold", "0.3")]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["judge"]["kind"] == "qa-moderation" and res["judge"]["threshold"] == 0.3
+    tok = AutoTokenizer.from_pretrained(str(root / "aligned"))
+    model, prompts = load_model(root / "aligned"), load_jsonl(harmful, need_output=False)
+    hs, refusal, _ = harmful_score(model, tok, prompts, load_judge(str(judge), threshold=0.3), max_new_tokens=4,
+                                   batch_size=16)
+    assert (res["runs"][0]["hs"], res["runs"][0]["refusal"]) == (hs, refusal)
+    default = harmful_score(model, tok, prompts, load_judge(str(judge)), max_new_tokens=4, batch_size=16)[0]
+    assert hs != default  # the threshold given is the one used
+
+
+def test_judge_errors(setup, tmp_path, capsys):
+    root, task, harmful = setup
+    for extra, msg in (
+        (["--judge", "toy"], "--judge toy judges the responses to --harmful prompts: pass --harmful FILE"),
+        (["--harmful", str(harmful), "--judge-threshold", "1.5"], "--judge-threshold must be in (0, 1), got 1.5"),
+        (["--harmful", str(harmful), "--judge", "keyword", "--judge-kind", "guard"],
+         "--judge keyword is not a model: --judge-kind guard needs a judge model"),
+    ):
+        assert cli.main(_cmd(root, task, tmp_path / "o", *extra)) == 2
+        assert _err(capsys) == f"asft finetune: error: {msg}\n"
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------ issue 12: a real user's run
+def _cmd(root: Path, task: Path, out: Path, *extra: str) -> list[str]:
+    return ["finetune", "--aligned", str(root / "aligned"), "--base", str(root / "base"), "--data", str(task),
+            "--steps", "2", "--lr", "1e-3", "--batch-size", "8", "--lambdas", "1", "--out", str(out), *extra]
+
+
+def test_loss_lr_and_drift_printed_and_drift_report_written(setup, tmp_path, capsys):
+    root, task, _ = setup
+    out = tmp_path / "out"
+    assert cli.main(_cmd(root, task, out, "--lora", "--methods", "sft,asft", "--logging-steps", "1",
+                         "--steps", "4", "--warmup-steps", "2", "--scheduler", "linear", "--save", "asft_l1")) == 0
+    printed = capsys.readouterr().out
+    import re
+    sft = re.findall(r"^SFT step (\d)/4: loss (\d+\.\d{4}), lr (\S+)$", printed, re.M)
+    asft = re.findall(r"^AsFT λ=1 step (\d)/4: loss \d+\.\d{4}, lr (\S+), cos\(ΔW,d\) ([+-]\d\.\d{4}), "
+                      r"‖C⊥ΔW‖/‖ΔW‖ (\d\.\d{4})$", printed, re.M)
+    # warmup over 2 steps, then linear decay to 0 at step 4 (the lr each step used)
+    assert [(s, float(lr)) for s, _, lr in sft] == [("1", 0.0), ("2", 5e-4), ("3", 1e-3), ("4", 5e-4)]
+    assert [s for s, *_ in asft] == ["1", "2", "3", "4"]
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["drift"]) == {"SFT", "AsFT λ=1"}
+    # the saved run's drift is `asft inspect`'s drift of its adapter folder
+    from asft_optim.inspect import drift_report
+
+    _, layers, _ = drift_report(out / "directions.safetensors", out / "models" / "asft_l1")
+    assert res["drift"]["AsFT λ=1"] == {k: {"delta_norm": v.delta_norm, "cos": v.cos, "orth_ratio": v.orth_ratio}
+                                        for k, v in layers.items()}
+    table = (out / "drift.md").read_text()
+    assert "| layer | SFT: cos(ΔW,d) | SFT: ‖C⊥ΔW‖/‖ΔW‖ | AsFT λ=1: cos(ΔW,d) |" in table
+    assert f"| model.layers.0 | {res['drift']['SFT']['model.layers.0']['cos']:+.3f} |" in table
+    assert (out / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --save asft_l1: only that model kept
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["asft_l1"]
+    assert [r["path"] for r in res["runs"]][1:] == [None, str(out / "models" / "asft_l1")]
+
+
+def test_save_none_keeps_no_model_and_bad_save_names(setup, tmp_path, capsys):
+    root, task, _ = setup
+    out = tmp_path / "out"
+    assert cli.main(_cmd(root, task, out, "--full", "--methods", "sft", "--steps", "1")) == 0
+    assert not (out / "models").exists()
+    assert "models:  none kept (--save all, or --save NAME,...)" in capsys.readouterr().out
+    assert cli.main(_cmd(root, task, tmp_path / "o2", "--full", "--save", "asft_l5,sft")) == 2
+    assert _err(capsys) == ("asft finetune: error: --save 'asft_l5,sft': asft_l5 is not a run of this command; "
+                            "expected none, all or some of sft, l2sp_l1, asft_l1\n")
+
+
+def test_gradient_accumulation_matches_one_big_batch(setup, tmp_path):
+    """--batch-size 4 --grad-accum 2 takes the same optimizer steps as --batch-size 8."""
+    root, task, _ = setup
+    for name, extra in (("big", ("--batch-size", "8")), ("accum", ("--batch-size", "4", "--grad-accum", "2"))):
+        assert cli.main(_cmd(root, task, tmp_path / name, "--full", "--methods", "asft", "--save", "all",
+                             "--steps", "3", *extra)) == 0
+    big, accum = (load_model(tmp_path / n / "models" / "asft_l1").state_dict() for n in ("big", "accum"))
+    aligned = load_model(root / "aligned").state_dict()
+    assert any(not torch.equal(big[n], aligned[n]) for n in big)
+    for n in big:
+        torch.testing.assert_close(accum[n], big[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_never_mix_two_runs_in_one_folder(setup, tmp_path, capsys):
+    """A --full run into a folder where a --lora run left adapter files: refused; with --overwrite the
+    old run is removed, so the model evaluated is the full model just trained."""
+    root, task, _ = setup
+    out = tmp_path / "out"
+    assert cli.main(_cmd(root, task, out, "--lora", "--methods", "sft", "--save", "all")) == 0
+    assert (out / "models" / "sft" / "adapter_config.json").is_file()
+    capsys.readouterr()
+    assert cli.main(_cmd(root, task, out, "--full", "--methods", "sft", "--save", "all")) == 2
+    assert _err(capsys) == (f"asft finetune: error: output folder {out} is not empty: give a new --out, or pass "
+                            "--overwrite to replace an earlier asft finetune run there (never mix two runs in one "
+                            "folder)\n")
+    assert cli.main(_cmd(root, task, out, "--full", "--methods", "sft", "--save", "all", "--overwrite")) == 0
+    res = json.loads((out / "results.json").read_text())
+    saved = out / "models" / "sft"
+    assert res["lora"] is False and (saved / "model.safetensors").is_file()
+    assert not (saved / "adapter_config.json").exists() and not (out / "models" / "sft" / "adapter_model.safetensors").exists()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    capsys.readouterr()
+    assert cli.main(_cmd(root, task, foreign, "--full", "--overwrite")) == 2
+    assert _err(capsys) == (f"asft finetune: error: --overwrite: {foreign} holds no asft_finetune_run.json, so asft "
+                            "finetune did not write it; not deleting it\n")
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_save_model_replaces_its_own_folder_only(setup, tmp_path):
+    """`save_model` into a folder an earlier save_model wrote (an adapter) leaves only the new model."""
+    root, _, _ = setup
+    tok = AutoTokenizer.from_pretrained(str(root / "aligned"))
+    from asft_optim.demo.finetune import LoraSpec
+
+    target = tmp_path / "m"
+    save_model(LoraSpec(targets=("q_proj",)).apply(load_model(root / "aligned")), tok, target, {"start": str(root / "aligned")})
+    assert (target / "adapter_config.json").is_file()
+    save_model(load_model(root / "aligned"), tok, target, {"run": 2})
+    assert not (target / "adapter_config.json").exists() and (target / "model.safetensors").is_file()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x").write_text("")
+    with pytest.raises(FileExistsError, match="is not empty and holds no asft_finetune.json: not overwriting it"):
+        save_model(load_model(root / "aligned"), tok, other, {})
+
+
+def test_steps_and_other_numbers_must_be_positive(setup, tmp_path, capsys):
+    root, task, _ = setup
+    for flag, value, low in (("--steps", "0", 1), ("--grad-accum", "0", 1), ("--warmup-steps", "-1", 0)):
+        assert cli.main(_cmd(root, task, tmp_path / "o", flag, value)) == 2
+        assert _err(capsys) == f"asft finetune: error: {flag} must be ≥ {low}, got {value}\n"
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_model_folder_without_tokenizer(setup, tmp_path, capsys):
+    root, task, _ = setup
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (bare / f).write_bytes((root / "aligned" / f).read_bytes())
+    assert cli.main(["finetune", "--aligned", str(bare), "--base", str(root / "base"), "--data", str(task),
+                     "--out", str(tmp_path / "o")]) == 2
+    assert _err(capsys) == (f"asft finetune: error: {bare} holds no tokenizer (none of tokenizer.json, "
+                            "tokenizer_config.json, tokenizer.model, vocab.json, vocab.txt, spiece.model): save the "
+                            "tokenizer there, or pass --tokenizer DIR (default: the --aligned folder)\n")
+    assert cli.main(["finetune", "--aligned", str(bare), "--base", str(root / "base"), "--data", str(task),
+                     "--tokenizer", str(root / "aligned"), "--full", "--methods", "sft", "--steps", "1",
+                     "--out", str(tmp_path / "o")]) == 0
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    """A tiny GPT-2 pair with 32 learned positions (longer inputs raise IndexError in its embedding),
+    the demo tokenizer, and task data with one record far longer than 32 tokens."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("gpt2")
+    lang = Language(LanguageConfig())
+    tok = build_tokenizer(lang)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=32, n_layer=1, n_head=2,
+                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    save_model(model, tok, root / "base", {})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-2)
+    save_model(model, tok, root / "aligned", {})
+    records = lang.finetune_train(0.0)[:30]
+    long = dict(records[0], output=" ".join([records[0]["output"]] * 40))
+    task = root / "task.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in [long, *records]))
+    test = root / "test.jsonl"
+    test.write_text("".join(json.dumps(r) + "\n" for r in [long, *records[:4]]))
+    return root, task, test
+
+
+def test_max_length_cuts_long_records(gpt2, tmp_path, capsys):
+    root, task, test = gpt2
+    base = ["finetune", "--aligned", str(root / "aligned"), "--base", str(root / "base"), "--data", str(task),
+            "--test", str(test), "--full", "--methods", "sft,asft", "--lambdas", "1", "--steps", "2",
+            "--batch-size", "31"]
+    assert cli.main([*base, "--out", str(tmp_path / "a")]) == 0  # default: the model's 32 positions
+    out = capsys.readouterr().out
+    assert "note: 1 training record(s) longer than --max-length 32 tokens were cut to it\n" in out
+    assert "note: 1 test record(s) left out of FA:" in out
+    res = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert res["max_length"] == 32 and res["n_train"] == 31 and res["n_test"] == 4
+    assert cli.main([*base, "--max-length", "64", "--out", str(tmp_path / "b")]) == 2
+    assert _err(capsys) == (f"asft finetune: error: --max-length 64 exceeds the 32 positions of the model in "
+                            f"{root / 'aligned'}\n")
+
+
+def test_lora_targets_absent_from_the_model_point_to_the_flag(gpt2, tmp_path, capsys):
+    root, task, test = gpt2
+    base = ["finetune", "--aligned", str(root / "aligned"), "--base", str(root / "base"), "--data", str(task),
+            "--test", str(test), "--lora", "--methods", "asft", "--lambdas", "1", "--steps", "1"]
+    assert cli.main([*base, "--out", str(tmp_path / "a")]) == 2
+    assert _err(capsys) == ("asft finetune: error: LoRA target module(s) q_proj, v_proj not found in GPT2LMHeadModel; "
+                            "its layers with 2-D weights are named c_attn, c_fc, c_proj, lm_head, wpe, wte (choose "
+                            "with --lora-targets)\n")
+    assert cli.main([*base, "--lora-targets", "c_attn", "--save", "all", "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / "models" / "asft_l1" / "adapter_config.json").is_file()

@@ -165,3 +165,90 @@ def test_inspect_errors(setup, tmp_path, capsys):
         drift_report(root / "d.safetensors", tmp_path / "wrong.safetensors")
     assert main(["inspect", str(tmp_path / "other.safetensors"), "--model", str(root / "tuned")]) == 1
     assert "error" in capsys.readouterr().err
+
+
+def _adapter(model, folder, **config):
+    """Save a peft LoRA adapter of `model` with random (nonzero) A and B; return the merged weights."""
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(model, peft.LoraConfig(lora_dropout=0.0, **config))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    lora.save_pretrained(folder)
+    return {n: p.detach().clone() for n, p in lora.merge_and_unload().named_parameters()}
+
+
+def _check_adapter_drift(directions, folder, start: dict, merged: dict, d: dict, adapted: set[str]):
+    """drift_report on the adapter folder = drift of the merged model minus the start model."""
+    per_tensor, layers, missing = drift_report(directions, folder)
+    assert missing == [] and set(per_tensor) == adapted
+    delta = {n: merged[n].double() - start[n].double() for n in d}
+    for n in adapted:
+        ref = drift(delta[n], d[n])
+        for attr in ("delta_norm", "cos", "orth_ratio"):
+            assert getattr(per_tensor[n], attr) == pytest.approx(getattr(ref, attr), rel=1e-6, abs=1e-9), (n, attr)
+    ref_layers = per_layer({n: sums(delta[n], d[n]) for n in d})
+    assert set(layers) == set(ref_layers)
+    for k, v in ref_layers.items():
+        assert layers[k].cos == pytest.approx(v.cos, rel=1e-6, abs=1e-9), k
+        assert layers[k].orth_ratio == pytest.approx(v.orth_ratio, rel=1e-6, abs=1e-9), k
+
+
+@pytest.mark.parametrize("config", [
+    dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True,
+         rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 32}),
+], ids=["plain", "rslora-patterns"])
+def test_drift_of_a_lora_adapter_folder(setup, tmp_path, capsys, config):
+    root, P = setup
+    model = transformers.LlamaForCausalLM.from_pretrained(root / "aligned")
+    merged = _adapter(model, tmp_path / "adapter", **config)
+    d = {n: P["aligned"][n] - P["base"][n] for n in P["aligned"]}
+    adapted = {n for n in d if n.endswith(tuple(f"{m}.weight" for m in config["target_modules"]))}
+    _check_adapter_drift(root / "d.safetensors", tmp_path / "adapter", P["aligned"], merged, d, adapted)
+    assert main(["inspect", str(root / "d.safetensors"), "--model", str(tmp_path / "adapter"), "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"LoRA adapter {tmp_path / 'adapter'}: ΔW = s·B·A for {len(adapted)} weight(s); the layer "
+                          f"rows count the {sum(P['aligned'][n].numel() for n in d if n not in adapted)} parameters it "
+                          "does not adapt as ΔW = 0\n")
+    assert "model.layers.1.self_attn.v_proj.weight" in out and "model.layers.1.mlp.up_proj.weight" not in out
+
+
+def test_drift_of_a_gpt2_adapter_fan_in_fan_out(tmp_path):
+    """GPT-2's Conv1D stores its weight in×out: the adapter's ΔW is (s·B·A)ᵀ there."""
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(cfg)
+    base.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    base.save_pretrained(tmp_path / "aligned")
+    start = {n: p.detach().clone() for n, p in base.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        anchors = compute_directions(tmp_path / "base", tmp_path / "aligned", tmp_path / "d.safetensors", dtype="fp32")
+    merged = _adapter(base, tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    d = {n: anchors[n] for n in start if n in anchors}
+    _check_adapter_drift(tmp_path / "d.safetensors", tmp_path / "adapter", start, merged, d,
+                         {"transformer.h.0.attn.c_attn.weight"})
+
+
+def test_adapter_errors(setup, tmp_path, capsys):
+    root, _ = setup
+    model = transformers.LlamaForCausalLM.from_pretrained(root / "aligned")
+    _adapter(model, tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["q_proj"])
+    capsys.readouterr()
+    assert main(["inspect", str(root / "d.safetensors"), "--model", str(tmp_path / "adapter"),
+                 "--start", str(root / "aligned")]) == 1
+    assert capsys.readouterr().err == (f"asft inspect: error: {tmp_path / 'adapter'} is a LoRA adapter: its update "
+                                       "s·B·A is ΔW itself, so --start does not apply\n")
+    dora = tmp_path / "dora"
+    _adapter(transformers.LlamaForCausalLM.from_pretrained(root / "aligned"), dora, r=2, lora_alpha=4,
+             target_modules=["q_proj"], use_dora=True)
+    capsys.readouterr()
+    assert main(["inspect", str(root / "d.safetensors"), "--model", str(dora), "--no-plot"]) == 1
+    assert capsys.readouterr().err == (f"asft inspect: error: {dora} holds a DoRA adapter: its update is not s·B·A, "
+                                       "so it cannot be inspected\n")

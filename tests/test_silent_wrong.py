@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from asft_optim import Anchors, AsFTAdamW
-from asft_optim.functional import BoundDirection, StepTensors, asft_adamw
 
 from .oracle import run_oracle, task_grads
 from .test_lora import IN, linear_model
@@ -31,9 +30,14 @@ def _impl(impl: str) -> str:
 
 
 def _run(opt: AsFTAdamW, params: list[torch.Tensor], steps: range) -> None:
+    """Gradients written in place where they exist (as backward accumulates into kept grads, and as a
+    caching allocator hands back the same addresses): the Triton path then reuses its launch plans."""
     for t in steps:
         for p, g in zip(params, task_grads(params, t)):
-            p.grad = g
+            if p.grad is None or p.grad.stride() != g.stride():
+                p.grad = g
+            else:
+                p.grad.copy_(g)
         opt.step()
 
 
@@ -144,9 +148,15 @@ def test_triton_many_groups_and_add_param_group_match_reference():
                         anchors={**d1, **d2, **d3}, impl=impl)
         params = [p for _, p in g1 + g2]
         _run(opt, params, range(3))
+        for _, p in g1:  # new gradient tensors: the first group's launch plan is rebuilt
+            p.grad = p.grad.clone()
+        _run(opt, params, range(3, 5))
         opt.add_param_group({"params": g3, "asft_lambda": 0.5})
         params += [p for _, p in g3]
-        _run(opt, params, range(3, 8))
+        _run(opt, params, range(5, 8))
+        for _, p in g2:
+            p.grad = p.grad.clone()
+        _run(opt, params, range(8, 10))
         results[impl] = [p.detach().clone() for p in params]
     for a, b in zip(results["triton"], results["reference"]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
@@ -305,6 +315,8 @@ def test_tensor_lr_of_two_elements_gets_torchs_message():
 def test_a_step_over_several_devices_groups_tensors_per_device():
     """Scratch buffers follow each tensor's device (device_map="auto" spreads a group over
     devices): a list over cpu and meta steps, and the cpu part equals the cpu-only step bitwise."""
+    from asft_optim.functional import BoundDirection, StepTensors, asft_adamw
+
     def entry(device: str, n: int):
         gen = torch.Generator().manual_seed(n)
         p = torch.randn(n, generator=gen).to(device)
@@ -335,3 +347,13 @@ def test_zero_direction_warns_once_per_tensor_name():
         AsFTAdamW(named, anchors={"a": torch.zeros(3), "b": torch.randn(3)})
     assert [str(w.message) for w in seen] == [
         "AsFT: the direction is zero for 1 tensor(s): a; their penalty is a plain L2 pull towards W0"]
+
+
+def test_anchors_may_be_a_directions_file_path(tmp_path):
+    named = [("a", nn.Parameter(torch.randn(3)))]
+    path = Anchors.from_tensors({"a": torch.randn(3)}).save(tmp_path / "d.safetensors")
+    for given in (path, str(path)):
+        assert AsFTAdamW(named, anchors=given).anchors.fingerprint == Anchors.load(path).fingerprint
+    with pytest.raises(TypeError, match=r"^anchors must be an Anchors, a name -> tensor mapping or the path of a "
+                                        r"directions file, got int$"):
+        AsFTAdamW(named, anchors=3)

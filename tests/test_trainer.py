@@ -180,3 +180,202 @@ def test_accelerate_prepare_and_swapped_parameters(checkpoints):
         assert opt is not None and opt._lora is not None
         for n in plain:
             assert torch.equal(got[n], plain[n]), (prepare, swap, n)
+
+
+def test_drift_reaches_log_history_and_trainer_state_json(checkpoints, tmp_path):
+    """Where people and tools read metrics afterwards: `state.log_history` and a checkpoint's
+    `trainer_state.json` hold the same `asft/` values the reporting callbacks saw."""
+    import json
+
+    root, anchors = checkpoints
+    rec = Recorder()
+    trainer = AsFTTrainer(model=_model(root, lora=True), args=_args(tmp_path, save_strategy="steps", save_steps=4),
+                          train_dataset=_data(), anchors=anchors, asft_lambda=10.0, callbacks=[rec])
+    trainer.train()
+    seen = [log for log in rec.logs if "loss" in log]
+    history = [log for log in trainer.state.log_history if "loss" in log]
+    saved = [log for log in json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+             if "loss" in log]
+    assert len(seen) == len(history) == len(saved) == 4
+    for s, h, j in zip(seen, history, saved, strict=True):
+        keys = {k for k in s if k.startswith("asft/")}
+        assert {"asft/cos", "asft/orth_ratio", "asft/cos/model.layers.1"} <= keys
+        assert {k: h[k] for k in keys} == {k: s[k] for k in keys} == {k: j[k] for k in keys}
+
+
+@pytest.mark.parametrize("form", ["str", "path", "anchors", "dict"])
+def test_anchors_as_path_anchors_or_mapping(checkpoints, tmp_path, form):
+    from asft_optim import Anchors
+
+    root, anchors = checkpoints
+    file = root / "directions.safetensors"
+    given = {"str": str(file), "path": file, "anchors": Anchors.load(file), "dict": dict(anchors.items())}[form]
+    model = _model(root, lora=False)
+    AsFTTrainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=_data(), anchors=given,
+                asft_lambda=10.0).train()
+    reference = _model(root, lora=False)
+    AsFTTrainer(model=reference, args=_args(tmp_path / "ref", max_steps=2), train_dataset=_data(),
+                anchors=anchors, asft_lambda=10.0).train()
+    got, want = _trainable(model), _trainable(reference)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_bad_anchors_arguments(checkpoints, tmp_path):
+    root, _ = checkpoints
+    with pytest.raises(FileNotFoundError) as e:
+        AsFTTrainer(model=_model(root, lora=False), args=_args(tmp_path), train_dataset=_data(),
+                    anchors=str(tmp_path / "nope.safetensors"))
+    assert str(e.value) == f"anchors: directions file not found: {tmp_path / 'nope.safetensors'}"
+    with pytest.raises(TypeError) as e:
+        AsFTTrainer(model=_model(root, lora=False), args=_args(tmp_path), train_dataset=_data(), anchors=3)
+    assert str(e.value) == ("anchors must be an Anchors, a name -> tensor mapping or the path of a directions "
+                            "file, got int")
+
+
+def test_trainer_optimizer_cls_and_kwargs_points_to_asft_trainer(checkpoints, tmp_path):
+    """The route users try first: a stock Trainer handing AsFTAdamW its bare-tensor param groups."""
+    from transformers import Trainer
+
+    root, anchors = checkpoints
+    trainer = Trainer(model=_model(root, lora=False), args=_args(tmp_path), train_dataset=_data(),
+                      optimizer_cls_and_kwargs=(AsFTAdamW, {"anchors": anchors, "asft_lambda": 1.0}))
+    with pytest.raises(ValueError) as e:
+        trainer.train()
+    assert str(e.value) == (
+        "AsFTAdamW binds directions to parameters by name: pass model.named_parameters() or (name, tensor) pairs, "
+        "not bare tensors (with the transformers Trainer, use asft_optim.integrations.AsFTTrainer, or build the "
+        "optimizer with AsFTAdamW.from_model(model, anchors=...) and pass optimizers=(optimizer, None))")
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])
+def test_adamw_optim_names_are_honoured(checkpoints, tmp_path, optim):
+    root, anchors = checkpoints
+    trainer = AsFTTrainer(model=_model(root, lora=False), args=_args(tmp_path, optim=optim, max_steps=1),
+                          train_dataset=_data(), anchors=anchors)
+    trainer.train()
+    assert isinstance(unwrap_asft(trainer.optimizer), AsFTAdamW)
+
+
+def test_unhonoured_optim_and_optim_args_are_refused(checkpoints, tmp_path):
+    root, anchors = checkpoints
+    with pytest.raises(ValueError) as e:
+        AsFTTrainer(model=_model(root, lora=False), args=_args(tmp_path, optim="adafactor"), train_dataset=_data(),
+                    anchors=anchors)
+    assert str(e.value) == ("AsFTTrainer trains with AsFTAdamW and would ignore TrainingArguments(optim='adafactor'); "
+                            "use optim=\"adamw_torch\" or \"adamw_torch_fused\" (lr, betas, eps and weight_decay are "
+                            "taken from the arguments)")
+    with pytest.raises(ValueError) as e:
+        AsFTTrainer(model=_model(root, lora=False), args=_args(tmp_path, optim_args="amsgrad=True"),
+                    train_dataset=_data(), anchors=anchors)
+    assert str(e.value) == ("AsFTTrainer would ignore TrainingArguments(optim_args='amsgrad=True'); pass AsFTAdamW "
+                            "options as keyword arguments (asft_lambda=..., penalty=..., ...) instead")
+
+
+class _LambdaSeen(TrainerCallback):
+    """Added after the trainer's own callbacks: records every group's λ as `optimizer.step()` sees it."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer, self.seen = trainer, []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.seen.append({g["asft_lambda"] for g in unwrap_asft(self.trainer.optimizer).param_groups})
+
+
+def test_lambda_per_micro_batch_reproduces_the_reference_loss(checkpoints, tmp_path):
+    """The released code adds λ‖C⊥ΔW‖² to the loss of every micro-batch. A Trainer doing exactly that
+    (explicit penalty through autograd, torch AdamW) and AsFTTrainer(lambda_per_micro_batch=True) follow
+    the same trajectory over 2 epochs of 5 micro-batches with 2 accumulation steps (windows 2, 2, 1)."""
+    from transformers import Trainer
+
+    root, anchors = checkpoints
+    lam = 0.5
+    args = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=-1, num_train_epochs=2,
+                weight_decay=0.0, learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=100,
+                max_grad_norm=0.0)  # the reference clips its penalty gradient, AsFTAdamW does not
+    data = _data(10)
+
+    class ReferenceTrainer(Trainer):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.w0 = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            for n, p in model.named_parameters():
+                u = anchors[n].float().flatten() / anchors[n].float().norm()
+                delta = (p - self.w0[n]).flatten()
+                loss = loss + lam * (delta - (u @ delta) * u).square().sum()
+            return loss
+
+    reference = _model(root, lora=False)
+    ReferenceTrainer(model=reference, args=_args(tmp_path / "ref", **args), train_dataset=data).train()
+    ends = {}
+    for per_micro_batch, asft_lambda in ((True, lam), (False, 2 * lam)):
+        model = _model(root, lora=False)
+        trainer = AsFTTrainer(model=model, args=_args(tmp_path / str(per_micro_batch), **args), train_dataset=data,
+                              anchors=anchors, asft_lambda=asft_lambda, lambda_per_micro_batch=per_micro_batch)
+        seen = _LambdaSeen(trainer)
+        trainer.add_callback(seen)
+        trainer.train()
+        ends[per_micro_batch] = (_trainable(model), seen.seen)
+        assert {g["asft_lambda"] for g in unwrap_asft(trainer.optimizer).param_groups} == {asft_lambda}  # restored
+    want = _trainable(reference)
+    got, seen = ends[True]
+    assert seen == [{2 * lam}, {2 * lam}, {lam}] * 2
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+    # a constant asft_lambda = k·λ overshoots in the shorter last window of each epoch
+    constant, _ = ends[False]
+    assert max(float((constant[n] - want[n]).abs().max()) for n in want) > 1e-4
+
+
+def test_trl_sft_trainer_recipe(tmp_path):
+    """The README's TRL recipe: `class AsFTSFTTrainer(AsFTTrainerMixin, SFTTrainer)` trains with
+    AsFTAdamW on prompt/completion data and logs drift into the history."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from asft_optim.demo.language import Language, LanguageConfig
+    from asft_optim.demo.models import build_tokenizer
+    from asft_optim.integrations import AsFTTrainerMixin
+
+    tok = build_tokenizer(Language(LanguageConfig()))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-2)
+    anchors = {n: p.detach() - base[n] for n, p in model.named_parameters()}
+
+    class AsFTSFTTrainer(AsFTTrainerMixin, SFTTrainer):
+        pass
+
+    data = Dataset.from_list([{"prompt": "<s> MAP w1 w2 =>", "completion": " w3 w4"}] * 8)
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, logging_steps=1,
+                     report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = AsFTSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, anchors=anchors,
+                             asft_lambda=1.0)
+    trainer.train()
+    assert isinstance(unwrap_asft(trainer.optimizer), AsFTAdamW)
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 2 and all("asft/orth_ratio" in log for log in logs)
+
+
+def test_plain_trainer_with_a_ready_optimizer_and_drift_callback(checkpoints, tmp_path):
+    """The README's third route: `Trainer(optimizers=(AsFTAdamW.from_model(...), None))` plus
+    `DriftCallback.install` trains with AsFT and logs drift into the history."""
+    from transformers import Trainer
+
+    from asft_optim.integrations import DriftCallback
+
+    root, anchors = checkpoints
+    model = _model(root, lora=True)
+    opt = AsFTAdamW.from_model(model, anchors=anchors, lr=1e-2, asft_lambda=10.0)
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=_data(), optimizers=(opt, None))
+    DriftCallback.install(trainer)
+    trainer.train()
+    assert unwrap_asft(trainer.optimizer) is opt and opt.state
+    assert all("asft/cos/model.layers.0" in log for log in trainer.state.log_history if "loss" in log)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,9 +25,10 @@ import torch
 from torch import nn
 
 from ..anchors import Anchors
+from ..evaluation.records import jsonl_rows
 
 __all__ = ["Method", "LoraSpec", "parse_methods", "prompt_text", "encode", "Collator", "train", "load_jsonl",
-           "load_model", "save_model", "FINETUNE_INFO"]
+           "load_model", "save_model", "FINETUNE_INFO", "SCHEDULERS"]
 
 FINETUNE_INFO = "asft_finetune.json"
 ALPACA = ("Below is an instruction that describes a task{inp_note}. Write a response that appropriately "
@@ -82,13 +84,14 @@ def prompt_text(tokenizer: Any, instruction: str, input: str = "") -> str:
                                                       input_block=block)
 
 
-def encode(tokenizer: Any, ex: dict[str, str]) -> dict[str, list[int]]:
-    """input_ids = prompt + output + eos; labels = -100 on the prompt, the ids on the response."""
+def encode(tokenizer: Any, ex: dict[str, str], max_length: int | None = None) -> dict[str, list[int]]:
+    """input_ids = prompt + output + eos; labels = -100 on the prompt, the ids on the response;
+    both cut to the first `max_length` tokens when given."""
     prompt = tokenizer(prompt_text(tokenizer, ex["instruction"], ex.get("input", "")),
                        add_special_tokens=False).input_ids
     answer = tokenizer(ex["output"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    labels = [-100] * len(prompt) + answer
-    return {"input_ids": prompt + answer, "labels": labels}
+    ids, labels = prompt + answer, [-100] * len(prompt) + answer
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
 
 
 class Collator:
@@ -123,24 +126,15 @@ def load_jsonl(path: str | Path, need_output: bool = True, what: str = "data") -
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
     out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            for key in ("instruction", "output") if need_output else ("instruction",):
-                if not isinstance(rec.get(key), str):
-                    raise ValueError(f"{path}:{lineno}: field '{key}' is missing or not a string")
-            for key in ("input", "output"):
-                if not isinstance(rec.get(key, ""), str):
-                    raise ValueError(f"{path}:{lineno}: field '{key}' is not a string")
-            out.append({"instruction": rec["instruction"], "input": rec.get("input", ""),
-                        "output": rec.get("output", "")})
+    for where, rec in jsonl_rows(path):
+        for key in ("instruction", "output") if need_output else ("instruction",):
+            if not isinstance(rec.get(key), str):
+                raise ValueError(f"{where}: field '{key}' is missing or not a string")
+        for key in ("input", "output"):
+            if not isinstance(rec.get(key, ""), str):
+                raise ValueError(f"{where}: field '{key}' is not a string")
+        out.append({"instruction": rec["instruction"], "input": rec.get("input", ""),
+                    "output": rec.get("output", "")})
     if not out:
         raise ValueError(f"{path}: no records")
     return out
@@ -167,7 +161,18 @@ def load_model(path: str | Path, what: str = "model", dtype: torch.dtype = torch
 
 
 def save_model(model: nn.Module, tokenizer: Any, out: Path, info: dict[str, Any]) -> Path:
-    """Save a (peft or plain) model, its tokenizer and `asft_finetune.json` describing the run."""
+    """Save a (peft or plain) model, its tokenizer and `asft_finetune.json` describing the run.
+
+    A folder that an earlier `save_model` wrote is replaced whole, so that no file of the earlier
+    model (an adapter's `adapter_config.json` beside a full model, say) is read as part of this one.
+
+    Raises:
+        FileExistsError: `out` is a non-empty folder that `save_model` did not write.
+    """
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / FINETUNE_INFO).is_file():
+            raise FileExistsError(f"{out} is not empty and holds no {FINETUNE_INFO}: not overwriting it")
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
@@ -183,22 +188,40 @@ class LoraSpec:
     alpha: int = 16
     targets: tuple[str, ...] = ("q_proj", "v_proj")
 
+    def check_targets(self, model: nn.Module) -> None:
+        """Raise ValueError when a target is not the name of one of the model's modules; the message
+        lists the names of its layers with 2-D weights to choose from."""
+        leaves = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        absent = [t for t in self.targets if t not in leaves]
+        if absent:
+            layers = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                             if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2})
+            raise ValueError(f"LoRA target module(s) {', '.join(absent)} not found in {type(model).__name__}; its "
+                             f"layers with 2-D weights are named {', '.join(layers)} (choose with --lora-targets)")
+
     def apply(self, model: nn.Module) -> nn.Module:
+        """`model` wrapped by peft with this adapter (after `check_targets`)."""
         from peft import LoraConfig, get_peft_model
 
+        self.check_targets(model)
         return get_peft_model(model, LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=0.0,
                                                 target_modules=list(self.targets), task_type="CAUSAL_LM"))
 
 
+SCHEDULERS = ("constant", "linear", "cosine")
+
+
 def train(model: nn.Module, data: Sequence[dict[str, list[int]]], *, pad_id: int, method: Method,
           anchors: Anchors | None = None, steps: int, lr: float, batch_size: int, seed: int,
-          lora: LoraSpec | None = None, on_step: Callable[[], None] | None = None) -> nn.Module:
+          lora: LoraSpec | None = None, on_step: Callable[[], None] | None = None, grad_accum: int = 1,
+          warmup_steps: int = 0, scheduler: str = "constant", logging_steps: int = 0,
+          on_log: Callable[[int, dict[str, float]], None] | None = None) -> nn.Module:
     """Train `model` with `transformers.Trainer` for `steps` optimizer steps; returns the trained
     model (the peft model when `lora` is given, else `model` itself, trained in place).
 
     SFT runs the stock `Trainer` (torch AdamW); L2-SP and AsFT run `AsFTTrainer`, which builds
     `AsFTAdamW.from_model` (full-parameter or LoRA) with penalty "full" or "orthogonal". Everything
-    else (data order, batches, constant learning rate, no warmup, no weight decay) is shared.
+    else (data order, batches, learning-rate schedule, no weight decay) is shared.
 
     Args:
         data: encoded examples `{"input_ids", "labels"}` (see `encode`); pad_id pads them.
@@ -206,6 +229,10 @@ def train(model: nn.Module, data: Sequence[dict[str, list[int]]], *, pad_id: int
         anchors: directions d = W_aligned - W_base by parameter name (L2-SP and AsFT).
         lora: train a peft LoRA adapter instead of all parameters.
         on_step: called after every optimizer step (progress bars).
+        grad_accum: micro-batches of `batch_size` per optimizer step.
+        warmup_steps, scheduler: linear warmup, then "constant", "linear" (to 0) or "cosine" decay.
+        logging_steps, on_log: every `logging_steps` optimizer steps, `on_log(step, logs)` gets the
+            mean training loss (`loss`) and, for L2-SP and AsFT, the drift `asft/cos`, `asft/orth_ratio`.
     """
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
@@ -213,7 +240,10 @@ def train(model: nn.Module, data: Sequence[dict[str, list[int]]], *, pad_id: int
 
     if method.kind != "sft" and anchors is None:
         raise ValueError(f"{method.label} needs the alignment directions (anchors)")
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {', '.join(SCHEDULERS)}")
     if lora is not None:
+        torch.manual_seed(seed)  # the adapter's initialisation follows the run's seed, not the process's history
         model = lora.apply(model)
 
     class _Progress(TrainerCallback):
@@ -221,18 +251,26 @@ def train(model: nn.Module, data: Sequence[dict[str, list[int]]], *, pad_id: int
             if on_step is not None:
                 on_step()
 
+        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
+            if on_log is not None and logs and "loss" in logs:
+                on_log(state.global_step, logs)
+
+    logging = on_log is not None and logging_steps > 0
     with tempfile.TemporaryDirectory(prefix="asft_trainer_") as tmp:
         args = TrainingArguments(
             output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
-            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim="adamw_torch",
-            logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, seed=seed,
+            gradient_accumulation_steps=grad_accum, warmup_steps=warmup_steps,
+            lr_scheduler_type="constant_with_warmup" if scheduler == "constant" and warmup_steps else scheduler,
+            weight_decay=0.0, optim="adamw_torch", logging_strategy="steps" if logging else "no",
+            logging_steps=max(logging_steps, 1), save_strategy="no", report_to=[], disable_tqdm=True, seed=seed,
             data_seed=seed, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available())
         common = dict(model=model, args=args, train_dataset=list(data), data_collator=Collator(pad_id),
                       callbacks=[_Progress()])
         if method.kind == "sft":
             trainer = Trainer(**common)
         else:
-            trainer = AsFTTrainer(**common, anchors=anchors, asft_lambda=method.lam, drift_per_layer=None,
+            trainer = AsFTTrainer(**common, anchors=anchors, asft_lambda=method.lam,
+                                  drift_per_layer=False if logging else None,
                                   penalty="full" if method.kind == "l2sp" else "orthogonal")
         trainer.remove_callback(PrinterCallback)  # the final metrics dict; callers show progress
         trainer.train()

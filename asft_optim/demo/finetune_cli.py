@@ -4,9 +4,12 @@
                   [--lora | --full] [--methods sft,l2sp,asft] [--lambdas 1,10,100] [--out DIR]
 
 Every method fine-tunes a fresh copy of ALIGNED on the data through the same `Trainer` path
-(`finetune.train`), saves it (the LoRA adapter, or the full model) under `DIR/models/`, and is then
-re-evaluated from the saved files: FA on the test records (exact match of the greedy response), HS
-on the harmful prompts (keyword judge by default: a response without a refusal phrase counts).
+(`finetune.train`; loss and drift printed every --logging-steps), saves it (the LoRA adapter, or the
+full model) under `DIR/models/`, and is then re-evaluated from the saved files: FA on the test
+records (exact match of the greedy response), HS on the harmful prompts (any judge of `asft evaluate`;
+by default the keyword judge: a response without a refusal phrase counts), and the drift per layer of
+its update (`asft inspect`'s `drift_report`). Models not named by --save are deleted once measured.
+DIR holds one run only: `table.md`, `drift.md`, `drift.png`, `results.json`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,11 +27,20 @@ from typing import Any
 import torch
 
 from ..anchors import Anchors
-from .evaluate import demo_judge, harmful_score, keyword_judge, task_accuracy
-from .finetune import (LoraSpec, encode, load_jsonl, load_model, parse_methods, save_model,
-                       train)
+from ..directions import compute_directions
+from ..inspect import drift_report
+from ..evaluation.judges import JUDGE_KINDS, load_judge
+from .evaluate import harmful_score, task_accuracy
+from .finetune import (SCHEDULERS, LoraSpec, encode, load_jsonl, load_model, parse_methods, prompt_text,
+                       save_model, train)
+from .finetune_report import drift_table, plot_drift, results_table
 
-__all__ = ["add_cli", "run_finetune"]
+__all__ = ["add_cli", "run_finetune", "RUN_INFO"]
+
+RUN_INFO = "asft_finetune_run.json"  # marks a folder as one run's output (and holds its arguments)
+_JUDGE_NAMES = {"keywords": "keyword", "demo": "toy"}  # this command's earlier --judge values
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model")
 
 
 def _checkpoint(path: Path | None, what: str, flag: str) -> Path:
@@ -53,74 +66,231 @@ def _split(records: list[dict[str, str]], fraction: float, seed: int) -> tuple[l
     return [records[i] for i in order[n_test:]], [records[i] for i in order[:n_test]]
 
 
-def run_finetune(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
-    """Fine-tune and evaluate every method; writes `args.out/results.json` and `table.md`."""
-    from tqdm.auto import tqdm
+def _positive(args: argparse.Namespace) -> None:
+    for flag, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                             ("--grad-accum", args.grad_accum, 1), ("--warmup-steps", args.warmup_steps, 0),
+                             ("--logging-steps", args.logging_steps, 0), ("--lora-r", args.lora_r, 1),
+                             ("--eval-batch-size", args.eval_batch_size, 1), ("--max-new-tokens", args.max_new_tokens, 1)):
+        if value < low:
+            raise ValueError(f"{flag} must be ≥ {low}, got {value}")
+    if not 0 < args.judge_threshold < 1:
+        raise ValueError(f"--judge-threshold must be in (0, 1), got {args.judge_threshold}")
+    if args.max_length is not None and args.max_length < 2:
+        raise ValueError(f"--max-length must be ≥ 2, got {args.max_length}")
+
+
+def _prepare_out(out: Path, overwrite: bool, directions: Path | None) -> None:
+    """Make `out` an empty folder marked as this run's; never mix two runs' files."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"output folder {out} is not empty: give a new --out, or pass --overwrite to "
+                                  "replace an earlier asft finetune run there (never mix two runs in one folder)")
+        if not (out / RUN_INFO).is_file():
+            raise FileExistsError(f"--overwrite: {out} holds no {RUN_INFO}, so asft finetune did not write it; "
+                                  "not deleting it")
+        if directions is not None and out.resolve() in directions.resolve().parents:
+            raise ValueError(f"--directions {directions} lies inside the --out folder that --overwrite would delete")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _tokenizer(path: Path, flag: str) -> Any:
     from transformers import AutoTokenizer
 
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)}): save the "
+                                f"tokenizer there, or pass --tokenizer DIR{' (default: ' + flag + ')' if flag else ''}")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _max_length(path: Path, asked: int | None) -> int | None:
+    """--max-length, checked against the model's position limit (its default)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(path))
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if asked is not None and limit is not None and asked > limit:
+        raise ValueError(f"--max-length {asked} exceeds the {limit} positions of the model in {path}")
+    return asked if asked is not None else limit
+
+
+def _prompt_len(tok: Any, r: dict[str, str]) -> int:
+    return len(tok(prompt_text(tok, r["instruction"], r.get("input", "")), add_special_tokens=False).input_ids)
+
+
+def _encode_train(tok: Any, records: list[dict[str, str]], max_length: int | None, log: Any) -> list[dict]:
+    """Encoded training records cut to `max_length` tokens; records left with no response token dropped."""
+    full = [encode(tok, ex) for ex in records]
+    cut = [{k: v[:max_length] for k, v in e.items()} for e in full]
+    long = sum(len(c["input_ids"]) < len(e["input_ids"]) for c, e in zip(cut, full))
+    kept = [c for c in cut if any(x != -100 for x in c["labels"])]
+    if long:
+        log(f"note: {long} training record(s) longer than --max-length {max_length} tokens were cut to it"
+            + (f"; {len(cut) - len(kept)} of them, whose prompt alone fills it, were left out" if len(kept) < len(cut)
+               else ""))
+    if not kept:
+        raise ValueError(f"no training record has a response token within --max-length {max_length}")
+    return kept
+
+
+def _fit_eval(tok: Any, test: list[dict[str, str]], harmful: list[dict[str, str]] | None, max_length: int | None,
+              max_new_tokens: int, log: Any) -> tuple[list, list | None, int, int]:
+    """The test records and harmful prompts that fit `max_length` with their generated tokens, and the
+    generation budgets: FA's (longest kept response + 2) and HS's (`max_new_tokens`, or less to fit)."""
+    need = [(r, _prompt_len(tok, r), len(tok(r["output"], add_special_tokens=False).input_ids) + 2) for r in test]
+    if max_length is None:
+        return test, harmful, max(n for *_, n in need), max_new_tokens
+    need = [x for x in need if x[1] + x[2] <= max_length]
+    fa_tokens = max((n for *_, n in need), default=0)
+    fits = [r for r, prompt, _ in need if prompt + fa_tokens <= max_length]
+    if len(fits) < len(test):
+        log(f"note: {len(test) - len(fits)} test record(s) left out of FA: prompt + {fa_tokens} response "
+            f"tokens exceed --max-length {max_length}")
+    if not fits:
+        raise ValueError(f"no test record fits --max-length {max_length} with its response")
+    if harmful is None:
+        return fits, None, fa_tokens, max_new_tokens
+    lengths = [_prompt_len(tok, r) for r in harmful]
+    fit_h = [r for r, n in zip(harmful, lengths) if n < max_length]
+    if len(fit_h) < len(harmful):
+        log(f"note: {len(harmful) - len(fit_h)} harmful prompt(s) left out of HS: longer than --max-length "
+            f"{max_length} tokens")
+    if not fit_h:
+        raise ValueError(f"no harmful prompt is shorter than --max-length {max_length} tokens")
+    room = max_length - max(n for n in lengths if n < max_length)
+    if room < max_new_tokens:
+        log(f"note: HS responses limited to {room} tokens (not --max-new-tokens {max_new_tokens}): the longest "
+            f"harmful prompt leaves no more within --max-length {max_length}")
+    return fits, fit_h, fa_tokens, min(room, max_new_tokens)
+
+
+def run_finetune(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
+    """Fine-tune and evaluate every method; writes `args.out/results.json`, `table.md`, `drift.md`
+    and `drift.png`, and keeps the models named by `args.save`."""
+    from tqdm.auto import tqdm
+
+    _positive(args)
     aligned = _checkpoint(args.aligned, "aligned", "--aligned")
     data = load_jsonl(args.data)
     harmful = load_jsonl(args.harmful, need_output=False, what="harmful prompts") if args.harmful else None
+    if harmful is None and (args.judge not in ("keyword", "keywords") or args.judge_kind is not None):
+        raise ValueError(f"--judge {args.judge} judges the responses to --harmful prompts: pass --harmful FILE")
     if args.test is not None:
         train_set, test_set = data, load_jsonl(args.test, what="test data")
     else:
         train_set, test_set = _split(data, args.test_fraction, args.seed)
     methods = parse_methods(args.methods, args.lambdas)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    if args.directions is not None:
-        if not args.directions.is_file():
-            raise FileNotFoundError(f"directions file not found: {args.directions}")
-        anchors = Anchors.load(args.directions)
-    elif any(m.kind != "sft" for m in methods):
-        from ..directions import compute_directions
-
-        base = _checkpoint(args.base, "base", "--base")
-        log(f"computing directions {aligned} - {base} -> {out / 'directions.safetensors'}")
-        anchors = compute_directions(base, aligned, out=out / "directions.safetensors")
-    else:
-        anchors = None
-    tok = AutoTokenizer.from_pretrained(str(aligned))
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    encoded = [encode(tok, ex) for ex in train_set]
+    keep = _saved(args.save, methods)
+    if args.directions is not None and not args.directions.is_file():
+        raise FileNotFoundError(f"directions file not found: {args.directions}")
+    tok = _tokenizer(args.tokenizer or aligned, "" if args.tokenizer else "the --aligned folder")
+    max_length = _max_length(aligned, args.max_length)
+    base = _checkpoint(args.base, "base", "--base") if args.directions is None and (
+        args.base is not None or any(m.kind != "sft" for m in methods)) else None
     lora = LoraSpec(args.lora_r, args.lora_alpha, tuple(args.lora_targets.split(","))) if not args.full else None
-    judge = demo_judge if args.judge == "demo" else keyword_judge
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    def scores(path: Path) -> dict[str, float]:
-        model = load_model(path, dtype=dtype).to(device)  # what was saved, not a model in memory
-        row = {"fa": task_accuracy(model, tok, test_set, batch_size=args.eval_batch_size)}
+    judge = load_judge(_JUDGE_NAMES.get(args.judge, args.judge), args.judge_kind, threshold=args.judge_threshold,
+                       batch_size=args.eval_batch_size, device=device, dtype=dtype) if harmful is not None else None
+    start_model = load_model(aligned, "aligned", dtype)
+    if lora is not None:
+        lora.check_targets(start_model)
+    out: Path = args.out
+    _prepare_out(out, args.overwrite, args.directions)
+    (out / RUN_INFO).write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                                            if k != "func"}, indent=1))
+
+    encoded = _encode_train(tok, train_set, max_length, log)
+    test_set, harmful, fa_tokens, hs_tokens = _fit_eval(tok, test_set, harmful, max_length, args.max_new_tokens, log)
+
+    if args.directions is not None:
+        directions: Path | None = args.directions
+    elif base is not None:
+        directions = out / "directions.safetensors"
+        log(f"computing directions {aligned} - {base} -> {directions}")
+        compute_directions(base, aligned, out=directions)
+    else:
+        directions = None
+        log("note: drift not measured (pass --base or --directions)")
+    anchors = Anchors.load(directions) if directions is not None and any(m.kind != "sft" for m in methods) else None
+
+    def scores(model: torch.nn.Module) -> dict[str, float]:
+        model = model.to(device)
+        row = {"fa": task_accuracy(model, tok, test_set, batch_size=args.eval_batch_size, max_new_tokens=fa_tokens)}
         if harmful is not None:
             row["hs"], row["refusal"], _ = harmful_score(model, tok, harmful, judge, batch_size=args.eval_batch_size,
-                                                         max_new_tokens=args.max_new_tokens)
+                                                         max_new_tokens=hs_tokens)
         return row
 
-    rows: list[dict[str, Any]] = [{"method": "aligned (not fine-tuned)", "path": str(aligned), **scores(aligned)}]
+    rows: list[dict[str, Any]] = [{"method": "aligned (not fine-tuned)", "path": str(aligned), **scores(start_model)}]
+    del start_model
+    drift: dict[str, dict[str, dict[str, float]]] = {}
     for method in methods:
         t0 = time.perf_counter()
-        with tqdm(total=args.steps, unit="step", dynamic_ncols=True,
-                  desc=f"{method.label} ({'LoRA' if lora else 'full-parameter'})") as bar:
+        label = f"{method.label} ({'LoRA' if lora else 'full-parameter'})"
+        with tqdm(total=args.steps, unit="step", dynamic_ncols=True, desc=label) as bar:
+            def show(step: int, logs: dict[str, float], bar: Any = bar) -> None:
+                text = f"loss {logs['loss']:.4f}, lr {logs['learning_rate']:.3g}"
+                if "asft/cos" in logs:
+                    text += f", cos(ΔW,d) {logs['asft/cos']:+.4f}, ‖C⊥ΔW‖/‖ΔW‖ {logs['asft/orth_ratio']:.4f}"
+                bar.write(f"{method.label} step {step}/{args.steps}: {text}")
+
             model = train(load_model(aligned, "aligned", dtype), encoded, pad_id=tok.pad_token_id,
                           method=method, anchors=anchors, steps=args.steps, lr=args.lr,
-                          batch_size=args.batch_size, seed=args.seed, lora=lora, on_step=lambda: bar.update(1))
+                          batch_size=args.batch_size, seed=args.seed, lora=lora, on_step=lambda: bar.update(1),
+                          grad_accum=args.grad_accum, warmup_steps=args.warmup_steps, scheduler=args.scheduler,
+                          logging_steps=args.logging_steps, on_log=show)
         train_s = round(time.perf_counter() - t0, 2)
         path = out / "models" / method.slug
         save_model(model, tok, path, {"method": method.label, "kind": method.kind, "lambda": method.lam,
                                       "start": str(aligned.resolve()), "lora": lora is not None,
                                       "steps": args.steps, "lr": args.lr, "seed": args.seed})
         del model
-        rows.append({"method": method.label, "path": str(path), "train_s": train_s, **scores(path)})
-    results = {"aligned": str(aligned), "data": str(args.data), "n_train": len(train_set),
-               "n_test": len(test_set), "n_harmful": len(harmful) if harmful else 0, "judge": args.judge,
-               "lora": lora is not None, "runs": rows}
+        row = {"method": method.label, "path": str(path), "train_s": train_s,
+               **scores(load_model(path, dtype=dtype))}  # what was saved, not the model in memory
+        if directions is not None:
+            _, layers, _ = drift_report(directions, path, start=None if lora else aligned)
+            drift[method.label] = {k: {"delta_norm": v.delta_norm, "cos": v.cos, "orth_ratio": v.orth_ratio}
+                                   for k, v in layers.items()}
+        if method.slug not in keep:
+            shutil.rmtree(path)
+            row["path"] = None
+        rows.append(row)
+    if (out / "models").is_dir() and not any((out / "models").iterdir()):
+        (out / "models").rmdir()
+    results = {"aligned": str(aligned), "data": str(args.data), "n_train": len(encoded),
+               "n_test": len(test_set), "n_harmful": len(harmful) if harmful else 0, "judge": judge and judge.describe(),
+               "lora": lora is not None, "max_length": max_length, "directions": str(directions) if directions else None,
+               "runs": rows, "drift": drift}
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    lines = ["| Method | HS (%) | FA (%) |", "|---|---|---|"]
-    for r in rows:
-        hs = f"{100 * r['hs']:.1f}" if "hs" in r else "–"
-        lines.append(f"| {r['method']} | {hs} | {100 * r['fa']:.1f} |")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / "table.md").write_text(results_table(rows))
+    if drift:
+        (out / "drift.md").write_text(
+            "Drift per layer, ΔW = W_finetuned − W_aligned: cos(ΔW, d) (< 0: back towards the base model) and "
+            "‖C⊥ΔW‖/‖ΔW‖ (share of the update off the alignment direction).\n\n" + drift_table(drift))
+        plot_drift(drift, out / "drift.png", f"drift per layer ({'LoRA' if lora else 'full-parameter'}, "
+                                             f"{args.steps} steps)")
     return results
+
+
+def _saved(spec: str, methods: list) -> set[str]:
+    """--save: "none", "all", or comma-separated method slugs (sft, asft_l10, l2sp_l1, ...)."""
+    slugs = [m.slug for m in methods]
+    if spec == "none":
+        return set()
+    if spec == "all":
+        return set(slugs)
+    asked = [x.strip() for x in spec.split(",") if x.strip()]
+    unknown = [x for x in asked if x not in slugs]
+    if unknown:
+        raise ValueError(f"--save {spec!r}: {', '.join(unknown)} is not a run of this command; expected none, all "
+                         f"or some of {', '.join(slugs)}")
+    return set(asked)
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -137,8 +307,14 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--test-fraction", type=float, default=0.1, help="share of --data held out for FA")
     p.add_argument("--harmful", type=Path, default=None,
                    help="harmful prompts for HS, JSONL with instruction (and input); HS is skipped without it")
-    p.add_argument("--judge", choices=("keywords", "demo"), default="keywords",
-                   help="harmfulness judge: refusal keywords (real models) or the demo language's")
+    p.add_argument("--judge", default="keyword",
+                   help="harmfulness judge, as for asft evaluate: 'keyword' (refusal phrases; also 'keywords'), "
+                        "'toy' (the demo language; also 'demo'), or a judge model folder or Hub id "
+                        "(QA-moderation classifier or generative guard, kept loaded for the whole run)")
+    p.add_argument("--judge-kind", default=None,
+                   help=f"override the judge model's detected kind: {', '.join(JUDGE_KINDS)}")
+    p.add_argument("--judge-threshold", type=float, default=0.5,
+                   help="QA-moderation judge: flagged when any category's probability exceeds this")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--lora", action="store_true", help="train a peft LoRA adapter (default)")
     mode.add_argument("--full", action="store_true", help="train all parameters")
@@ -147,15 +323,25 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module names")
     p.add_argument("--methods", default="sft,l2sp,asft", help="comma-separated: sft, l2sp, asft")
     p.add_argument("--lambdas", default="1,10,100", help="λ values for l2sp and asft")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps per run (≥ 1)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    p.add_argument("--batch-size", type=int, default=8, help="records per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="constant", help="learning rate after the warmup")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per training record, longer ones are cut (default: the model's position limit)")
+    p.add_argument("--logging-steps", type=int, default=10, help="print loss and drift every N steps (0: never)")
+    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: --aligned)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="response length for HS")
     p.add_argument("--eval-batch-size", type=int, default=16, help="prompts per generation batch")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="model weights dtype")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--out", type=Path, default=Path("asft_finetune_out"), help="output folder")
+    p.add_argument("--out", type=Path, default=Path("asft_finetune_out"), help="output folder (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier asft finetune run in --out")
+    p.add_argument("--save", default="none",
+                   help="models to keep under --out/models: none, all, or run names such as sft,asft_l10")
     p.set_defaults(func=_run_cli)
 
 
@@ -167,12 +353,16 @@ def _run_cli(args: argparse.Namespace) -> int:
     elif os.environ.get("ASFT_THREADS"):
         torch.set_num_threads(int(os.environ["ASFT_THREADS"]))
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         results = run_finetune(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"asft finetune: error: {e}", file=sys.stderr)
         return 2
     print((args.out / "table.md").read_text())
     print(f"results: {args.out / 'results.json'}")
-    print(f"models:  {args.out / 'models'}")
-    return 0 if results["runs"] else 1
+    if results["drift"]:
+        print(f"drift:   {args.out / 'drift.md'}, {args.out / 'drift.png'}")
+    kept = [r["path"] for r in results["runs"][1:] if r["path"]]
+    print(f"models:  {', '.join(kept)}" if kept else "models:  none kept (--save all, or --save NAME,...)")
+    return 0

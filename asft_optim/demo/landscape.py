@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .evaluate import Judge, harmful_score
+from ..evaluation.judges import Judge
+from .evaluate import harmful_score
 
 __all__ = ["Curve", "normalise", "random_direction", "effective_length", "scan"]
 

@@ -13,17 +13,29 @@ which reads the LoRA pairs, scaling and layout from the model):
 Any other Trainer subclass (TRL's `SFTTrainer`, ...) gets the same behaviour from the mixin:
 `class MyTrainer(AsFTTrainerMixin, SFTTrainer): ...`.
 
-The optimizer takes lr, betas, eps and weight decay from `TrainingArguments` (`args.optim` is not
-used), with Trainer's own weight-decay split (no decay for biases and norms). Parameters are bound
+The optimizer takes lr, betas, eps and weight decay from `TrainingArguments`, with Trainer's own
+weight-decay split (no decay for biases and norms); an `args.optim` other than AdamW's
+("adamw_torch", "adamw_torch_fused") is refused rather than ignored. Parameters are bound
 by name, so accelerate's `prepare` (which may wrap the optimizer and swap parameter objects) and
 checkpoint resume (`Trainer` saves and reloads `optimizer.state_dict()`, W0 included) keep working.
 Trainer clips gradients before `optimizer.step()`; the AsFT penalty gradient is added inside the
 step and is not clipped.
+
+`lambda_per_micro_batch=True` reproduces the paper's released code, which adds its penalty to the
+loss of every micro-batch: each optimizer step then uses λ·k, k = the number of micro-batches in
+that step's accumulation window (the last window of an epoch may be shorter).
+
+With a DeepSpeed config (`TrainingArguments(deepspeed=...)`), AsFTAdamW is ZeRO's client
+optimizer (stages 1-3, full-parameter training; see `asft_optim.zero`); the config must not have an
+"optimizer" section (DeepSpeed would build its own optimizer and AsFT would silently not run), and
+`check_config` refuses the other unsupported settings when the Trainer is built.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,10 +43,16 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
 from ..anchors import Anchors
+from ..lora import is_lora_name
 from ..metrics import drift_from_sums, per_layer
-from ..optimizer import AsFTAdamW
+from ..optimizer import AsFTAdamW, as_anchors
+from ..zero import check_client, check_config
 
-__all__ = ["AsFTTrainer", "AsFTTrainerMixin", "DriftCallback", "create_asft_optimizer", "unwrap_asft"]
+__all__ = ["AsFTTrainer", "AsFTTrainerMixin", "DriftCallback", "create_asft_optimizer", "unwrap_asft",
+           "resolve_anchors", "HONOURED_OPTIMS"]
+
+# `TrainingArguments.optim` values whose meaning AsFTAdamW keeps (AdamW; the implementation is its own)
+HONOURED_OPTIMS = ("adamw_torch", "adamw_torch_fused")
 
 
 def unwrap_asft(optimizer: Any) -> AsFTAdamW | None:
@@ -44,6 +62,18 @@ def unwrap_asft(optimizer: Any) -> AsFTAdamW | None:
         optimizer = getattr(optimizer, "optimizer", None)
         seen += 1
     return optimizer if isinstance(optimizer, AsFTAdamW) else None
+
+
+def resolve_anchors(anchors: Anchors | Mapping[str, Tensor] | str | os.PathLike) -> Anchors:
+    """`AsFTAdamW`'s `as_anchors`, with a message naming the argument for a missing file.
+
+    Raises:
+        FileNotFoundError: a path that is not a file.
+        TypeError: anything but an `Anchors`, a mapping or a path.
+    """
+    if isinstance(anchors, (str, os.PathLike)) and not Path(anchors).is_file():
+        raise FileNotFoundError(f"anchors: directions file not found: {anchors}")
+    return as_anchors(anchors)
 
 
 def create_asft_optimizer(trainer: Trainer, model: nn.Module, anchors: Anchors | Mapping[str, Tensor],
@@ -104,7 +134,40 @@ class DriftCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):  # noqa: D102
         opt = unwrap_asft(optimizer)
         if logs is not None and opt is not None and "loss" in logs:
-            logs.update(self.metrics(opt))
+            metrics = self.metrics(opt)
+            logs.update(metrics)
+            # Trainer.log appended a copy of `logs` to the history before calling back: update it too,
+            # so the metrics reach `trainer.state.log_history` and every saved `trainer_state.json`
+            last = state.log_history[-1] if state.log_history else {}
+            if last.get("step") == state.global_step and last.get("loss") == logs["loss"]:
+                last.update(metrics)
+        return control
+
+
+class _MicroBatchLambda(TrainerCallback):
+    """Scales every group's λ by the micro-batches of the current accumulation window around
+    `optimizer.step()`, then restores it (so checkpoints and resume checks see the configured λ)."""
+
+    def __init__(self, trainer: AsFTTrainerMixin) -> None:
+        self.trainer = trainer
+        self.saved: list[float] | None = None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):  # noqa: D102
+        opt = unwrap_asft(self.trainer.optimizer)  # type: ignore[attr-defined]
+        k = self.trainer.asft_micro_batches
+        if opt is not None and k > 0:
+            self.saved = [g["asft_lambda"] for g in opt.param_groups]
+            for g in opt.param_groups:
+                g["asft_lambda"] = g["asft_lambda"] * k
+        return control
+
+    def on_optimizer_step(self, args, state, control, **kwargs):  # noqa: D102
+        opt = unwrap_asft(self.trainer.optimizer)  # type: ignore[attr-defined]
+        if opt is not None and self.saved is not None:
+            for g, lam in zip(opt.param_groups, self.saved, strict=True):
+                g["asft_lambda"] = lam
+        self.saved = None
+        self.trainer.asft_micro_batches = 0
         return control
 
 
@@ -112,14 +175,20 @@ class AsFTTrainerMixin:
     """Makes a `Trainer` (sub)class train with `AsFTAdamW` and log drift.
 
     Keyword args (taken before the Trainer's own):
-        anchors: directions (`Anchors` or a name → tensor mapping).
+        anchors: directions: `Anchors`, a name → tensor mapping, or the path of a directions file.
         asft_lambda, penalty, projection, impl, allow_unanchored, ...: passed to `AsFTAdamW`.
         drift_per_layer: per-layer keys in the drift logs (None: no `DriftCallback`).
+        lambda_per_micro_batch: use λ·k at each optimizer step, k = micro-batches in its gradient
+            accumulation window, as the paper's code does by adding the penalty to every micro-batch.
+
+    Raises:
+        ValueError: `args.optim` is not AdamW's (it would be ignored), `args.optim_args` is set, or
+            `optimizers` / `optimizer_cls_and_kwargs` is passed.
     """
 
-    def __init__(self, *args: Any, anchors: Anchors | Mapping[str, Tensor],
+    def __init__(self, *args: Any, anchors: Anchors | Mapping[str, Tensor] | str | os.PathLike,
                  drift_per_layer: bool | None = True, asft_options: Mapping[str, Any] | None = None,
-                 **kwargs: Any) -> None:
+                 lambda_per_micro_batch: bool = False, **kwargs: Any) -> None:
         options = dict(asft_options or {})
         for key in ("asft_lambda", "penalty", "projection", "impl", "allow_unanchored"):
             if key in kwargs:
@@ -127,11 +196,32 @@ class AsFTTrainerMixin:
         if kwargs.get("optimizers", (None, None))[0] is not None or kwargs.get("optimizer_cls_and_kwargs"):
             raise ValueError("AsFTTrainer builds its own AsFTAdamW; do not pass `optimizers` or "
                              "`optimizer_cls_and_kwargs`")
+        anchors = resolve_anchors(anchors)
         super().__init__(*args, **kwargs)
+        optim = getattr(self.args.optim, "value", self.args.optim)  # type: ignore[attr-defined]
+        if optim not in HONOURED_OPTIMS:
+            raise ValueError(f"AsFTTrainer trains with AsFTAdamW and would ignore TrainingArguments(optim="
+                             f"{optim!r}); use optim=\"adamw_torch\" or \"adamw_torch_fused\" (lr, betas, eps "
+                             "and weight_decay are taken from the arguments)")
+        if self.args.optim_args:  # type: ignore[attr-defined]
+            raise ValueError(f"AsFTTrainer would ignore TrainingArguments(optim_args="
+                             f"{self.args.optim_args!r}); pass AsFTAdamW options as keyword arguments "  # type: ignore[attr-defined]
+                             "(asft_lambda=..., penalty=..., ...) instead")
+        if self._deepspeed_config() is not None:
+            lora = any(p.requires_grad and is_lora_name(n) for n, p in self.model.named_parameters())  # type: ignore[attr-defined]
+            check_config(self._deepspeed_config(), has_lora=lora)  # type: ignore[arg-type]
         self.asft_anchors = anchors
         self.asft_options = options
+        self.asft_micro_batches = 0  # micro-batches since the last optimizer step
         if drift_per_layer is not None:
             DriftCallback.install(self, per_layer=drift_per_layer)  # type: ignore[arg-type]
+        if lambda_per_micro_batch:
+            self.add_callback(_MicroBatchLambda(self))  # type: ignore[attr-defined]
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
+        """The host's micro-batch step, counted for `lambda_per_micro_batch`."""
+        self.asft_micro_batches += 1
+        return super().training_step(*args, **kwargs)  # type: ignore[misc]
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """Build `AsFTAdamW.from_model` on the (possibly prepared) model, once."""
@@ -139,7 +229,17 @@ class AsFTTrainerMixin:
             opt_model = self.model if model is None else model  # type: ignore[attr-defined]
             self.optimizer = create_asft_optimizer(self, opt_model, self.asft_anchors,  # type: ignore[arg-type]
                                                    **self.asft_options)
+            if self._deepspeed_config() is not None:
+                check_client(self.optimizer, self._deepspeed_config())  # type: ignore[arg-type]
         return self.optimizer
+
+    def _deepspeed_config(self) -> dict[str, Any] | None:
+        """The DeepSpeed config the Trainer will use, or None without DeepSpeed. transformers adds
+        "zero_allow_untested_optimizer": true itself for an optimizer the Trainer builds."""
+        if not getattr(self, "is_deepspeed_enabled", False):
+            return None
+        config = self.accelerator.state.deepspeed_plugin.hf_ds_config.config  # type: ignore[attr-defined]
+        return {**config, "zero_allow_untested_optimizer": True}
 
 
 class AsFTTrainer(AsFTTrainerMixin, Trainer):

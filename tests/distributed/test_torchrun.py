@@ -24,9 +24,10 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 
 def torchrun(mode: str, out: Path, env: dict[str, str] | None = None, expect_ok: bool = True,
-             timeout: float = 180) -> dict:
+             timeout: float = 180, worker: Path = WORKER) -> dict:
+    """Launch 2 gloo ranks of `worker` with MODE and OUT; return rank 0's OUT/MODE.json."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(WORKER), mode, str(out)]
+           str(worker), mode, str(out)]
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -65,6 +66,9 @@ def _check_fsdp(r: dict, tol: float, first_step_collectives: int = 0) -> None:
     # Drift metrics of sharded parameters equal those of the single-process run.
     assert r["drift_names"] == ["a.bias", "a.weight", "b.bias", "b.weight", "c.bias", "c.weight"]
     assert r["drift_max_diff"] < 1e-5
+    # Under wrapper names (`module.`) the state resumes and drift_sums keys match the single process.
+    assert r["prefixed_sums_keys"] == r["ref_sums_keys"] == r["drift_names"]
+    assert r["prefixed_sums_max_rel"] < 1e-5
     # One collective per optimizer step, also right after opt.resync() (step 6): an all-reduce of
     # one float per penalised tensor; none at the first step (ΔW = 0 everywhere).
     assert r["comms"][0]["total"] == first_step_collectives, r["comms"][0]
@@ -142,3 +146,47 @@ def test_shard1_and_replicate_placements_and_rank_consistent_errors(tmp_path):
     assert r["comms"] == [0, 1, 1, 1]  # the Replicate tensor needs no reduction
     # The NaN sits in rank 1's columns only, yet both ranks raise (no rank left waiting).
     assert r["errors"] == ["direction for 'col.weight' contains NaN or Inf"] * 2
+
+
+def _worker_module():
+    """worker.py imported into this process (its `main` runs only under torchrun)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("asft_torchrun_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fsdp2_checkpoint_resumed_in_one_process_keeps_w0_exact(tmp_path):
+    """A 2-rank FSDP2 checkpoint (fp32 W0, not exact in bf16) resumed in one process into freshly
+    built models: random weights, and constant ones (exact in bf16, so the state `get_state_dict`
+    initialises holds bf16 W0). W0 must come back bitwise, both resumes must agree bitwise, and
+    finishing the run must match the uninterrupted FSDP2 run."""
+    import torch
+
+    from asft_optim import Anchors
+    from asft_optim.distributed import load_checkpoint
+
+    r = torchrun("save_for_one", tmp_path)
+    worker = _worker_module()
+    uninterrupted = torch.load(tmp_path / "uninterrupted.pt")
+    anchors = Anchors.load(tmp_path / "directions.safetensors")
+    resumed = {}
+    for init in ("random", "constant"):
+        model = worker.make_model(7)
+        if init == "constant":
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(0.5)
+        opt = worker.make_opt(model, anchors)
+        info = load_checkpoint(tmp_path / "ckpt" / r["latest"], model, opt)
+        for n, p in model.named_parameters():
+            w0 = opt.state[p]["w0"]
+            assert w0.dtype == torch.float32, (init, n, w0.dtype)
+            assert torch.equal(w0, uninterrupted[f"{n}/w0"]), (init, n)
+        worker.train_single(model, opt, range(info["extra"]["next_step"], worker.STEPS))
+        resumed[init] = worker.snapshot(model, opt)
+    for k, v in resumed["random"].items():
+        assert torch.equal(resumed["constant"][k], v), k
+    worst = worker.max_rel(resumed["constant"], uninterrupted)
+    assert max(worst.values()) <= TOL, {k: v for k, v in worst.items() if v > TOL}

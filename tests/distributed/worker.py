@@ -8,6 +8,8 @@ Modes (gloo, CPU, world size 2):
                sharded models from the latest checkpoint, compare with the uninterrupted run.
   crash        FSDP2: save after 5 steps, then rank 1 dies (os._exit) in the middle of the next save.
   resume       FSDP2: resume from the latest checkpoint of a crashed run and finish 10 steps.
+  save_for_one FSDP2: save after 5 steps and finish 10; the gathered final state goes to
+               OUT_DIR/uninterrupted.pt for the test to resume the checkpoint in its own process.
 Rank 0 writes OUT_DIR/MODE.json with what it measured; the pytest file asserts on it.
 """
 
@@ -93,7 +95,13 @@ def reference(anchors: Anchors, steps: int = STEPS, lam: float = LAM) -> tuple[N
     summed as DDP does (g0/2 + g1/2)."""
     model = make_model(0)
     opt = make_opt(model, anchors, lam=lam)
-    for step in range(steps):
+    train_single(model, opt, range(steps))
+    return model, opt
+
+
+def train_single(model: nn.Module, opt: AsFTAdamW, steps: range) -> None:
+    """Steps of the single-process run (both ranks' halves of each batch in one process)."""
+    for step in steps:
         halves = []
         for r in range(2):
             model.zero_grad()
@@ -102,7 +110,6 @@ def reference(anchors: Anchors, steps: int = STEPS, lam: float = LAM) -> tuple[N
         for p, g0, g1 in zip(model.parameters(), *halves):
             p.grad = g0 * 0.5 + g1 * 0.5
         opt.step()
-    return model, opt
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -211,6 +218,11 @@ def run_fsdp(out: Path, rank: int) -> dict:
     comms = train(model, opt, rank, range(STEPS), lambda step: step == RESYNC and opt.resync())
     mine = snapshot(model, opt)
     drift = opt.drift()  # collective for sharded parameters
+    # The same state under DDP-style names (`module.`): resumable, and drift_sums keyed as unwrapped.
+    prefixed = AsFTAdamW([{**g, "params": [("module." + n, p) for n, p in g["params"]]} for g in groups(model)],
+                         lr=LR, anchors=anchors, asft_lambda=LAM, impl=impl)
+    prefixed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    prefixed_sums = prefixed.drift_sums()  # collective
     loaded_step_max_rel = step_after_load(model, opt, anchors, impl, rank)
     rows: list = [None, None]
     dist.all_gather_object(rows, local_rows)
@@ -230,11 +242,16 @@ def run_fsdp(out: Path, rank: int) -> dict:
     ref_model, ref_opt = reference(anchors)
     ref = snapshot(ref_model, ref_opt)
     ref_drift = ref_opt.drift()
+    ref_sums = ref_opt.drift_sums()
+    sums_diff = max(abs(a - b) / max(abs(b), 1e-12) for k in ref_sums
+                    for a, b in zip(prefixed_sums[k], ref_sums[k]))
     plain = snapshot(*reference(anchors, lam=0.0))
     drift_diff = {n: max(abs(a - b) for a, b in zip(drift[n].as_dict().values(), d.as_dict().values()))
                   for n, d in ref_drift.items()}
     return {"max_rel": max_rel(mine, ref), "local_rows": rows, "whole_reads": whole_reads,
             "drift_names": sorted(drift), "drift_max_diff": max(drift_diff.values()),
+            "prefixed_sums_keys": sorted(prefixed_sums), "ref_sums_keys": sorted(ref_sums),
+            "prefixed_sums_max_rel": sums_diff,
             "loaded_step_max_rel": loaded_step_max_rel,
             "penalty_effect": max(v for k, v in max_rel(ref, plain).items() if "/" not in k),
             "unreduced_max_rel": max(max_rel(unreduced, ref).values()),
@@ -321,6 +338,22 @@ def run_ckpt(out: Path, rank: int) -> dict:
         return {}
     return {"failures": all_failed, "listing": listing, "latest": latest.name, "info": info,
             "resumed_equal": {k: bool(torch.equal(resumed[k], uninterrupted[k])) for k in uninterrupted}}
+
+
+def run_save_for_one(out: Path, rank: int) -> dict:
+    """FSDP2: save after 5 steps (W0 fp32, not exact in bf16), finish 10 steps; rank 0 writes the
+    gathered uninterrupted state to OUT/uninterrupted.pt for a resume in a single process."""
+    anchors = anchors_file(out, rank)
+    ckpt = out / "ckpt"
+    model = shard(make_model(0))
+    opt = make_opt(model, anchors)
+    train(model, opt, rank, range(STEPS),
+          lambda step: step == 5 and save_checkpoint(ckpt, step, model, opt, extra={"next_step": step}))
+    uninterrupted = snapshot(model, opt)
+    if rank != 0:
+        return {}
+    torch.save(uninterrupted, out / "uninterrupted.pt")
+    return {"latest": latest_checkpoint(ckpt).name}
 
 
 def run_crash(out: Path, rank: int) -> dict:
@@ -429,7 +462,8 @@ def main() -> None:
     rank = dist.get_rank()
     torch.use_deterministic_algorithms(True)
     result = {"ddp": run_ddp, "fsdp": run_fsdp, "ckpt": run_ckpt, "crash": run_crash,
-              "resume": run_resume, "placements": run_placements}[mode](out, rank)
+              "resume": run_resume, "placements": run_placements,
+              "save_for_one": run_save_for_one}[mode](out, rank)
     if rank == 0:
         (out / f"{mode}.json").write_text(json.dumps(result))
     dist.barrier()

@@ -1,0 +1,89 @@
+"""`asft compare DIR...`: one table and one HS-against-FA plot over `asft evaluate` folders.
+
+    asft compare eval_sft eval_asft eval_asft_flat [--out DIR]
+
+Rows keep the order given; each is labelled by its folder name. With `--out`, writes
+DIR/compare.md and DIR/hs_vs_fa.png (needs matplotlib, extra `plot`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .evaluation.results import read_results, write_text_atomic
+
+__all__ = ["compare_table", "compare_plot", "add_cli"]
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1f}"
+
+
+def compare_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """Markdown: run, HS, refusal, FA (%), n, judge, model, adapter."""
+    lines = ["| run | HS (%) | refusal (%) | FA (%) | n | judge | model | adapter |", "|" + "---|" * 8]
+    for label, r in rows:
+        adapter = Path(r["adapter"]["source"]).name if r.get("adapter") else "–"
+        lines.append(f"| {label} | {_pct(r['harmful_score'])} | {_pct(r['refusal_rate'])} | "
+                     f"{_pct(r['task_accuracy'])} | {r['n']} | {r['judge']['kind']} | "
+                     f"{Path(r['model']['source']).name} | {adapter} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_plot(rows: Sequence[tuple[str, dict[str, Any]]], path: Path) -> None:
+    """HS against FA, one labelled marker per run (runs without FA are left out and listed)."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("the plot needs matplotlib: pip install 'asft_optim[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    markers = "osD^vP*Xh<>"
+    missing = []
+    for i, (label, r) in enumerate(rows):
+        if r["task_accuracy"] is None:
+            missing.append(label)
+            continue
+        ax.scatter(r["task_accuracy"], r["harmful_score"], s=60, marker=markers[i % len(markers)], label=label,
+                   alpha=0.85, edgecolors="black", linewidths=0.5)
+    ax.set_xlabel("Task accuracy (%)")
+    ax.set_ylabel("Harmful score (%)")
+    ax.set_xlim(-5, 105)
+    ax.set_ylim(-5, 105)
+    ax.grid(alpha=0.3)
+    ax.set_title("HS against FA" + (f" (no FA: {', '.join(missing)})" if missing else ""))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("compare", help="table and HS-vs-FA plot over `asft evaluate` folders",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("dirs", nargs="+", type=Path, help="evaluation folders (each with results.json)")
+    p.add_argument("--out", type=Path, default=None, help="write compare.md and hs_vs_fa.png here")
+    p.set_defaults(func=_run_cli)
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    try:
+        rows = [(d.resolve().name, read_results(d)) for d in args.dirs]
+        table = compare_table(rows)
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            compare_plot(rows, args.out / "hs_vs_fa.png")
+            write_text_atomic(args.out / "compare.md", table)
+    except (FileNotFoundError, ValueError, ModuleNotFoundError) as e:
+        print(f"asft compare: error: {e}", file=sys.stderr)
+        return 2
+    print(table, end="")
+    if args.out is not None:
+        print(f"wrote {args.out / 'compare.md'} and {args.out / 'hs_vs_fa.png'}")
+    return 0

@@ -1,0 +1,89 @@
+"""benchmarks/bench_gpu.py's judges on the CPU (Triton interpreter, tiny tensors): the per-element
+half-precision check and the c check of the big tensor pass on the real kernels and fail on a
+sabotaged optimizer; results stream to results.jsonl; the summary names what did not run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("asft_bench_gpu", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not module.K.is_interpreted():
+        pytest.skip("the kernels were compiled, not interpreted: these checks are sized for the CPU")
+    return module
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+class _Sabotaged:
+    """AsFTAdamW built with other options than the check asked for (a stand-in for a kernel bug)."""
+
+    def __init__(self, real, **override):
+        self.real, self.override = real, override
+
+    def __call__(self, *args, **kwargs):
+        return self.real(*args, **{**kwargs, **self.override})
+
+
+def test_half_precision_check_judges_each_element(bench, tmp_path, monkeypatch):
+    rep = bench.Report(tmp_path, "checks")
+    shapes = {"one": (1,), "seven": (7,), "odd": (4097,)}
+    bench.check_half_steps(rep, "bf16", shapes, torch.bfloat16, torch.device("cpu"), steps=3)
+    monkeypatch.setattr(bench, "AsFTAdamW", _Sabotaged(bench.AsFTAdamW, asft_lambda=0.55))  # λ 10% off
+    bench.check_half_steps(rep, "bf16 sabotaged", shapes, torch.bfloat16, torch.device("cpu"), steps=3)
+    good, bad = _rows(tmp_path)
+    assert good["ok"] and good["max_ulp"] <= bench.ALLOWED_ULP and good["allowed_ulp"] == 1.0
+    assert set(good["per_tensor_max_ulp"]) == set(shapes)
+    assert not bad["ok"] and bad["max_ulp"] > 10 and rep.failed
+
+
+def test_big_c_check_catches_a_c_that_is_off(bench, tmp_path, monkeypatch):
+    rep = bench.Report(tmp_path, "big")
+    numel = 3 * bench.K.BLOCK + 77
+    bench.check_big_c(rep, numel, torch.device("cpu"))
+    assert [r["ok"] for r in _rows(tmp_path)] == [True, True] and not rep.failed
+    monkeypatch.setattr(bench, "AsFTAdamW", _Sabotaged(bench.AsFTAdamW, penalty="full"))  # c ignored
+    bench.check_big_c(rep, numel, torch.device("cpu"))
+    step1, step2 = _rows(tmp_path)[2:]
+    assert step1["ok"] and not step2["ok"] and step2["max_ulp"] > 10  # step 1 has c = 0 either way
+
+
+def test_errors_are_recorded_and_the_summary_names_what_did_not_run(bench, tmp_path, capsys):
+    rep = bench.Report(tmp_path, "checks")
+    rep.record("section_start", "checks", "start")
+
+    def broken() -> None:
+        raise RuntimeError("simulated kernel failure")
+
+    rep.guarded("broken check", broken)
+    assert rep.failed
+    assert bench.summarize(tmp_path) == 1
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["sections_unfinished"] == ["checks"] and report["sections_not_run"] == ["timing", "big"]
+    assert report["ratios"]["fp32_ratio"] is None and report["goals_met"]["fp32_ratio"] is None
+    text = (tmp_path / "gpu_check.txt").read_text()
+    assert "ERROR in broken check: RuntimeError: simulated kernel failure" in text
+    assert "sections cut short (timeout or crash): checks" in text and "failed: broken check" in text
+
+
+def test_refuses_to_measure_another_copy_of_the_package(bench, tmp_path, monkeypatch):
+    assert bench.tested_copy() == {"asft_optim": str(BENCH.parents[1] / "asft_optim"),
+                                   "kernels": str(BENCH.parents[1] / "kernels")}
+    monkeypatch.setattr(bench, "REPO", tmp_path)  # as if the script sat in another checkout
+    with pytest.raises(SystemExit, match=f"not from this checkout {tmp_path}: run it through "
+                                         "benchmarks/gpu_check.sh"):
+        bench.tested_copy()
