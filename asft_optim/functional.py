@@ -262,32 +262,16 @@ def _native_step(t: StepTensors, idx: list[int], coef: float, penalty: Penalty, 
     left for the other path)."""
     sel = t if len(idx) == len(t.params) else StepTensors(*([] if k == 4 else [xs[i] for i in idx]
                                                              for k, xs in enumerate(t)))
-    vs = [b.v for b in sel.directions]
     dots = list(sel.dots)
     stale = [j for j, d in enumerate(dots) if d is None]
-    skipped: list[int] = []
-    if stale:
-        fresh, bad = native.dots_supported([sel.params[j] for j in stale], [sel.w0s[j] for j in stale],
-                                           [vs[j] for j in stale])
+    if stale:  # a tensor the fold cannot read gets 0 here and is skipped by the step's own check
+        fresh, _ = native.dots_supported([sel.params[j] for j in stale], [sel.w0s[j] for j in stale],
+                                         [sel.directions[j].v for j in stale])
         for k, j in enumerate(stale):
             dots[j] = fresh[k]
-        skipped = [stale[k] for k in bad]
-        if skipped:  # leave them out: the step's own check would skip them too
-            keep = sorted(set(range(len(dots))).difference(skipped))
-            sel = StepTensors(*([xs[j] for j in keep] if k != 4 else [] for k, xs in enumerate(sel)))
-            vs, dots = [vs[j] for j in keep], [dots[j] for j in keep]
-            idx_kept = [idx[j] for j in keep]
-            skipped = [idx[j] for j in skipped]
-        else:
-            idx_kept = idx
-    else:
-        idx_kept = idx
-    if not sel.params:
-        return [], skipped
     new, bad = _native_call(sel, torch.stack(dots), coef, penalty, kw)
     done = set(bad)
-    stepped = [(i, d) for j, (i, d) in enumerate(zip(idx_kept, new.unbind())) if j not in done]
-    return stepped, skipped + [idx_kept[j] for j in bad]
+    return [(i, d) for j, (i, d) in enumerate(zip(idx, new.unbind())) if j not in done], [idx[j] for j in bad]
 
 
 def _native_call(t: StepTensors, dots: Tensor, coef: float, penalty: Penalty, kw: dict) -> tuple[Tensor, list[int]]:

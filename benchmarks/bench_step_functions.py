@@ -54,8 +54,7 @@ class Case:
         self.dots32 = asft_adamw_(self.p, self.g, self.m, self.s, [], self.steps, self.w0, self.bounds,
                                   self.dots32, coef=2.0, penalty="orthogonal", **_adam_kwargs(**flags))
 
-    def native(self) -> None:
-        torch._foreach_add_(self.steps, 1)
+    def native(self) -> None:  # increments the steps itself
         self.dots64 = native.asft_adamw_native_(
             self.p, self.g, self.m, self.s, self.w0, self.v, self.dots64 * self.inv, self.steps, lr=1e-4,
             beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, coef=2.0, penalty="orthogonal",
