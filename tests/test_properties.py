@@ -1,5 +1,5 @@
 """Properties of the penalty R (hypothesis): orthogonal to d, zero for ΔW ∥ d, invariant to scaling d.
-Both the reference and the chunked fast path are checked."""
+The reference, the chunked fast path and the native kernel are checked."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from asft_optim import native
 from asft_optim.functional import asft_adamw_, bind_direction, partial_dots, penalty_reference
 
 numels = st.integers(min_value=1, max_value=3000)
@@ -35,12 +36,27 @@ def _fast(p, w0, bound, kind, chunk=257):
     return m.double()
 
 
+def _native(p, w0, bound, kind):
+    """R from the native kernel, by the same trick as `_fast` (m after one step with beta1 = 0)."""
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    dots = native.dots_native([p], [w0], [bound.v])
+    cs = dots * (0.0 if kind == "full" else bound.inv_nv2)
+    native.asft_adamw_native_([p], [torch.zeros_like(p)], [m], [v], [w0], [bound.v], cs, [torch.tensor(0.0)],
+                              lr=0.0, beta1=0.0, beta2=0.999, eps=1e-8, weight_decay=0.0, coef=1.0,
+                              penalty=kind, maximize=False)
+    return m.double()
+
+
+def _fast_paths(p, w0, bound, kind):
+    return [_fast(p, w0, bound, kind)] + ([_native(p, w0, bound, kind)] if native.available() else [])
+
+
 @settings(max_examples=60, deadline=None)
 @given(n=numels, seed=seeds)
 def test_orthogonal_to_d(n, seed):
     p, w0, d = _setup(n, seed)
     b = bind_direction(d, p, "x")
-    for r in (penalty_reference(p, w0, b, "orthogonal").double(), _fast(p, w0, b, "orthogonal")):
+    for r in [penalty_reference(p, w0, b, "orthogonal").double()] + _fast_paths(p, w0, b, "orthogonal"):
         dw = (p - w0).double()
         cos = float(r @ d.double()) / (float(r.norm() * d.double().norm()) + 1e-300)
         assert abs(cos) < 1e-5 or float(r.norm()) < 1e-6 * float(dw.norm())
@@ -53,7 +69,7 @@ def test_vanishes_when_update_parallel_to_d(n, seed, alpha):
     w0 = torch.zeros(n)
     p = (alpha * d.double()).float()
     b = bind_direction(d, p, "x")
-    for r in (penalty_reference(p, w0, b, "orthogonal").double(), _fast(p, w0, b, "orthogonal")):
+    for r in [penalty_reference(p, w0, b, "orthogonal").double()] + _fast_paths(p, w0, b, "orthogonal"):
         assert float(r.norm()) <= 1e-5 * float(p.double().norm())
     # and the parallel penalty is then the whole update
     rp = penalty_reference(p, w0, b, "parallel").double()
@@ -83,6 +99,8 @@ def test_fast_path_matches_reference(n, seed, chunk, kind):
     ref = penalty_reference(p, w0, b, kind).double()
     scale = float((p - w0).abs().max())
     torch.testing.assert_close(_fast(p, w0, b, kind, chunk), ref, rtol=1e-5, atol=1e-6 * scale)
+    if native.available():
+        torch.testing.assert_close(_native(p, w0, b, kind), ref, rtol=1e-5, atol=1e-6 * scale)
 
 
 def test_tiny_directions_do_not_underflow():
