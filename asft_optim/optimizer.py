@@ -20,6 +20,7 @@ Where the state lives (data flow: anchors → bindings → optimizer state → i
 from __future__ import annotations
 
 import math
+import operator
 import os
 import warnings
 from collections.abc import Iterable, Mapping
@@ -71,6 +72,15 @@ class GroupTensors(NamedTuple):
     max_exp_avg_sqs: list[Tensor]   # empty without amsgrad
     state_steps: list[Tensor]
     has_complex: bool
+
+
+class _Checked(NamedTuple):
+    """What `_refresh_bindings` saw in a group at its last full check (its group dict, a copy of its
+    names and parameter lists, and its parameters without a binding)."""
+    group: dict[str, Any]
+    params: list[Tensor]
+    names: list[str]
+    unbound: list[Tensor]
 
 
 class AsFTAdamW(torch.optim.AdamW):
@@ -145,6 +155,9 @@ class AsFTAdamW(torch.optim.AdamW):
         self._dots = DotCache()
         self._triton = TritonCache()
         self._zero = ZeroTensors()
+        self._checked: dict[int, _Checked] = {}  # group index → its last full binding check
+        # id(group) → (group, its state "step" tensors when every anchored one was seen to hold W0)
+        self._w0_checked: dict[int, tuple[dict[str, Any], list[Tensor]]] = {}
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          foreach=foreach, capturable=capturable, differentiable=differentiable,
                          fused=fused)
@@ -204,17 +217,32 @@ class AsFTAdamW(torch.optim.AdamW):
                 f"hold {len(self.anchors)} tensors (e.g. {known}). Check the names, or pass "
                 "allow_unanchored=True to give these parameters plain AdamW steps")
 
-    def _refresh_bindings(self) -> None:
+    def _refresh_bindings(self) -> list[bool]:
         """Bind parameters that became trainable after their group was added, and rebind those whose
         kind changed (accelerate swaps a dense parameter for an FSDP2 DTensor after the optimizer is
-        built; collective then, as every rank steps the same groups: one binding for all groups)."""
+        built; collective then, as every rank steps the same groups: one binding for all groups).
+
+        Returns whether ZeRO owns each group. A group whose names and parameter objects are those of
+        its last full check, which then held one of its original parameters (so ZeRO did not own it)
+        and whose unbound parameters still have no gradient, is skipped: nothing above can differ.
+        """
         reshard = []
+        owned = []
         for index, group in enumerate(self.param_groups):
-            if self._zero.owns(group):
+            params, names = group["params"], group["param_names"]
+            seen = self._checked.get(index)
+            if (seen is not None and seen.group is group and len(seen.params) == len(params)
+                    and all(map(operator.is_, seen.params, params)) and seen.names == names
+                    and all(p.grad is None for p in seen.unbound)):
+                owned.append(False)
+                continue
+            self._checked.pop(index, None)
+            owned.append(self._zero.owns(group))
+            if owned[-1]:
                 continue
             _dist.check_not_flattened(group, index)
             new = []
-            for name, p in zip(group["param_names"], group["params"]):
+            for name, p in zip(names, params):
                 b = self._bindings.get(name)
                 if b is None:
                     if p.grad is not None:
@@ -227,7 +255,11 @@ class AsFTAdamW(torch.optim.AdamW):
                 self._check_anchored(group, bound.values(), " (they gained gradients after the optimizer "
                                      "was built)")
                 self._bindings.update(bound)
+            if any(p is self._zero.param(n) for n, p in zip(names, params)):
+                self._checked[index] = _Checked(group, list(params), list(names),
+                                                [p for n, p in zip(names, params) if n not in self._bindings])
         if reshard:
+            self._checked.clear()  # checked again next step, with the new bindings
             for name, _ in reshard:
                 self._dots.drop(name)
             self._bindings.update(bind_shards([(n, p) for n, p in reshard if _dist.is_dtensor(p)],
@@ -235,6 +267,7 @@ class AsFTAdamW(torch.optim.AdamW):
             self._bindings.update(bind_group([(n, p) for n, p in reshard if not _dist.is_dtensor(p)],
                                              self.anchors, self._lora, self._lora_bound,
                                              projection="vector", penalised=False))
+        return owned
 
     # ------------------------------------------------------------------------------- step
     def _init_group(self, group, params_with_grad, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
@@ -245,11 +278,17 @@ class AsFTAdamW(torch.optim.AdamW):
                                    "please consider SparseAdam instead")
         has_complex = super()._init_group(group, params_with_grad, grads, exp_avgs, exp_avg_sqs,
                                           max_exp_avg_sqs, state_steps)
+        # The same "step" tensors as at the last check: the same state dicts, which held W0 then.
+        seen = self._w0_checked.get(id(group))
+        if (seen is not None and seen[0] is group and len(seen[1]) == len(state_steps)
+                and all(map(operator.is_, seen[1], state_steps))):
+            return has_complex
         for name, p in zip(group["param_names"], group["params"]):
             b = self._bindings.get(name)
             if p.grad is not None and b is not None and b.anchored and "w0" not in self.state[p]:
                 self.state[p]["w0"] = (_dist.snapshot_w0(p) if _dist.is_dtensor(p) else
                                        storage_w0(p.detach().clone(memory_format=torch.preserve_format)))
+        self._w0_checked[id(group)] = (group, list(state_steps))
         return has_complex
 
     def _gather(self, group: dict[str, Any]) -> GroupTensors:
@@ -269,9 +308,9 @@ class AsFTAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._refresh_bindings()
-        impls = ["zero" if self._zero.owns(g) else resolve_impl(g, self._lora_in_group(g))
-                 for g in self.param_groups]
+        owned = self._refresh_bindings()
+        impls = ["zero" if own else resolve_impl(g, self._lora_in_group(g))
+                 for g, own in zip(self.param_groups, owned)]
         for group, impl in zip(self.param_groups, impls):
             if impl == "zero" and self._lora_in_group(group):
                 raise NotImplementedError(lora_refusal("1/2"))
@@ -618,6 +657,8 @@ class AsFTAdamW(torch.optim.AdamW):
         self.__dict__.setdefault("_dots", DotCache())
         self.__dict__.setdefault("_triton", TritonCache())
         self.__dict__.setdefault("_zero", ZeroTensors())
+        self.__dict__.setdefault("_checked", {})
+        self.__dict__.setdefault("_w0_checked", {})
         for group in self.param_groups:
             group.setdefault("asft_lambda", 1.0)
             group.setdefault("penalty", "orthogonal")

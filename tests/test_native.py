@@ -350,3 +350,36 @@ def test_concurrent_first_use_builds_once(tmp_path):
     outs = [json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p in procs]
     assert sorted(o["built"] for o in outs) == [False, True] and all(o["available"] for o in outs)
     assert outs[0]["path"] == outs[1]["path"]
+
+
+def test_unchanged_groups_skip_checks_yet_notice_late_gradients_and_swapped_parameters():
+    """Binding and W0 checks are skipped for a group unchanged since its last check: a frozen
+    parameter that gains a gradient after several steps is bound then (W0 = its value then), one
+    without a direction is refused then, and a parameter object put into the group gets its own W0."""
+    g = torch.Generator().manual_seed(5)
+    named = [(f"w{i}", torch.nn.Parameter(torch.randn(33, generator=g))) for i in range(3)]
+    late = torch.nn.Parameter(torch.randn(9, generator=g), requires_grad=False)
+    stray = torch.nn.Parameter(torch.randn(4, generator=g), requires_grad=False)
+    dirs = {n: torch.randn(p.shape, generator=g) for n, p in named + [("late", late)]}
+    opt = AsFTAdamW(named + [("late", late), ("stray", stray)], lr=0.01, anchors=dirs)
+    for _ in range(3):
+        for _, p in named:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    assert "late" not in opt._bindings and late not in opt.state
+    late.requires_grad_(True)
+    late.grad = torch.randn(9, generator=g)
+    at_join = late.detach().clone()
+    opt.step()
+    assert opt._bindings["late"].anchored and torch.equal(opt.state[late]["w0"], at_join)
+    new = torch.nn.Parameter(torch.randn(33, generator=g))
+    new.grad = torch.randn(33, generator=g)
+    opt.param_groups[0]["params"][0] = new
+    before = new.detach().clone()
+    opt.step()
+    assert torch.equal(opt.state[new]["w0"], before) and not torch.equal(new.detach(), before)
+    stray.requires_grad_(True)
+    stray.grad = torch.randn(4, generator=g)
+    with pytest.raises(ValueError, match=r"^no direction for 1 trainable parameter\(s\) \(they gained gradients "
+                                         r"after the optimizer was built\): 'stray'\. "):
+        opt.step()
