@@ -23,6 +23,7 @@ import math
 import operator
 import os
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -75,12 +76,13 @@ class GroupTensors(NamedTuple):
 
 
 class _Checked(NamedTuple):
-    """What `_refresh_bindings` saw in a group at its last full check (its group dict, a copy of its
-    names and parameter lists, and its parameters without a binding)."""
+    """What `_refresh_bindings` saw in a group at its last full check: its group dict, its parameters
+    (weak: a swapped-out parameter is not kept alive), a copy of its names, and the indices of its
+    parameters without a binding."""
     group: dict[str, Any]
-    params: list[Tensor]
+    params: list[weakref.ref]
     names: list[str]
-    unbound: list[Tensor]
+    unbound: list[int]
 
 
 class AsFTAdamW(torch.optim.AdamW):
@@ -232,8 +234,8 @@ class AsFTAdamW(torch.optim.AdamW):
             params, names = group["params"], group["param_names"]
             seen = self._checked.get(index)
             if (seen is not None and seen.group is group and len(seen.params) == len(params)
-                    and all(map(operator.is_, seen.params, params)) and seen.names == names
-                    and all(p.grad is None for p in seen.unbound)):
+                    and all(map(operator.is_, map(weakref.ref.__call__, seen.params), params))
+                    and seen.names == names and all(params[i].grad is None for i in seen.unbound)):
                 owned.append(False)
                 continue
             self._checked.pop(index, None)
@@ -256,8 +258,8 @@ class AsFTAdamW(torch.optim.AdamW):
                                      "was built)")
                 self._bindings.update(bound)
             if any(p is self._zero.param(n) for n, p in zip(names, params)):
-                self._checked[index] = _Checked(group, list(params), list(names),
-                                                [p for n, p in zip(names, params) if n not in self._bindings])
+                self._checked[index] = _Checked(group, [weakref.ref(p) for p in params], list(names),
+                                                [i for i, n in enumerate(names) if n not in self._bindings])
         if reshard:
             self._checked.clear()  # checked again next step, with the new bindings
             for name, _ in reshard:
@@ -631,6 +633,8 @@ class AsFTAdamW(torch.optim.AdamW):
                             f"where this optimizer has '{ours}'")
         own = [{k: g[k] for k in ASFT_KEYS + ("param_names",)} for g in self.param_groups]
         super().load_state_dict(state_dict)
+        self._checked.clear()  # new group dicts: the records of the old ones would only hold them
+        self._w0_checked.clear()
         no_w0 = []
         for group, keep in zip(self.param_groups, own):
             group.update(keep)
