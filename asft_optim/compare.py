@@ -34,6 +34,13 @@ def compare_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def dodge_offsets(n: int, spread: float = 8.0) -> list[float]:
+    """Horizontal offsets (FA points) for n markers of an HS-against-FA plot, evenly spaced within
+    ±spread/2 (at most 1 point apart), so that runs with equal results stay visible side by side."""
+    step = min(1.0, spread / max(n - 1, 1))
+    return [(k - (n - 1) / 2) * step for k in range(n)]
+
+
 def compare_plot(rows: Sequence[tuple[str, dict[str, Any]]], path: Path) -> None:
     """HS against FA, one labelled marker per run (runs without FA are left out and listed)."""
     try:
@@ -45,14 +52,15 @@ def compare_plot(rows: Sequence[tuple[str, dict[str, Any]]], path: Path) -> None
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     markers = "osD^vP*Xh<>"
-    missing = []
+    missing = [label for label, r in rows if r["task_accuracy"] is None]
+    dodge = iter(dodge_offsets(len(rows) - len(missing)))
     for i, (label, r) in enumerate(rows):
         if r["task_accuracy"] is None:
-            missing.append(label)
             continue
-        ax.scatter(r["task_accuracy"], r["harmful_score"], s=60, marker=markers[i % len(markers)], label=label,
-                   alpha=0.85, edgecolors="black", linewidths=0.5)
-    ax.set_xlabel("Task accuracy (%)")
+        ax.scatter(r["task_accuracy"] + next(dodge), r["harmful_score"], s=60, marker=markers[i % len(markers)],
+                   label=label, alpha=0.85, edgecolors="black", linewidths=0.5)
+    ax.set_xlabel("Task accuracy (%; markers dodged by ≤ ±4 points so that equal results stay visible)",
+                  fontsize=8)
     ax.set_ylabel("Harmful score (%)")
     ax.set_xlim(-5, 105)
     ax.set_ylim(-5, 105)

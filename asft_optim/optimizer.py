@@ -371,7 +371,7 @@ class AsFTAdamW(torch.optim.AdamW):
             locals_ = params
             dirs = [b.direction_on(p.device) for b, p in zip(bindings, params)]
             cache = self._dots
-            dots = (None if impl != "torch" else cache.get_vector(names, params)) if params[0].device.type == "cpu" else None
+            dots = cache.get_vector(names, params) if impl == "torch" and params[0].device.type == "cpu" else None
             if dots is None:
                 dots = [cache.get(n, p) for n, p in zip(names, params)] if impl == "torch" else [None] * len(params)
             tensors = StepTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,

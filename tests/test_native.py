@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.optim.adam import adam
 
-from asft_optim import AsFTAdamW, functional, native
+from asft_optim import AsFTAdamW, native
 from asft_optim.functional import bind_direction, penalised_grads_reference
 
 from .oracle import run_oracle, task_grads

@@ -5,7 +5,6 @@ The 2-rank runs with real DeepSpeed engines are in tests/distributed/test_zero.p
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..anchors import Anchors
+from ..compare import dodge_offsets
 from ..metrics import per_layer, sums
 from ..evaluation.results import write_json
 from .finetune import load_model
@@ -135,8 +136,7 @@ def _style(methods: list[str], summary: list[dict[str, Any]]) -> dict[str, dict[
 def _plot_hs_fa(out: Path, results: dict[str, Any], plt: Any) -> None:
     methods, ps, cell = _summary(results)
     style = _style(methods, results["summary"])
-    step = min(1.0, 8.0 / max(len(methods) - 1, 1))  # at most ±4 FA points
-    dodge = {m: (k - (len(methods) - 1) / 2) * step for k, m in enumerate(methods)}
+    dodge = dict(zip(methods, dodge_offsets(len(methods))))
     fig, axes = plt.subplots(1, len(ps), figsize=(3.9 * len(ps) + 2.8, 4.0), sharey=True, squeeze=False)
     for ax, p in zip(axes[0], ps):
         for m in methods:
