@@ -441,7 +441,12 @@ def load_config(config: Mapping[str, Any] | str | Any) -> Mapping[str, Any]:
 
 def check_client(optimizer: torch.optim.Optimizer, config: Mapping[str, Any]) -> None:
     """`check_config` for this client optimizer, and refuse impl="triton" groups (ZeRO partitions
-    step on the PyTorch path)."""
+    step on the PyTorch path), and an optimizer with a penalty from `asft_optim.attach` (its hooks
+    would see ZeRO's flat partitions)."""
+    from .penalty import attached  # above this module
+    if attached(optimizer) is not None:
+        raise ValueError("DeepSpeed ZeRO flattens a client optimizer's parameters into partitions, which "
+                         "asft_optim.attach does not follow: use AsFTAdamW as the client optimizer")
     groups = getattr(optimizer, "param_groups", [])
     lora = hasattr(optimizer, "_lora_in_group") and any(optimizer._lora_in_group(g) for g in groups)
     check_config(config, has_lora=lora)

@@ -348,3 +348,19 @@ def test_anchors_from_a_file(tmp_path):
     net, opt, handle = _attached_adamw(anchors=str(path))
     assert opt.param_groups[0]["asft_anchors"] == Anchors.load(path).fingerprint
     assert handle.anchors.fingerprint == Anchors.load(path).fingerprint
+
+
+def test_deepspeed_zero_is_refused_when_the_engine_is_built_or_at_the_step():
+    """ZeRO replaces the client optimizer's tensors by flat partitions: `zero.initialize` /
+    `check_client` refuse an attached optimizer; a group flattened behind attach's back fails at
+    the next step with a message naming the cause."""
+    from asft_optim.zero import check_client
+
+    net, opt, _ = _attached_adamw()
+    with pytest.raises(ValueError, match="attach does not follow"):
+        check_client(opt, {"zero_optimization": {"stage": 2}})
+    flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in net.parameters()]))
+    flat.grad = torch.zeros_like(flat)
+    opt.param_groups[0]["params"] = [flat]  # what ZeRO-1/2 does to each group
+    with pytest.raises(RuntimeError, match="DeepSpeed ZeRO flattens"):
+        opt.step()
