@@ -176,7 +176,8 @@ class AsFTPenalty:
         self._state_ref = optimizer.state
         self._record_groups()
         # The penalty must be added to unscaled gradients: let GradScaler unscale before step().
-        if getattr(optimizer, "_step_supports_amp_scaling", False):
+        self._amp_scaling = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if self._amp_scaling:
             optimizer._step_supports_amp_scaling = False  # type: ignore[attr-defined]
         self._hooks = [optimizer.register_step_pre_hook(self._pre_step),
                        optimizer.register_step_post_hook(self._post_step),
@@ -196,7 +197,7 @@ class AsFTPenalty:
         if model is None:
             raise RuntimeError(f"AsFT: param group {index} has no parameter names and the model given to attach "
                                "no longer exists")
-        names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        names = {id(p): n for n, p in model.named_parameters()}  # tied weights: the first name, as from_model
         group_names = []
         for p in group["params"]:
             name = names.get(id(p))
@@ -322,6 +323,8 @@ class AsFTPenalty:
                 if st:
                     st.pop(W0_KEY, None)
         self._pending.clear()
+        if self._amp_scaling:
+            self.optimizer._step_supports_amp_scaling = True  # type: ignore[attr-defined]
         _REGISTRY.pop(self.optimizer, None)
 
     def _strip_groups(self) -> None:

@@ -364,3 +364,28 @@ def test_deepspeed_zero_is_refused_when_the_engine_is_built_or_at_the_step():
     opt.param_groups[0]["params"] = [flat]  # what ZeRO-1/2 does to each group
     with pytest.raises(RuntimeError, match="DeepSpeed ZeRO flattens"):
         opt.step()
+
+
+def test_grad_scaler_unscales_before_the_penalty():
+    """torch's fused AdamW takes GradScaler's scale itself; attached, it lets the scaler unscale
+    first, so the penalty joins unscaled gradients (the scale is a power of two: exact)."""
+    runs = []
+    for scaled in (False, True):
+        net = Net()
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2, fused=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            attach(opt, net, anchors=directions(), asft_lambda=LAM)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        scaler.scale(torch.zeros(()))  # the scaler's lazy init (a loss would be scaled here)
+        ps = list(net.parameters())
+        for t in range(4):
+            for p, g in zip(ps, task_grads(ps, t)):
+                p.grad = g * 2.0 ** 10 if scaled else g
+            if scaled:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+        runs.append([p.detach().clone() for p in ps])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
