@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as _dist
+from . import native
 from .anchors import Anchors, normalize_name
 from .binding import Binding, Kind, bind_group, bind_shards
 from .functional import (PENALTIES, BoundDirection, _penalised_piece, dense_flat, partial_dots,
@@ -411,10 +412,11 @@ class AsFTPenalty:
 
     def _dense_grads(self, rows: list[tuple[str, Tensor, Tensor, Binding, float, str]]) -> None:
         """Dense tensors and FSDP2 shards: exact ⟨v, ΔW⟩ (one all-reduce of the shards' partial dots),
-        then grad += coef·R piece by piece."""
+        then grad += coef·R: small fp32 CPU tensors together with foreach ops, the rest piece by piece."""
         locals_ = [_dist.local(p) for _, p, _, _, _, _ in rows]
         w0s = [_dist.local(w0) for _, _, w0, _, _, _ in rows]
         dirs = [b.direction_on(q.device) for (_, _, _, b, _, _), q in zip(rows, locals_)]
+        grads = [_dist.local(p.grad) for _, p, _, _, _, _ in rows]
         need = [i for i, (_, _, _, b, _, pen) in enumerate(rows) if pen != "full" and not b.direction.is_zero]
         dots: dict[int, Tensor] = {}
         if need:
@@ -422,11 +424,19 @@ class AsFTPenalty:
             for i in need:
                 by_device.setdefault(locals_[i].device, []).append(i)
             for idx in by_device.values():
-                vec = partial_dots([locals_[i] for i in idx], [w0s[i] for i in idx], [dirs[i] for i in idx])
+                vec = exact_dots([locals_[i] for i in idx], [w0s[i] for i in idx], [dirs[i] for i in idx])
                 vec = _dist.all_reduce_dots([rows[i][1] for i in idx], vec)
                 dots.update(zip(idx, vec.unbind()))
-        for i, (_, p, _, _, coef, pen) in enumerate(rows):
-            add_penalty_(_dist.local(p.grad), locals_[i], w0s[i], dirs[i], dots.get(i), coef, pen)
+        batched: dict[tuple[float, str], list[int]] = {}
+        for i, (_, _, _, _, coef, pen) in enumerate(rows):
+            if _foreach_ok(grads[i], locals_[i], w0s[i], dirs[i].v):
+                batched.setdefault((coef, pen), []).append(i)
+            else:
+                add_penalty_(grads[i], locals_[i], w0s[i], dirs[i], dots.get(i), coef, pen)
+        for (coef, pen), idx in batched.items():
+            cs = [0.0 if i not in dots else float(dots[i]) * dirs[i].inv_nv2 for i in idx]
+            add_penalty_foreach_([grads[i] for i in idx], [locals_[i] for i in idx], [w0s[i] for i in idx],
+                                 [dirs[i].v for i in idx], cs, coef, pen)
 
     def _lora_grads(self, found: dict[str, tuple[dict[str, Any], Tensor, Tensor | None]]) -> None:
         """Each LoRA pair's penalty gradients from the pre-step A and B (A0, B0 = W0, or the current
@@ -529,6 +539,45 @@ class AsFTPenalty:
 
 def _lora_key(pair: LoraPair, per_module: Mapping[str, int]) -> str:
     return pair.direction if per_module[pair.direction] == 1 else f"{pair.direction}@{pair.adapter}"
+
+
+_FOREACH_MAX = 1 << 16  # elements: smaller fp32 CPU tensors take `add_penalty_foreach_` together
+
+
+def _foreach_ok(grad: Tensor, p: Tensor, w0: Tensor, v: Tensor) -> bool:
+    """Small fp32 CPU tensors, all four of one dtype: their temporaries are small, their count large."""
+    return (p.device.type == "cpu" and p.numel() <= _FOREACH_MAX and p.dtype == torch.float32
+            and grad.dtype == w0.dtype == v.dtype == torch.float32 and grad.shape == p.shape)
+
+
+@torch.no_grad()
+def exact_dots(params: list[Tensor], w0s: list[Tensor], bounds: list[BoundDirection]) -> Tensor:
+    """⟨v, p − W0⟩ per tensor, computed now: the native kernel's fold (float64, one call for all the
+    CPU tensors it supports) where it builds, else `functional.partial_dots` (fp32)."""
+    if params and params[0].device.type == "cpu" and native.available():
+        dots, skipped = native.dots_supported(params, w0s, [b.v for b in bounds])
+        if skipped:
+            rest = partial_dots([params[i] for i in skipped], [w0s[i] for i in skipped],
+                                [bounds[i] for i in skipped])
+            dots[skipped] = rest.double()
+        return dots
+    return partial_dots(params, w0s, bounds)
+
+
+@torch.no_grad()
+def add_penalty_foreach_(grads: list[Tensor], params: list[Tensor], w0s: list[Tensor], vs: list[Tensor],
+                         cs: list[float], coef: float, penalty: str) -> None:
+    """grads[i] += coef·R_i with foreach ops (whole-tensor fp32 temporaries: for small tensors).
+
+    cs: c_i = ⟨v, ΔW⟩/‖v‖² per tensor as Python floats (0.0 where R does not need it).
+    """
+    if penalty == "parallel":
+        r = torch._foreach_mul(vs, cs)
+    else:
+        r = torch._foreach_sub(params, w0s)
+        if penalty == "orthogonal":
+            torch._foreach_add_(r, torch._foreach_mul(vs, [-c for c in cs]))
+    torch._foreach_add_(grads, r, alpha=coef)
 
 
 @torch.no_grad()
