@@ -541,7 +541,7 @@ def _lora_key(pair: LoraPair, per_module: Mapping[str, int]) -> str:
     return pair.direction if per_module[pair.direction] == 1 else f"{pair.direction}@{pair.adapter}"
 
 
-_FOREACH_MAX = 1 << 16  # elements: smaller fp32 CPU tensors take `add_penalty_foreach_` together
+_FOREACH_MAX = 1 << 13  # elements: smaller fp32 CPU tensors take `add_penalty_foreach_` together
 
 
 def _foreach_ok(grad: Tensor, p: Tensor, w0: Tensor, v: Tensor) -> bool:
