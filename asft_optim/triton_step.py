@@ -157,7 +157,7 @@ class TritonCache:
             return []
         out = []
         for name, p in self.pending:
-            if opt._dots.valid(name, _dist.local(p)) and not opt._bindings[name].direction.is_zero:
+            if opt._dots.held(name, p, opt.state[p]["step"]) and not opt._bindings[name].direction.is_zero:
                 out.append((name, p, self._slot_value(name, p)))
         self.pending = []
         seen = {n for n, _, _ in out}
@@ -168,13 +168,13 @@ class TritonCache:
                 b = opt._bindings.get(name)
                 st = opt.state.get(p)
                 if (p.grad is None or b is None or b.kind is not Kind.SHARD or name in seen or not st
-                        or "w0" not in st or name not in self.slots.slot or opt._dots.valid(name, _dist.local(p))):
+                        or "w0" not in st or name not in self.slots.slot or opt._dots.valid(name, p, st["step"])):
                     continue
                 q = _dist.local(p)
                 bound = b.direction_on(q.device)
                 if bound.is_zero:  # c = 0 whatever ΔW: nothing to sum
                     self.slots.buffers[q.device][self.slots.slot[name]] = 0.0
-                    opt._dots.put(name, q, None)
+                    opt._dots.put(name, p, st["step"], None)
                     continue
                 dot = partial_dots([q], [_dist.local(st["w0"])], [bound])[0]
                 out.append((name, p, dot * bound.inv_nv2))
@@ -185,7 +185,7 @@ class TritonCache:
         for (name, p, _), value in zip(named, values.unbind()):
             q = _dist.local(p)
             self.slots.buffers[q.device][self.slots.slot[name]] = value
-            opt._dots.put(name, q, None)
+            opt._dots.put(name, p, opt.state[p]["step"], None)
 
     def _slot_value(self, name: str, p: Tensor) -> Tensor:
         """A shard's c slot as a 0-d fp32 tensor; 0 for an empty local shard (no kernel writes it)."""
@@ -259,6 +259,7 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
             buf[j] = step_t
             opt.state[group["params"][j]]["step"] = buf[j]
     positions_t = torch.tensor(positions)
+    carried = {t.names[i] for i in keep if opt._dots.held(t.names[i], t.params[i], opt.state[t.params[i]]["step"])}
     all_steps = _increment_steps(buf, positions_t)
     subsets: dict[tuple, list[int]] = {}
     for i in keep:
@@ -282,7 +283,7 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
         table = cached[1]
         needs_c = penalised and penalty != "full"
         c_buf = cs.buffers[device] if penalised else table.partials
-        stale = [n for n, i in zip(names, idx) if not opt._dots.valid(n, rows[i][0])] if needs_c else []
+        stale = [n for n in names if n not in carried] if needs_c else []
         if stale and set(stale) <= fresh:  # first step: p = W0, so c = 0
             c_buf.index_fill_(0, torch.tensor([cs.slot[n] for n in stale], device=device), 0.0)
         elif stale:
@@ -293,7 +294,7 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
         launches.append(Launch(table, device, penalty if penalised else None, [position[i] for i in idx]))
         if needs_c:
             for n, i in zip(names, idx):
-                opt._dots.put(n, rows[i][0], None)
+                opt._dots.put(n, t.params[i], opt.state[t.params[i]]["step"], None)
             cache.pending += [(t.names[i], t.params[i]) for i in idx if _dist.is_dtensor(t.params[i])]
     if reusable and signature is not None:
         cache.plans[group_index] = Plan(signature, opt._dots.epoch, buf,
