@@ -198,7 +198,7 @@ class AsFTAdamW(torch.optim.AdamW):
         group["asft_anchors"] = self.anchors.fingerprint
         bindings = bind_group(zip(group["param_names"], group["params"]), self.anchors, self._lora,
                               self._lora_bound, projection=group["projection"],
-                              penalised=group["asft_lambda"] > 0)
+                              penalised=group["asft_lambda"] > 0, penalty=group["penalty"])
         self._check_anchored(group, bindings.values(), "")
         if group["impl"] == "triton":
             _check_triton_dtypes(bindings.values(), group)
@@ -253,8 +253,8 @@ class AsFTAdamW(torch.optim.AdamW):
                 elif b.kind in (Kind.DENSE, Kind.SHARD) and (b.kind is Kind.SHARD) != _dist.is_dtensor(p):
                     reshard.append((name, p))
             if new:
-                bound = bind_group(new, self.anchors, self._lora, self._lora_bound,
-                                   projection=group["projection"], penalised=group["asft_lambda"] > 0)
+                bound = bind_group(new, self.anchors, self._lora, self._lora_bound, projection=group["projection"],
+                                   penalised=group["asft_lambda"] > 0, penalty=group["penalty"])
                 self._check_anchored(group, bound.values(), " (they gained gradients after the optimizer "
                                      "was built)")
                 self._bindings.update(bound)
