@@ -7,13 +7,14 @@ registers (Triton, which keeps the value in its own c slots). The rule:
     tensor (the same object, at the same version) are what they were right after the update that
     wrote the dot, and no load or `resync()` happened since; else it is recomputed exactly.
 
-Every optimizer step that moves a parameter (any impl, any λ including 0, any penalty, torch's
-fused / foreach / for-loop AdamW, the native and Triton kernels) advances its "step" tensor in
-place, which bumps that tensor's version counter even where the kernel writes p through raw
-pointers (torch's fused AdamW, the native and Triton kernels bump no version of p): a path that
-does not write a new dot therefore drops the old one without having to say so. Writes outside the
-optimizer through the parameter (`p.mul_`, `p.copy_`, `model.load_state_dict`, torch's foreach ops
-on plain tensors) bump its version counter. Writes through `.data` bump none: call `resync()`.
+So every path that moves a parameter either writes its new dot or drops the old one, without
+having to say so: the paths that write no dot (torch's fused / foreach / for-loop AdamW at any λ
+including 0, the reference impl, Triton launches, ZeRO partitions) advance the "step" tensor with a
+version-counted op (`add_`, `_foreach_add_`, `index_add_`), which bumps its version even where the
+kernel writes p without bumping p's (torch's fused AdamW, Triton); the native kernel, which writes p
+and the step through raw pointers, writes the new dot every time. Writes outside the optimizer
+through the parameter (`p.mul_`, `p.copy_`, `model.load_state_dict`, torch's foreach ops on plain
+tensors) bump its version counter. Writes through `.data` bump none: call `resync()`.
 
 A DTensor (FSDP2) parameter's dot is never carried: torch's foreach ops (`torch._foreach_mul_`,
 torch's foreach and fused AdamW) write a DTensor without bumping its version counter or its local
