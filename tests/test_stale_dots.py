@@ -275,3 +275,41 @@ class TestPrecision:
         finally:
             torch.set_num_threads(threads)
         assert torch.equal(results[0], results[1])
+
+
+class TestAdapters:
+    """Two LoRA adapters trained at once on one module: the base weight moves by their sum, which a
+    per-adapter penalty does not see; AsFTAdamW refuses it by name, and steps one active adapter."""
+
+    @staticmethod
+    def _model():
+        peft = pytest.importorskip("peft")
+        from asft_optim import Anchors
+        torch.manual_seed(0)
+        base = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+        g = torch.Generator().manual_seed(1)
+        anchors = Anchors.from_tensors({n: torch.randn(p.shape, generator=g) for n, p in base.named_parameters()})
+        cfg = {"r": 2, "lora_alpha": 4, "target_modules": ["0"], "lora_dropout": 0.0}
+        model = peft.get_peft_model(base, peft.LoraConfig(**cfg), adapter_name="one")
+        model.add_adapter("two", peft.LoraConfig(**cfg))
+        return model, anchors
+
+    def test_two_adapters_trained_at_once_are_refused(self):
+        model, anchors = self._model()
+        model.base_model.set_adapter(["one", "two"])
+        opt = AsFTAdamW.from_model(model, anchors=anchors, lr=1e-2)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        model(torch.randn(3, 6)).square().sum().backward()
+        with pytest.raises(NotImplementedError, match=r"LoRA module 'base_model\.model\.0': adapters 'one', 'two' all "
+                                                      r"have gradients in this step"):
+            opt.step()
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # nothing moved
+
+    def test_one_active_adapter_of_two_steps(self):
+        model, anchors = self._model()
+        model.base_model.set_adapter(["one", "two"])
+        opt = AsFTAdamW.from_model(model, anchors=anchors, lr=1e-2)
+        model.base_model.set_adapter("one")  # "two" frozen: no gradient, no penalty step
+        model(torch.randn(3, 6)).square().sum().backward()
+        opt.step()
+        assert set(opt.drift()) == {"0.weight@one"}
