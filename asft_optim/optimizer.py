@@ -424,7 +424,7 @@ class AsFTAdamW(torch.optim.AdamW):
         shard) nor for a zero direction (c = 0).
         """
         if not any(b.kind is Kind.SHARD for b in self._bindings.values()):
-            return {}  # no DTensor parameters (Triton's pending shards are SHARD bindings too)
+            return {}  # no DTensor parameters
         names, params = [], []
         stale: list[tuple[Tensor, Tensor, BoundDirection]] = []
         for group, impl in zip(self.param_groups, impls):
@@ -446,7 +446,7 @@ class AsFTAdamW(torch.optim.AdamW):
         partials = list(partial_dots(*map(list, zip(*stale))).unbind()) if stale else []
         vec = torch.stack(partials + [c for _, _, c in triton])
         vec = _dist.all_reduce_dots(params + [p for _, p, _ in triton], vec)
-        self._triton.set_shard_c(self, triton, vec[len(names):])
+        self._triton.set_shard_c(triton, vec[len(names):])
         return dict(zip(names, vec[:len(names)].unbind()))
 
     # ------------------------------------------------------------------------------- ZeRO
