@@ -19,6 +19,7 @@ Where the state lives (data flow: anchors → bindings → optimizer state → i
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import os
@@ -35,7 +36,7 @@ from . import distributed as _dist
 from .anchors import Anchors, normalize_name
 from .binding import Binding, Kind, anchor_key, bind_group, bind_shards
 from .dot_cache import DotCache
-from .functional import (PENALTIES, BoundDirection, StepTensors, asft_adamw, partial_dots,
+from .functional import (PENALTIES, BoundDirection, StepTensors, acc_dtype, asft_adamw, partial_dots,
                          storage_w0)
 from .lora import (PROJECTIONS, LoraLayout, lora_drift_sums, lora_layout, lora_penalty_grads,
                    lora_penalty_grads_reference)
@@ -346,8 +347,9 @@ class AsFTAdamW(torch.optim.AdamW):
         """
         filled = []
         for group, impl in zip(self.param_groups, impls):
-            if impl == "zero" or group["asft_lambda"] == 0 or None not in [p.grad for p in group["params"]]:
-                continue
+            if impl == "zero" or group["asft_lambda"] == 0 or not any(map(operator.is_, map(_GRAD, group["params"]),
+                                                                       itertools.repeat(None))):
+                continue  # (a cheap first look: most steps every parameter has a gradient)
             for name, p in zip(group["param_names"], group["params"]):
                 if p.grad is not None or not p.requires_grad:
                     continue
@@ -415,7 +417,8 @@ class AsFTAdamW(torch.optim.AdamW):
                 self._dots.put(n, p, s, d)
 
     def _shard_dots(self, impls: list[str]) -> dict[str, Tensor]:
-        """Global ⟨v, ΔW⟩ (0-d fp32) of every DTensor parameter the torch paths penalise this step.
+        """Global ⟨v, ΔW⟩ (0-d, `acc_dtype` of the parameter) of every DTensor parameter the torch
+        paths penalise this step.
 
         Computed exactly from the local shards at every step (a DTensor's dot is never carried: see
         `dot_cache`), then one all-reduce of one fp32 per such tensor for the whole step, whatever
@@ -447,7 +450,8 @@ class AsFTAdamW(torch.optim.AdamW):
         vec = torch.stack(partials + [c for _, _, c in triton])
         vec = _dist.all_reduce_dots(params + [p for _, p, _ in triton], vec)
         self._triton.set_shard_c(triton, vec[len(names):])
-        return dict(zip(names, vec[:len(names)].unbind()))
+        # each in its parameter's accumulation dtype (the vector is fp64 when one of them is fp64)
+        return {n: d.to(acc_dtype(p.dtype)) for n, p, d in zip(names, params, vec[:len(names)].unbind())}
 
     # ------------------------------------------------------------------------------- ZeRO
     def _zero_group_step(self, group: dict[str, Any]) -> None:
@@ -811,6 +815,7 @@ class AsFTAdamW(torch.optim.AdamW):
 
 
 _PLAIN = Binding("", Kind.PLAIN)
+_GRAD = operator.attrgetter("grad")
 
 
 def _check_unique_names(groups: list[dict[str, Any]]) -> None:

@@ -305,8 +305,8 @@ class ZeroTensors:
         exactly (`functional.partial_dots`). Collective whenever it reduces; every rank takes the
         same decision (the same updates bump the same version counters).
         """
-        i = next(i for i, q in enumerate(self.partitions) if q is part)
-        if part.dots_valid(steps[i], cache.epoch):
+        at = next(i for i, q in enumerate(self.partitions) if q is part)
+        if part.dots_valid(steps[at], cache.epoch):
             return part.dots
         vec = torch.zeros(len(self.names), dtype=torch.float32, device=self._comm_device(part.flat))
         for i, q in enumerate(self.partitions):
