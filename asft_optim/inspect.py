@@ -296,7 +296,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--start", help="weights fine-tuning started from (default: the aligned checkpoint recorded "
                                    "in the file)")
     p.add_argument("--plot", default="drift.png",
-                   help="PNG to write with --model (default: drift.png; an existing file only with --overwrite)")
+                   help="PNG to write with --model (an existing file only with --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     p.add_argument("--no-plot", action="store_true", help="with --model: tables only")
     p.add_argument("--layers-only", action="store_true", help="with --model: per-layer table only")

@@ -7,7 +7,8 @@ Methods (all with the same data, steps, learning rate, batch size and seed):
 Full-parameter by default; with a `LoraSpec`, a peft LoRA adapter whose effective update
 s·B·A is what L2-SP and AsFT penalise.
 
-Data are instruction records `{"instruction", "input", "output"}`; the loss is on the response.
+Data are instruction records `{"instruction", "input", "output"}` (read from files in the one record
+format of `asft_optim.evaluation.records`); the loss is on the response.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from ..anchors import Anchors
-from ..evaluation.records import jsonl_rows
+from ..evaluation.records import jsonl_rows, parse_record
 
 __all__ = ["Method", "LoraSpec", "parse_methods", "prompt_text", "encode", "Collator", "train", "load_jsonl",
            "load_model", "save_model", "FINETUNE_INFO", "SCHEDULERS"]
@@ -114,27 +115,22 @@ class Collator:
 
 
 def load_jsonl(path: str | Path, need_output: bool = True, what: str = "data") -> list[dict[str, str]]:
-    """Instruction records from a JSONL file: fields instruction, optional input, and output (which
-    may be absent when not `need_output`, e.g. for harmful prompts). Blank lines are skipped.
+    """Instruction records `{"instruction", "input", "output"}` from a JSONL file in the format of
+    `asft evaluate` (`asft_optim.evaluation.records`): the prompt from `prompt`, `instruction` or
+    `question`, optional `input`, the response from `answer`, `label` or `output` (not needed, and
+    "" when absent, unless `need_output`). Blank lines are skipped.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: a line is not a JSON object with the string fields required; the message gives
-            the file and line number.
+        ValueError: a line without the fields required; the message gives the file and line number.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
     out = []
-    for where, rec in jsonl_rows(path):
-        for key in ("instruction", "output") if need_output else ("instruction",):
-            if not isinstance(rec.get(key), str):
-                raise ValueError(f"{where}: field '{key}' is missing or not a string")
-        for key in ("input", "output"):
-            if not isinstance(rec.get(key, ""), str):
-                raise ValueError(f"{where}: field '{key}' is not a string")
-        out.append({"instruction": rec["instruction"], "input": rec.get("input", ""),
-                    "output": rec.get("output", "")})
+    for where, row in jsonl_rows(path):
+        rec = parse_record(where, row, need_answer=need_output)
+        out.append({"instruction": rec["instruction"], "input": rec["input"], "output": rec.get("answer", "")})
     if not out:
         raise ValueError(f"{path}: no records")
     return out

@@ -32,7 +32,7 @@ from ..outputs import refuse_overlap
 from ..tempfiles import staged_dir
 from ..inspect import drift_report
 from ..evaluation.judges import JUDGE_KINDS, load_judge
-from .evaluate import harmful_score, task_accuracy
+from ..evaluation.scores import harmful_score, task_accuracy
 from .finetune import (SCHEDULERS, LoraSpec, encode, load_jsonl, load_model, parse_methods, prompt_text,
                        save_model, train)
 from .finetune_report import drift_table, plot_drift, results_table
@@ -210,6 +210,7 @@ def run_finetune(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         lora.check_targets(start_model)
     encoded = _encode_train(tok, train_set, max_length, log)
     test_set, harmful, fa_tokens, hs_tokens = _fit_eval(tok, test_set, harmful, max_length, args.max_new_tokens, log)
+    log(_settings(args, methods, lora, max_length, len(encoded), len(test_set), harmful, judge, device))
 
     with staged_dir(out) as work:  # replaces an earlier run in `out` only once this one is complete
         (work / RUN_INFO).write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
@@ -275,7 +276,8 @@ def run_finetune(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
                    "lora": lora is not None, "max_length": max_length, "directions": recorded and str(recorded),
                    "runs": rows, "drift": drift}
         (work / "results.json").write_text(json.dumps(results, indent=1))
-        (work / "table.md").write_text(results_table(rows))
+        (work / "table.md").write_text(results_table(rows, len(test_set), len(harmful) if harmful else 0,
+                                                     judge.kind if judge else None))
         if drift:
             (work / "drift.md").write_text(
                 "Drift per layer, ΔW = W_finetuned − W_aligned: cos(ΔW, d) (< 0: back towards the base model) and "
@@ -283,6 +285,23 @@ def run_finetune(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
             plot_drift(drift, work / "drift.png", f"drift per layer ({'LoRA' if lora else 'full-parameter'}, "
                                                  f"{args.steps} steps)")
     return results
+
+
+def _settings(args: argparse.Namespace, methods: list, lora: LoraSpec | None, max_length: int | None, n_train: int,
+              n_test: int, harmful: list | None, judge: Any, device: str) -> str:
+    """The resolved settings of a run, printed before it starts."""
+    mode = (f"LoRA r={lora.r}, alpha={lora.alpha}, targets {','.join(lora.targets)}" if lora else "full-parameter")
+    lines = [f"methods: {', '.join(m.label for m in methods)} ({mode})",
+             f"data: {n_train} training record(s), {n_test} test record(s) for FA"
+             + (f" (from --test {args.test})" if args.test else f" (--test-fraction {args.test_fraction} of --data)")
+             + (f", {len(harmful)} harmful prompt(s) for HS (judge {judge.kind})" if harmful else ", no HS (no --harmful)"),
+             f"training: {args.steps} step(s), lr {args.lr:g} ({args.scheduler}, warmup {args.warmup_steps}), batch "
+             f"{args.batch_size} × {args.grad_accum} accumulation, max length {max_length}, seed {args.seed}, "
+             f"{args.dtype} on {device}"]
+    if harmful and not judge.reads_harm:
+        lines.append(f"note: the {judge.kind} judge sees refusals only, not harm: the table gives the refusal rate "
+                     "and no HS (pass --judge with a QA-moderation classifier or a guard model for HS)")
+    return "\n".join(lines)
 
 
 def _saved(spec: str, methods: list) -> set[str]:
@@ -327,8 +346,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--lora", action="store_true", help="train a peft LoRA adapter (default)")
     mode.add_argument("--full", action="store_true", help="train all parameters")
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank r")
+    p.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (the update is scaled by alpha/r)")
     p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module names")
     p.add_argument("--methods", default="sft,l2sp,asft", help="comma-separated: sft, l2sp, asft")
     p.add_argument("--lambdas", default="1,10,100", help="λ values for l2sp and asft")
@@ -345,7 +364,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="response length for HS")
     p.add_argument("--eval-batch-size", type=int, default=16, help="prompts per generation batch")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="model weights dtype")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, data order and LoRA initialisation")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=Path("asft_finetune_out"), help="output folder (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier asft finetune run in --out")

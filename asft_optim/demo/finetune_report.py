@@ -21,9 +21,11 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
 
-def results_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown: one row per run with HS, refusal rate and FA (%); "–" where HS was not measured."""
-    lines = ["| Method | HS (%) | refusal (%) | FA (%) |", "|---|---|---|---|"]
+def results_table(rows: Sequence[Mapping[str, Any]], n_test: int, n_harmful: int, judge: str | None) -> str:
+    """Markdown: one row per run with HS, refusal rate and FA (%), the counts they are shares of in the
+    header; "–" where HS was not measured (no harmful prompts, or a judge that sees refusals only)."""
+    hs = f"n={n_harmful}, {judge}" if n_harmful else "not measured"
+    lines = [f"| Method | HS (%, {hs}) | refusal (%, n={n_harmful}) | FA (%, n={n_test}) |", "|---|---|---|---|"]
     lines += [f"| {r['method']} | {_pct(r.get('hs'))} | {_pct(r.get('refusal'))} | {_pct(r['fa'])} |" for r in rows]
     return "\n".join(lines) + "\n"
 
