@@ -7,6 +7,7 @@ import argparse
 import importlib
 import importlib.util
 import sys
+import warnings
 from typing import Any
 
 # subcommand name -> "module:function" that adds its parser (imported only when needed)
@@ -98,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     if message is not None:
         print(message, file=sys.stderr)
         return 2
-    return int(args.func(args) or 0)
+    with warnings.catch_warnings():
+        # deprecations inside transformers/peft that they trigger themselves: nothing a user can act on
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
+        return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

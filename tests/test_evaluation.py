@@ -405,3 +405,27 @@ def test_keyword_judge_gives_no_harmful_score(zoo, tmp_path, capsys):
     assert all((p.stat().st_mode & 0o777) == 0o666 & ~mask for p in out.iterdir())
     assert cli.main(["compare", str(out)]) == 0
     assert f"| {out.name} | – | {res['refusal_rate']:.1f} |" in capsys.readouterr().out
+
+
+def test_no_library_future_warning_leaks_from_the_cli(zoo, tmp_path):
+    """transformers/peft deprecations they trigger themselves (peft's is_gradient_checkpointing) stay quiet."""
+    import warnings
+
+    root, models = zoo
+    adapter = _adapter(models["llama"], tmp_path / "adapter")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _run(str(models["llama"]), "--adapter", str(adapter), "--prompts", str(root / "prompts.jsonl"),
+                    "--max-new-tokens", "1", "--out", str(tmp_path / "e")) == 0
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+
+
+def test_gitignore_covers_what_the_commands_write():
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = [".venv/bin/python", "asft_demo_report/table.md", "asft_finetune_out/results.json", "drift.png"]
+    r = subprocess.run(["git", "check-ignore", *paths], cwd=repo, capture_output=True, text=True, check=False)
+    assert r.stdout.split() == paths

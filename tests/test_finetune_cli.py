@@ -525,3 +525,43 @@ def test_flags_are_exact_and_help_shows_defaults(setup, tmp_path, capsys):
                           ("--lora-alpha LORA_ALPHA", "16"), ("--seed SEED", "0")):
         after = text.split(f" {flag} ", 1)[1]
         assert f"(default: {default})" in re.split(r" --[a-z-]+ [A-Z{]", after, maxsplit=1)[0], flag
+
+
+def test_messages_point_the_right_way(setup, tmp_path, capsys, monkeypatch):
+    """Hub ids are taken (fetched with huggingface_hub), an offline failure names `hf download`; --base's
+    message names --directions; an adapter folder as --aligned says so; compare names what a folder is."""
+    import huggingface_hub
+
+    root, task, _ = setup
+    calls = []
+
+    def snapshot(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision))
+        if repo_id == "org/offline":
+            raise ConnectionError("no network")
+        return str(root / "aligned")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    cmd = ["finetune", "--data", str(task), "--methods", "sft", "--full", "--steps", "1"]
+    assert cli.main([*cmd, "--aligned", "org/aligned@v1", "--out", str(tmp_path / "o")]) == 0
+    assert calls == [("org/aligned", "v1")]
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["aligned"] == str(root / "aligned")
+    capsys.readouterr()
+    assert cli.main([*cmd, "--aligned", "org/offline", "--out", str(tmp_path / "o2")]) == 2
+    err = _err(capsys)
+    assert "--aligned org/offline: not a local folder, and fetching the aligned model" in err
+    assert "`hf download org/offline --local-dir DIR`" in err and "huggingface-cli" not in err
+    assert cli.main(["finetune", "--aligned", str(root / "aligned"), "--data", str(task), "--out",
+                     str(tmp_path / "o3")]) == 2
+    assert "--base is required (or --directions FILE, directions computed from it)" in _err(capsys)
+    from asft_optim.demo.finetune import LoraSpec
+
+    adapter = tmp_path / "adapter"
+    tok = AutoTokenizer.from_pretrained(str(root / "aligned"))
+    save_model(LoraSpec().apply(load_model(root / "aligned")), tok, adapter, {"start": str(root / "aligned")})
+    assert cli.main([*cmd, "--aligned", str(adapter), "--out", str(tmp_path / "o4")]) == 2
+    assert "it is a LoRA adapter folder: pass its base model as --aligned" in _err(capsys)
+    assert cli.main(["evaluate", str(adapter), "--prompts", str(task), "--out", str(tmp_path / "e")]) == 2
+    assert f"it is a LoRA adapter folder: asft evaluate {root / 'aligned'} --adapter {adapter}" in _err(capsys)
+    assert cli.main(["compare", str(tmp_path / "o")]) == 2
+    assert "is not an `asft evaluate` results file (it has no 'format' field" in _err(capsys)

@@ -109,7 +109,7 @@ def _safelora_oracle(adapter: Path, directions, rule: str, value: float) -> dict
 
 
 @pytest.mark.parametrize("rule, value", [("threshold", None), ("fraction", 0.25)])
-def test_safelora_equals_float64_oracle(trio, rule, value):
+def test_safelora_equals_float64_oracle(trio, capsys, rule, value):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -137,6 +137,10 @@ def test_safelora_equals_float64_oracle(trio, rule, value):
         n.removeprefix("base_model.model.").removesuffix(".lora_B.weight") for n in chosen}
     assert (out / "adapter_config.json").read_text() == (adapter / "adapter_config.json").read_text()
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(aligned)), str(out))  # loads
+    printed = capsys.readouterr().out  # every layer's cosine, and which were projected
+    lines = [ln.split() for ln in printed.splitlines() if ln.startswith("  ")]
+    assert [(ln[0], float(ln[1]), ln[-1] == "projected") for ln in lines] == [
+        (m, pytest.approx(layer["cos"], abs=1e-4), layer["projected"]) for m, layer in info["layers"].items()]
 
 
 def test_bad_input_is_refused_and_leaves_no_output(trio, tmp_path, capsys):

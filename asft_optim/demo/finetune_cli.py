@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..anchors import Anchors
+from ..checkpoints import is_hub_id
 from ..directions import check_made_from, compute_directions
 from ..outputs import refuse_overlap
 from ..tempfiles import staged_dir
@@ -46,14 +47,35 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def _checkpoint(path: Path | None, what: str, flag: str) -> Path:
+    """A local checkpoint folder for `flag`: the folder itself, or a Hub id's snapshot (downloaded)."""
     if path is None:
-        raise ValueError(f"{flag} is required: the {what} checkpoint folder")
+        hint = " (or --directions FILE, directions computed from it)" if flag == "--base" else ""
+        raise ValueError(f"{flag} is required{hint}: the {what} checkpoint folder or Hub id")
+    if not path.exists() and is_hub_id(str(path)):
+        path = _snapshot(str(path), what, flag)
     if not path.exists():
-        raise FileNotFoundError(f"{what} model not found: {path} ({flag} must be a local Hugging Face "
-                                "checkpoint folder; download hub models first, e.g. with `huggingface-cli download`)")
+        raise FileNotFoundError(f"{what} model not found: {path} ({flag} takes a local Hugging Face checkpoint "
+                                "folder or a Hub id such as org/name)")
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{what} model folder {path} has no config.json: not a Hugging Face checkpoint")
+        hint = (f"; it is a LoRA adapter folder: pass its base model as {flag}" if (path / "adapter_config.json").is_file()
+                else "")
+        raise FileNotFoundError(f"{what} model folder {path} has no config.json: not a Hugging Face checkpoint{hint}")
     return path
+
+
+def _snapshot(repo: str, what: str, flag: str) -> Path:
+    """The local snapshot of a Hub model (config, tokenizer and safetensors weights), downloaded once."""
+    repo_id, _, revision = repo.partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, revision=revision or None,
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]))
+    except Exception as e:  # huggingface_hub raises many types: offline, not found, gated, HTTP
+        raise FileNotFoundError(
+            f"{flag} {repo}: not a local folder, and fetching the {what} model from the Hugging Face Hub failed "
+            f"({type(e).__name__}: {e}). On an offline machine, download it elsewhere (`hf download {repo_id} "
+            f"--local-dir DIR`) and pass DIR") from None
 
 
 def _split(records: list[dict[str, str]], fraction: float, seed: int) -> tuple[list, list]:
@@ -323,8 +345,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "finetune", help="fine-tune real checkpoints with SFT, L2-SP and AsFT and evaluate HS and FA",
         description=__doc__.split("\n\n")[0])
-    p.add_argument("--aligned", type=Path, required=True, help="aligned (chat) model folder: the starting point")
-    p.add_argument("--base", type=Path, default=None, help="its base model folder (for the directions)")
+    p.add_argument("--aligned", type=Path, required=True,
+                   help="aligned (chat) model folder or Hub id: the starting point")
+    p.add_argument("--base", type=Path, default=None, help="its base model folder or Hub id (for the directions)")
     p.add_argument("--directions", type=Path, default=None,
                    help="precomputed directions file (asft directions); replaces --base")
     p.add_argument("--allow-mismatch", action="store_true",
