@@ -275,3 +275,45 @@ def test_plot_never_overwrites_silently_nor_lands_on_an_input(setup, tmp_path, c
         assert main(["inspect", d, "--model", target, "--plot", str(plot), "--overwrite"]) == 1
         assert says in capsys.readouterr().err
     assert {p: p.read_bytes() for p in before} == before and not (root / "tuned" / "drift.png").exists()
+
+
+def test_drift_plots_in_depth_order_without_lines_between_unrelated_layers():
+    """Embeddings, blocks by number, final norm, head; lines only along consecutive blocks of one stack;
+    layers nothing trained are "(not trained)" and get no marker (NaN), never a 0."""
+    from asft_optim.drift_plot import layout
+
+    names = ["lm_head", "model.norm", "model.layers.10", "model.layers.2", "model.embed_tokens", "model.layers.0",
+             "model.layers.1", "vision.blocks.0", "vision.blocks.1"]
+    plot = layout(names, trained=[n for n in names if ".layers." in n])
+    assert plot.layers == ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.layers.2",
+                           "model.layers.10", "vision.blocks.0", "vision.blocks.1", "model.norm", "lm_head"]
+    assert plot.segments == [[0], [1, 2, 3], [4], [5, 6], [7], [8]]
+    assert plot.untrained == {"model.embed_tokens", "vision.blocks.0", "vision.blocks.1", "model.norm", "lm_head"}
+    assert plot.ticks()[0] == "model.embed_tokens (not trained)" and plot.ticks()[1] == "model.layers.0"
+
+    class Axes:  # records what `draw` hands to matplotlib
+        def __init__(self):
+            self.lines = []
+
+        def plot(self, xs, ys, **style):
+            self.lines.append((xs, ys, style["linestyle"]))
+
+    from asft_optim.drift_plot import draw
+
+    ax = Axes()
+    draw(ax, plot, [float("nan") if n in plot.untrained else float(i) for i, n in enumerate(plot.layers)], marker="o")
+    assert [(xs, ls) for xs, _, ls in ax.lines] == [([0], "none"), ([1, 2, 3], "-"), ([4], "none"), ([5, 6], "-"),
+                                                     ([7], "none"), ([8], "none")]
+    assert all(math.isnan(y) for xs, ys, _ in ax.lines for x, y in zip(xs, ys) if plot.layers[x] in plot.untrained)
+
+
+def test_drift_report_and_tables_in_depth_order_untrained_not_zero(setup, tmp_path, capsys):
+    root, P = setup
+    _, layers, _ = drift_report(root / "d.safetensors", root / "tuned")
+    assert list(layers) == ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "lm_head"]
+    adapter = tmp_path / "ad"
+    _adapter(transformers.LlamaForCausalLM.from_pretrained(root / "aligned"), adapter, target_modules=["q_proj"])
+    assert main(["inspect", str(root / "d.safetensors"), "--model", str(adapter), "--no-plot", "--layers-only"]) == 0
+    rows = {r.split()[0]: r.split()[1:] for r in capsys.readouterr().out.splitlines() if r.startswith(("model.", "lm_"))}
+    assert list(rows) == ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "lm_head"]
+    assert rows["lm_head"][2:] == ["–", "–", "(not", "trained)"] and rows["model.layers.0"][-1] != "trained)"
