@@ -13,9 +13,9 @@ from typing import Any
 # subcommand name -> "module:function" that adds its parser (imported only when needed)
 COMMANDS: dict[str, str] = {
     "directions": "asft_optim.directions:add_cli",
-    "inspect": "asft_optim.inspect:add_cli",
+    "inspect": "asft_optim.inspection:add_cli",
     "demo": "asft_optim.demo.run:add_cli",
-    "finetune": "asft_optim.demo.finetune_cli:add_cli",
+    "finetune": "asft_optim.finetune.cli:add_cli",
     "evaluate": "asft_optim.evaluation.evaluate:add_cli",
     "project": "asft_optim.project:add_cli",
     "compare": "asft_optim.compare:add_cli",

@@ -15,7 +15,7 @@ from asft_optim import cli  # noqa: E402
 from asft_optim.evaluation.judges import QA_PROMPT, GuardJudge  # noqa: E402
 from asft_optim.evaluation.scoring import final_number, matches  # noqa: E402
 
-from . import evaluation_models as em  # noqa: E402
+from . import fixtures as em  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -16,13 +16,13 @@ pytest.importorskip("peft")
 
 from asft_optim import cli  # noqa: E402
 from asft_optim.demo.evaluate import harmful_score, task_accuracy  # noqa: E402
-from asft_optim.demo.finetune import Method, encode, load_jsonl, load_model, save_model, train  # noqa: E402
+from asft_optim.finetune.training import Method, encode, load_jsonl, load_model, save_model, train  # noqa: E402
 from asft_optim.demo.language import Language, LanguageConfig  # noqa: E402
 from asft_optim.demo.models import ModelRecipe, _new_model, build_tokenizer  # noqa: E402
 from asft_optim.evaluation.judges import KeywordJudge, ToyJudge, load_judge  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from . import evaluation_models as em  # noqa: E402
+from . import fixtures as em  # noqa: E402
 
 
 
@@ -167,7 +167,7 @@ def test_bad_jsonl_lines_name_the_line(setup, tmp_path, capsys, lines, message):
 
 
 def test_prompt_text_uses_chat_template_or_alpaca():
-    from asft_optim.demo.finetune import prompt_text
+    from asft_optim.evaluation.generation import prompt_text
 
     tok = build_tokenizer(Language(LanguageConfig()))
     assert prompt_text(tok, "MAP", "w1 w2") == "<s> MAP\n\nw1 w2 =>"
@@ -248,7 +248,7 @@ def test_loss_lr_and_drift_printed_and_drift_report_written(setup, tmp_path, cap
     res = json.loads((out / "results.json").read_text())
     assert set(res["drift"]) == {"SFT", "AsFT λ=1"}
     # the saved run's drift is `asft inspect`'s drift of its adapter folder
-    from asft_optim.inspect import drift_report
+    from asft_optim.inspection import drift_report
 
     _, layers, _ = drift_report(out / "directions.safetensors", out / "models" / "asft_l1")
     assert res["drift"]["AsFT λ=1"] == {k: {"delta_norm": v.delta_norm, "cos": v.cos, "orth_ratio": v.orth_ratio}
@@ -317,7 +317,7 @@ def test_save_model_replaces_its_own_folder_only(setup, tmp_path):
     """`save_model` into a folder an earlier save_model wrote (an adapter) leaves only the new model."""
     root, _, _ = setup
     tok = AutoTokenizer.from_pretrained(str(root / "aligned"))
-    from asft_optim.demo.finetune import LoraSpec
+    from asft_optim.finetune.training import LoraSpec
 
     target = tmp_path / "m"
     save_model(LoraSpec(targets=("q_proj",)).apply(load_model(root / "aligned")), tok, target, {"start": str(root / "aligned")})
@@ -438,7 +438,7 @@ def test_overwrite_never_deletes_inputs_inside_out(setup, tmp_path, capsys):
 def test_failed_rerun_keeps_the_earlier_run(setup, tmp_path, monkeypatch):
     """--overwrite replaces the earlier run only once the new one is complete: a run that fails midway
     leaves the earlier run as it was and no temporary folder."""
-    from asft_optim.demo import finetune_cli
+    from asft_optim.finetune import cli as finetune_cli
 
     root, task, _ = setup
     out = tmp_path / "out"
@@ -554,7 +554,7 @@ def test_messages_point_the_right_way(setup, tmp_path, capsys, monkeypatch):
     assert cli.main(["finetune", "--aligned", str(root / "aligned"), "--data", str(task), "--out",
                      str(tmp_path / "o3")]) == 2
     assert "--base is required (or --directions FILE, directions computed from it)" in _err(capsys)
-    from asft_optim.demo.finetune import LoraSpec
+    from asft_optim.finetune.training import LoraSpec
 
     adapter = tmp_path / "adapter"
     tok = AutoTokenizer.from_pretrained(str(root / "aligned"))

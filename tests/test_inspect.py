@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from asft_optim import compute_directions
 from asft_optim.checkpoints import CheckpointError
 from asft_optim.cli import main
-from asft_optim.inspect import direction_stats, drift_report
+from asft_optim.inspection import direction_stats, drift_report
 from asft_optim.metrics import drift, layer_of, per_layer, sums
 
 transformers = pytest.importorskip("transformers")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from asft_optim import cli, compute_directions  # noqa: E402
 
-from . import evaluation_models as em  # noqa: E402
+from . import fixtures as em  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

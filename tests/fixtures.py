@@ -1,6 +1,6 @@
-"""Tiny models built from configs for the evaluation and projection tests: a word-level tokenizer,
-causal LMs (Llama with a chat template, GPT-2 without), a 14-label QA-moderation classifier and a
-generative guard that can only answer "safe" or "unsafe"."""
+"""The tests' tiny models, built from configs: a word-level tokenizer, causal LMs (Llama with a chat
+template, GPT-2 without), a 14-label QA-moderation classifier, a generative guard that can only
+answer "safe" or "unsafe", and random peft LoRA adapters of any of them."""
 
 from __future__ import annotations
 

@@ -31,12 +31,13 @@ from ..checkpoints import is_hub_id
 from ..directions import check_made_from, compute_directions
 from ..outputs import refuse_overlap
 from ..tempfiles import staged_dir
-from ..inspect import drift_report
+from ..inspection import drift_report
 from ..evaluation.judges import JUDGE_KINDS, load_judge
 from ..evaluation.scores import harmful_score, task_accuracy
-from .finetune import (SCHEDULERS, LoraSpec, encode, load_jsonl, load_model, parse_methods, prompt_text,
+from ..evaluation.generation import prompt_text
+from .training import (SCHEDULERS, LoraSpec, encode, load_jsonl, load_model, parse_methods,
                        save_model, train)
-from .finetune_report import drift_table, plot_drift, results_table
+from .report import drift_table, plot_drift, results_table
 
 __all__ = ["add_cli", "run_finetune", "RUN_INFO"]
 
