@@ -92,7 +92,7 @@ def evaluate(model: str, out: Path, *, prompts: str, judge: str = "keyword", jud
                            dtype=torch_dtype)
     lm, tok, tok_source = load_causal_lm(model, adapter, dtype=torch_dtype, device=device)
 
-    gen = dict(template=template, max_new_tokens=max_new_tokens, batch_size=batch_size, show=show_progress)
+    gen = {"template": template, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "show": show_progress}
     inputs, responses, gen_s = _responses(lm, tok, harmful, "generating", **gen)
     verdicts, judge_s = score_responses(the_judge, harmful, responses, show_progress)
     samples = [{"prompt": prompt_of(r), "input": x, "response": y, **verdict_row(v)}

@@ -1,15 +1,17 @@
-"""`asft finetune`: the demo's fine-tuning and evaluation on your checkpoints and instruction data.
+"""`asft finetune`: fine-tuning and evaluation (as in the demo) on your checkpoints and instruction data.
 
     asft finetune --aligned ALIGNED --base BASE --data train.jsonl [--harmful harmful.jsonl]
                   [--lora | --full] [--methods sft,l2sp,asft] [--lambdas 1,10,100] [--out DIR]
 
 Every method fine-tunes a fresh copy of ALIGNED on the data through the same `Trainer` path
-(`finetune.train`; loss and drift printed every --logging-steps), saves it (the LoRA adapter, or the
+(`training.train`; loss and drift printed every --logging-steps), saves it (the LoRA adapter, or the
 full model) under `DIR/models/`, and is then re-evaluated from the saved files: FA on the test
-records (exact match of the greedy response), HS on the harmful prompts (any judge of `asft evaluate`;
-by default the keyword judge: a response without a refusal phrase counts), and the drift per layer of
-its update (`asft inspect`'s `drift_report`). Models not named by --save are deleted once measured.
-DIR holds one run only: `table.md`, `drift.md`, `drift.png`, `results.json`.
+records (exact match of the greedy response), HS and the refusal rate on the harmful prompts (any
+judge of `asft evaluate`; the default keyword judge sees refusals only and gives no HS), and the
+drift per layer of its update (`asft inspect`'s `drift_report`). Models not named by --save are
+deleted once measured. Input files use the one record format of `asft_optim.evaluation.records`.
+DIR holds one run only: `table.md`, `drift.md`, `drift.png`, `results.json`; it is written as a
+temporary folder beside DIR and renamed onto it when the run is complete.
 """
 
 from __future__ import annotations
@@ -264,7 +266,7 @@ def run_finetune(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
             t0 = time.perf_counter()
             label = f"{method.label} ({'LoRA' if lora else 'full-parameter'})"
             with tqdm(total=args.steps, unit="step", dynamic_ncols=True, desc=label) as bar:
-                def show(step: int, logs: dict[str, float], bar: Any = bar) -> None:
+                def show(step: int, logs: dict[str, float], bar: Any = bar, method: Any = method) -> None:
                     text = f"loss {logs['loss']:.4f}, lr {logs['learning_rate']:.3g}"
                     if "asft/cos" in logs:
                         text += f", cos(ΔW,d) {logs['asft/cos']:+.4f}, ‖C⊥ΔW‖/‖ΔW‖ {logs['asft/orth_ratio']:.4f}"
@@ -314,13 +316,13 @@ def _settings(args: argparse.Namespace, methods: list, lora: LoraSpec | None, ma
               n_test: int, harmful: list | None, judge: Any, device: str) -> str:
     """The resolved settings of a run, printed before it starts."""
     mode = (f"LoRA r={lora.r}, alpha={lora.alpha}, targets {','.join(lora.targets)}" if lora else "full-parameter")
+    source = f"from --test {args.test}" if args.test else f"--test-fraction {args.test_fraction} of --data"
+    hs = f"{len(harmful)} harmful prompt(s) for HS (judge {judge.kind})" if harmful else "no HS (no --harmful)"
     lines = [f"methods: {', '.join(m.label for m in methods)} ({mode})",
-             f"data: {n_train} training record(s), {n_test} test record(s) for FA"
-             + (f" (from --test {args.test})" if args.test else f" (--test-fraction {args.test_fraction} of --data)")
-             + (f", {len(harmful)} harmful prompt(s) for HS (judge {judge.kind})" if harmful else ", no HS (no --harmful)"),
-             f"training: {args.steps} step(s), lr {args.lr:g} ({args.scheduler}, warmup {args.warmup_steps}), batch "
-             f"{args.batch_size} × {args.grad_accum} accumulation, max length {max_length}, seed {args.seed}, "
-             f"{args.dtype} on {device}"]
+             f"data: {n_train} training record(s), {n_test} test record(s) for FA ({source}), {hs}",
+             (f"training: {args.steps} step(s), lr {args.lr:g} ({args.scheduler}, warmup {args.warmup_steps}), "
+              f"batch {args.batch_size} × {args.grad_accum} accumulation, max length {max_length}, seed {args.seed}, "
+              f"{args.dtype} on {device}")]
     if harmful and not judge.reads_harm:
         lines.append(f"note: the {judge.kind} judge sees refusals only, not harm: the table gives the refusal rate "
                      "and no HS (pass --judge with a QA-moderation classifier or a guard model for HS)")

@@ -247,8 +247,8 @@ def train(model: nn.Module, data: Sequence[dict[str, list[int]]], *, pad_id: int
             weight_decay=0.0, optim="adamw_torch", logging_strategy="steps" if logging else "no",
             logging_steps=max(logging_steps, 1), save_strategy="no", report_to=[], disable_tqdm=True, seed=seed,
             data_seed=seed, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available())
-        common = dict(model=model, args=args, train_dataset=list(data), data_collator=Collator(pad_id),
-                      callbacks=[_Progress()])
+        common = {"model": model, "args": args, "train_dataset": list(data), "data_collator": Collator(pad_id),
+                  "callbacks": [_Progress()]}
         if method.kind == "sft":
             trainer = Trainer(**common)
         else:
