@@ -293,7 +293,8 @@ def test_drift_plots_in_depth_order_without_lines_between_unrelated_layers():
     draw(ax, plot, [float("nan") if n in plot.untrained else float(i) for i, n in enumerate(plot.layers)], marker="o")
     assert [(xs, ls) for xs, _, ls in ax.lines] == [([0], "none"), ([1, 2, 3], "-"), ([4], "none"), ([5, 6], "-"),
                                                      ([7], "none"), ([8], "none")]
-    assert all(math.isnan(y) for xs, ys, _ in ax.lines for x, y in zip(xs, ys, strict=True) if plot.layers[x] in plot.untrained)
+    untrained = [y for xs, ys, _ in ax.lines for x, y in zip(xs, ys, strict=True) if plot.layers[x] in plot.untrained]
+    assert len(untrained) == 5 and all(math.isnan(y) for y in untrained)
 
 
 def test_drift_report_and_tables_in_depth_order_untrained_not_zero(setup, tmp_path, capsys):
