@@ -47,7 +47,8 @@ def dodge_offsets(n: int, spread: float = 8.0) -> list[float]:
 
 
 def compare_plot(rows: Sequence[tuple[str, dict[str, Any]]], path: Path) -> None:
-    """HS against FA, one labelled marker per run (runs without FA or HS are left out and listed)."""
+    """HS against FA, one labelled marker per run with its refusal rate in the legend (a broken model
+    has HS ≈ 0 without refusing); runs without FA or HS are left out and listed."""
     try:
         import matplotlib
     except ModuleNotFoundError:
@@ -63,7 +64,7 @@ def compare_plot(rows: Sequence[tuple[str, dict[str, Any]]], path: Path) -> None
         if label in missing:
             continue
         ax.scatter(r["task_accuracy"] + next(dodge), r["harmful_score"], s=60, marker=markers[i % len(markers)],
-                   label=label, alpha=0.85, edgecolors="black", linewidths=0.5)
+                   label=f"{label} (refusal {r['refusal_rate']:.0f}%)", alpha=0.85, edgecolors="black", linewidths=0.5)
     ax.set_xlabel("Task accuracy (%; markers dodged by ≤ ±4 points so that equal results stay visible)",
                   fontsize=8)
     ax.set_ylabel("Harmful score (%)")
