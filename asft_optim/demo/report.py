@@ -277,8 +277,9 @@ def _plot_hs_fa(out: Path, results: dict[str, Any], plt: Any) -> None:
             ref = results["reference"][name]
             for row, key in ((0, "hs"), (1, "refusal")):
                 if ref.get(key) is not None and ref.get("fa") is not None:
-                    axes[row][j].scatter([100 * ref["fa"]], [100 * ref[key]], marker=mk, s=90 if mk == "*" else 45,
-                                         color="black", zorder=5, label=f"{name} (not fine-tuned)")
+                    axes[row][j].scatter([100 * ref["fa"]], [100 * ref[key]], marker=mk, s=110 if mk == "*" else 60,
+                                         facecolors="none", edgecolors="black", linewidths=1.2, zorder=6,
+                                         label=f"{name} (not fine-tuned)")
         axes[0][j].set_title(f"p = {p:g}" + (f"\n(no HS: {', '.join(no_hs)})" if no_hs else ""), fontsize=9)
         axes[1][j].set_xlabel("Fine-tune Accuracy (%)")
         for row in (0, 1):
@@ -374,15 +375,15 @@ def _machine_section(results: dict[str, Any]) -> str:
     margins = ", ".join(f"{name} {ref[name]['margin']:.1f}" for name in ("base", "aligned") if "margin" in ref[name])
     return (f"CPU: {m.get('cpu', '?')}; ATen kernels: {m.get('aten_cpu_capability', '?')}"
             + (f" (ATEN_CPU_CAPABILITY={m['aten_cpu_capability_env']})" if m.get("aten_cpu_capability_env") else "")
-            + f"; torch {m.get('torch', '?')}; dtype {results['config']['recipe'].get('dtype', 'float32')}. "
-            "The models are built, fine-tuned and evaluated in float64, so the last-bit differences between "
-            "CPUs' kernels (where another CPU's figures used to part from these) stay far below what greedy "
-            "decoding can see (benchmarks/RESULTS.md, section Demo, measured the three ATen kernel sets: the same "
-            "numbers). "
-            + (f"First-token logit margin on the held-out harmful prompts ({margins}): the base model starts "
-               "every answer with SURE and the aligned one with SORRY by at least that much. " if margins else "")
-            + "What does change a figure is the seed: a figure whose min–max range over seeds is wide is not a "
-            "result of the method, and a different torch version or data order can move it as much.\n")
+            + f"; torch {m.get('torch', '?')}. Another CPU, or another ATen kernel set on this one, builds "
+            "different base and aligned weights from the same recipe (last-bit differences grow over the "
+            "builds' Adam steps), so every fine-tuned figure here is one draw; benchmarks/RESULTS.md (section "
+            "Demo) gives the figures under ATen's default, AVX2 and AVX-512 kernels and which claims held on all. "
+            + (f"The base and aligned models' behaviour holds with a margin: the first answer token to every "
+               f"held-out harmful prompt is SURE (base) and SORRY (aligned) by a logit margin of at least "
+               f"{margins}. " if margins else "")
+            + f"A figure whose seeds differ by more than {100 * SPREAD:.0f} points is no result of the method; "
+            "another CPU moves such figures as much as another seed does.\n")
 
 
 def write(out: Path, results: dict[str, Any]) -> None:
