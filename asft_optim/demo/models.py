@@ -165,7 +165,8 @@ def ensure_models(recipe: ModelRecipe, cache: Path | None = None,
         model = _new_model(recipe, tok)
         step = (lambda: on_step("pretrain")) if on_step else None
         train(model, pretraining_data(recipe, lang, tok), pad_id=tok.pad_token_id, method=Method("sft"),
-              steps=recipe.pretrain_steps, lr=recipe.pretrain_lr, batch_size=recipe.batch_size, seed=recipe.seed, on_step=step)
+              steps=recipe.pretrain_steps, lr=recipe.pretrain_lr, batch_size=recipe.batch_size, seed=recipe.seed,
+              on_step=step)
         save_model(model, tok, tmp / "base", {"stage": "base", "recipe": asdict(recipe)})
         step = (lambda: on_step("align")) if on_step else None
         corpus = lang.alignment(recipe.align_steps * recipe.batch_size, seed=recipe.seed + 20)
