@@ -408,10 +408,15 @@ def test_verdict_is_computed_from_the_table():
     changed[2] = _row("AsFT λ=0.1", 0.0, 0.0, (0.01, 0.0, 0.03), 0.97)
     changed[5] = _row("AsFT λ=0.1", 0.2, (0.2, 0.1, 0.3), 0.2, 0.96)
     lines = verdict(_synthetic(changed))
-    assert lines[0].startswith("At p = 0, 1 of 3 fine-tuned rows keep some refusal: AsFT λ=0.1")
+    assert lines[0] == ("At p = 0 (task data only), 0% on every seed: SFT, L2-SP λ=0.1; in between or varying "
+                        "with the seed: AsFT λ=0.1 (1.0 (0.0–3.0)).")
     assert any("AsFT beats L2-SP (lower HS on every seed)" in x for x in lines)
     # no HS (a refusal-only judge): no HS verdict, refusal still reported
     blind = [dict(r, hs=None) for r in base]
+    changed[1] = _row("L2-SP λ=0.1", 0.0, 0.0, (0.95, 0.9, 1.0), 0.95)
+    assert verdict(_synthetic(changed))[0] == (
+        "At p = 0 (task data only), refusal ≥ 90% on every seed: L2-SP λ=0.1 (95.0 (90.0–100.0)); 0% on every "
+        "seed: SFT; in between or varying with the seed: AsFT λ=0.1 (1.0 (0.0–3.0)).")
     lines = verdict(_synthetic(blind))
     assert lines[-1].startswith("HS was not measured") and not any("beat" in x for x in lines)
 
