@@ -20,9 +20,10 @@ from torch import Tensor
 
 from . import distributed as _dist
 from .binding import Kind
-from .functional import dense_flat, partial_dots, storage_w0
+from .functional import BoundDirection, dense_flat, partial_dots, storage_w0
 
 if TYPE_CHECKING:
+    from .dot_cache import DotCache
     from .kernels import Row
     from .optimizer import AsFTAdamW
 
@@ -67,37 +68,39 @@ def resolve_impl(group: dict[str, Any], has_lora: bool) -> str:
 
 
 class Launch(NamedTuple):
-    """One cached kernel launch of a plan: its table, device, penalty and the positions (in the
-    group) of its tensors. The c buffer is looked up at launch time: it may have been reallocated."""
+    """One kernel launch of a plan: its table (shared with `TritonCache.tables`), the penalty it
+    applies (None: plain AdamW), whether it carries c, and its tensors: positions in the group,
+    names, bound directions (None when not penalised) and the (shape, strides) every role has."""
     table: Any
-    device: torch.device
     penalty: str | None
+    needs_c: bool
     positions: list[int]
+    names: list[str]
+    bounds: list[BoundDirection | None]
+    layouts: list[tuple[torch.Size, tuple[int, ...]]]
 
 
 class Plan(NamedTuple):
-    """A group's launches, reusable while `signature` and the dot-cache epoch are unchanged."""
-    signature: tuple
-    epoch: int
+    """A group's launches, replayed while the options, the dot-cache epoch, which parameters have
+    gradients and every state tensor (by identity) hold; addresses may change (new gradient
+    tensors each step): then only the pointer tables are uploaded again."""
+    options: tuple
+    has_grad: list[bool]
     steps: Tensor
     positions: Tensor | None
+    step_views: dict[int, Tensor]
     launches: list[Launch]
 
 
-def _signature(group: dict[str, Any]) -> tuple | None:
-    """What a cached plan depends on: the options that shape it, which parameters have gradients,
-    the addresses, layouts and version counters of those parameters and gradients (None for a
-    sparse gradient: the full path reports it)."""
-    entries = []
-    for p in group["params"]:
-        g = p.grad
-        if g is None:
-            entries.append(None)
-        elif g.layout != torch.strided:
-            return None
-        else:
-            entries.append((p.data_ptr(), p._version, g.data_ptr(), g.stride(), g.dtype))
-    return group["asft_lambda"], group["penalty"], group["amsgrad"], tuple(entries)
+def _options(opt: AsFTAdamW, group: dict[str, Any]) -> tuple:
+    """What a plan's shape depends on besides the tensors."""
+    return group["asft_lambda"], group["penalty"], group["amsgrad"], opt._dots.epoch
+
+
+def _slot_current(dots: DotCache, name: str, p: Tensor) -> bool:
+    """The c slot of `name` holds c of p as it is now: the dot cache has a valid entry for it and the
+    entry is the Triton path's (no value: held in the slot), not a dot another path wrote since."""
+    return dots.valid(name, p) and dots.get(name, p) is None
 
 
 def _hyper(group: dict[str, Any]) -> dict[str, Any]:
@@ -124,11 +127,89 @@ def _walkable(row: Row) -> bool:
     return dense_flat(p) is not None and all(x is None or x.stride() == p.stride() for x in row[2:])
 
 
+def _launch(opt: AsFTAdamW, cs: Any, launch: Launch, steps: list[float], hyper: dict[str, Any]) -> None:
+    """Issue one launch. A launch that moves p without writing c (λ = 0, penalty="full",
+    unanchored) drops p's carried dot, whichever path wrote it: the kernels write p through raw
+    pointers, which leaves p's version counter as it was, so the entry would still look valid. A
+    launch that carries c leaves its entries as they are: current, since the version is unchanged."""
+    from .kernels import fused_step_
+    table = launch.table
+    c_buf = cs.buffers[table.device] if launch.penalty is not None else table.partials
+    fused_step_(table, c_buf, [steps[j] for j in launch.positions], penalty=launch.penalty, **hyper)
+    if not launch.needs_c:
+        for name in launch.names:
+            opt._dots.drop(name)
+
+
+def _replay(opt: AsFTAdamW, group: dict[str, Any], plan: Plan, cs: Any) -> bool:
+    """Step a group with its cached plan; False (having changed nothing) when the plan does not fit.
+
+    It fits while the same parameters have gradients, every state tensor is the one the plan was
+    built with, every c it reads is current (`_slot_current`) and every tensor that moved still has
+    its launch's layout, dtype, device and alignment: then only moved launches upload their
+    pointer tables again. The plan thus notices every tensor it reads or writes.
+    """
+    params = group["params"]
+    grads = [p.grad for p in params]
+    if [g is not None for g in grads] != plan.has_grad:
+        return False
+    state, dots, amsgrad, views = opt.state, opt._dots, group["amsgrad"], plan.step_views
+    moved = []
+    try:
+        for launch in plan.launches:
+            ptrs = []
+            for j, name, bound in zip(launch.positions, launch.names, launch.bounds):
+                p = params[j]
+                st = state.get(p)
+                if st is None or st.get("step") is not views[j] or (launch.needs_c and not _slot_current(dots, name, p)):
+                    return False
+                ptrs += (p.data_ptr(), grads[j].data_ptr(), st["exp_avg"].data_ptr(), st["exp_avg_sq"].data_ptr(),
+                         st["max_exp_avg_sq"].data_ptr() if amsgrad else 0,
+                         0 if bound is None else st["w0"].data_ptr(), 0 if bound is None else bound.v.data_ptr())
+            if ptrs != launch.table.host_pointers:
+                if not _fits(launch, ptrs, params, grads, state, amsgrad):
+                    return False
+                moved.append((launch.table, ptrs))
+    except (KeyError, RuntimeError):  # a state entry gone, a gradient without storage: rebuild
+        return False
+    for table, ptrs in moved:
+        table.upload(ptrs)
+    steps = _increment_steps(plan.steps, plan.positions)
+    hyper = _hyper(group)
+    for launch in plan.launches:
+        _launch(opt, cs, launch, steps, hyper)
+    return True
+
+
+def _fits(launch: Launch, ptrs: list[int], params: list[Tensor], grads: list[Tensor | None],
+          state: Any, amsgrad: bool) -> bool:
+    """Every tensor of `launch` whose address differs from its table's has the layout, dtype and
+    device the table was built for, and an aligned table stays aligned."""
+    from .kernels import all_aligned
+    table = launch.table
+    if table.aligned and not all_aligned(ptrs):
+        return False  # the slow path splits the unaligned tensors into a launch of their own
+    old = table.host_pointers
+    for i, (j, bound, (shape, stride)) in enumerate(zip(launch.positions, launch.bounds, launch.layouts)):
+        if ptrs[7 * i:7 * i + 7] == old[7 * i:7 * i + 7]:
+            continue
+        p, st = params[j], state[params[j]]
+        row = (p, grads[j], st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"] if amsgrad else None,
+               None if bound is None else st["w0"], None if bound is None else bound.v)
+        for k, x in enumerate(row):
+            if x is not None and ptrs[7 * i + k] != old[7 * i + k] and (
+                    x.layout != torch.strided or x.dtype != table.dtypes[k] or x.device != table.device
+                    or x.shape != shape or x.stride() != stride):
+                return False
+    return True
+
+
 class TritonCache:
     """Everything the Triton path keeps between steps, owned in one place.
 
     slots: `kernels.CSlots` (one fp32 c per parameter name, one buffer per device).
-    tables: (group index, subset key) → (what the table was built from, `LaunchTable`).
+    tables: (group index, subset key) → (the names and layouts it was built for, `LaunchTable`):
+    block tables are built once per set of shapes, pointer tables uploaded again when tensors move.
     plans: group index → `Plan`. step_bufs: group index → the group's step counts (each
     state["step"] is a view into it: one add per step). pending: shards whose c slot holds a local
     partial that `shard_partials` must sum over ranks. narrowed: names whose direction was checked
@@ -157,18 +238,18 @@ class TritonCache:
             return []
         out = []
         for name, p in self.pending:
-            if opt._dots.valid(name, _dist.local(p)) and not opt._bindings[name].direction.is_zero:
+            if _slot_current(opt._dots, name, _dist.local(p)) and not opt._bindings[name].direction.is_zero:
                 out.append((name, p, self._slot_value(name, p)))
         self.pending = []
         seen = {n for n, _, _ in out}
         for group in opt.param_groups:
-            if group["asft_lambda"] == 0 or group["penalty"] == "full":
+            if group["impl"] != "triton" or group["asft_lambda"] == 0 or group["penalty"] == "full":
                 continue
             for name, p in zip(group["param_names"], group["params"]):
                 b = opt._bindings.get(name)
                 st = opt.state.get(p)
                 if (p.grad is None or b is None or b.kind is not Kind.SHARD or name in seen or not st
-                        or "w0" not in st or name not in self.slots.slot or opt._dots.valid(name, _dist.local(p))):
+                        or "w0" not in st or name not in self.slots.slot or _slot_current(opt._dots, name, _dist.local(p))):
                     continue
                 q = _dist.local(p)
                 bound = b.direction_on(q.device)
@@ -197,22 +278,18 @@ class TritonCache:
 
 def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], cache: TritonCache) -> None:
     """One group's step with the fused Triton kernels: one update (+ one fold) launch per
-    (device, dtypes, penalised) subset; an exact c pass first where c is not known.
+    (device, dtypes, penalised, aligned) subset; an exact c pass first where c is not current.
 
-    The launches are kept as a plan; while the same parameters have gradients at the same addresses
-    and versions and the dot cache's epoch holds, the next step reuses it without building lists.
+    The launches are kept as a plan that the next step replays (`_replay`) while it fits; else they
+    are rebuilt here, reusing each subset's block tables while its names and layouts are unchanged.
     """
-    from .kernels import Row, exact_c_, fused_step_, make_table  # noqa: F811 (imports triton: only here)
+    from .kernels import Row, all_aligned, exact_c_, make_table, row_pointers
     cs = cache._c_slots()
-    signature = _signature(group)
+    options = _options(opt, group)
     plan = cache.plans.get(group_index)
-    if plan is not None and plan.signature == signature and plan.epoch == opt._dots.epoch:
-        steps = _increment_steps(plan.steps, plan.positions)
-        hyper = _hyper(group)
-        for launch in plan.launches:
-            c_buf = cs.buffers[launch.device] if launch.penalty is not None else launch.table.partials
-            fused_step_(launch.table, c_buf, [steps[j] for j in launch.positions], penalty=launch.penalty, **hyper)
+    if plan is not None and plan.options == options and _replay(opt, group, plan, cs):
         return
+    cache.plans.pop(group_index, None)
     fresh = {n for n, p in zip(group["param_names"], group["params"])
              if p.grad is not None and "w0" not in opt.state.get(p, {})}
     t = opt._gather(group)
@@ -220,7 +297,7 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
         return
     amsgrad, lam, penalty = group["amsgrad"], group["asft_lambda"], group["penalty"]
     rows: list[Row] = []
-    bounds = []
+    bounds: list[BoundDirection | None] = []
     copied = False  # a gradient copied to its parameter's strides: the table points at the copy
     for i, (name, p, g) in enumerate(zip(t.names, t.params, t.grads)):
         b = opt._bindings.get(name)
@@ -246,7 +323,6 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
     all_positions = [j for j, p in enumerate(group["params"]) if p.grad is not None]
     keep = [i for i, w in enumerate(walk) if w]
     if not keep:
-        cache.plans.pop(group_index, None)
         return
     position = {i: all_positions[i] for i in keep}
     positions = list(position.values())
@@ -261,45 +337,48 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
     positions_t = torch.tensor(positions)
     all_steps = _increment_steps(buf, positions_t)
     subsets: dict[tuple, list[int]] = {}
-    for i in keep:
-        key = (rows[i][0].device, bounds[i] is not None) + tuple(None if x is None else x.dtype for x in rows[i])
+    for i in keep:  # one launch per (device, penalised, dtypes, aligned): an unaligned tensor keeps to its own
+        key = ((rows[i][0].device, bounds[i] is not None) + tuple(None if x is None else x.dtype for x in rows[i])
+               + (all_aligned(row_pointers(rows[i])),))
         subsets.setdefault(key, []).append(i)
     hyper = _hyper(group)
     launches = []
-    reusable = all(walk) and not copied and not any(_dist.is_dtensor(p) for p in t.params)
     for key, idx in subsets.items():
         device, penalised = key[0], key[1]
         names = [t.names[i] for i in idx]
         sub_rows = [rows[i] for i in idx]
-        built_from = (tuple(names), tuple(tuple(r[0].shape) for r in sub_rows), tuple(r[1].stride() for r in sub_rows),
-                      tuple(0 if x is None else x.data_ptr() for r in sub_rows for x in r))
+        layouts = [(r[0].shape, r[0].stride()) for r in sub_rows]
         slots = cs.slots(names, device) if penalised else [0] * len(idx)
+        inv = [bounds[i].inv_nv2 if penalised else 0.0 for i in idx]
+        built_from = (tuple(names), tuple(layouts), tuple(slots), tuple(inv))
         cached = cache.tables.get((group_index, key))
         if cached is None or cached[0] != built_from:
-            inv = [bounds[i].inv_nv2 if penalised else 0.0 for i in idx]
             cached = (built_from, make_table(sub_rows, slots, inv, names))
             cache.tables[(group_index, key)] = cached
-        table = cached[1]
-        needs_c = penalised and penalty != "full"
-        c_buf = cs.buffers[device] if penalised else table.partials
-        stale = [n for n, i in zip(names, idx) if not opt._dots.valid(n, rows[i][0])] if needs_c else []
-        if stale and set(stale) <= fresh:  # first step: p = W0, so c = 0
-            c_buf.index_fill_(0, torch.tensor([cs.slot[n] for n in stale], device=device), 0.0)
-        elif stale:
-            exact_c_(table, c_buf)
-            _reduce_shard_slots(cache, [(t.names[i], t.params[i]) for i in idx])
-        fused_step_(table, c_buf, [all_steps[position[i]] for i in idx], penalty=penalty if penalised else None,
-                    **hyper)
-        launches.append(Launch(table, device, penalty if penalised else None, [position[i] for i in idx]))
-        if needs_c:
+        else:
+            ptrs = [x for r in sub_rows for x in row_pointers(r)]
+            if ptrs != cached[1].host_pointers:
+                cached[1].upload(ptrs)
+        launch = Launch(cached[1], penalty if penalised else None, penalised and penalty != "full",
+                        [position[i] for i in idx], names, [bounds[i] for i in idx], layouts)
+        if launch.needs_c:
+            c_buf = cs.buffers[device]
+            stale = [n for n, i in zip(names, idx) if not _slot_current(opt._dots, n, rows[i][0])]
+            if stale and set(stale) <= fresh:  # first step: p = W0, so c = 0
+                c_buf.index_fill_(0, torch.tensor([cs.slot[n] for n in stale], device=device), 0.0)
+            elif stale:
+                exact_c_(launch.table, c_buf)
+                _reduce_shard_slots(cache, [(t.names[i], t.params[i]) for i in idx])
+        _launch(opt, cs, launch, all_steps, hyper)
+        launches.append(launch)
+        if launch.needs_c:
             for n, i in zip(names, idx):
                 opt._dots.put(n, rows[i][0], None)
             cache.pending += [(t.names[i], t.params[i]) for i in idx if _dist.is_dtensor(t.params[i])]
-    if reusable and signature is not None:
-        cache.plans[group_index] = Plan(signature, opt._dots.epoch, buf,
-                                        None if len(positions) == buf.numel() else positions_t, launches)
-    else:
-        cache.plans.pop(group_index, None)
+    if all(walk) and not copied and not any(_dist.is_dtensor(p) for p in t.params):
+        views = {j: opt.state[group["params"][j]]["step"] for j in positions}
+        cache.plans[group_index] = Plan(options, [p.grad is not None for p in group["params"]], buf,
+                                        None if len(positions) == buf.numel() else positions_t, views, launches)
 
 
 def _reduce_shard_slots(cache: TritonCache, named: list[tuple[str, Tensor]]) -> None:

@@ -461,9 +461,10 @@ def test_update_kernel_compiles_for_sm90_with_vector_loads_and_no_spills(dtype):
 
 # ----------------------------------------------------------------------------------------- plan
 def test_cached_plan_skips_the_setup_and_stays_exact(monkeypatch):
-    """Gradients written in place keep their addresses: from step 2 on the step reuses the launch
-    plan (no `_init_group`); a new gradient tensor, a grad=None step, `.data` reassigned or a
-    resync rebuild it. All along, parameters and step counts match the reference."""
+    """From step 2 on the step replays the launch plan (no `_init_group`): a new gradient tensor or
+    `.data` reassigned only move addresses (the pointer table is uploaded again); a grad=None step
+    and the step after it rebuild the plan. All along, parameters and step counts match the
+    reference."""
     calls = []
     original = AsFTAdamW._init_group
     monkeypatch.setattr(AsFTAdamW, "_init_group", lambda self, *a: calls.append(self) or original(self, *a))
@@ -486,7 +487,7 @@ def test_cached_plan_skips_the_setup_and_stays_exact(monkeypatch):
         oa.step()
         ob.step()
         rebuilt = sum(o is oa for o in calls) > before
-        assert rebuilt == (t in (0, 5, 6, 7, 8)), t
+        assert rebuilt == (t in (0, 5, 6)), t
         for n in specs:
             assert_close(pa[n].detach(), pb[n].detach(), f"step {t} {n}")
             assert float(oa.state[pa[n]]["step"]) == float(ob.state[pb[n]]["step"])
