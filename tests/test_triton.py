@@ -32,6 +32,9 @@ from asft_optim.kernels import adamw as K  # noqa: E402
 from asft_optim.optimizer import AsFTAdamW  # noqa: E402
 from asft_optim.triton_step import resolve_impl  # noqa: E402
 
+from . import oracle  # noqa: E402
+from .test_optimizer import close_rel  # noqa: E402
+
 if DEVICE == "cpu" and not K.is_interpreted():  # triton was imported earlier without the interpreter
     pytest.skip("asft_optim.kernels was imported before TRITON_INTERPRET=1 was set; run this module "
                 "in its own process", allow_module_level=True)
@@ -364,6 +367,195 @@ def test_two_identical_runs_are_bitwise_identical(dtype):
         runs.append(p)
     for n in SHAPES:
         assert torch.equal(runs[0][n], runs[1][n]), n
+
+
+# ----------------------------------------------------------------------------------------- carried c
+def _oracle_schedule(init: list[torch.Tensor], dirs: list[torch.Tensor], lams: list[float], kinds: list[str],
+                     lr: float) -> list[torch.Tensor]:
+    """float64 AdamW on L_task + λ_t‖R_t(W - W0)‖², λ_t and the penalty kind R_t chosen per step."""
+    ws = [torch.nn.Parameter(t.detach().double().clone()) for t in init]
+    w0s = [t.detach().double().clone() for t in init]
+    opt = torch.optim.AdamW(ws, lr=lr)
+    for t, (lam, kind) in enumerate(zip(lams, kinds, strict=True)):
+        loss = oracle.task_loss(ws, t) + sum(lam * oracle.penalty(w, w0, d, kind) for w, w0, d in zip(ws, w0s, dirs))
+        for w, g in zip(ws, torch.autograd.grad(loss, ws)):
+            w.grad = g
+        opt.step()
+    return [w.detach() for w in ws]
+
+
+SCHEDULES = {  # per step: the group options set before it
+    "lambda 1,0,0,5,5,5": [dict(asft_lambda=x) for x in (1.0, 0.0, 0.0, 5.0, 5.0, 5.0)],
+    "penalty orth,full,orth": [dict(penalty=x) for x in ("orthogonal", "full", "full", "orthogonal",
+                                                          "orthogonal", "orthogonal")],
+    "impl torch,triton": [dict(impl=x) for x in ("torch", "torch", "triton", "triton", "triton", "triton")],
+    "impl triton,torch,triton": [dict(impl=x) for x in ("triton", "triton", "torch", "triton", "triton", "triton")],
+}
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_lambda_penalty_and_impl_schedules_match_the_fp64_oracle(schedule):
+    """Every launch that moves p either leaves c current in its slot or drops the carried dot:
+    a λ = 0 or penalty="full" launch refreshes no c, and the kernels write p without bumping its
+    version, so a later penalised step must not trust the slot; nor may the Triton path read its
+    slot after another impl moved p (nor the other impl read a dot from before the Triton steps)."""
+    specs = f32({"odd": (4097,), "mat": (5, 123)})
+    params, opt = make(specs, "triton", lam=1.0, lr=0.02)
+    init = [p.detach().clone() for p in params.values()]
+    dirs = [opt._bindings[n].direction.v.double() for n in specs]
+    group = opt.param_groups[0]
+    for t, options in enumerate(SCHEDULES[schedule]):
+        group.update(options)
+        for p, g in zip(params.values(), oracle.task_grads(list(params.values()), t)):
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.copy_(g)  # in place: the Triton path replays its plan where it can
+        opt.step()
+    steps = SCHEDULES[schedule]
+    want = _oracle_schedule(init, dirs, [o.get("asft_lambda", 1.0) for o in steps],
+                            [o.get("penalty", "orthogonal") for o in steps], lr=0.02)
+    for n, w in zip(specs, want):
+        close_rel(params[n].detach(), w)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # the masked lanes
+def test_eps_zero_keeps_the_masked_tail_lanes_out_of_the_dot():
+    """eps = 0: the masked lanes past a tensor's end compute 0/0; they must add nothing to c."""
+    pa, oa, _, _ = run_pair(f32({"odd": (4097,), "seven": (7,)}), steps=3, eps=0.0)
+    assert all(bool(p.isfinite().all()) for p in pa.values())
+
+
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq", "max_exp_avg_sq", "w0", "step"])
+def test_a_replaced_state_tensor_is_noticed_by_the_cached_plan(key):
+    """`opt.state[p][key] = new` between steps (checkpoint tools, EMA code): the plan must read and
+    write the new tensor. The old one is then overwritten, as a caching allocator reuses memory.
+    Gradients are written in place, so that nothing else forces a rebuild of the plan."""
+    specs = f32({"odd": (4097,), "mat": (5, 123)})
+    runs = {}
+    for impl in ("triton", "reference"):
+        params, opt = make(specs, impl, amsgrad=True)
+        grads = {n: torch.zeros_like(p) for n, p in params.items()}
+        olds = []  # kept alive: a stale plan writes into them, not into freed memory
+        for t in range(6):
+            if t == 3:
+                for p in params.values():
+                    olds.append(opt.state[p][key])
+                    opt.state[p][key] = olds[-1].clone()
+                    olds[-1].fill_(7.0)
+            set_grads(params, t)
+            for n, p in params.items():
+                p.grad = grads[n].copy_(p.grad)
+            opt.step()
+        runs[impl] = params, opt
+    (pa, oa), (pb, ob) = runs["triton"], runs["reference"]
+    for n in specs:
+        assert_close(pa[n].detach(), pb[n].detach(), f"param {n}")
+        for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"):
+            assert_close(oa.state[pa[n]][k], ob.state[pb[n]][k], f"{k} of {n}")
+
+
+def test_gradients_reallocated_every_step_reuse_the_block_tables(monkeypatch):
+    """torch's zero_grad(set_to_none=True) gives new gradient tensors every step: the block tables
+    are built once (they depend on the shapes only), the plan is replayed with a new pointer table."""
+    built, gathered = [], []
+    monkeypatch.setattr("asft_optim.kernels.make_table", lambda *a, _f=K.make_table, **k: built.append(1) or _f(*a, **k))
+    monkeypatch.setattr(AsFTAdamW, "_gather", lambda self, g, _f=AsFTAdamW._gather: gathered.append(self) or _f(self, g))
+    specs = f32({"odd": (4097,), "mat": (5, 123), "one": (1,)})
+    pa, oa = make(specs, "triton")
+    pb, ob = make(specs, "reference")
+    for t in range(5):
+        set_grads(pa, t)  # new tensors
+        set_grads(pb, t)
+        oa.step()
+        ob.step()
+        for n in specs:
+            assert_close(pa[n].detach(), pb[n].detach(), f"step {t} {n}")
+    assert len(built) == 1 and sum(o is oa for o in gathered) == 1, (len(built), len(gathered))
+
+
+def test_an_unaligned_tensor_gets_a_launch_of_its_own(monkeypatch):
+    """A parameter at an odd address (a view into a larger buffer) must not cost the other tensors
+    their vector hints: it is stepped in its own launch, the rest in an aligned one."""
+    launched = []
+    real = K.fused_step_
+    monkeypatch.setattr("asft_optim.kernels.fused_step_",
+                        lambda table, *a, **k: launched.append((table.aligned, table.numels.tolist())) or real(table, *a, **k))
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4098, generator=g)
+    params = {"odd": torch.nn.Parameter(base[1:]), "mat": torch.nn.Parameter(torch.randn(5, 123, generator=g)),
+              "one": torch.nn.Parameter(torch.randn(1, generator=g))}
+    assert params["odd"].data_ptr() % 16
+    dirs = {n: torch.randn(p.shape, generator=g) for n, p in params.items()}
+    opt = AsFTAdamW(list(params.items()), lr=0.02, anchors=dirs, impl="triton")
+    ref = {n: torch.nn.Parameter(p.detach().clone()) for n, p in params.items()}
+    ref_opt = AsFTAdamW(list(ref.items()), lr=0.02, anchors=dirs, impl="reference")
+    for t in range(3):
+        set_grads(params, t)
+        set_grads(ref, t)
+        opt.step()
+        ref_opt.step()
+    assert sorted(launched[:2]) == [(False, [4097]), (True, [615, 1])], launched
+    for n in params:
+        assert_close(params[n].detach(), ref[n].detach(), n)
+
+
+def test_every_launch_runs_under_a_guard_for_its_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: each launcher makes the tensors' device current
+    first (`_on`), whichever device is current (device_map="auto" puts layers on cuda:1...)."""
+    assert isinstance(K._on(torch.device("cuda", 1)), torch.cuda.device) and K._on(torch.device("cuda", 1)).idx == 1
+    entered: list[torch.device] = []
+    inside = [False]
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+            inside[0] = True
+
+        def __exit__(self, *exc):
+            inside[0] = False
+
+    class Kernel:
+        def __init__(self, real):
+            self.real = real
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                assert inside[0], "a kernel launched outside the device guard"
+                return self.real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(K, "_on", Guard)
+    for name in ("_update_kernel", "_dot_kernel", "_fold_kernel"):
+        monkeypatch.setattr(K, name, Kernel(getattr(K, name)))
+    params, opt = make(f32({"odd": (4097,), "one": (1,)}), "triton")
+    for t in range(3):
+        set_grads(params, t)
+        if t == 2:
+            opt.resync()  # the exact pass too
+        opt.step()
+    assert entered and set(entered) == {params["odd"].device}
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_parameters_on_a_second_gpu_step_there():
+    specs = f32({"odd": (4097,), "mat": (5, 123)})
+    pa, oa = make(specs, "triton")
+    pb, ob = make(specs, "reference")
+    with torch.no_grad():
+        for p in list(pa.values()) + list(pb.values()):
+            p.data = p.data.to("cuda:1")
+    torch.cuda.set_device(0)
+    for t in range(3):
+        set_grads(pa, t)
+        set_grads(pb, t)
+        oa.step()
+        ob.step()
+    for n in specs:
+        assert_close(pa[n].detach(), pb[n].detach(), n)
 
 
 # ----------------------------------------------------------------------------------------- errors
