@@ -144,10 +144,11 @@ def _launch(opt: AsFTAdamW, cs: Any, launch: Launch, steps: list[float], hyper: 
 def _replay(opt: AsFTAdamW, group: dict[str, Any], plan: Plan, cs: Any) -> bool:
     """Step a group with its cached plan; False (having changed nothing) when the plan does not fit.
 
-    It fits while the same parameters have gradients, every state tensor is the one the plan was
-    built with, every c it reads is current (`_slot_current`) and every tensor that moved still has
-    its launch's layout, dtype, device and alignment: then only moved launches upload their
-    pointer tables again. The plan thus notices every tensor it reads or writes.
+    It fits while the same parameters have gradients, every step counter is the plan's, every c
+    it reads is current (`_slot_current`) and every tensor whose address changed still has its
+    launch's layout, dtype and device (`_fits`); then moved launches upload their pointer tables
+    again (an aligned launch that a move made unaligned is rebuilt). The plan thus notices every
+    tensor it reads or writes, by address.
     """
     params = group["params"]
     grads = [p.grad for p in params]
@@ -157,23 +158,30 @@ def _replay(opt: AsFTAdamW, group: dict[str, Any], plan: Plan, cs: Any) -> bool:
     moved = []
     try:
         for launch in plan.launches:
-            ptrs = []
+            table = launch.table
+            gptrs, others = [], []
             for j, name, bound in zip(launch.positions, launch.names, launch.bounds):
                 p = params[j]
                 st = state.get(p)
                 if st is None or st.get("step") is not views[j] or (launch.needs_c and not _slot_current(dots, name, p)):
                     return False
-                ptrs += (p.data_ptr(), grads[j].data_ptr(), st["exp_avg"].data_ptr(), st["exp_avg_sq"].data_ptr(),
-                         st["max_exp_avg_sq"].data_ptr() if amsgrad else 0,
-                         0 if bound is None else st["w0"].data_ptr(), 0 if bound is None else bound.v.data_ptr())
-            if ptrs != launch.table.host_pointers:
-                if not _fits(launch, ptrs, params, grads, state, amsgrad):
+                gptrs.append(grads[j].data_ptr())
+                others += (p.data_ptr(), st["exp_avg"].data_ptr(), st["exp_avg_sq"].data_ptr(),
+                           st["max_exp_avg_sq"].data_ptr() if amsgrad else 0,
+                           0 if bound is None else st["w0"].data_ptr(), 0 if bound is None else bound.v.data_ptr())
+            if gptrs != table.host_grads or others != table.host_others:
+                if not _fits(launch, gptrs, others, params, grads, state, amsgrad):
                     return False
-                moved.append((launch.table, ptrs))
+                moved.append((table, gptrs, others))
     except (KeyError, RuntimeError):  # a state entry gone, a gradient without storage: rebuild
         return False
-    for table, ptrs in moved:
-        table.upload(ptrs)
+    lost = False
+    for table, gptrs, others in moved:
+        was = table.aligned
+        table.upload(gptrs, others)
+        lost |= was and not table.aligned
+    if lost:  # the slow path puts the unaligned tensors into a launch of their own
+        return False
     steps = _increment_steps(plan.steps, plan.positions)
     hyper = _hyper(group)
     for launch in plan.launches:
@@ -181,25 +189,29 @@ def _replay(opt: AsFTAdamW, group: dict[str, Any], plan: Plan, cs: Any) -> bool:
     return True
 
 
-def _fits(launch: Launch, ptrs: list[int], params: list[Tensor], grads: list[Tensor | None],
-          state: Any, amsgrad: bool) -> bool:
+def _fits(launch: Launch, gptrs: list[int], others: list[int], params: list[Tensor],
+          grads: list[Tensor | None], state: Any, amsgrad: bool) -> bool:
     """Every tensor of `launch` whose address differs from its table's has the layout, dtype and
-    device the table was built for, and an aligned table stays aligned."""
-    from .kernels import all_aligned
+    device the table was built for. (A new gradient has its parameter's dtype, shape and device,
+    torch checks that on assignment: only its strides can differ.)"""
+    from .kernels import ROLES
     table = launch.table
-    if table.aligned and not all_aligned(ptrs):
-        return False  # the slow path splits the unaligned tensors into a launch of their own
-    old = table.host_pointers
+    if gptrs != table.host_grads and not all(
+            grads[j].stride() == stride for j, (_, stride) in zip(launch.positions, launch.layouts)):
+        return False
+    if others == table.host_others:
+        return True
+    old = table.host_others
+    roles = [k for k, role in enumerate(ROLES) if role != "grad"]
     for i, (j, bound, (shape, stride)) in enumerate(zip(launch.positions, launch.bounds, launch.layouts)):
-        if ptrs[7 * i:7 * i + 7] == old[7 * i:7 * i + 7]:
+        if others[6 * i:6 * i + 6] == old[6 * i:6 * i + 6]:
             continue
         p, st = params[j], state[params[j]]
-        row = (p, grads[j], st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"] if amsgrad else None,
+        row = (p, st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"] if amsgrad else None,
                None if bound is None else st["w0"], None if bound is None else bound.v)
-        for k, x in enumerate(row):
-            if x is not None and ptrs[7 * i + k] != old[7 * i + k] and (
-                    x.layout != torch.strided or x.dtype != table.dtypes[k] or x.device != table.device
-                    or x.shape != shape or x.stride() != stride):
+        for k, x in zip(roles, row):
+            if x is not None and (x.layout != torch.strided or x.dtype != table.dtypes[k]
+                                  or x.device != table.device or x.shape != shape or x.stride() != stride):
                 return False
     return True
 
@@ -283,7 +295,7 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
     The launches are kept as a plan that the next step replays (`_replay`) while it fits; else they
     are rebuilt here, reusing each subset's block tables while its names and layouts are unchanged.
     """
-    from .kernels import Row, all_aligned, exact_c_, make_table, row_pointers
+    from .kernels import Row, all_aligned, exact_c_, make_table, row_pointers, split_pointers
     cs = cache._c_slots()
     options = _options(opt, group)
     plan = cache.plans.get(group_index)
@@ -356,9 +368,9 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
             cached = (built_from, make_table(sub_rows, slots, inv, names))
             cache.tables[(group_index, key)] = cached
         else:
-            ptrs = [x for r in sub_rows for x in row_pointers(r)]
-            if ptrs != cached[1].host_pointers:
-                cached[1].upload(ptrs)
+            gptrs, others = split_pointers(sub_rows)
+            if gptrs != cached[1].host_grads or others != cached[1].host_others:
+                cached[1].upload(gptrs, others)
         launch = Launch(cached[1], penalty if penalised else None, penalised and penalty != "full",
                         [position[i] for i in idx], names, [bounds[i] for i in idx], layouts)
         if launch.needs_c:

@@ -44,8 +44,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["BLOCK", "NUM_WARPS", "PENALTY_CODES", "CSlots", "LaunchTable", "Row", "all_aligned", "make_table",
-           "fused_step_", "exact_c_", "is_interpreted", "launch_counter", "row_pointers"]
+__all__ = ["BLOCK", "NUM_WARPS", "PENALTY_CODES", "ROLES", "CSlots", "LaunchTable", "Row", "all_aligned", "make_table",
+           "fused_step_", "exact_c_", "is_interpreted", "launch_counter", "row_pointers",
+           "split_pointers"]
 
 BLOCK = 2048      # elements per program of the update and dot kernels
 NUM_WARPS = 8     # 8 elements per thread and stream: vector accesses of VEC elements each
@@ -65,6 +66,7 @@ class Row(NamedTuple):
 
 
 ROLES = Row._fields
+_OTHERS = [k for k, role in enumerate(ROLES) if role != "grad"]
 PENALTY_CODES = {"orthogonal": 0, "parallel": 1, "full": 2}
 _ALIGN = 16       # bytes; every base address must be a multiple for the vector-load hints
 
@@ -262,7 +264,9 @@ class LaunchTable:
     fold_tensors: int32 [F] the tensors of more than one block (their c is folded from partials).
     cslot: int32 [T] index of each tensor's c. inv_nv2: fp32 [T] 1/‖v‖².
     partials: fp32 [B] per-block dots. dtypes: torch dtype per role (None where unused).
-    host_pointers: the addresses the pointer table holds, as a flat list (T·7).
+    host_grads, host_others: the addresses the pointer table holds: the gradients' (T), and the
+    other six roles' in `ROLES` order (T·6), apart because gradients move every step when they are
+    re-allocated.
     aligned: every base address is a multiple of 16 bytes (enables the vector hints).
     vec: elements per vector access of every stream: 16 bytes / the widest dtype of the launch.
     """
@@ -277,7 +281,8 @@ class LaunchTable:
     inv_nv2: Tensor
     partials: Tensor
     dtypes: tuple[torch.dtype | None, ...]
-    host_pointers: list[int]
+    host_grads: list[int]
+    host_others: list[int]
     aligned: bool
     block: int
 
@@ -293,14 +298,16 @@ class LaunchTable:
     def vec(self) -> int:
         return _ALIGN // max(d.itemsize for d in self.dtypes if d is not None)
 
-    def upload(self, pointers: list[int]) -> None:
-        """Replace the pointer table by `pointers` (T·7 addresses in `ROLES` order, 0 where unused;
-        the caller has checked that the tensors have the shapes, strides, dtypes and device this
-        table was built for) and recompute `aligned`."""
-        host = torch.tensor(pointers, dtype=torch.int64)
+    def upload(self, grads: list[int], others: list[int]) -> None:
+        """Replace the pointer table by these addresses (`split_pointers`' layout; the caller has
+        checked that the tensors have the shapes, strides, dtypes and device this table was built
+        for) and recompute `aligned`."""
+        host = torch.empty(len(grads), len(ROLES), dtype=torch.int64)
+        host[:, 1] = torch.tensor(grads, dtype=torch.int64)
+        host[:, _OTHERS] = torch.tensor(others, dtype=torch.int64).view(len(grads), len(_OTHERS))
         self.aligned = not bool(host.remainder(_ALIGN).any())
-        self.pointers.copy_(host.view(self.pointers.shape), non_blocking=True)
-        self.host_pointers = pointers
+        self.pointers.copy_(host, non_blocking=True)
+        self.host_grads, self.host_others = grads, others
 
 
 def all_aligned(ptrs: list[int]) -> bool:
@@ -311,6 +318,14 @@ def all_aligned(ptrs: list[int]) -> bool:
 def row_pointers(row: Row) -> list[int]:
     """The 7 addresses of a row, in `ROLES` order (0 where a role is unused)."""
     return [0 if x is None else x.data_ptr() for x in row]
+
+
+def split_pointers(rows: list[Row]) -> tuple[list[int], list[int]]:
+    """The gradients' addresses (T) and the other roles' (T·6, `ROLES` order without the gradient)."""
+    others: list[int] = []
+    for r in rows:
+        others += (0 if r[k] is None else r[k].data_ptr() for k in _OTHERS)
+    return [r.grad.data_ptr() for r in rows], others
 
 
 def make_table(roles: list[Row], cslots: list[int], inv_nv2: list[float],
@@ -325,7 +340,6 @@ def make_table(roles: list[Row], cslots: list[int], inv_nv2: list[float],
         raise ValueError("make_table needs at least one tensor")
     device = roles[0][0].device
     dtypes = tuple(None if x is None else x.dtype for x in roles[0])
-    ptrs: list[int] = []
     for row, name in zip(roles, names, strict=True):
         p = row[0]
         if not _dense(p):
@@ -340,7 +354,6 @@ def make_table(roles: list[Row], cslots: list[int], inv_nv2: list[float],
                 raise ValueError(f"'{name}': {ROLES[k]} has device/shape/strides {x.device}/"
                                  f"{tuple(x.shape)}/{x.stride()}, the parameter {p.device}/"
                                  f"{tuple(p.shape)}/{p.stride()}")
-        ptrs += row_pointers(row)
     # block tables from the shapes alone, built with tensor ops (a 1B-parameter model has ~500k blocks)
     numels = torch.tensor([r[0].numel() for r in roles], dtype=torch.int64)
     counts = (numels + block - 1) // block
@@ -354,13 +367,15 @@ def make_table(roles: list[Row], cslots: list[int], inv_nv2: list[float],
     def dev(x: Tensor) -> Tensor:
         return x.to(device, non_blocking=True)
 
-    return LaunchTable(
-        pointers=dev(torch.tensor(ptrs, dtype=torch.int64).view(len(roles), len(ROLES))), numels=dev(numels),
+    table = LaunchTable(
+        pointers=torch.zeros(len(roles), len(ROLES), dtype=torch.int64, device=device), numels=dev(numels),
         blk_tensor=dev(blk_tensor), blk_start=dev(blk_start), first_block=dev(first.to(torch.int32)),
         nblocks=dev(counts.to(torch.int32)), fold_tensors=dev(torch.nonzero(counts > 1).view(-1).to(torch.int32)),
         cslot=dev(torch.tensor(cslots, dtype=torch.int32)), inv_nv2=dev(torch.tensor(inv_nv2, dtype=torch.float32)),
         partials=torch.zeros(max(num_blocks, 1), dtype=torch.float32, device=device),
-        dtypes=dtypes, host_pointers=ptrs, aligned=all_aligned(ptrs), block=block)
+        dtypes=dtypes, host_grads=[], host_others=[], aligned=False, block=block)
+    table.upload(*split_pointers(roles))
+    return table
 
 
 def _dense(t: Tensor) -> bool:
