@@ -3,8 +3,9 @@ param groups to the fused kernels of `asft_optim.kernels` (`TritonCache`: c slot
 launch plans, step buffers).
 
 c = ⟨v, p - W0⟩/‖v‖² lives in the kernels' c slots between steps. Whether a slot may be read
-follows the optimizer's `DotCache` rule (version counter after our update, load/resync epoch):
-the kernels write p through raw pointers, which does not bump the version counter, so an outside
+follows the optimizer's `DotCache` rule (p's version and its step tensor as our update left them,
+no load/resync since; `DotCache.held`: the entry is this path's slot, not another path's dot):
+the kernels write p through raw pointers, which does not bump p's version counter, so an outside
 write between two steps still shows. Parameters whose layout the kernels cannot walk (not dense,
 or state tensors with other strides) step on the torch path instead.
 """
@@ -23,7 +24,6 @@ from .binding import Kind
 from .functional import BoundDirection, dense_flat, partial_dots, storage_w0
 
 if TYPE_CHECKING:
-    from .dot_cache import DotCache
     from .kernels import Row
     from .optimizer import AsFTAdamW
 
@@ -97,12 +97,6 @@ def _options(opt: AsFTAdamW, group: dict[str, Any]) -> tuple:
     return group["asft_lambda"], group["penalty"], group["amsgrad"], opt._dots.epoch
 
 
-def _slot_current(dots: DotCache, name: str, p: Tensor) -> bool:
-    """The c slot of `name` holds c of p as it is now: the dot cache has a valid entry for it and the
-    entry is the Triton path's (no value: held in the slot), not a dot another path wrote since."""
-    return dots.valid(name, p) and dots.get(name, p) is None
-
-
 def _hyper(group: dict[str, Any]) -> dict[str, Any]:
     """A group's hyper-parameters as the fused kernel takes them (read at every step; a tensor lr
     or beta is read with float(), a host sync when it lives on the GPU)."""
@@ -128,24 +122,23 @@ def _walkable(row: Row) -> bool:
 
 
 def _launch(opt: AsFTAdamW, cs: Any, launch: Launch, steps: list[float], hyper: dict[str, Any]) -> None:
-    """Issue one launch. A launch that moves p without writing c (λ = 0, penalty="full",
-    unanchored) drops p's carried dot, whichever path wrote it: the kernels write p through raw
-    pointers, which leaves p's version counter as it was, so the entry would still look valid. A
-    launch that carries c leaves its entries as they are: current, since the version is unchanged."""
+    """Issue one launch. The kernels write p through raw pointers (p's version counter stays), but
+    the step counters advanced before it (`_increment_steps`, version-counted), which makes every
+    dot carried from before this step stale (`asft_optim.dot_cache`): a launch that carries c puts
+    its slots' entries again afterwards; one that writes no c (λ = 0, penalty="full", unanchored)
+    leaves none."""
     from .kernels import fused_step_
     table = launch.table
     c_buf = cs.buffers[table.device] if launch.penalty is not None else table.partials
     fused_step_(table, c_buf, [steps[j] for j in launch.positions], penalty=launch.penalty, **hyper)
-    if not launch.needs_c:
-        for name in launch.names:
-            opt._dots.drop(name)
 
 
 def _replay(opt: AsFTAdamW, group: dict[str, Any], plan: Plan, cs: Any) -> bool:
     """Step a group with its cached plan; False (having changed nothing) when the plan does not fit.
 
     It fits while the same parameters have gradients, every step counter is the plan's, every c
-    it reads is current (`_slot_current`) and every tensor whose address changed still has its
+    it reads is current (`DotCache.held`: the slot was written by this path, nothing moved p
+    since) and every tensor whose address changed still has its
     launch's layout, dtype and device (`_fits`); then moved launches upload their pointer tables
     again (an aligned launch that a move made unaligned is rebuilt). The plan thus notices every
     tensor it reads or writes, by address.
@@ -163,7 +156,8 @@ def _replay(opt: AsFTAdamW, group: dict[str, Any], plan: Plan, cs: Any) -> bool:
             for j, name, bound in zip(launch.positions, launch.names, launch.bounds):
                 p = params[j]
                 st = state.get(p)
-                if st is None or st.get("step") is not views[j] or (launch.needs_c and not _slot_current(dots, name, p)):
+                step = st.get("step") if st is not None else None
+                if step is not views[j] or (launch.needs_c and not dots.held(name, p, step)):
                     return False
                 gptrs.append(grads[j].data_ptr())
                 others += (p.data_ptr(), st["exp_avg"].data_ptr(), st["exp_avg_sq"].data_ptr(),
@@ -186,6 +180,9 @@ def _replay(opt: AsFTAdamW, group: dict[str, Any], plan: Plan, cs: Any) -> bool:
     hyper = _hyper(group)
     for launch in plan.launches:
         _launch(opt, cs, launch, steps, hyper)
+        if launch.needs_c:  # the slots hold c of the new p, stamped with the new step
+            for j, name in zip(launch.positions, launch.names):
+                dots.put(name, params[j], views[j], None)
     return True
 
 
@@ -223,8 +220,9 @@ class TritonCache:
     tables: (group index, subset key) → (the names and layouts it was built for, `LaunchTable`):
     block tables are built once per set of shapes, pointer tables uploaded again when tensors move.
     plans: group index → `Plan`. step_bufs: group index → the group's step counts (each
-    state["step"] is a view into it: one add per step). pending: shards whose c slot holds a local
-    partial that `shard_partials` must sum over ranks. narrowed: names whose direction was checked
+    state["step"] is a view into it: one add per step). synced: shards whose c slot
+    `set_shard_c` filled with the global c this step (a DTensor's dot is never carried: see
+    `dot_cache`, so it is recomputed at every step). narrowed: names whose direction was checked
     for exact bf16 storage.
     """
 
@@ -233,7 +231,7 @@ class TritonCache:
         self.tables: dict[tuple, tuple[tuple, Any]] = {}
         self.plans: dict[int, Plan] = {}
         self.step_bufs: dict[int, Tensor] = {}
-        self.pending: list[tuple[str, Tensor]] = []
+        self.synced: set[str] = set()
         self.narrowed: set[str] = set()
 
     def _c_slots(self) -> Any:
@@ -243,42 +241,37 @@ class TritonCache:
         return self.slots
 
     def shard_partials(self, opt: AsFTAdamW) -> list[tuple[str, Tensor, Tensor]]:
-        """(name, parameter, local part of c) of every Triton-stepped shard whose c needs the sum
-        over ranks this step: those whose last update left a local partial in their slot, and those
-        whose c is not known (after a load or `resync()`), computed exactly here."""
+        """(name, parameter, local part of c) of every Triton-stepped shard with a gradient and a
+        W0, computed exactly here, to be summed over ranks in the step's one all-reduce."""
+        self.synced = set()
         if self.slots is None:
             return []
         out = []
-        for name, p in self.pending:
-            if _slot_current(opt._dots, name, _dist.local(p)) and not opt._bindings[name].direction.is_zero:
-                out.append((name, p, self._slot_value(name, p)))
-        self.pending = []
-        seen = {n for n, _, _ in out}
         for group in opt.param_groups:
             if group["impl"] != "triton" or group["asft_lambda"] == 0 or group["penalty"] == "full":
                 continue
             for name, p in zip(group["param_names"], group["params"]):
                 b = opt._bindings.get(name)
                 st = opt.state.get(p)
-                if (p.grad is None or b is None or b.kind is not Kind.SHARD or name in seen or not st
-                        or "w0" not in st or name not in self.slots.slot or _slot_current(opt._dots, name, _dist.local(p))):
+                if (p.grad is None or b is None or b.kind is not Kind.SHARD or not st or "w0" not in st
+                        or name not in self.slots.slot):
                     continue
                 q = _dist.local(p)
                 bound = b.direction_on(q.device)
                 if bound.is_zero:  # c = 0 whatever ΔW: nothing to sum
                     self.slots.buffers[q.device][self.slots.slot[name]] = 0.0
-                    opt._dots.put(name, q, None)
+                    self.synced.add(name)
                     continue
                 dot = partial_dots([q], [_dist.local(st["w0"])], [bound])[0]
                 out.append((name, p, dot * bound.inv_nv2))
         return out
 
-    def set_shard_c(self, opt: AsFTAdamW, named: list[tuple[str, Tensor, Tensor]], values: Tensor) -> None:
-        """Write the summed c of `shard_partials`' shards into their slots; they are then valid."""
+    def set_shard_c(self, named: list[tuple[str, Tensor, Tensor]], values: Tensor) -> None:
+        """Write the summed c of `shard_partials`' shards into their slots, valid for this step."""
         for (name, p, _), value in zip(named, values.unbind()):
             q = _dist.local(p)
             self.slots.buffers[q.device][self.slots.slot[name]] = value
-            opt._dots.put(name, q, None)
+            self.synced.add(name)
 
     def _slot_value(self, name: str, p: Tensor) -> Tensor:
         """A shard's c slot as a 0-d fp32 tensor; 0 for an empty local shard (no kernel writes it)."""
@@ -347,6 +340,8 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
             buf[j] = step_t
             opt.state[group["params"][j]]["step"] = buf[j]
     positions_t = torch.tensor(positions)
+    carried = cache.synced.union(t.names[i] for i in keep
+                                 if opt._dots.held(t.names[i], t.params[i], opt.state[t.params[i]]["step"]))
     all_steps = _increment_steps(buf, positions_t)
     subsets: dict[tuple, list[int]] = {}
     for i in keep:  # one launch per (device, penalised, dtypes, aligned): an unaligned tensor keeps to its own
@@ -375,7 +370,7 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
                         [position[i] for i in idx], names, [bounds[i] for i in idx], layouts)
         if launch.needs_c:
             c_buf = cs.buffers[device]
-            stale = [n for n, i in zip(names, idx) if not _slot_current(opt._dots, n, rows[i][0])]
+            stale = [n for n in names if n not in carried]
             if stale and set(stale) <= fresh:  # first step: p = W0, so c = 0
                 c_buf.index_fill_(0, torch.tensor([cs.slot[n] for n in stale], device=device), 0.0)
             elif stale:
@@ -384,9 +379,8 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
         _launch(opt, cs, launch, all_steps, hyper)
         launches.append(launch)
         if launch.needs_c:
-            for n, i in zip(names, idx):
-                opt._dots.put(n, rows[i][0], None)
-            cache.pending += [(t.names[i], t.params[i]) for i in idx if _dist.is_dtensor(t.params[i])]
+            for i in idx:
+                opt._dots.put(t.names[i], t.params[i], opt.state[t.params[i]]["step"], None)
     if all(walk) and not copied and not any(_dist.is_dtensor(p) for p in t.params):
         views = {j: opt.state[group["params"][j]]["step"] for j in positions}
         cache.plans[group_index] = Plan(options, [p.grad is not None for p in group["params"]], buf,
