@@ -191,7 +191,7 @@ def _fits(launch: Launch, gptrs: list[int], others: list[int], params: list[Tens
     """Every tensor of `launch` whose address differs from its table's has the layout, dtype and
     device the table was built for. (A new gradient has its parameter's dtype, shape and device,
     torch checks that on assignment: only its strides can differ.)"""
-    from .kernels import ROLES
+    from .kernels import OTHER_ROLES, ROLES
     table = launch.table
     if gptrs != table.host_grads and not all(
             grads[j].stride() == stride for j, (_, stride) in zip(launch.positions, launch.layouts)):
@@ -199,7 +199,7 @@ def _fits(launch: Launch, gptrs: list[int], others: list[int], params: list[Tens
     if others == table.host_others:
         return True
     old = table.host_others
-    roles = [k for k, role in enumerate(ROLES) if role != "grad"]
+    roles = [ROLES.index(role) for role in OTHER_ROLES]
     for i, (j, bound, (shape, stride)) in enumerate(zip(launch.positions, launch.bounds, launch.layouts)):
         if others[6 * i:6 * i + 6] == old[6 * i:6 * i + 6]:
             continue

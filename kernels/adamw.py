@@ -2,7 +2,9 @@
 
 Data flow for one launch (all tensors on one device, one dtype per role):
 
-    pointer table  int64 [T, 7]   addresses of p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, W0, v
+    pointer table  int64 [T, 6]   addresses of p, exp_avg, exp_avg_sq, max_exp_avg_sq, W0, v
+    grad table     int64 [T]      addresses of the gradients (apart: they move every step when
+                                  gradients are re-allocated, and are then the only upload)
     block table    int32, int64 [B]  (tensor index, first element) of each program's BLOCK elements
     c              fp32 [slots]   c = ⟨v, p - W0⟩/‖v‖² per tensor, read at each tensor's slot
     partials       fp32 [B]       ⟨v, p_new - W0⟩ of each program, from the values it stores
@@ -35,7 +37,9 @@ device guard on the tensors' device.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import operator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -44,7 +48,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["BLOCK", "NUM_WARPS", "PENALTY_CODES", "ROLES", "CSlots", "LaunchTable", "Row", "all_aligned", "make_table",
+__all__ = ["BLOCK", "NUM_WARPS", "OTHER_ROLES", "PENALTY_CODES", "ROLES", "CSlots", "LaunchTable", "Row", "all_aligned", "make_table",
            "fused_step_", "exact_c_", "is_interpreted", "launch_counter", "row_pointers",
            "split_pointers"]
 
@@ -66,7 +70,8 @@ class Row(NamedTuple):
 
 
 ROLES = Row._fields
-_OTHERS = [k for k, role in enumerate(ROLES) if role != "grad"]
+OTHER_ROLES = tuple(role for role in ROLES if role != "grad")  # the pointer table's columns
+_OTHERS = [ROLES.index(role) for role in OTHER_ROLES]
 PENALTY_CODES = {"orthogonal": 0, "parallel": 1, "full": 2}
 _ALIGN = 16       # bytes; every base address must be a multiple for the vector-load hints
 
@@ -83,7 +88,8 @@ def is_interpreted() -> bool:
 # ----------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _addr(row, k: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    """Role k's base address from a pointer-table row, typed; 16-byte aligned when ALIGNED."""
+    """Role k's base address from a pointer-table row (`OTHER_ROLES` order), typed; 16-byte aligned
+    when ALIGNED."""
     ptr = tl.load(row + k).to(tl.pointer_type(DTYPE))
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
@@ -144,7 +150,7 @@ def _update_block(p_ptr, g_ptr, m_ptr, sq_ptr, x_ptr, w0_ptr, v_ptr, offs, n, c,
 
 
 @triton.jit
-def _update_kernel(table, numels, blk_tensor, blk_start, c_buf, cslot, inv_nv2, steps, partials,
+def _update_kernel(table, grad_table, numels, blk_tensor, blk_start, c_buf, cslot, inv_nv2, steps, partials,
                    coef, decay, omb1, beta2, omb2, eps, step_size, bc2_sqrt,
                    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
                    W0_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr, PENALTY: tl.constexpr,
@@ -157,17 +163,17 @@ def _update_kernel(table, numels, blk_tensor, blk_start, c_buf, cslot, inv_nv2, 
     start = tl.load(blk_start + pid)  # int64: tensors above 2**31 elements
     n = tl.load(numels + t)
     # the addresses before the tail test: their loads do not wait for n
-    row = table + t * 7
+    row = table + t * 6
     p_ptr = _addr(row, 0, P_DTYPE, ALIGNED)
-    g_ptr = _addr(row, 1, G_DTYPE, ALIGNED)
-    m_ptr = _addr(row, 2, M_DTYPE, ALIGNED)
-    sq_ptr = _addr(row, 3, M_DTYPE, ALIGNED)
+    g_ptr = _addr(grad_table + t, 0, G_DTYPE, ALIGNED)
+    m_ptr = _addr(row, 1, M_DTYPE, ALIGNED)
+    sq_ptr = _addr(row, 2, M_DTYPE, ALIGNED)
     x_ptr = sq_ptr
     if AMSGRAD:
-        x_ptr = _addr(row, 4, M_DTYPE, ALIGNED)
+        x_ptr = _addr(row, 3, M_DTYPE, ALIGNED)
     if HAS_PEN:
-        w0_ptr = _addr(row, 5, W0_DTYPE, ALIGNED)
-        v_ptr = _addr(row, 6, V_DTYPE, ALIGNED)
+        w0_ptr = _addr(row, 4, W0_DTYPE, ALIGNED)
+        v_ptr = _addr(row, 5, V_DTYPE, ALIGNED)
     else:  # not read
         w0_ptr = p_ptr
         v_ptr = p_ptr
@@ -221,10 +227,10 @@ def _dot_kernel(table, numels, blk_tensor, blk_start, c_buf, cslot, inv_nv2, par
     t = tl.load(blk_tensor + pid)
     start = tl.load(blk_start + pid)
     n = tl.load(numels + t)
-    row = table + t * 7
+    row = table + t * 6
     p_ptr = _addr(row, 0, P_DTYPE, ALIGNED)
-    w0_ptr = _addr(row, 5, W0_DTYPE, ALIGNED)
-    v_ptr = _addr(row, 6, V_DTYPE, ALIGNED)
+    w0_ptr = _addr(row, 4, W0_DTYPE, ALIGNED)
+    v_ptr = _addr(row, 5, V_DTYPE, ALIGNED)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
         offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), VEC)
@@ -257,20 +263,20 @@ def _fold_kernel(partials, fold_tensors, first_block, nblocks, cslot, inv_nv2, c
 class LaunchTable:
     """Device tables for one multi-tensor launch (T tensors split into B blocks of `block` elements).
 
-    pointers: int64 [T, 7] addresses per `ROLES` (0 where a role is unused): `upload` replaces them
-    when tensors move; everything else depends on the shapes only.
+    pointers: int64 [T, 6] addresses per `OTHER_ROLES` (0 where a role is unused); grad_pointers:
+    int64 [T] the gradients'. `upload` replaces them when tensors move; everything else depends on
+    the shapes only.
     numels: int64 [T]. blk_tensor: int32 [B]. blk_start: int64 [B] (first element of each block).
     first_block, nblocks: int32 [T] (each tensor's blocks are contiguous in the block table).
     fold_tensors: int32 [F] the tensors of more than one block (their c is folded from partials).
     cslot: int32 [T] index of each tensor's c. inv_nv2: fp32 [T] 1/‖v‖².
     partials: fp32 [B] per-block dots. dtypes: torch dtype per role (None where unused).
-    host_grads, host_others: the addresses the pointer table holds: the gradients' (T), and the
-    other six roles' in `ROLES` order (T·6), apart because gradients move every step when they are
-    re-allocated.
-    aligned: every base address is a multiple of 16 bytes (enables the vector hints).
+    host_grads, host_others: the addresses both tables hold, as flat lists (T, T·6);
+    grads_aligned, others_aligned: each list's addresses are multiples of 16 bytes.
     vec: elements per vector access of every stream: 16 bytes / the widest dtype of the launch.
     """
     pointers: Tensor
+    grad_pointers: Tensor
     numels: Tensor
     blk_tensor: Tensor
     blk_start: Tensor
@@ -283,7 +289,8 @@ class LaunchTable:
     dtypes: tuple[torch.dtype | None, ...]
     host_grads: list[int]
     host_others: list[int]
-    aligned: bool
+    grads_aligned: bool
+    others_aligned: bool
     block: int
 
     @property
@@ -299,20 +306,25 @@ class LaunchTable:
         return _ALIGN // max(d.itemsize for d in self.dtypes if d is not None)
 
     def upload(self, grads: list[int], others: list[int]) -> None:
-        """Replace the pointer table by these addresses (`split_pointers`' layout; the caller has
-        checked that the tensors have the shapes, strides, dtypes and device this table was built
-        for) and recompute `aligned`."""
-        host = torch.empty(len(grads), len(ROLES), dtype=torch.int64)
-        host[:, 1] = torch.tensor(grads, dtype=torch.int64)
-        host[:, _OTHERS] = torch.tensor(others, dtype=torch.int64).view(len(grads), len(_OTHERS))
-        self.aligned = not bool(host.remainder(_ALIGN).any())
-        self.pointers.copy_(host, non_blocking=True)
-        self.host_grads, self.host_others = grads, others
+        """Replace the addresses in the tables where they differ (`split_pointers`' layout; the
+        caller has checked that the tensors have the shapes, strides, dtypes and device this table
+        was built for) and recompute `aligned`."""
+        if grads != self.host_grads:
+            self.grad_pointers.copy_(torch.tensor(grads, dtype=torch.int64), non_blocking=True)
+            self.host_grads, self.grads_aligned = grads, all_aligned(grads)
+        if others != self.host_others:
+            self.pointers.copy_(torch.tensor(others, dtype=torch.int64).view(self.pointers.shape), non_blocking=True)
+            self.host_others, self.others_aligned = others, all_aligned(others)
+
+    @property
+    def aligned(self) -> bool:
+        """Every base address is a multiple of 16 bytes (enables the vector hints)."""
+        return self.grads_aligned and self.others_aligned
 
 
 def all_aligned(ptrs: list[int]) -> bool:
     """Every address in `ptrs` is a multiple of 16 bytes (unused roles are 0)."""
-    return not any(x % _ALIGN for x in ptrs)
+    return not functools.reduce(operator.or_, ptrs, 0) % _ALIGN
 
 
 def row_pointers(row: Row) -> list[int]:
@@ -321,7 +333,7 @@ def row_pointers(row: Row) -> list[int]:
 
 
 def split_pointers(rows: list[Row]) -> tuple[list[int], list[int]]:
-    """The gradients' addresses (T) and the other roles' (T·6, `ROLES` order without the gradient)."""
+    """The gradients' addresses (T) and the other roles' (T·6, `OTHER_ROLES` order)."""
     others: list[int] = []
     for r in rows:
         others += (0 if r[k] is None else r[k].data_ptr() for k in _OTHERS)
@@ -368,12 +380,13 @@ def make_table(roles: list[Row], cslots: list[int], inv_nv2: list[float],
         return x.to(device, non_blocking=True)
 
     table = LaunchTable(
-        pointers=torch.zeros(len(roles), len(ROLES), dtype=torch.int64, device=device), numels=dev(numels),
+        pointers=torch.zeros(len(roles), len(_OTHERS), dtype=torch.int64, device=device),
+        grad_pointers=torch.zeros(len(roles), dtype=torch.int64, device=device), numels=dev(numels),
         blk_tensor=dev(blk_tensor), blk_start=dev(blk_start), first_block=dev(first.to(torch.int32)),
         nblocks=dev(counts.to(torch.int32)), fold_tensors=dev(torch.nonzero(counts > 1).view(-1).to(torch.int32)),
         cslot=dev(torch.tensor(cslots, dtype=torch.int32)), inv_nv2=dev(torch.tensor(inv_nv2, dtype=torch.float32)),
         partials=torch.zeros(max(num_blocks, 1), dtype=torch.float32, device=device),
-        dtypes=dtypes, host_grads=[], host_others=[], aligned=False, block=block)
+        dtypes=dtypes, host_grads=[], host_others=[], grads_aligned=False, others_aligned=False, block=block)
     table.upload(*split_pointers(roles))
     return table
 
@@ -459,7 +472,7 @@ def fused_step_(table: LaunchTable, c_buf: Tensor, steps: list[float], *, lr: fl
     code = PENALTY_CODES[penalty] if has_pen else 2
     with _on(table.device):
         _update_kernel[(table.num_blocks,)](
-            table.pointers, table.numels, table.blk_tensor, table.blk_start, c_buf, table.cslot,
+            table.pointers, table.grad_pointers, table.numels, table.blk_tensor, table.blk_start, c_buf, table.cslot,
             table.inv_nv2, per_tensor, table.partials,
             coef, 1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, eps, step_size, bc2_sqrt,
             P_DTYPE=_tl(d[0], "param"), G_DTYPE=_tl(d[1], "grad"), M_DTYPE=_tl(d[2], "exp_avg"),

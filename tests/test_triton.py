@@ -602,7 +602,7 @@ from triton.compiler import ASTSource
 from asft_optim.kernels import adamw as K
 
 T = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
-POINTERS = {"table": "*i64", "numels": "*i64", "blk_tensor": "*i32", "blk_start": "*i64", "c_buf": "*fp32",
+POINTERS = {"table": "*i64", "grad_table": "*i64", "numels": "*i64", "blk_tensor": "*i32", "blk_start": "*i64", "c_buf": "*fp32",
             "cslot": "*i32", "inv_nv2": "*fp32", "steps": "*fp32", "partials": "*fp32"}
 target = GPUTarget("cuda", 90, 32)
 backend = triton.compiler.make_backend(target)
