@@ -76,7 +76,7 @@ def test_errors_are_recorded_and_the_summary_names_what_did_not_run(bench, tmp_p
     assert rep.failed
     assert bench.summarize(tmp_path) == 1
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["sections_unfinished"] == ["checks"] and report["sections_not_run"] == ["timing", "big"]
+    assert report["sections_unfinished"] == ["checks"] and report["sections_not_run"] == ["timing", "big", "host"]
     assert report["ratios"]["fp32_ratio"] is None and report["goals_met"]["fp32_ratio"] is None
     text = (tmp_path / "gpu_check.txt").read_text()
     assert "ERROR in broken check: RuntimeError: simulated kernel failure" in text
