@@ -82,8 +82,8 @@ class Launch(NamedTuple):
 
 class Plan(NamedTuple):
     """A group's launches, replayed while the options, the dot-cache epoch, which parameters have
-    gradients and every state tensor (by identity) hold; addresses may change (new gradient
-    tensors each step): then only the pointer tables are uploaded again."""
+    gradients and the step counters (by identity) hold; addresses may change (new gradient tensors
+    each step, a replaced state tensor): then only the pointer tables are uploaded again."""
     options: tuple
     has_grad: list[bool]
     steps: Tensor
@@ -121,12 +121,12 @@ def _walkable(row: Row) -> bool:
     return dense_flat(p) is not None and all(x is None or x.stride() == p.stride() for x in row[2:])
 
 
-def _launch(opt: AsFTAdamW, cs: Any, launch: Launch, steps: list[float], hyper: dict[str, Any]) -> None:
+def _launch(cs: Any, launch: Launch, steps: list[float], hyper: dict[str, Any]) -> None:
     """Issue one launch. The kernels write p through raw pointers (p's version counter stays), but
     the step counters advanced before it (`_increment_steps`, version-counted), which makes every
-    dot carried from before this step stale (`asft_optim.dot_cache`): a launch that carries c puts
-    its slots' entries again afterwards; one that writes no c (λ = 0, penalty="full", unanchored)
-    leaves none."""
+    dot carried from before this step stale (`asft_optim.dot_cache`): after a launch that carries
+    c the caller puts its slots' entries again; one that writes no c (λ = 0, penalty="full",
+    unanchored) leaves none."""
     from .kernels import fused_step_
     table = launch.table
     c_buf = cs.buffers[table.device] if launch.penalty is not None else table.partials
@@ -134,14 +134,13 @@ def _launch(opt: AsFTAdamW, cs: Any, launch: Launch, steps: list[float], hyper: 
 
 
 def _replay(opt: AsFTAdamW, group: dict[str, Any], plan: Plan, cs: Any) -> bool:
-    """Step a group with its cached plan; False (having changed nothing) when the plan does not fit.
+    """Step a group with its cached plan; False (having stepped nothing) when the plan does not fit.
 
     It fits while the same parameters have gradients, every step counter is the plan's, every c
     it reads is current (`DotCache.held`: the slot was written by this path, nothing moved p
-    since) and every tensor whose address changed still has its
-    launch's layout, dtype and device (`_fits`); then moved launches upload their pointer tables
-    again (an aligned launch that a move made unaligned is rebuilt). The plan thus notices every
-    tensor it reads or writes, by address.
+    since) and every tensor whose address changed still has its launch's layout, dtype and device
+    (`_fits`); then moved launches upload their pointer tables again (an aligned launch that a move
+    made unaligned is rebuilt). The plan thus notices every tensor it reads or writes, by address.
     """
     params = group["params"]
     grads = [p.grad for p in params]
@@ -179,7 +178,7 @@ def _replay(opt: AsFTAdamW, group: dict[str, Any], plan: Plan, cs: Any) -> bool:
     steps = _increment_steps(plan.steps, plan.positions)
     hyper = _hyper(group)
     for launch in plan.launches:
-        _launch(opt, cs, launch, steps, hyper)
+        _launch(cs, launch, steps, hyper)
         if launch.needs_c:  # the slots hold c of the new p, stamped with the new step
             for j, name in zip(launch.positions, launch.names):
                 dots.put(name, params[j], views[j], None)
@@ -376,7 +375,7 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
             elif stale:
                 exact_c_(launch.table, c_buf)
                 _reduce_shard_slots(cache, [(t.names[i], t.params[i]) for i in idx])
-        _launch(opt, cs, launch, all_steps, hyper)
+        _launch(cs, launch, all_steps, hyper)
         launches.append(launch)
         if launch.needs_c:
             for i in idx:

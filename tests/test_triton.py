@@ -5,8 +5,8 @@ imported): correctness on small tensors, not speed. With ASFT_TEST_DEVICE=cuda t
 the compiled kernels on the GPU (benchmarks/gpu_check.sh does so). The interpreter truncates
 fp32 → bf16 where compiled kernels and torch round to nearest even, so half-precision runs are
 compared one step at a time from a shared state (within one ulp), fp32 runs over whole
-trajectories (1e-6 relative). A CPU-only compile of the update kernel for sm_90 checks its PTX for
-128-bit accesses and for spills.
+trajectories (1e-6 relative). CPU-only compiles of every kernel variant for sm_90 check registers,
+spills, shared memory and vector accesses.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 
 import copy  # noqa: E402
-import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
