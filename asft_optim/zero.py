@@ -307,7 +307,7 @@ class ZeroTensors:
                                        [w0[s.start: s.start + s.numel] for s in q.segments], q.bounds)
             else:
                 partial = torch.stack(carried)
-            vec.index_add_(0, torch.tensor(q.index, device=vec.device), partial.to(vec.device))
+            vec.index_add_(0, torch.tensor(q.index, device=vec.device), partial.to(vec.device, vec.dtype))
         self._all_reduce(vec, dist.ReduceOp.SUM)
         for i, q in enumerate(self.partitions):
             if i in w0s:
