@@ -5,6 +5,7 @@ fallback when it cannot be built; and that AsFTAdamW really runs it where a comp
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -55,8 +56,13 @@ def test_native_runs_where_a_compiler_exists(monkeypatch):
 
 
 # ------------------------------------------------------------------------------ the function
-def _tensors(shapes, seed=0, w0_dtype=torch.float32, v_dtype=torch.float32, layout="contiguous"):
-    """(p, g, m, s, w0, bound) per shape; `layout` "transposed" / "channels_last" for 2-D / 4-D."""
+STORAGE = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
+           "bf16-fp32-moments": (torch.bfloat16, torch.float32)}  # (params and grads, moments)
+
+
+def _tensors(shapes, seed=0, w0_dtype=torch.float32, v_dtype=torch.float32, layout="contiguous", storage="fp32"):
+    """(p, g, m, s, w0, bound) per shape; `layout` "transposed" / "channels_last" for 2-D / 4-D;
+    `storage` a key of STORAGE."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for shape in shapes:
@@ -72,7 +78,8 @@ def _tensors(shapes, seed=0, w0_dtype=torch.float32, v_dtype=torch.float32, layo
         if w0_dtype != torch.float32:  # p bf16-exact at W0, then moved away from it
             p = w0.float() + new(1e-2)
         bound = bind_direction(new().to(v_dtype), p, "x")
-        out.append((p, new(), new().abs() * 1e-2, new().abs() * 1e-4, w0, bound))
+        pt, mt = STORAGE[storage]
+        out.append((p.to(pt), new().to(pt), (new().abs() * 1e-2).to(mt), (new().abs() * 1e-4).to(mt), w0, bound))
     return out
 
 
@@ -129,6 +136,51 @@ def test_matches_reference_and_torch_adamw(kind, maximize, w0_dtype, v_dtype):
         assert abs(float(d) - float(terms.sum())) <= 2.0 ** -23 * float(terms.abs().sum()) + 1e-300
 
 
+def _emulated_step(p, g, m, s, w0, v, c, step, *, lr, beta1, beta2, eps, weight_decay, coef, penalty, maximize):
+    """The kernel's formula (see asft_adamw.cpp), each operation correctly rounded to fp32 (done in
+    float64 and rounded: exact for + - * / and sqrt), then stored in the tensors' dtypes by torch's
+    cast (round to nearest even)."""
+    def r(x):
+        return x.float().double()
+
+    def f(x: float) -> float:  # a hyper-parameter as the kernel casts it
+        return float(torch.tensor(x, dtype=torch.float32))
+
+    pf, wf, vf, mf, sf, gf = (x.double() for x in (p, w0, v, m, s, g))
+    dw = r(pf - wf)
+    rr = {"orthogonal": r(dw - r(f(c) * vf)), "parallel": r(f(c) * vf), "full": dw}[penalty]
+    gt = r(gf + r(f(coef) * rr)).to(g.dtype).double() * (-1.0 if maximize else 1.0)
+    w1 = f(1.0 - beta1)
+    m_new = r(mf + r(w1 * r(gt - mf))) if abs(w1) < 0.5 else r(gt - r(r(gt - mf) * f(1.0 - w1)))
+    s_new = r(r(sf * f(beta2)) + r(r(f(1.0 - beta2) * gt) * gt))
+    denom = r(r(r(s_new.sqrt()) / f(math.sqrt(1.0 - beta2 ** step))) + f(eps))
+    p_new = r(r(pf * f(1.0 - lr * weight_decay)) + r(r(f(-(lr / (1.0 - beta1 ** step))) * m_new) / denom))
+    return p_new.to(p.dtype), m_new.to(m.dtype), s_new.to(s.dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("storage", list(STORAGE))
+@pytest.mark.parametrize("kind, maximize, beta1, w0_dtype, v_dtype", [
+    ("orthogonal", False, 0.9, torch.float32, torch.float32), ("parallel", True, 0.9, torch.bfloat16, torch.float32),
+    ("full", False, 0.3, torch.float32, torch.bfloat16), ("orthogonal", True, 0.3, torch.bfloat16, torch.bfloat16)])
+def test_each_element_is_the_formula_rounded_once_on_store(storage, kind, maximize, beta1, w0_dtype, v_dtype):
+    """Bitwise, per element, for fp32 and bf16 storage: fp32 math in torch's for-loop order, g̃ in the
+    gradient's dtype, one round-to-nearest-even into p, m and s (as torch casts); both lerp branches."""
+    ts = _tensors([(4097,), (5, 123), (B + 17,)], w0_dtype=w0_dtype, v_dtype=v_dtype, storage=storage)
+    hp = dict(lr=0.02, beta1=beta1, beta2=0.999, eps=1e-8, weight_decay=0.1, coef=-3.0 if maximize else 3.0)
+    p, m, s = ([x[k].clone() for x in ts] for k in (0, 2, 3))
+    steps = [torch.tensor(4.0) for _ in ts]
+    inv = torch.tensor([b.inv_nv2 for *_, b in ts], dtype=torch.float64)
+    cs = native.dots_native(p, [x[4] for x in ts], [x[5].v for x in ts]) * inv
+    native.asft_adamw_native_(p, [x[1] for x in ts], m, s, [x[4] for x in ts], [x[5].v for x in ts], cs, steps, **hp,
+                              penalty=kind, maximize=maximize)
+    for i, (p0, g, m0, s0, w0, b) in enumerate(ts):
+        want = _emulated_step(p0, g, m0, s0, w0, b.v, float(cs[i]), 5, **hp, penalty=kind, maximize=maximize)
+        for got, exp in zip((p[i], m[i], s[i]), want):
+            assert got.dtype == exp.dtype and torch.equal(got, exp)
+    assert not torch.equal(p[0], ts[0][0])
+
+
 @needs_native
 @pytest.mark.parametrize("layout, shapes", [("transposed", [(7, 9), (5, 123)]),
                                             ("channels_last", [(2, 3, 4, 5), (1, 8, 3, 3)])])
@@ -172,11 +224,13 @@ def test_matches_fp64_explicit_loss(kind, maximize, weight_decay):
 
 
 @needs_native
-def test_carried_dot_equals_fresh_fold_and_is_thread_count_independent():
-    """Bitwise: the dot returned by a step = `dots_native` of the result, and 1 vs 2 threads give the
-    same parameters, moments and dots (blocks are folded in block order, not thread order)."""
-    shapes = [(5 * B + 3,), (B,), (B + 1,), (1,), (), (0,), (64, 300)]
-    ts = _tensors([s for s in shapes], v_dtype=torch.bfloat16, w0_dtype=torch.float32)
+@pytest.mark.parametrize("storage", list(STORAGE))
+def test_carried_dot_equals_fresh_fold_and_is_thread_count_independent(storage):
+    """Bitwise, for fp32 and bf16 storage: the dot returned by a step = `dots_native` of the result,
+    and 1 vs 2 threads give the same parameters, moments and dots (blocks are folded in block order,
+    not thread order)."""
+    shapes = [(5 * B + 3,), (B,), (B + 1,), (1,), (), (0,), (64, 300), (3 * B + 37,)]
+    ts = _tensors([s for s in shapes], v_dtype=torch.bfloat16, w0_dtype=torch.float32, storage=storage)
     threads = torch.get_num_threads()
     runs = []
     try:
@@ -221,8 +275,14 @@ def test_errors_name_the_tensor():
         args = dict(params=p, grads=g, exp_avgs=m, exp_avg_sqs=s, w0s=w0, directions=v, cs=cs, steps=steps) | over
         native.asft_adamw_native_(*args.values(), **kw)
 
-    with pytest.raises(ValueError, match=r"^asft_adamw_native_: params\[1\] has dtype Half, expected Float$"):
+    with pytest.raises(ValueError, match=r"^asft_adamw_native_: params\[1\] has dtype Half, expected Float or BFloat16$"):
         call(params=[p[0], p[1].half()])
+    with pytest.raises(ValueError, match=r"^asft_adamw_native_: grads\[0\] has dtype BFloat16, params\[0\] has Float$"):
+        call(grads=[g[0].bfloat16(), g[1]])
+    with pytest.raises(ValueError, match=r"^asft_adamw_native_: exp_avgs\[1\] has dtype BFloat16, expected Float$"):
+        call(exp_avgs=[m[0], m[1].bfloat16()])  # bf16 moments only with bf16 params
+    with pytest.raises(ValueError, match=r"^asft_adamw_native_: exp_avg_sqs\[0\] has dtype Float, exp_avgs\[0\] has BFloat16$"):
+        call(params=[p[0].bfloat16(), p[1]], grads=[g[0].bfloat16(), g[1]], exp_avgs=[m[0].bfloat16(), m[1]])
     with pytest.raises(ValueError, match=r"^asft_adamw_native_: grads\[0\] has strides \(1, 3\), params\[0\] has \(4, 1\)$"):
         call(grads=[g[0].t().contiguous().t(), g[1]])
     with pytest.raises(ValueError, match=r"^asft_adamw_native_: params\[0\] is not dense \(shape \(3, 2\), strides \(4, 2\)\)$"):
@@ -238,8 +298,8 @@ def test_errors_name_the_tensor():
         call(cs=torch.zeros(2))
     with pytest.raises(ValueError, match="unknown penalty 'sideways'"):
         native.asft_adamw_native_(p, g, m, s, w0, v, cs, steps, **(kw | dict(penalty="sideways")))
-    with pytest.raises(ValueError, match=r"^dots_native: params\[0\] has dtype BFloat16, expected Float$"):
-        native.dots_native([p[0].bfloat16()], [w0[0]], [v[0]])
+    with pytest.raises(ValueError, match=r"^dots_native: params\[0\] has dtype Half, expected Float or BFloat16$"):
+        native.dots_native([p[0].half()], [w0[0]], [v[0]])
     # nothing was written by the refused calls
     assert all(torch.equal(a, x[0]) for a, x in zip(p, ts)) and [float(x) for x in steps] == [0.0, 0.0]
 
