@@ -427,7 +427,7 @@ def step_partition(part: Partition, grad: Tensor, exp_avg: Tensor, exp_avg_sq: T
         adam(views(part.flat, gaps), views(grad, gaps), views(exp_avg, gaps), views(exp_avg_sq, gaps),
              views(ams, gaps), [step.clone() for _ in gaps], **adam_kwargs)
     step.add_(1)
-    return new
+    return list(new.unbind()) if isinstance(new, Tensor) else new  # one vector when all went native
 
 
 def load_config(config: Mapping[str, Any] | str | Any) -> Mapping[str, Any]:

@@ -342,6 +342,139 @@ def test_optimizer_mixed_dtypes_and_changing_tensors():
     assert carried["w4"].dtype == torch.float32 and carried["w0"].dtype == torch.float64
 
 
+def _spy_native(monkeypatch) -> list[int]:
+    """Record the number of tensors each native step call receives (and steps)."""
+    calls: list[int] = []
+    real = native.step_supported_
+
+    def spy(*args, **kw):
+        dots, skipped = real(*args, **kw)
+        calls.append(len(args[0]) - len(skipped))
+        return dots, skipped
+
+    monkeypatch.setattr(native, "step_supported_", spy)
+    return calls
+
+
+@needs_native
+@pytest.mark.parametrize("layout", ["bf16 params", "bf16 W0 and d"])
+def test_optimizer_steps_bf16_layouts_natively(layout, monkeypatch):
+    """bf16 parameters (bf16 moments) and fp32 parameters with bf16 W0 and directions (a bf16
+    checkpoint fine-tuned in fp32) step through the kernel, every tensor every step, and follow the
+    fp64 oracle: bf16 storage within its rounding, fp32 at 1e-6; bf16 parameters equal the reference
+    path with fused AdamW (fp32 math, one rounding on store) to 2 bf16 ulps."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(4097,), (5, 123), (1,), (), (2 * B + 5,)]
+    init = [torch.randn(s, generator=gen).bfloat16() for s in shapes]
+    dirs = {f"w{i}": (torch.randn(s, generator=gen) * 1e-2).bfloat16() for i, s in enumerate(shapes)}
+    dtype = torch.bfloat16 if layout == "bf16 params" else torch.float32
+    named = [(f"w{i}", torch.nn.Parameter(x.to(dtype, copy=True))) for i, x in enumerate(init)]
+    twin = [(n, torch.nn.Parameter(p.detach().clone())) for n, p in named]
+    calls = _spy_native(monkeypatch)
+    opt = AsFTAdamW(named, lr=0.02, anchors=dirs, asft_lambda=2.0, weight_decay=0.1)
+    params = [p for _, p in named]
+    for t in range(10):
+        for p, g in zip(params, task_grads(params, t)):
+            p.grad = g
+        opt.step()
+    assert calls == [len(shapes)] * 10
+    assert all(opt.state[p]["w0"].dtype == torch.bfloat16 for p in params)
+    want = run_oracle([x.double() for x in init], list(dirs.values()), [2.0] * len(init), 10, lr=0.02,
+                      weight_decay=0.1)
+    for p, w in zip(params, want):
+        close_rel(p.detach(), w, rel=3e-2 if dtype == torch.bfloat16 else 1e-6)
+    if dtype == torch.bfloat16:
+        ref = AsFTAdamW(twin, lr=0.02, anchors=dirs, asft_lambda=2.0, weight_decay=0.1, impl="reference", fused=True)
+        for t in range(10):
+            for (_, p), g in zip(twin, task_grads([p for _, p in twin], t)):
+                p.grad = g
+            ref.step()
+        for p, (_, q) in zip(params, twin):
+            ulp = 2.0 ** (torch.frexp(q.detach().float().abs().clamp_min(1e-3))[1].float() - 8)
+            assert bool(((p.detach().float() - q.detach().float()).abs() <= 2 * ulp).all())
+
+
+@needs_native
+def test_zero_partition_segments_step_natively_like_the_dense_tensors(monkeypatch):
+    """A DeepSpeed ZeRO flat partition (one rank, so its float64 segment dots are the whole
+    tensors'): every segment steps through the kernel, bitwise like the dense twin's native step."""
+    from .test_zero import _anchors, _link, _model, _zero1_step
+    dense, zero = _model(), _model()
+    anchors = _anchors(dense)
+    kw = dict(lr=5e-2, anchors=anchors, asft_lambda=3.0)
+    ref = AsFTAdamW(dense.named_parameters(), **kw)
+    opt = AsFTAdamW(zero.named_parameters(), **kw)
+    params = list(zero.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params] + [torch.zeros(2)]).requires_grad_()
+    _link(params, flat, 0, flat.numel(), [0, 15, 18, 24])
+    opt.param_groups[0]["params"] = [flat]
+    calls = _spy_native(monkeypatch)
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for p, g in zip(dense.parameters(), grads):
+            p.grad = g.clone()
+        ref.step()
+        _zero1_step(zero, opt, flat, opt.state, grads)
+    assert calls == [4] * 10  # dense, then the partition's 4 segments, each step
+    for (n, p), q in zip(dense.named_parameters(), zero.parameters()):
+        assert torch.equal(p.detach(), q.detach()), n
+
+
+_FSDP2 = textwrap.dedent("""
+    import json, os, socket
+    import torch, torch.distributed as dist
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+    from asft_optim import AsFTAdamW, native
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    calls = []
+    real = native.step_supported_
+    def spy(*args, **kw):
+        dots, skipped = real(*args, **kw)
+        calls.append(len(args[0]) - len(skipped))
+        return dots, skipped
+    native.step_supported_ = spy
+    def build(shard):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(300, 70), nn.Tanh(), nn.Linear(70, 5))
+        if shard:
+            fully_shard(m)
+        return m
+    dense, sharded = build(False), build(True)
+    gen = torch.Generator().manual_seed(1)
+    dirs = {n: torch.randn(p.shape, generator=gen) * 1e-2 for n, p in dense.named_parameters()}
+    opts = [AsFTAdamW(m.named_parameters(), lr=0.05, anchors=dirs, asft_lambda=2.0) for m in (dense, sharded)]
+    for t in range(4):
+        gens = torch.Generator().manual_seed(10 + t)
+        grads = [torch.randn(p.shape, generator=gens) for p in dense.parameters()]
+        for p, q, g in zip(dense.parameters(), sharded.parameters(), grads):
+            p.grad = g.clone()
+            q.grad = distribute_tensor(g.clone(), q.device_mesh, q.placements)
+        for opt in opts:
+            opt.step()
+    same = all(torch.equal(p.detach(), q.detach().full_tensor()) for p, q in zip(dense.parameters(), sharded.parameters()))
+    kinds = sorted({b.kind.value for b in opts[1]._bindings.values()})
+    print(json.dumps({"calls": calls, "same": same, "kinds": kinds}))
+    dist.destroy_process_group()
+    os._exit(0)
+""")
+
+
+@needs_native
+def test_fsdp2_shards_step_natively_like_the_dense_tensors():
+    """FSDP2 (one gloo rank, DTensor shards): every shard steps through the kernel with its
+    all-reduced carried dot, bitwise like the dense twin."""
+    out = _run(_FSDP2)
+    assert out["kinds"] == ["shard"]
+    assert out["calls"] == [4, 4] * 4 and out["same"]
+
+
 def test_optimizer_with_native_disabled_warns_once_and_matches(tmp_path):
     """ASFT_NATIVE=0 (as on a machine without a compiler): one warning line, the exact fallback path."""
     script = textwrap.dedent("""
