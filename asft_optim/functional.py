@@ -256,19 +256,23 @@ def _native_applies(t: StepTensors, kw: dict) -> bool:
 
 def _native_step(t: StepTensors, coef: float, penalty: Penalty, kw: dict
                  ) -> tuple[list[tuple[int, Tensor]], list[int]]:
-    """The native kernel on the tensors of `t` that it supports (missing dots computed by its own
+    """The native kernel on the CPU tensors of `t` that it supports (missing dots computed by its own
     fold; carried ones of any dtype). Returns ((index, new dot as a 0-d float64 view) per stepped
     tensor, the indices of `t` left for the other path)."""
-    dots = list(t.dots)
+    idx = [i for i, p in enumerate(t.params) if p.device.type == "cpu"]
+    other = [i for i, p in enumerate(t.params) if p.device.type != "cpu"]
+    sel = t if not other else StepTensors(*([] if k == 4 else [xs[i] for i in idx] for k, xs in enumerate(t)))
+    dots = list(sel.dots)
     stale = [j for j, d in enumerate(dots) if d is None]
     if stale:  # a tensor the fold cannot read gets 0 here and is skipped by the step's own check
-        fresh, _ = native.dots_supported([t.params[j] for j in stale], [t.w0s[j] for j in stale],
-                                         [t.directions[j].v for j in stale])
+        fresh, _ = native.dots_supported([sel.params[j] for j in stale], [sel.w0s[j] for j in stale],
+                                         [sel.directions[j].v for j in stale])
         for k, j in enumerate(stale):
             dots[j] = fresh[k]
-    new, bad = _native_call(t, torch.stack(dots).to(torch.float64), coef, penalty, kw)
+    new, bad = _native_call(sel, torch.stack(dots).to(torch.float64), coef, penalty, kw)
     done = set(bad)
-    return [(i, d) for i, d in enumerate(new.unbind()) if i not in done], list(bad)
+    stepped = [(i, d) for j, (i, d) in enumerate(zip(idx, new.unbind())) if j not in done]
+    return stepped, sorted(other + [idx[j] for j in bad])
 
 
 def _native_call(t: StepTensors, dots: Tensor, coef: float, penalty: Penalty, kw: dict) -> tuple[Tensor, list[int]]:
