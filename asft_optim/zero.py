@@ -19,7 +19,7 @@ partition (each rank reads only the rows its segments cover; the rescaling power
 are global: one MAX and one SUM all-reduce per partition when it is first seen, the SUM also
 carrying the partition's dots when it is first seen after a resume), W0 (snapshot of
 the fp32 master partition at its first step, in `state[partition]["w0"]`), and each segment's
-partial ⟨v, ΔW⟩. The per-tensor sums over ranks are one all-reduce of one float64 per tensor per
+partial ⟨v, ΔW⟩. The per-tensor sums over ranks are one all-reduce of one fp32 per tensor per
 optimizer step (`ZeroTensors.global_dots`), whatever the number of groups and sub-groups. The
 partial dots of our own update carry over to the next step in the optimizer's `DotCache`.
 """
@@ -285,18 +285,18 @@ class ZeroTensors:
 
     # ------------------------------------------------------------------------------- dots
     def global_dots(self, part: Partition, w0s: Mapping[int, Tensor], cache: DotCache) -> Tensor:
-        """Per segment of `part` the global ⟨v, ΔW⟩ (float64, shape (len(segments),)).
+        """Per segment of `part` the global ⟨v, ΔW⟩ (fp32, shape (len(segments),)).
 
         Valid dots (the partition unchanged since they were reduced, same `cache.epoch`) are
         returned as they are. Otherwise the partial dots of every partition that has a W0 (`w0s`:
-        position in `self.partitions` → W0) are summed over ranks in one all-reduce of one float64
+        position in `self.partitions` → W0) are summed over ranks in one all-reduce of one fp32
         per tensor: the partials `cache` carries from our last update where valid, else recomputed
         exactly (`functional.partial_dots`). Collective whenever it reduces; every rank takes the
         same decision (the same updates bump the same version counters).
         """
         if part.dots is not None and part.dots_version == part.flat._version and part.dots_epoch == cache.epoch:
             return part.dots
-        vec = torch.zeros(len(self.names), dtype=torch.float64, device=self._comm_device(part.flat))
+        vec = torch.zeros(len(self.names), dtype=torch.float32, device=self._comm_device(part.flat))
         for i, q in enumerate(self.partitions):
             if i not in w0s or not q.segments:
                 continue

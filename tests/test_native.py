@@ -396,8 +396,8 @@ def test_optimizer_steps_bf16_layouts_natively(layout, monkeypatch):
 
 @needs_native
 def test_zero_partition_segments_step_natively_like_the_dense_tensors(monkeypatch):
-    """A DeepSpeed ZeRO flat partition (one rank, so its float64 segment dots are the whole
-    tensors'): every segment steps through the kernel, bitwise like the dense twin's native step."""
+    """A DeepSpeed ZeRO flat partition (one rank holding the whole group): every segment steps
+    through the kernel with its tensor's reduced (fp32) dot, like the dense twin's native step."""
     from .test_zero import _anchors, _link, _model, _zero1_step
     dense, zero = _model(), _model()
     anchors = _anchors(dense)
@@ -417,8 +417,8 @@ def test_zero_partition_segments_step_natively_like_the_dense_tensors(monkeypatc
         ref.step()
         _zero1_step(zero, opt, flat, opt.state, grads)
     assert calls == [4] * 10  # dense, then the partition's 4 segments, each step
-    for (n, p), q in zip(dense.named_parameters(), zero.parameters()):
-        assert torch.equal(p.detach(), q.detach()), n
+    for p, q in zip(dense.parameters(), zero.parameters()):
+        close_rel(q.detach(), p.detach(), rel=1e-6)  # c from an fp32 sum: the last bits may differ
 
 
 _FSDP2 = textwrap.dedent("""
