@@ -26,6 +26,8 @@ from .adapters import adapter_drift_sums, check_fits, is_adapter_folder, open_ad
 from .anchors import Anchors, fingerprint_entry, fingerprint_hasher, normalize_name
 from .checkpoints import Checkpoint, CheckpointError, open_checkpoint
 from .metrics import Drift, drift_from_sums, layer_of, per_layer, sums
+from .outputs import refuse_overlap
+from .tempfiles import atomic_write
 
 __all__ = ["LayerStats", "DirectionStats", "direction_stats", "drift_report", "plot_drift", "add_cli"]
 
@@ -252,7 +254,7 @@ def plot_drift(per_tensor: dict[str, Drift], layers: dict[str, Drift], path: str
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return path
 
@@ -293,7 +295,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--model", help="fine-tuned checkpoint to measure, or a peft LoRA adapter folder (ΔW = s·B·A)")
     p.add_argument("--start", help="weights fine-tuning started from (default: the aligned checkpoint recorded "
                                    "in the file)")
-    p.add_argument("--plot", default="drift.png", help="PNG to write with --model (default: drift.png)")
+    p.add_argument("--plot", default="drift.png",
+                   help="PNG to write with --model (default: drift.png; an existing file only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     p.add_argument("--no-plot", action="store_true", help="with --model: tables only")
     p.add_argument("--layers-only", action="store_true", help="with --model: per-layer table only")
     p.set_defaults(func=_run_cli)
@@ -329,6 +333,15 @@ def _cli_stats(args) -> int:
 
 
 def _cli_drift(args) -> int:
+    if not args.no_plot:
+        plot = Path(args.plot)
+        if plot.is_dir():
+            raise IsADirectoryError(f"--plot {plot} is a folder; give a file name such as {plot / 'drift.png'}")
+        if plot.exists() and not args.overwrite:
+            raise FileExistsError(f"--plot {plot} exists: pass --overwrite to replace it, or choose another --plot "
+                                  "(or --no-plot)")
+        refuse_overlap(plot, "--plot", [("DIRECTIONS", args.directions), ("--model", args.model),
+                                        ("--start", args.start), ("--aligned", args.aligned)])
     per_tensor, layers, missing = drift_report(args.directions, args.model, args.start)
     adapter = is_adapter_folder(args.model)
     if missing:

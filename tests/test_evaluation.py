@@ -317,3 +317,69 @@ def test_compare_table_and_plot(zoo, tmp_path, capsys):
     assert cli.main(["compare", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (f"asft compare: error: {tmp_path}: no results.json (not an `asft evaluate` "
                                        "folder, or its run failed)\n")
+
+
+# ----------------------------------------------------------------------------------- issue 17: nothing lost
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_overwrite_checks_inputs_first_and_never_replaces_its_own_input(zoo, tmp_path, capsys, monkeypatch):
+    """--overwrite with a bad --task, with the earlier samples.jsonl as --prompts (re-judging it), with a
+    generation that fails midway: the earlier run's files stay as they were; --out inside the model folder
+    is refused; prompts kept inside --out (not a file it replaces) are fine."""
+    import importlib
+
+    evaluate = importlib.import_module("asft_optim.evaluation.evaluate")  # the package re-exports a function
+    root, models = zoo
+    out = tmp_path / "eval"
+    task = tmp_path / "task.jsonl"
+    task.write_text('{"prompt": "great movie", "answer": "great"}\n')
+    base = [str(models["llama"]), "--max-new-tokens", "2", "--out", str(out)]
+    assert _run(*base, "--prompts", str(root / "prompts.jsonl"), "--task", str(task)) == 0
+    before = _files(out)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "no answer"}\n')
+    capsys.readouterr()
+    assert _run(*base, "--prompts", str(root / "prompts.jsonl"), "--task", str(bad), "--overwrite") == 2
+    assert f"{bad}:1: no answer" in capsys.readouterr().err and _files(out) == before
+    assert _run(*base, "--prompts", str(out / "samples.jsonl"), "--overwrite") == 2
+    assert capsys.readouterr().err == (f"asft evaluate: error: the --prompts input {out / 'samples.jsonl'} lies inside "
+                                       f"--out {out}, which this command replaces: move the input out of it, or "
+                                       "choose another output\n")
+    assert _files(out) == before
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(evaluate, "generate", broken)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            _run(*base, "--prompts", str(root / "prompts.jsonl"), "--overwrite")
+    assert _files(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)
+    inside = models["llama"] / "eval"
+    assert _run(str(models["llama"]), "--prompts", str(root / "prompts.jsonl"), "--out", str(inside)) == 2
+    assert f"--out {inside} lies inside the MODEL folder {models['llama']}" in capsys.readouterr().err
+    assert not inside.exists()
+    (out / "prompts.jsonl").write_bytes((root / "prompts.jsonl").read_bytes())
+    assert _run(*base, "--prompts", str(out / "prompts.jsonl"), "--overwrite") == 0
+    assert not (out / "task_samples.jsonl").exists()  # the earlier run's: gone with it
+    assert json.loads((out / "results.json").read_text())["task"] is None
+
+
+def test_compare_refuses_to_overwrite_or_write_into_an_evaluation(zoo, tmp_path, capsys):
+    root, models = zoo
+    ev = tmp_path / "eval"
+    assert _run(str(models["llama"]), "--prompts", str(root / "prompts.jsonl"), "--max-new-tokens", "2",
+                "--out", str(ev)) == 0
+    capsys.readouterr()
+    assert cli.main(["compare", str(ev), "--out", str(ev)]) == 2
+    assert f"--out {ev} is the DIR input {ev}" in capsys.readouterr().err
+    cmp = tmp_path / "cmp"
+    cmp.mkdir()
+    (cmp / "compare.md").write_text("mine")
+    assert cli.main(["compare", str(ev), "--out", str(cmp)]) == 2
+    assert f"{cmp} already holds compare.md: pass --overwrite" in capsys.readouterr().err
+    assert (cmp / "compare.md").read_text() == "mine"
+    assert cli.main(["compare", str(ev), "--out", str(cmp), "--overwrite"]) == 0
+    assert (cmp / "compare.md").read_text().startswith("| run |")

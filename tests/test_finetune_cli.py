@@ -404,3 +404,66 @@ def test_lora_targets_absent_from_the_model_point_to_the_flag(gpt2, tmp_path, ca
                             "with --lora-targets)\n")
     assert cli.main([*base, "--lora-targets", "c_attn", "--save", "all", "--out", str(tmp_path / "b")]) == 0
     assert (tmp_path / "b" / "models" / "asft_l1" / "adapter_config.json").is_file()
+
+
+# ------------------------------------------------------------------------ issue 17: nothing lost
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_deletes_inputs_inside_out(setup, tmp_path, capsys):
+    """An earlier run's saved model as --aligned, and --data/--directions kept beside it, inside the --out
+    that --overwrite would replace: refused, nothing deleted; --out inside an input folder: refused."""
+    root, task, _ = setup
+    out = tmp_path / "out"
+    assert cli.main(_cmd(root, task, out, "--full", "--methods", "sft", "--save", "all")) == 0
+    (out / "data.jsonl").write_bytes(task.read_bytes())
+    before = _files(out)
+    cases = [(["--aligned", str(out / "models" / "sft")], "--aligned"), (["--data", str(out / "data.jsonl")], "--data"),
+             (["--directions", str(out / "directions.safetensors"), "--allow-mismatch"], "--directions")]
+    for extra, flag in cases:
+        capsys.readouterr()
+        assert cli.main([*_cmd(root, task, out, "--full", "--methods", "sft", "--overwrite"), *extra]) == 2
+        assert f"the {flag} input {extra[1]} lies inside --out {out}, which this command replaces" in _err(capsys)
+        assert _files(out) == before
+    inside = root / "aligned" / "run"
+    assert cli.main(_cmd(root, task, inside, "--full", "--methods", "sft")) == 2
+    assert f"--out {inside} lies inside the --aligned folder {root / 'aligned'}" in _err(capsys)
+    assert not inside.exists()
+
+
+def test_failed_rerun_keeps_the_earlier_run(setup, tmp_path, monkeypatch):
+    """--overwrite replaces the earlier run only once the new one is complete: a run that fails midway
+    leaves the earlier run as it was and no temporary folder."""
+    from asft_optim.demo import finetune_cli
+
+    root, task, _ = setup
+    out = tmp_path / "out"
+    assert cli.main(_cmd(root, task, out, "--full", "--methods", "sft", "--save", "all")) == 0
+    before = _files(out)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("killed mid-training")
+
+    monkeypatch.setattr(finetune_cli, "train", broken)
+    with pytest.raises(RuntimeError, match="killed mid-training"):
+        cli.main(_cmd(root, task, out, "--full", "--methods", "sft", "--overwrite"))
+    assert _files(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_directions_of_another_aligned_model_are_refused(setup, tmp_path, capsys):
+    """--directions made from (base, aligned) with --aligned = another checkpoint of the same shapes: refused,
+    naming both; --allow-mismatch goes on."""
+    root, task, _ = setup
+    from asft_optim.directions import compute_directions
+
+    d = tmp_path / "d.safetensors"
+    compute_directions(root / "base", root / "aligned", out=d)
+    cmd = ["finetune", "--aligned", str(root / "base"), "--directions", str(d), "--data", str(task), "--full",
+           "--steps", "1", "--methods", "asft", "--lambdas", "1", "--out", str(tmp_path / "o")]
+    assert cli.main(cmd) == 2
+    err = _err(capsys)
+    assert f"the directions {d} were made from the aligned checkpoint {root / 'aligned'}" in err
+    assert f"--aligned {root / 'base'} differs from it" in err and "pass --allow-mismatch to go on" in err
+    assert not (tmp_path / "o").exists()
+    assert cli.main([*cmd, "--allow-mismatch"]) == 0

@@ -252,3 +252,26 @@ def test_adapter_errors(setup, tmp_path, capsys):
     assert main(["inspect", str(root / "d.safetensors"), "--model", str(dora), "--no-plot"]) == 1
     assert capsys.readouterr().err == (f"asft inspect: error: {dora} holds a DoRA adapter: its update is not s·B·A, "
                                        "so it cannot be inspected\n")
+
+
+def test_plot_never_overwrites_silently_nor_lands_on_an_input(setup, tmp_path, capsys):
+    """--plot onto an existing file: refused unless --overwrite; onto the model file or into its folder:
+    refused even with --overwrite; the inputs stay byte for byte."""
+    root, P = setup
+    d = str(root / "d.safetensors")
+    model = tmp_path / "tuned.safetensors"
+    save_file(P["tuned"], str(model))
+    png = tmp_path / "drift.png"
+    png.write_bytes(b"mine")
+    assert main(["inspect", d, "--model", str(model), "--plot", str(png)]) == 1
+    assert f"--plot {png} exists: pass --overwrite" in capsys.readouterr().err and png.read_bytes() == b"mine"
+    assert main(["inspect", d, "--model", str(model), "--plot", str(png), "--overwrite"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = {p: p.read_bytes() for p in (model, root / "d.safetensors", root / "tuned" / "model.safetensors")}
+    for plot, says in ((model, f"--plot {model} is the --model input"), (root / "d.safetensors", "is the DIRECTIONS input"),
+                       (root / "tuned" / "drift.png", f"lies inside the --model folder {root / 'tuned'}")):
+        capsys.readouterr()
+        target = str(root / "tuned") if "folder" in says else str(model)
+        assert main(["inspect", d, "--model", target, "--plot", str(plot), "--overwrite"]) == 1
+        assert says in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in before} == before and not (root / "tuned" / "drift.png").exists()

@@ -175,3 +175,27 @@ def test_bad_input_is_refused_and_leaves_no_output(trio, tmp_path, capsys):
     assert capsys.readouterr().err == (f"asft project: error: output {taken} exists: choose a new --out "
                                        "(projections never overwrite)\n")
     assert [p.name for p in taken.iterdir()] == ["x"]
+
+
+def test_output_never_inside_an_input_and_directions_must_match_aligned(trio, tmp_path, capsys):
+    """--out inside the model or the aligned folder: refused, the folders unchanged; directions made from
+    another aligned checkpoint of the same shapes: refused naming both, unless --allow-mismatch."""
+    _, base, aligned, finetuned, dpath, _ = trio
+    adapter = _adapter(aligned, tmp_path / "adapter")
+    listing = {f: sorted(p.name for p in f.iterdir()) for f in (aligned, finetuned, adapter)}
+    flat = ["project", str(finetuned), "--directions", str(dpath), "--mode", "flat"]
+    safelora = ["project", str(adapter), "--directions", str(dpath), "--mode", "safelora"]
+    for cmd, out, says in ((flat + ["--aligned", str(aligned)], finetuned / "flat", "inside the MODEL folder"),
+                           (flat + ["--aligned", str(aligned)], aligned / "flat", "inside the --aligned folder"),
+                           (safelora + ["--aligned", str(aligned)], adapter / "safe", "inside the MODEL folder")):
+        capsys.readouterr()
+        assert cli.main([*cmd, "--out", str(out)]) == 2
+        assert f"--out {out} lies {says}" in capsys.readouterr().err
+    assert {f: sorted(p.name for p in f.iterdir()) for f in listing} == listing
+    for cmd in (flat, safelora):
+        out = tmp_path / f"o_{cmd[-1]}"
+        assert cli.main([*cmd, "--aligned", str(base), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"the directions {dpath} were made from the aligned checkpoint {aligned}, but --aligned {base}" in err
+        assert not out.exists()
+        assert cli.main([*cmd, "--aligned", str(base), "--out", str(out), "--allow-mismatch"]) == 0

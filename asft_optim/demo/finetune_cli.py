@@ -27,7 +27,9 @@ from typing import Any
 import torch
 
 from ..anchors import Anchors
-from ..directions import compute_directions
+from ..directions import check_made_from, compute_directions
+from ..outputs import refuse_overlap
+from ..tempfiles import staged_dir
 from ..inspect import drift_report
 from ..evaluation.judges import JUDGE_KINDS, load_judge
 from .evaluate import harmful_score, task_accuracy
@@ -79,8 +81,9 @@ def _positive(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-length must be ≥ 2, got {args.max_length}")
 
 
-def _prepare_out(out: Path, overwrite: bool, directions: Path | None) -> None:
-    """Make `out` an empty folder marked as this run's; never mix two runs' files."""
+def _check_out(out: Path, overwrite: bool) -> None:
+    """`out` must be new or empty, or, with `overwrite`, hold an earlier run (replaced only once this
+    run is complete); never mix two runs' files."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
@@ -90,10 +93,6 @@ def _prepare_out(out: Path, overwrite: bool, directions: Path | None) -> None:
         if not (out / RUN_INFO).is_file():
             raise FileExistsError(f"--overwrite: {out} holds no {RUN_INFO}, so asft finetune did not write it; "
                                   "not deleting it")
-        if directions is not None and out.resolve() in directions.resolve().parents:
-            raise ValueError(f"--directions {directions} lies inside the --out folder that --overwrite would delete")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def _tokenizer(path: Path, flag: str) -> Any:
@@ -188,6 +187,15 @@ def run_finetune(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     keep = _saved(args.save, methods)
     if args.directions is not None and not args.directions.is_file():
         raise FileNotFoundError(f"directions file not found: {args.directions}")
+    out: Path = args.out
+    _check_out(out, args.overwrite)
+    refuse_overlap(out, "--out", [("--aligned", aligned), ("--base", args.base), ("--directions", args.directions),
+                                  ("--data", args.data), ("--test", args.test), ("--harmful", args.harmful),
+                                  ("--tokenizer", args.tokenizer), ("--judge", args.judge)])
+    if args.directions is not None and not args.allow_mismatch:
+        note = check_made_from(args.directions, aligned)
+        if note:
+            log(note)
     tok = _tokenizer(args.tokenizer or aligned, "" if args.tokenizer else "the --aligned folder")
     max_length = _max_length(aligned, args.max_length)
     base = _checkpoint(args.base, "base", "--base") if args.directions is None and (
@@ -200,81 +208,80 @@ def run_finetune(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     start_model = load_model(aligned, "aligned", dtype)
     if lora is not None:
         lora.check_targets(start_model)
-    out: Path = args.out
-    _prepare_out(out, args.overwrite, args.directions)
-    (out / RUN_INFO).write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                                            if k != "func"}, indent=1))
-
     encoded = _encode_train(tok, train_set, max_length, log)
     test_set, harmful, fa_tokens, hs_tokens = _fit_eval(tok, test_set, harmful, max_length, args.max_new_tokens, log)
 
-    if args.directions is not None:
-        directions: Path | None = args.directions
-    elif base is not None:
-        directions = out / "directions.safetensors"
-        log(f"computing directions {aligned} - {base} -> {directions}")
-        compute_directions(base, aligned, out=directions)
-    else:
-        directions = None
-        log("note: drift not measured (pass --base or --directions)")
-    anchors = Anchors.load(directions) if directions is not None and any(m.kind != "sft" for m in methods) else None
+    with staged_dir(out) as work:  # replaces an earlier run in `out` only once this one is complete
+        (work / RUN_INFO).write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
+                                                 for k, v in vars(args).items() if k != "func"}, indent=1))
+        if args.directions is not None:
+            directions: Path | None = args.directions
+        elif base is not None:
+            directions = work / "directions.safetensors"
+            log(f"computing directions {aligned} - {base} -> {out / directions.name}")
+            compute_directions(base, aligned, out=directions)
+        else:
+            directions = None
+            log("note: drift not measured (pass --base or --directions)")
+        anchors = Anchors.load(directions) if directions is not None and any(m.kind != "sft" for m in methods) else None
 
-    def scores(model: torch.nn.Module) -> dict[str, float]:
-        model = model.to(device)
-        row = {"fa": task_accuracy(model, tok, test_set, batch_size=args.eval_batch_size, max_new_tokens=fa_tokens)}
-        if harmful is not None:
-            row["hs"], row["refusal"], _ = harmful_score(model, tok, harmful, judge, batch_size=args.eval_batch_size,
-                                                         max_new_tokens=hs_tokens)
-        return row
+        def scores(model: torch.nn.Module) -> dict[str, float]:
+            model = model.to(device)
+            row = {"fa": task_accuracy(model, tok, test_set, batch_size=args.eval_batch_size, max_new_tokens=fa_tokens)}
+            if harmful is not None:
+                row["hs"], row["refusal"], _ = harmful_score(model, tok, harmful, judge, batch_size=args.eval_batch_size,
+                                                             max_new_tokens=hs_tokens)
+            return row
 
-    rows: list[dict[str, Any]] = [{"method": "aligned (not fine-tuned)", "path": str(aligned), **scores(start_model)}]
-    del start_model
-    drift: dict[str, dict[str, dict[str, float]]] = {}
-    for method in methods:
-        t0 = time.perf_counter()
-        label = f"{method.label} ({'LoRA' if lora else 'full-parameter'})"
-        with tqdm(total=args.steps, unit="step", dynamic_ncols=True, desc=label) as bar:
-            def show(step: int, logs: dict[str, float], bar: Any = bar) -> None:
-                text = f"loss {logs['loss']:.4f}, lr {logs['learning_rate']:.3g}"
-                if "asft/cos" in logs:
-                    text += f", cos(ΔW,d) {logs['asft/cos']:+.4f}, ‖C⊥ΔW‖/‖ΔW‖ {logs['asft/orth_ratio']:.4f}"
-                bar.write(f"{method.label} step {step}/{args.steps}: {text}")
+        rows: list[dict[str, Any]] = [{"method": "aligned (not fine-tuned)", "path": str(aligned), **scores(start_model)}]
+        del start_model
+        drift: dict[str, dict[str, dict[str, float]]] = {}
+        for method in methods:
+            t0 = time.perf_counter()
+            label = f"{method.label} ({'LoRA' if lora else 'full-parameter'})"
+            with tqdm(total=args.steps, unit="step", dynamic_ncols=True, desc=label) as bar:
+                def show(step: int, logs: dict[str, float], bar: Any = bar) -> None:
+                    text = f"loss {logs['loss']:.4f}, lr {logs['learning_rate']:.3g}"
+                    if "asft/cos" in logs:
+                        text += f", cos(ΔW,d) {logs['asft/cos']:+.4f}, ‖C⊥ΔW‖/‖ΔW‖ {logs['asft/orth_ratio']:.4f}"
+                    bar.write(f"{method.label} step {step}/{args.steps}: {text}")
 
-            model = train(load_model(aligned, "aligned", dtype), encoded, pad_id=tok.pad_token_id,
-                          method=method, anchors=anchors, steps=args.steps, lr=args.lr,
-                          batch_size=args.batch_size, seed=args.seed, lora=lora, on_step=lambda: bar.update(1),
-                          grad_accum=args.grad_accum, warmup_steps=args.warmup_steps, scheduler=args.scheduler,
-                          logging_steps=args.logging_steps, on_log=show)
-        train_s = round(time.perf_counter() - t0, 2)
-        path = out / "models" / method.slug
-        save_model(model, tok, path, {"method": method.label, "kind": method.kind, "lambda": method.lam,
-                                      "start": str(aligned.resolve()), "lora": lora is not None,
-                                      "steps": args.steps, "lr": args.lr, "seed": args.seed})
-        del model
-        row = {"method": method.label, "path": str(path), "train_s": train_s,
-               **scores(load_model(path, dtype=dtype))}  # what was saved, not the model in memory
-        if directions is not None:
-            _, layers, _ = drift_report(directions, path, start=None if lora else aligned)
-            drift[method.label] = {k: {"delta_norm": v.delta_norm, "cos": v.cos, "orth_ratio": v.orth_ratio}
-                                   for k, v in layers.items()}
-        if method.slug not in keep:
-            shutil.rmtree(path)
-            row["path"] = None
-        rows.append(row)
-    if (out / "models").is_dir() and not any((out / "models").iterdir()):
-        (out / "models").rmdir()
-    results = {"aligned": str(aligned), "data": str(args.data), "n_train": len(encoded),
-               "n_test": len(test_set), "n_harmful": len(harmful) if harmful else 0, "judge": judge and judge.describe(),
-               "lora": lora is not None, "max_length": max_length, "directions": str(directions) if directions else None,
-               "runs": rows, "drift": drift}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "table.md").write_text(results_table(rows))
-    if drift:
-        (out / "drift.md").write_text(
-            "Drift per layer, ΔW = W_finetuned − W_aligned: cos(ΔW, d) (< 0: back towards the base model) and "
-            "‖C⊥ΔW‖/‖ΔW‖ (share of the update off the alignment direction).\n\n" + drift_table(drift))
-        plot_drift(drift, out / "drift.png", f"drift per layer ({'LoRA' if lora else 'full-parameter'}, "
-                                             f"{args.steps} steps)")
+                model = train(load_model(aligned, "aligned", dtype), encoded, pad_id=tok.pad_token_id,
+                              method=method, anchors=anchors, steps=args.steps, lr=args.lr,
+                              batch_size=args.batch_size, seed=args.seed, lora=lora, on_step=lambda: bar.update(1),
+                              grad_accum=args.grad_accum, warmup_steps=args.warmup_steps, scheduler=args.scheduler,
+                              logging_steps=args.logging_steps, on_log=show)
+            train_s = round(time.perf_counter() - t0, 2)
+            path = work / "models" / method.slug
+            save_model(model, tok, path, {"method": method.label, "kind": method.kind, "lambda": method.lam,
+                                          "start": str(aligned.resolve()), "lora": lora is not None,
+                                          "steps": args.steps, "lr": args.lr, "seed": args.seed})
+            del model
+            row = {"method": method.label, "path": str(out / "models" / method.slug), "train_s": train_s,
+                   **scores(load_model(path, dtype=dtype))}  # what was saved, not the model in memory
+            if directions is not None:
+                _, layers, _ = drift_report(directions, path, start=None if lora else aligned)
+                drift[method.label] = {k: {"delta_norm": v.delta_norm, "cos": v.cos, "orth_ratio": v.orth_ratio}
+                                       for k, v in layers.items()}
+            if method.slug not in keep:
+                shutil.rmtree(path)
+                row["path"] = None
+            rows.append(row)
+        if (work / "models").is_dir() and not any((work / "models").iterdir()):
+            (work / "models").rmdir()
+        recorded = None if directions is None else out / directions.name if args.directions is None else directions
+        results = {"aligned": str(aligned), "data": str(args.data), "n_train": len(encoded), "n_test": len(test_set),
+                   "n_harmful": len(harmful) if harmful else 0, "judge": judge and judge.describe(),
+                   "lora": lora is not None, "max_length": max_length, "directions": recorded and str(recorded),
+                   "runs": rows, "drift": drift}
+        (work / "results.json").write_text(json.dumps(results, indent=1))
+        (work / "table.md").write_text(results_table(rows))
+        if drift:
+            (work / "drift.md").write_text(
+                "Drift per layer, ΔW = W_finetuned − W_aligned: cos(ΔW, d) (< 0: back towards the base model) and "
+                "‖C⊥ΔW‖/‖ΔW‖ (share of the update off the alignment direction).\n\n" + drift_table(drift))
+            plot_drift(drift, work / "drift.png", f"drift per layer ({'LoRA' if lora else 'full-parameter'}, "
+                                                 f"{args.steps} steps)")
     return results
 
 
@@ -301,6 +308,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--base", type=Path, default=None, help="its base model folder (for the directions)")
     p.add_argument("--directions", type=Path, default=None,
                    help="precomputed directions file (asft directions); replaces --base")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="use --directions even when they were made from another aligned checkpoint than --aligned")
     p.add_argument("--data", type=Path, required=True,
                    help="training data, JSONL with fields instruction, input (optional), output")
     p.add_argument("--test", type=Path, default=None, help="test data (same format); default: split --data")

@@ -6,7 +6,9 @@
 Greedy responses to the harmful prompts are judged (`judges`); HS = flagged share, refusal rate =
 refusing share, both in percent. With `--task`, FA = share of task responses matching the answer.
 Writes DIR/samples.jsonl (one line per prompt: prompt, input, response, flagged, refused, scores),
-DIR/task_samples.jsonl with --task, and last DIR/results.json, each atomically.
+DIR/task_samples.jsonl with --task, and last DIR/results.json, each atomically. An earlier run's
+files in DIR are replaced (with --overwrite) only once every input has been checked and the new
+files are complete; DIR may hold inputs, but never the files it replaces.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from .generation import TEMPLATES, format_prompt, generate
 from .judges import JUDGE_KINDS, Judge, load_judge, verdict_row
 from .models import fingerprint, load_causal_lm, resolve_dtype
 from .records import Records, load_prompts, load_task, prompt_of
-from .results import FORMAT, RESULTS, SAMPLES, TASK_SAMPLES, write_json, write_jsonl
+from ..outputs import refuse_overlap
+from .results import FORMAT, RESULTS, SAMPLES, TASK_SAMPLES, write_run
 from .scoring import MATCHES, matches
 
 __all__ = ["evaluate", "score_responses", "add_cli"]
@@ -66,7 +69,8 @@ def evaluate(model: str, out: Path, *, prompts: str, judge: str = "keyword", jud
     files, the judge, the model and the adapter's fit.
 
     Raises:
-        FileNotFoundError, ValueError: bad input; the message names the file, line, or argument.
+        FileNotFoundError, ValueError: bad input; the message names the file, line, or argument; an
+            input is one of the files this run would replace, or `out` lies inside an input folder.
         FileExistsError: `out` already holds a results.json and not `overwrite`.
     """
     if match not in MATCHES:
@@ -74,11 +78,12 @@ def evaluate(model: str, out: Path, *, prompts: str, judge: str = "keyword", jud
     if template not in TEMPLATES:
         raise ValueError(f"unknown --template {template!r}; expected one of {', '.join(TEMPLATES)}")
     out = Path(out)
-    if (out / RESULTS).exists():
-        if not overwrite:
-            raise FileExistsError(f"{out / RESULTS} exists: pass --overwrite or choose another --out")
-        for name in (RESULTS, SAMPLES, TASK_SAMPLES):
-            (out / name).unlink(missing_ok=True)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    if (out / RESULTS).exists() and not overwrite:
+        raise FileExistsError(f"{out / RESULTS} exists: pass --overwrite or choose another --out")
+    refuse_overlap(out, "--out", [("MODEL", model), ("--adapter", adapter), ("--prompts", prompts), ("--task", task),
+                                  ("--judge", judge)], replaced=(RESULTS, SAMPLES, TASK_SAMPLES))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = resolve_dtype(dtype, device)
     harmful = load_prompts(prompts, limit)
@@ -126,10 +131,8 @@ def evaluate(model: str, out: Path, *, prompts: str, judge: str = "keyword", jud
         results["task"] = {**task_records.describe(), "match": match, "n_correct": correct}
         results["throughput"]["task_prompts_per_s"] = len(task_rows) / task_s if task_s > 0 else None
         results["timings_s"]["task"] = round(task_s, 3)
-    write_jsonl(out / SAMPLES, samples)
-    if task_rows is not None:
-        write_jsonl(out / TASK_SAMPLES, task_rows)
-    write_json(out / RESULTS, results)
+    out.mkdir(parents=True, exist_ok=True)
+    write_run(out, results, samples, task_rows)
     return results
 
 
@@ -157,7 +160,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation and judge batch")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier results.json in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in --out (once this run is complete)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=_run_cli)
 
