@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from . import distributed as _dist
 from . import native
-from .anchors import Anchors, normalize_name
+from .anchors import Anchors, as_anchors, normalize_name
 from .binding import Binding, Kind, bind_group, bind_shards
 from .functional import (PENALTIES, BoundDirection, _penalised_piece, dense_flat, partial_dots,
                          penalty_reference, storage_w0)
@@ -86,11 +86,9 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module, *,
             parameter without a direction (unless allowed), no parameter with a direction at all, an
             optimizer that already has a penalty (an `AsFTAdamW`, or attached before).
     """
-    from .optimizer import AsFTAdamW, as_anchors  # the optimizer module is above this one
-
     inner = innermost(optimizer)
-    if isinstance(inner, AsFTAdamW):
-        raise TypeError("attach: the optimizer is an AsFTAdamW, which adds the AsFT penalty itself")
+    if "asft_lambda" in inner.defaults:  # AsFTAdamW (the optimizer module is above this one)
+        raise TypeError(f"attach: the optimizer is an {type(inner).__name__}, which adds the AsFT penalty itself")
     if inner in _REGISTRY:
         raise ValueError("attach: this optimizer already has an AsFT penalty attached (detach() it first)")
     return AsFTPenalty(inner, model, as_anchors(anchors), defaults={"asft_lambda": asft_lambda, "asft_penalty":
