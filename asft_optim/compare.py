@@ -59,7 +59,7 @@ def plot_points(rows: Sequence[tuple[str, dict[str, Any]]]) -> tuple[list[dict[s
     markers = "osD^vP*Xh<>"
     missing = [label for label, r in rows if r["task_accuracy"] is None or r["harmful_score"] is None]
     offsets = dodge_offsets(len(rows) - len(missing))
-    points = []
+    points: list[dict[str, Any]] = []
     for i, (label, r) in enumerate(rows):
         if label in missing:
             continue
@@ -92,7 +92,8 @@ def compare_plot(rows: Sequence[tuple[str, dict[str, Any]]], path: Path) -> None
     ax.grid(alpha=0.3)
     ax.set_title("HS against FA" + (f" (left out, no FA or HS: {', '.join(missing)})" if missing else ""),
                  fontsize=9)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    if points:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)

@@ -50,7 +50,8 @@ def harmful_score(model: nn.Module, tokenizer: Any, prompts: Sequence[dict[str, 
         raise ValueError(f"the {judge.kind} judge reads harm but gave no verdict on it (flagged None) for "
                          f"{len(blind)} response(s), the first #{blind[0]}: set its reads_harm False if it "
                          "sees refusals only")
-    per = {g: _share([v for v, gg in zip(verdicts, groups or (), strict=True) if gg == g]) for g in labels}
+    per: dict[str, float | None] = {
+        g: _share([v for v, gg in zip(verdicts, groups or (), strict=True) if gg == g]) for g in labels}
     return _share(verdicts), refusal, per
 
 
