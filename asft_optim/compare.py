@@ -34,6 +34,8 @@ def compare_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
         lines.append(f"| {label} | {_pct(r['harmful_score'])} | {_pct(r['refusal_rate'])} | "
                      f"{_pct(r['task_accuracy'])} | {r['n']} | {r['judge']['kind']} | "
                      f"{Path(r['model']['source']).name} | {adapter} |")
+    if any(r["harmful_score"] is None for _, r in rows):
+        lines.append("\nHS –: the judge (keyword) sees refusals only, not harm; HS needs a judge model.")
     return "\n".join(lines) + "\n"
 
 
@@ -45,7 +47,8 @@ def dodge_offsets(n: int, spread: float = 8.0) -> list[float]:
 
 
 def compare_plot(rows: Sequence[tuple[str, dict[str, Any]]], path: Path) -> None:
-    """HS against FA, one labelled marker per run (runs without FA are left out and listed)."""
+    """HS against FA, one labelled marker per run with its refusal rate in the legend (a broken model
+    has HS ≈ 0 without refusing); runs without FA or HS are left out and listed."""
     try:
         import matplotlib
     except ModuleNotFoundError:
@@ -55,20 +58,21 @@ def compare_plot(rows: Sequence[tuple[str, dict[str, Any]]], path: Path) -> None
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     markers = "osD^vP*Xh<>"
-    missing = [label for label, r in rows if r["task_accuracy"] is None]
+    missing = [label for label, r in rows if r["task_accuracy"] is None or r["harmful_score"] is None]
     dodge = iter(dodge_offsets(len(rows) - len(missing)))
     for i, (label, r) in enumerate(rows):
-        if r["task_accuracy"] is None:
+        if label in missing:
             continue
         ax.scatter(r["task_accuracy"] + next(dodge), r["harmful_score"], s=60, marker=markers[i % len(markers)],
-                   label=label, alpha=0.85, edgecolors="black", linewidths=0.5)
+                   label=f"{label} (refusal {r['refusal_rate']:.0f}%)", alpha=0.85, edgecolors="black", linewidths=0.5)
     ax.set_xlabel("Task accuracy (%; markers dodged by ≤ ±4 points so that equal results stay visible)",
                   fontsize=8)
     ax.set_ylabel("Harmful score (%)")
     ax.set_xlim(-5, 105)
     ax.set_ylim(-5, 105)
     ax.grid(alpha=0.3)
-    ax.set_title("HS against FA" + (f" (no FA: {', '.join(missing)})" if missing else ""))
+    ax.set_title("HS against FA" + (f" (left out, no FA or HS: {', '.join(missing)})" if missing else ""),
+                 fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))

@@ -24,10 +24,15 @@ every step (one read of the local p, W0 and v, summed over ranks in the step's o
 
 from __future__ import annotations
 
+import operator
+from itertools import count, repeat
+
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 __all__ = ["DotCache"]
+
+_VERSION = operator.attrgetter("_version")
 
 
 class DotCache:
@@ -55,12 +60,15 @@ class DotCache:
 
     def put_vector(self, names: list[str], params: list[Tensor], steps: list[Tensor], dots: Tensor) -> None:
         """Record dots[i] for names[i] (a vector of len(names) dots, right after the update)."""
-        entries = self._entries
-        for i, (name, p, s) in enumerate(zip(names, params, steps, strict=True)):
-            if isinstance(p, DTensor):
-                entries.pop(name, None)
-            else:
-                entries[name] = (dots, i, p._version, s, s._version)
+        if not len(names) == len(params) == len(steps) == len(dots):
+            raise ValueError(f"put_vector: {len(names)} names, {len(params)} parameters, {len(steps)} steps, "
+                             f"{len(dots)} dots")
+        if any(issubclass(t, DTensor) for t in set(map(type, params))):
+            for i, (name, p, s) in enumerate(zip(names, params, steps)):
+                self.put(name, p, s, dots[i])
+            return
+        # (built in C loops: this runs at every native step, for every tensor)
+        self._entries.update(zip(names, zip(repeat(dots), count(), map(_VERSION, params), steps, map(_VERSION, steps))))
 
     def valid(self, name: str, p: Tensor, step: Tensor) -> bool:
         """Whether the carried dot (or the slot held elsewhere) of `p` may be used."""
@@ -82,14 +90,15 @@ class DotCache:
 
     def get_vector(self, names: list[str], params: list[Tensor], steps: list[Tensor]) -> Tensor | None:
         """The vector given to `put_vector` if it holds exactly these names in this order, all still
-        valid; else None (ask `get` per name)."""
+        valid (the checks of `valid`; a DTensor is never in a vector entry); else None (ask `get`
+        per name)."""
         first = self._entries.get(names[0]) if names else None
         if first is None or first[1] != 0 or first[0] is None or first[0].dim() != 1 or len(first[0]) != len(names):
             return None
         vec = first[0]
-        entries = self._entries
+        get = self._entries.get
         for i, (name, p, s) in enumerate(zip(names, params, steps)):
-            e = entries.get(name)
+            e = get(name)
             if e is None or e[0] is not vec or e[1] != i or e[2] != p._version or e[3] is not s or e[4] != s._version:
                 return None
         return vec

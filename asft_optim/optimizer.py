@@ -114,7 +114,9 @@ class AsFTAdamW(torch.optim.AdamW):
     Notes:
         W0 is each parameter's value at its first step, kept in the optimizer state (bf16 where
         exact). The penalty gradient is added inside `step()`: gradient clipping done before it does
-        not see the penalty. `differentiable=True` is not supported. With a `GradScaler` the
+        not see the penalty. A penalised parameter whose gradient is None at a step takes its penalty
+        step with a zero task gradient once it has W0 (the explicit loss's gradient; λ = 0 groups
+        skip it as torch does). `differentiable=True` is not supported. With a `GradScaler` the
         optimizer always lets the scaler unscale and skip inf steps (it never takes `grad_scale`).
         `load_state_dict` keeps this optimizer's AsFT options and parameter names and refuses a
         checkpoint made with other anchors, λ, penalty or projection.
@@ -661,8 +663,9 @@ class AsFTAdamW(torch.optim.AdamW):
 
         Call after writing to the parameters outside `step()` through `.data` (which bypasses the
         version counter) or after replacing optimizer state tensors by hand. In-place writes that go
-        through the version counter (`model.load_state_dict`, `p.copy_`) are noticed without it.
-        `load_state_dict` calls it.
+        through the version counter (`model.load_state_dict`, `p.copy_`, `torch._foreach_mul_`) are
+        noticed without it, and DTensor (FSDP2) parameters recompute c at every step anyway (see
+        `dot_cache`). `load_state_dict` calls it.
         """
         self._dots.invalidate()
 

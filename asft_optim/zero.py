@@ -319,7 +319,7 @@ class ZeroTensors:
                                        [w0[s.start: s.start + s.numel] for s in q.segments], q.bounds)
             else:
                 partial = torch.stack(carried)
-            vec.index_add_(0, torch.tensor(q.index, device=vec.device), partial.to(vec.device))
+            vec.index_add_(0, torch.tensor(q.index, device=vec.device), partial.to(vec.device, vec.dtype))
         self._all_reduce(vec, dist.ReduceOp.SUM)
         for i, q in enumerate(self.partitions):
             if i in w0s:
@@ -439,7 +439,7 @@ def step_partition(part: Partition, grad: Tensor, exp_avg: Tensor, exp_avg_sq: T
         adam(views(part.flat, gaps), views(grad, gaps), views(exp_avg, gaps), views(exp_avg_sq, gaps),
              views(ams, gaps), [step.clone() for _ in gaps], **adam_kwargs)
     step.add_(1)
-    return new
+    return list(new.unbind()) if isinstance(new, Tensor) else new  # one vector when all went native
 
 
 def load_config(config: Mapping[str, Any] | str | Any) -> Mapping[str, Any]:
