@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.optim.adam import adam
 
 from . import distributed as _dist
-from .anchors import Anchors, normalize_name
+from .anchors import Anchors, as_anchors, normalize_name
 from .binding import Binding, Kind, anchor_key, bind_group, bind_shards
 from .dot_cache import DotCache
 from .functional import (PENALTIES, BoundDirection, StepTensors, acc_dtype, asft_adamw, partial_dots,
@@ -834,18 +834,6 @@ def _check_unique_names(groups: list[dict[str, Any]]) -> None:
                 "directions, W0 checks and carried dots are keyed by name; give every parameter a unique "
                 "name, e.g. prefix each model's or submodule's names")
         seen.add(name)
-
-
-def as_anchors(anchors: Anchors | Mapping[str, Tensor] | str | os.PathLike) -> Anchors:
-    """An `Anchors` from an `Anchors`, a `{name: d}` mapping or a directions file path."""
-    if isinstance(anchors, Anchors):
-        return anchors
-    if isinstance(anchors, Mapping):
-        return Anchors.from_tensors(anchors)
-    if isinstance(anchors, (str, os.PathLike)):
-        return Anchors.load(anchors)
-    raise TypeError(f"anchors must be an Anchors, a name -> tensor mapping or the path of a directions file, "
-                    f"got {type(anchors).__name__}")
 
 
 def adam_kwargs(group: dict[str, Any], has_complex: bool = False) -> dict[str, Any]:
