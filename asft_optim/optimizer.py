@@ -36,7 +36,7 @@ from . import distributed as _dist
 from .anchors import Anchors, as_anchors, normalize_name
 from .binding import Binding, Kind, anchor_key, bind_group, bind_shards
 from .dot_cache import DotCache
-from .functional import (PENALTIES, BoundDirection, StepTensors, acc_dtype, asft_adamw, partial_dots,
+from .functional import (PENALTIES, BoundDirection, StepTensors, acc_dtype, asft_adamw, exact_dots,
                          storage_w0)
 from .lora import (PROJECTIONS, LoraLayout, lora_drift_sums, lora_layout, lora_penalty_grads,
                    lora_penalty_grads_reference)
@@ -423,7 +423,7 @@ class AsFTAdamW(torch.optim.AdamW):
         paths penalise this step.
 
         Computed exactly from the local shards at every step (a DTensor's dot is never carried: see
-        `dot_cache`), then one all-reduce of one fp32 per such tensor for the whole step, whatever
+        `dot_cache`), then one all-reduce of one float per such tensor for the whole step, whatever
         the number of param groups; it also sums the Triton path's c slots of shards
         (`TritonCache.shard_partials`). None at a shard's first step (no W0 yet: ΔW = 0 on every
         shard) nor for a zero direction (c = 0).
@@ -448,12 +448,14 @@ class AsFTAdamW(torch.optim.AdamW):
         triton = self._triton.shard_partials(self)
         if not names and not triton:
             return {}
-        partials = list(partial_dots(*map(list, zip(*stale))).unbind()) if stale else []
+        partials = list(exact_dots(*map(list, zip(*stale))).unbind()) if stale else []
         vec = torch.stack(partials + [c for _, _, c in triton])
         vec = _dist.all_reduce_dots(params + [p for _, p, _ in triton], vec)
         self._triton.set_shard_c(triton, vec[len(names):])
-        # each in its parameter's accumulation dtype (the vector is fp64 when one of them is fp64)
-        return {n: d.to(acc_dtype(p.dtype)) for n, p, d in zip(names, params, vec[:len(names)].unbind())}
+        # float64 where the native fold made them (the dense twin's carried dot, bitwise), else each in
+        # its parameter's accumulation dtype
+        return {n: d if d.dtype == torch.float64 else d.to(acc_dtype(p.dtype))
+                for n, p, d in zip(names, params, vec[:len(names)].unbind())}
 
     # ------------------------------------------------------------------------------- ZeRO
     def _zero_group_step(self, group: dict[str, Any]) -> None:
