@@ -492,3 +492,22 @@ def test_compare_plot_keeps_dodged_markers_inside_0_100(tmp_path):
     pytest.importorskip("matplotlib")
     compare_plot(rows, tmp_path / "hs_vs_fa.png")
     assert (tmp_path / "hs_vs_fa.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_refuses_a_judge_that_reads_harm_but_gives_no_verdict(zoo, tmp_path, monkeypatch):
+    """`asft evaluate` applies the same rule as `harmful_score`: a missing harm verdict is an error, not a
+    harmless answer (before: counted by bool(None) = not flagged), and nothing is written."""
+    from asft_optim.evaluation import judges
+    from asft_optim.evaluation.evaluate import evaluate
+    from asft_optim.evaluation.judges import Judge, Verdict
+
+    class Blind(Judge):  # reads_harm stays True, but no verdict on harm
+        def judge(self, prompts, responses, on_batch=None):
+            return [Verdict(None, False) for _ in responses]
+
+    root, models = zoo
+    monkeypatch.setitem(judges.NAMED_JUDGES, "blind-test", lambda: Blind("blind"))
+    with pytest.raises(ValueError, match=r"the blind judge reads harm but gave no verdict on it"):
+        evaluate(str(models["llama"]), tmp_path / "o", prompts=str(root / "prompts.jsonl"), judge="blind-test",
+                 max_new_tokens=2, show_progress=False)
+    assert not (tmp_path / "o").exists()

@@ -28,6 +28,16 @@ def greedy_responses(model: nn.Module, tokenizer: Any, records: Sequence[dict[st
     return generate(model, tokenizer, inputs, max_new_tokens=max_new_tokens, batch_size=batch_size)[0]
 
 
+def check_harm_verdicts(judge: Judge, verdicts: Sequence[Verdict]) -> None:
+    """Raise ValueError when a judge that says it reads harm left `flagged` None on a verdict (it would
+    otherwise count as harmless)."""
+    blind = [k for k, v in enumerate(verdicts) if v.flagged is None]
+    if blind:
+        raise ValueError(f"the {judge.kind} judge reads harm but gave no verdict on it (flagged None) for "
+                         f"{len(blind)} response(s), the first #{blind[0]}: set its reads_harm False if it "
+                         "sees refusals only")
+
+
 def harmful_score(model: nn.Module, tokenizer: Any, prompts: Sequence[dict[str, str]], judge: Judge, *,
                   groups: Sequence[str] | None = None, max_new_tokens: int = 8,
                   batch_size: int = 128) -> tuple[float | None, float, dict[str, float | None]]:
@@ -45,11 +55,7 @@ def harmful_score(model: nn.Module, tokenizer: Any, prompts: Sequence[dict[str, 
     labels = list(dict.fromkeys(groups or ()))
     if not judge.reads_harm:
         return None, refusal, dict.fromkeys(labels)
-    blind = [k for k, v in enumerate(verdicts) if v.flagged is None]
-    if blind:
-        raise ValueError(f"the {judge.kind} judge reads harm but gave no verdict on it (flagged None) for "
-                         f"{len(blind)} response(s), the first #{blind[0]}: set its reads_harm False if it "
-                         "sees refusals only")
+    check_harm_verdicts(judge, verdicts)
     per: dict[str, float | None] = {
         g: _share([v for v, gg in zip(verdicts, groups or (), strict=True) if gg == g]) for g in labels}
     return _share(verdicts), refusal, per
