@@ -12,7 +12,12 @@ peft = pytest.importorskip("peft")
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
 from asft_optim import Anchors, AsFTAdamW, compute_directions  # noqa: E402
-from asft_optim.integrations import AsFTOptimizerFactory, AsFTTrainer, create_asft_optimizer, unwrap_asft  # noqa: E402
+from asft_optim.integrations import (  # noqa: E402
+    AsFTOptimizerFactory,
+    AsFTTrainer,
+    create_asft_optimizer,
+    unwrap_asft,
+)
 
 VOCAB = 64
 
@@ -102,7 +107,7 @@ def test_refusals_name_the_problem(root, tmp_path):
     path = str(root / "directions.safetensors")
     model = _model(root, lora=False)
     factory = AsFTOptimizerFactory()
-    with pytest.raises(ValueError, match=r'add "args": args to the kwargs of optimizer_cls_and_kwargs'):
+    with pytest.raises(TypeError, match=r'add "args": args to the kwargs of optimizer_cls_and_kwargs'):
         factory(model, anchors=path, asft_lambda=1.0)
     with pytest.raises(ValueError, match="two different TrainingArguments"):
         factory(model, _args(tmp_path), args=_args(tmp_path), anchors=path)
@@ -114,5 +119,5 @@ def test_refusals_name_the_problem(root, tmp_path):
     # the Trainer surfaces the factory's error instead of training without AsFT
     trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_data(),
                       optimizer_cls_and_kwargs=(AsFTOptimizerFactory, {"anchors": path}))
-    with pytest.raises(ValueError, match="needs the Trainer's TrainingArguments"):
+    with pytest.raises(TypeError, match="needs the Trainer's TrainingArguments"):
         trainer.train()

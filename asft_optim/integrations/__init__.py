@@ -8,7 +8,13 @@ Importing this package imports transformers.
 """
 
 from .factory import AsFTOptimizerFactory
-from .trainer import AsFTTrainer, AsFTTrainerMixin, DriftCallback, create_asft_optimizer, unwrap_asft
+from .trainer import (
+           AsFTTrainer,
+           AsFTTrainerMixin,
+           DriftCallback,
+           create_asft_optimizer,
+           unwrap_asft,
+)
 
 __all__ = ["AsFTOptimizerFactory", "AsFTTrainer", "AsFTTrainerMixin", "DriftCallback", "create_asft_optimizer",
            "unwrap_asft"]

@@ -66,7 +66,7 @@ def _host_optimizer(model: nn.Module, args: TrainingArguments,
     Raises:
         ValueError: an optimizer that builds its own parameter groups (GaLore, LOMO, layer-wise).
     """
-    cls, kwargs = base if base is not None else Trainer.get_optimizer_cls_and_kwargs(args, model)
+    cls, kwargs = base if base is not None else Trainer.get_optimizer_cls_and_kwargs(args, model)  # type: ignore[arg-type]
     kwargs = dict(kwargs)
     own = sorted({"params", "model", "optimizer_dict"} & kwargs.keys())
     if own:
@@ -124,8 +124,9 @@ class AsFTOptimizerFactory:
     `projection`, `impl`, `allow_unanchored`, ...) and `base` (see `build_optimizer`).
 
     Raises:
-        ValueError: no `TrainingArguments` (the optimizer's lr, betas and weight decay would silently
-            differ from the Trainer's), or two different ones.
+        TypeError: no `TrainingArguments` (the optimizer's lr, betas and weight decay would silently
+            differ from the Trainer's).
+        ValueError: two different `TrainingArguments`.
     """
 
     def __call__(self, model: nn.Module, training_args: TrainingArguments | None = None, /, *,
@@ -135,7 +136,7 @@ class AsFTOptimizerFactory:
             raise ValueError("AsFTOptimizerFactory got two different TrainingArguments (positional and args=)")
         args = args if args is not None else training_args
         if not isinstance(args, TrainingArguments):
-            raise ValueError("AsFTOptimizerFactory needs the Trainer's TrainingArguments: add \"args\": args to the "
+            raise TypeError("AsFTOptimizerFactory needs the Trainer's TrainingArguments: add \"args\": args to the "
                              "kwargs of optimizer_cls_and_kwargs (transformers calls the factory without the "
                              f"Trainer); got args={args!r}")
         return build_optimizer(model, args, anchors, **options)
