@@ -76,3 +76,9 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
         if (folder / name).is_file():
             return load_file(folder / name)
     raise FileNotFoundError(f"no model.safetensors or adapter_model.safetensors in {folder}")
+
+
+if __name__ == "__main__":  # run as a script from outside the clone: python tests/stacks.py ROOT
+    import sys
+
+    make_stack_model(Path(sys.argv[1]))

@@ -28,10 +28,10 @@ from typing import Any, Literal
 try:
     from axolotl.integrations.base import BasePlugin
     from pydantic import BaseModel, Field, model_validator
-    from transformers import Trainer, TrainerCallback
+    from transformers import Trainer
 
-    from .factory import AsFTOptimizerFactory, optim_name
-    from .trainer import DriftCallback, unwrap_asft
+    from .factory import AsFTOptimizerFactory, RequireAsFT, check_optim, optim_name
+    from .trainer import DriftCallback
 except ImportError as exc:  # axolotl would log it and train plain AdamW
     raise RuntimeError(f"asft_optim's axolotl plugin cannot be imported ({exc}); stopping rather than letting "
                        "axolotl train without AsFT") from exc
@@ -73,17 +73,6 @@ def asft_options(cfg: Any) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
-class RequireAsFT(TrainerCallback):
-    """Refuses to train when the trainer's optimizer does not carry the AsFT penalty (another plugin
-    or an axolotl code path built its own)."""
-
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):  # noqa: D102
-        if unwrap_asft(optimizer) is None:
-            raise RuntimeError(f"the AsFT plugin is configured but the trainer's optimizer is "
-                               f"{type(optimizer).__name__}, without the AsFT penalty; refusing to train")
-        return control
-
-
 class AsFTPlugin(BasePlugin):
     """`plugins: [asft_optim.integrations.axolotl.AsFTPlugin]` (see the module's docstring)."""
 
@@ -100,6 +89,8 @@ class AsFTPlugin(BasePlugin):
             raise ValueError(f"AsFT plugin: {', '.join(own)} cannot be combined with AsFT (axolotl builds those "
                              "parameter groups itself); remove them from the config")
         base = getattr(trainer, "optimizer_cls_and_kwargs", None)  # axolotl's own optimizers (optimi, ao, ...)
+        if base is None:
+            check_optim(optim_name(trainer.args))
         kwargs = {"args": trainer.args, "anchors": cfg.asft_anchors, **asft_options(cfg)}
         if base is not None:
             kwargs["base"] = base

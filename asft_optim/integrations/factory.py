@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..anchors import Anchors
-from .trainer import HONOURED_OPTIMS, create_asft_optimizer, resolve_anchors
+from .trainer import HONOURED_OPTIMS, create_asft_optimizer, resolve_anchors, unwrap_asft
 
-__all__ = ["AsFTOptimizerFactory", "attach_penalty", "build_optimizer", "optim_name"]
+__all__ = ["AsFTOptimizerFactory", "RequireAsFT", "attach_penalty", "build_optimizer", "check_optim", "optim_name"]
 
 
 class _TrainerView:
@@ -44,6 +44,33 @@ class _TrainerView:
 def optim_name(args: TrainingArguments) -> str:
     """`args.optim` as a plain string ("adamw_torch", "adamw_bnb_8bit", ...)."""
     return str(getattr(args.optim, "value", args.optim))
+
+
+def check_optim(optim: str) -> None:
+    """Refuse, before anything loads, an optimizer name the penalty cannot reach.
+
+    Raises:
+        ValueError: any optimizer but AdamW's, in this version.
+    """
+    if optim not in HONOURED_OPTIMS:
+        raise ValueError(f"AsFT needs AdamW here: optim {optim!r} cannot carry the AsFT penalty in this version of "
+                         "asft_optim; use 'adamw_torch' or 'adamw_torch_fused'")
+
+
+def carries_penalty(optimizer: Any) -> bool:
+    """Whether an optimizer (or the one inside a wrapper) applies the AsFT penalty."""
+    return unwrap_asft(optimizer) is not None
+
+
+class RequireAsFT(TrainerCallback):
+    """Stops a run at `on_train_begin` when the trainer's optimizer does not carry the AsFT penalty
+    (another plugin or a code path of the host built its own): never a plain run by accident."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):  # noqa: D102
+        if not carries_penalty(optimizer):
+            raise RuntimeError(f"AsFT is configured but the trainer's optimizer is {type(optimizer).__name__}, "
+                               "without the AsFT penalty; refusing to train")
+        return control
 
 
 def attach_penalty(optimizer: torch.optim.Optimizer, model: nn.Module, anchors: Anchors,
@@ -108,6 +135,8 @@ def build_optimizer(model: nn.Module, args: TrainingArguments,
     """
     bound = resolve_anchors(anchors)
     optim = optim_name(args)
+    if base is None:
+        check_optim(optim)
     if base is None and optim in HONOURED_OPTIMS:
         if args.optim_args:
             raise ValueError(f"AsFT would ignore optim_args={args.optim_args!r} with optim {optim!r} (AsFTAdamW takes "
