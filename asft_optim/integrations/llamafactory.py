@@ -43,6 +43,8 @@ IMPLS = ("triton", "torch", "reference")
 _OWN_OPTIMIZERS = ("use_galore", "use_apollo", "loraplus_lr_ratio", "use_badam", "use_adam_mini", "use_muon")
 # training paths that never call `create_custom_optimizer`
 _BYPASS = ("use_mca", "use_hyper_parallel", "use_ray")
+# LLaMA-Factory's own keys with the prefix (its "ASFT" loss, another method)
+_THEIRS = ("asft_alpha",)
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,9 @@ def split_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], AsFTKeys]:
     from ..zero import check_config
     from .factory import check_optim
 
-    keys = AsFTKeys.from_config({k: v for k, v in config.items() if k.startswith("asft_")})
-    rest = {k: v for k, v in config.items() if not k.startswith("asft_")}
+    ours = {k: v for k, v in config.items() if k.startswith("asft_") and k not in _THEIRS}
+    keys = AsFTKeys.from_config(ours)
+    rest = {k: v for k, v in config.items() if k not in ours}
     if "optim" in rest:
         check_optim(str(rest["optim"]))
     if rest.get("optim_args"):
@@ -144,17 +147,23 @@ def install(keys: AsFTKeys) -> None:
 
 
 def _read(path: str, overrides: Sequence[str]) -> dict[str, Any]:
-    """A YAML or JSON config with `key=value` overrides, as `llamafactory-cli train` reads it."""
-    from omegaconf import OmegaConf
+    """A YAML or JSON config with flat `key=value` overrides (values read as YAML, as
+    `llamafactory-cli train config.yaml key=value` reads them)."""
+    import yaml
 
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    loaded = OmegaConf.create(json.loads(file.read_text())) if file.suffix == ".json" else OmegaConf.load(file)
-    merged = OmegaConf.to_container(OmegaConf.merge(loaded, OmegaConf.from_cli(list(overrides))))
-    if not isinstance(merged, dict):
+    text = file.read_text()
+    loaded = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a mapping of options")
-    return {str(k): v for k, v in merged.items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r}: expected key=value")
+        loaded[key] = yaml.safe_load(value)
+    return {str(k): v for k, v in loaded.items()}
 
 
 def train(config: Mapping[str, Any], keys: AsFTKeys) -> None:
