@@ -3,7 +3,8 @@ its own virtual environment, see benchmarks/RESULTS.md, section Fine-tuning stac
 
 `axolotl train` runs in a subprocess from a folder outside the clone (the clone's top-level
 `kernels/` folder would shadow the `kernels` package that transformers imports under axolotl).
-The reference run is the same axolotl run with `AsFTTrainerMixin` over axolotl's own trainer class.
+The reference run is the same axolotl run with `AsFTTrainerMixin` over axolotl's own trainer class;
+every run seeds torch before axolotl adds the LoRA adapters (axolotl itself seeds only later).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ TESTS = Path(__file__).resolve().parent
 
 REFERENCE_PLUGIN = '''
 import os
+import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 from axolotl.integrations.base import BasePlugin
 from asft_optim.integrations import AsFTTrainerMixin
@@ -42,6 +44,13 @@ class ReferenceTrainer(AsFTTrainerMixin, AxolotlTrainer):
 class ReferencePlugin(BasePlugin):
     def get_trainer_cls(self, cfg):
         return ReferenceTrainer
+
+
+class SeedPlugin(BasePlugin):
+    """axolotl seeds only when its trainer is built, after the LoRA adapters are: seed before them."""
+
+    def post_model_build(self, cfg, model):
+        torch.manual_seed(cfg.seed)
 '''
 
 
@@ -64,6 +73,7 @@ def _config(root: Path, out: Path, *, optimizer: str, lora: bool, plugin: str, e
     text = textwrap.dedent(f"""\
         base_model: {root / "aligned"}
         plugins:
+          - asft_reference.SeedPlugin
           - {plugin}
         datasets:
           - path: {root / "sft.jsonl"}
