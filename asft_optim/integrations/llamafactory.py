@@ -17,7 +17,8 @@ in the same process, with `DriftCallback` (drift in the console log and `trainer
 and `RequireAsFT` (no run without the penalty). `llamafactory-cli` itself cannot load it.
 Refused before anything loads: an `optim` the penalty cannot reach, LLaMA-Factory's own
 optimizers (GaLore, APOLLO, LoRA+, BAdam, Adam-mini, Muon), the Megatron/hyper-parallel/Ray paths
-(they do not build through `create_custom_optimizer`), and a DeepSpeed config AsFTAdamW cannot run under (`asft_optim.zero.check_config`: the offload config LLaMA-Factory ships,
+(they do not build through `create_custom_optimizer`), and a DeepSpeed config AsFTAdamW cannot
+run under (`asft_optim.zero.check_config`: the offload config LLaMA-Factory ships,
 `ds_z3_offload_config.json`, needs `"zero_force_ds_cpu_optimizer": false` added).
 """
 
