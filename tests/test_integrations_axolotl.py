@@ -22,8 +22,8 @@ import torch
 from tests.stacks import weights
 
 # found, not imported: importing axolotl here would import transformers with the clone on sys.path
-if importlib.util.find_spec("axolotl") is None:
-    pytest.skip("axolotl is not installed (pip install axolotl==0.19.0, Python 3.11)", allow_module_level=True)
+needs_axolotl = pytest.mark.skipif(importlib.util.find_spec("axolotl") is None,
+                                   reason="axolotl is not installed (pip install axolotl==0.19.0, Python 3.11)")
 
 TESTS = Path(__file__).resolve().parent
 
@@ -120,6 +120,7 @@ def _asft_run(root: Path, out: Path, lam: float, **kw) -> tuple[dict[str, torch.
     return weights(out), run.stdout + run.stderr
 
 
+@needs_axolotl
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("optimizer", ["adamw_torch"])
 def test_axolotl_train_with_the_plugin_equals_asft_trainer(stack, tmp_path, optimizer, lora):
@@ -138,6 +139,7 @@ def test_axolotl_train_with_the_plugin_equals_asft_trainer(stack, tmp_path, opti
         assert torch.equal(ends[name], reference[name]), name
 
 
+@needs_axolotl
 @pytest.mark.parametrize(("extra", "message"), [
     ("asft_anchors: {root}/missing.safetensors\n", "asft_anchors: directions file not found: {root}/missing.safetensors"),
     ("asft_lambda: 1.0\n", "asft_anchors: the AsFT plugin needs a directions file"),
@@ -152,6 +154,15 @@ def test_bad_config_fails_the_run(stack, tmp_path, extra, message):
     assert not (tmp_path / "model.safetensors").exists()
 
 
+def test_the_plugin_module_raises_runtime_error_not_import_error(monkeypatch):
+    """What axolotl's PluginManager would swallow (ImportError) never leaves the plugin's module."""
+    monkeypatch.delitem(sys.modules, "asft_optim.integrations.axolotl", raising=False)
+    monkeypatch.setitem(sys.modules, "axolotl.integrations.base", None)  # absent or broken axolotl
+    with pytest.raises(RuntimeError, match="axolotl plugin cannot be imported .*stopping rather than letting"):
+        importlib.import_module("asft_optim.integrations.axolotl")
+
+
+@needs_axolotl
 def test_an_import_failure_stops_axolotl_instead_of_being_skipped(stack):
     """axolotl's PluginManager logs an ImportError and trains without the plugin; ours raises."""
     script = textwrap.dedent("""\
