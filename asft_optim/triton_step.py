@@ -130,8 +130,9 @@ class TritonCache:
     slots: `kernels.CSlots` (one fp32 c per parameter name, one buffer per device).
     tables: (group index, subset key) → (what the table was built from, `LaunchTable`).
     plans: group index → `Plan`. step_bufs: group index → the group's step counts (each
-    state["step"] is a view into it: one add per step). pending: shards whose c slot holds a local
-    partial that `shard_partials` must sum over ranks. narrowed: names whose direction was checked
+    state["step"] is a view into it: one add per step). synced: shards whose c slot
+    `set_shard_c` filled with the global c this step (a DTensor's dot is never carried: see
+    `dot_cache`, so it is recomputed at every step). narrowed: names whose direction was checked
     for exact bf16 storage.
     """
 
@@ -140,7 +141,7 @@ class TritonCache:
         self.tables: dict[tuple, tuple[tuple, Any]] = {}
         self.plans: dict[int, Plan] = {}
         self.step_bufs: dict[int, Tensor] = {}
-        self.pending: list[tuple[str, Tensor]] = []
+        self.synced: set[str] = set()
         self.narrowed: set[str] = set()
 
     def _c_slots(self) -> Any:
@@ -150,42 +151,37 @@ class TritonCache:
         return self.slots
 
     def shard_partials(self, opt: AsFTAdamW) -> list[tuple[str, Tensor, Tensor]]:
-        """(name, parameter, local part of c) of every Triton-stepped shard whose c needs the sum
-        over ranks this step: those whose last update left a local partial in their slot, and those
-        whose c is not known (after a load or `resync()`), computed exactly here."""
+        """(name, parameter, local part of c) of every Triton-stepped shard with a gradient and a
+        W0, computed exactly here, to be summed over ranks in the step's one all-reduce."""
+        self.synced = set()
         if self.slots is None:
             return []
         out = []
-        for name, p in self.pending:
-            if opt._dots.valid(name, _dist.local(p)) and not opt._bindings[name].direction.is_zero:
-                out.append((name, p, self._slot_value(name, p)))
-        self.pending = []
-        seen = {n for n, _, _ in out}
         for group in opt.param_groups:
             if group["asft_lambda"] == 0 or group["penalty"] == "full":
                 continue
             for name, p in zip(group["param_names"], group["params"]):
                 b = opt._bindings.get(name)
                 st = opt.state.get(p)
-                if (p.grad is None or b is None or b.kind is not Kind.SHARD or name in seen or not st
-                        or "w0" not in st or name not in self.slots.slot or opt._dots.valid(name, _dist.local(p))):
+                if (p.grad is None or b is None or b.kind is not Kind.SHARD or not st or "w0" not in st
+                        or name not in self.slots.slot):
                     continue
                 q = _dist.local(p)
                 bound = b.direction_on(q.device)
                 if bound.is_zero:  # c = 0 whatever ΔW: nothing to sum
                     self.slots.buffers[q.device][self.slots.slot[name]] = 0.0
-                    opt._dots.put(name, q, None)
+                    self.synced.add(name)
                     continue
                 dot = partial_dots([q], [_dist.local(st["w0"])], [bound])[0]
                 out.append((name, p, dot * bound.inv_nv2))
         return out
 
-    def set_shard_c(self, opt: AsFTAdamW, named: list[tuple[str, Tensor, Tensor]], values: Tensor) -> None:
-        """Write the summed c of `shard_partials`' shards into their slots; they are then valid."""
+    def set_shard_c(self, named: list[tuple[str, Tensor, Tensor]], values: Tensor) -> None:
+        """Write the summed c of `shard_partials`' shards into their slots, valid for this step."""
         for (name, p, _), value in zip(named, values.unbind()):
             q = _dist.local(p)
             self.slots.buffers[q.device][self.slots.slot[name]] = value
-            opt._dots.put(name, q, None)
+            self.synced.add(name)
 
     def _slot_value(self, name: str, p: Tensor) -> Tensor:
         """A shard's c slot as a 0-d fp32 tensor; 0 for an empty local shard (no kernel writes it)."""
@@ -259,6 +255,8 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
             buf[j] = step_t
             opt.state[group["params"][j]]["step"] = buf[j]
     positions_t = torch.tensor(positions)
+    carried = cache.synced.union(t.names[i] for i in keep
+                                 if opt._dots.held(t.names[i], t.params[i], opt.state[t.params[i]]["step"]))
     all_steps = _increment_steps(buf, positions_t)
     subsets: dict[tuple, list[int]] = {}
     for i in keep:
@@ -282,7 +280,7 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
         table = cached[1]
         needs_c = penalised and penalty != "full"
         c_buf = cs.buffers[device] if penalised else table.partials
-        stale = [n for n, i in zip(names, idx) if not opt._dots.valid(n, rows[i][0])] if needs_c else []
+        stale = [n for n in names if n not in carried] if needs_c else []
         if stale and set(stale) <= fresh:  # first step: p = W0, so c = 0
             c_buf.index_fill_(0, torch.tensor([cs.slot[n] for n in stale], device=device), 0.0)
         elif stale:
@@ -293,8 +291,7 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
         launches.append(Launch(table, device, penalty if penalised else None, [position[i] for i in idx]))
         if needs_c:
             for n, i in zip(names, idx):
-                opt._dots.put(n, rows[i][0], None)
-            cache.pending += [(t.names[i], t.params[i]) for i in idx if _dist.is_dtensor(t.params[i])]
+                opt._dots.put(n, t.params[i], opt.state[t.params[i]]["step"], None)
     if reusable and signature is not None:
         cache.plans[group_index] = Plan(signature, opt._dots.epoch, buf,
                                         None if len(positions) == buf.numel() else positions_t, launches)
