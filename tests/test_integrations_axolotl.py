@@ -9,8 +9,8 @@ every run seeds torch before axolotl adds the LoRA adapters (axolotl itself seed
 
 from __future__ import annotations
 
-import os
 import importlib.util
+import os
 import subprocess
 import sys
 import textwrap

@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .factory import AsFTOptimizerFactory
-    from .trainer import AsFTTrainer, AsFTTrainerMixin, DriftCallback, create_asft_optimizer, unwrap_asft
+    from .trainer import (
+        AsFTTrainer,
+        AsFTTrainerMixin,
+        DriftCallback,
+        create_asft_optimizer,
+        unwrap_asft,
+    )
 
 _HOME = {"AsFTOptimizerFactory": ".factory", "AsFTTrainer": ".trainer", "AsFTTrainerMixin": ".trainer",
          "DriftCallback": ".trainer", "create_asft_optimizer": ".trainer", "unwrap_asft": ".trainer"}

@@ -27,7 +27,12 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..anchors import Anchors
-from .trainer import HONOURED_OPTIMS, create_asft_optimizer, resolve_anchors, unwrap_asft
+from .trainer import (
+    HONOURED_OPTIMS,
+    create_asft_optimizer,
+    resolve_anchors,
+    unwrap_asft,
+)
 
 __all__ = ["AsFTOptimizerFactory", "RequireAsFT", "attach_penalty", "build_optimizer", "check_optim", "optim_name"]
 
