@@ -136,6 +136,7 @@ def bind_group(named: Iterable[tuple[str, Tensor]], anchors: Anchors, lora: Lora
             shards.append((name, p))
             continue
         bound = bind_direction(anchors[key], p, key)
+        anchors.adopt(key, bound)  # the bound copy becomes the mapping's only copy of d
         out[name] = Binding(name, Kind.DENSE, key, bound)
         if bound.is_zero:
             zero.append(name)

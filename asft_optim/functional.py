@@ -164,8 +164,8 @@ class StepTensors(NamedTuple):
     dots: per tensor ⟨v, p - W0⟩ at the current p, or None to compute it here exactly; or one float64
     vector of all of them (the native kernel's previous result, kept whole). A dot carried from the
     previous step was made by the fold of the implementation that stepped the tensor: float64 from
-    the native kernel, `acc_dtype(p.dtype)` from `asft_adamw_` (and for shards, whose dots are
-    all-reduced).
+    the native kernel, `acc_dtype(p.dtype)` from `asft_adamw_`; a shard's is the all-reduced sum of
+    those.
     """
     params: list[Tensor]
     grads: list[Tensor]
@@ -184,8 +184,9 @@ def asft_adamw(t: StepTensors, *, coef: float, penalty: Penalty, impl: str, **ad
 
     impl "reference": the obvious formula (`penalised_grads_reference`, then torch's `adam`); returns
     None. impl "torch": per tensor the native single-pass kernel (`native.asft_adamw_native_`) where it
-    applies (fp32 CPU tensors of one dense layout, fp32/bf16 W0 and v, no amsgrad or capturable, a
-    float64 or missing dot), else `asft_adamw_` per device as torch's own AdamW groups tensors.
+    applies (fp32 or bf16 CPU tensors of one dense layout, fp32/bf16 W0 and v, no amsgrad or
+    capturable; any carried dot: a shard's all-reduced one, a ZeRO segment's, the fallback's fp32),
+    else `asft_adamw_` per device as torch's own AdamW groups tensors.
     Returns the carried ⟨v, p_new - W0⟩ per tensor (0-d; float64 from the native kernel, equal bitwise
     to `native.dots_native` of the new p; `acc_dtype(p.dtype)` from `asft_adamw_`, equal to
     `partial_dots`), or
@@ -214,14 +215,11 @@ def asft_adamw(t: StepTensors, *, coef: float, penalty: Penalty, impl: str, **ad
     else:
         out, rest = [None] * n, list(range(n))
         if _native_applies(t, adam_kwargs):
-            take = [i for i, d in enumerate(t.dots) if d is None or d.dtype == torch.float64]
-            if take:
-                stepped, skipped_ = _native_step(t, take, coef, penalty, adam_kwargs)
-                if len(stepped) == n:
-                    return torch.stack([d for _, d in stepped])
-                for i, d in stepped:
-                    out[i] = d
-                rest = sorted(set(range(n)).difference(take).union(skipped_))
+            stepped, rest = _native_step(t, coef, penalty, adam_kwargs)
+            if not rest:
+                return torch.stack([d for _, d in stepped])
+            for i, d in stepped:
+                out[i] = d
     if not rest:
         return out
     amsgrad = adam_kwargs["amsgrad"]
@@ -231,7 +229,11 @@ def asft_adamw(t: StepTensors, *, coef: float, penalty: Penalty, impl: str, **ad
     for idx in by_device.values():
         sub = [[] if k == 4 and not amsgrad else [xs[i] for i in idx] for k, xs in enumerate(t)]
         dots = sub[8]
-        stale = [j for j, d in enumerate(dots) if d is None or d.dtype != acc_dtype(sub[0][j].dtype)]
+        # a carried dot at least as precise as this path's own (a native float64 dot for fp32 p) is
+        # used cast; a less precise one (fp32 for an fp64 p) is recomputed
+        stale = [j for j, d in enumerate(dots)
+                 if d is None or (acc_dtype(sub[0][j].dtype) == torch.float64 and d.dtype != torch.float64)]
+        dots = [d if d is None else d.to(acc_dtype(p.dtype)) for d, p in zip(dots, sub[0])]
         if stale:
             fresh = partial_dots([sub[0][j] for j in stale], [sub[6][j] for j in stale], [sub[7][j] for j in stale])
             for k, j in enumerate(stale):
@@ -267,13 +269,14 @@ def _native_applies(t: StepTensors, kw: dict) -> bool:
     return ok
 
 
-def _native_step(t: StepTensors, idx: list[int], coef: float, penalty: Penalty, kw: dict
+def _native_step(t: StepTensors, coef: float, penalty: Penalty, kw: dict
                  ) -> tuple[list[tuple[int, Tensor]], list[int]]:
-    """The native kernel on the tensors `idx` of `t` that it supports (missing dots computed by its
-    own fold). Returns ((index, new dot as a 0-d float64 view) per stepped tensor, the indices of `t`
-    left for the other path)."""
-    sel = t if len(idx) == len(t.params) else StepTensors(*([] if k == 4 else [xs[i] for i in idx]
-                                                             for k, xs in enumerate(t)))
+    """The native kernel on the CPU tensors of `t` that it supports (missing dots computed by its own
+    fold; carried ones of any dtype). Returns ((index, new dot as a 0-d float64 view) per stepped
+    tensor, the indices of `t` left for the other path)."""
+    idx = [i for i, p in enumerate(t.params) if p.device.type == "cpu"]
+    other = [i for i, p in enumerate(t.params) if p.device.type != "cpu"]
+    sel = t if not other else StepTensors(*([] if k == 4 else [xs[i] for i in idx] for k, xs in enumerate(t)))
     dots = list(sel.dots)
     stale = [j for j, d in enumerate(dots) if d is None]
     if stale:  # a tensor the fold cannot read gets 0 here and is skipped by the step's own check
@@ -281,9 +284,10 @@ def _native_step(t: StepTensors, idx: list[int], coef: float, penalty: Penalty, 
                                          [sel.directions[j].v for j in stale])
         for k, j in enumerate(stale):
             dots[j] = fresh[k]
-    new, bad = _native_call(sel, torch.stack(dots), coef, penalty, kw)
+    new, bad = _native_call(sel, torch.stack(dots).to(torch.float64), coef, penalty, kw)
     done = set(bad)
-    return [(i, d) for j, (i, d) in enumerate(zip(idx, new.unbind())) if j not in done], [idx[j] for j in bad]
+    stepped = [(i, d) for j, (i, d) in enumerate(zip(idx, new.unbind())) if j not in done]
+    return stepped, sorted(other + [idx[j] for j in bad])
 
 
 def _native_call(t: StepTensors, dots: Tensor, coef: float, penalty: Penalty, kw: dict) -> tuple[Tensor, list[int]]:

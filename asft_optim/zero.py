@@ -319,7 +319,7 @@ class ZeroTensors:
                                        [w0[s.start: s.start + s.numel] for s in q.segments], q.bounds)
             else:
                 partial = torch.stack(carried)
-            vec.index_add_(0, torch.tensor(q.index, device=vec.device), partial.to(vec.device))
+            vec.index_add_(0, torch.tensor(q.index, device=vec.device), partial.to(vec.device, vec.dtype))
         self._all_reduce(vec, dist.ReduceOp.SUM)
         for i, q in enumerate(self.partitions):
             if i in w0s:
@@ -439,7 +439,7 @@ def step_partition(part: Partition, grad: Tensor, exp_avg: Tensor, exp_avg_sq: T
         adam(views(part.flat, gaps), views(grad, gaps), views(exp_avg, gaps), views(exp_avg_sq, gaps),
              views(ams, gaps), [step.clone() for _ in gaps], **adam_kwargs)
     step.add_(1)
-    return new
+    return list(new.unbind()) if isinstance(new, Tensor) else new  # one vector when all went native
 
 
 def load_config(config: Mapping[str, Any] | str | Any) -> Mapping[str, Any]:
@@ -453,7 +453,12 @@ def load_config(config: Mapping[str, Any] | str | Any) -> Mapping[str, Any]:
 
 def check_client(optimizer: torch.optim.Optimizer, config: Mapping[str, Any]) -> None:
     """`check_config` for this client optimizer, and refuse impl="triton" groups (ZeRO partitions
-    step on the PyTorch path)."""
+    step on the PyTorch path), and an optimizer with a penalty from `asft_optim.attach` (its hooks
+    would see ZeRO's flat partitions)."""
+    from .penalty import attached  # above this module
+    if attached(optimizer) is not None:
+        raise ValueError("DeepSpeed ZeRO flattens a client optimizer's parameters into partitions, which "
+                         "asft_optim.attach does not follow: use AsFTAdamW as the client optimizer")
     groups = getattr(optimizer, "param_groups", [])
     lora = hasattr(optimizer, "_lora_in_group") and any(optimizer._lora_in_group(g) for g in groups)
     check_config(config, has_lora=lora)
