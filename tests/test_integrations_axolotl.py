@@ -122,7 +122,7 @@ def _asft_run(root: Path, out: Path, lam: float, **kw) -> tuple[dict[str, torch.
 
 @needs_axolotl
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-@pytest.mark.parametrize("optimizer", ["adamw_torch"])
+@pytest.mark.parametrize("optimizer", ["adamw_torch", "adamw_bnb_8bit"])
 def test_axolotl_train_with_the_plugin_equals_asft_trainer(stack, tmp_path, optimizer, lora):
     ends, log = _asft_run(stack, tmp_path / "asft", 10.0, optimizer=optimizer, lora=lora)
     assert "AsFT plugin: optimizer" in log and "'asft/cos':" in log and "'asft/orth_ratio/model.layers.0':" in log

@@ -18,6 +18,7 @@ from asft_optim.integrations import (  # noqa: E402
     create_asft_optimizer,
     unwrap_asft,
 )
+from asft_optim.integrations.factory import carries_penalty  # noqa: E402
 
 VOCAB = 64
 
@@ -65,8 +66,8 @@ def _trainable(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _factory_run(root, out, lora: bool, lam: float) -> tuple[dict[str, torch.Tensor], Trainer]:
-    args = _args(out)
+def _factory_run(root, out, lora: bool, lam: float, optim: str) -> tuple[dict[str, torch.Tensor], Trainer]:
+    args = _args(out, optim=optim)
     model = _model(root, lora)
     trainer = Trainer(model=model, args=args, train_dataset=_data(), optimizer_cls_and_kwargs=(
         AsFTOptimizerFactory, {"args": args, "anchors": str(root / "directions.safetensors"), "asft_lambda": lam}))
@@ -75,18 +76,24 @@ def _factory_run(root, out, lora: bool, lam: float) -> tuple[dict[str, torch.Ten
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_factory_run_equals_asft_trainer(root, tmp_path, lora):
-    ends, trainer = _factory_run(root, tmp_path / "factory", lora, lam=10.0)
-    assert isinstance(unwrap_asft(trainer.optimizer), AsFTAdamW)
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_bnb_8bit"])
+def test_factory_run_equals_asft_trainer(root, tmp_path, lora, optim):
+    """AdamW's name gives AsFTAdamW; bitsandbytes' 8-bit AdamW is built by transformers' rules
+    (embeddings in 32 bits) and carries the attached penalty: both equal AsFTTrainer's run."""
+    if optim == "adamw_bnb_8bit":
+        pytest.importorskip("bitsandbytes")
+    ends, trainer = _factory_run(root, tmp_path / "factory", lora, 10.0, optim)
+    assert carries_penalty(trainer.optimizer)
+    assert (unwrap_asft(trainer.optimizer) is not None) == (optim == "adamw_torch")
     model = _model(root, lora)
-    AsFTTrainer(model=model, args=_args(tmp_path / "trainer"), train_dataset=_data(),
+    AsFTTrainer(model=model, args=_args(tmp_path / "trainer", optim=optim), train_dataset=_data(),
                 anchors=root / "directions.safetensors", asft_lambda=10.0).train()
     reference = _trainable(model)
     assert ends.keys() == reference.keys()
     for name in ends:
         assert torch.equal(ends[name], reference[name]), name
     # and the penalty acted: the same run at λ = 0 ends elsewhere
-    plain, _ = _factory_run(root, tmp_path / "plain", lora, lam=0.0)
+    plain, _ = _factory_run(root, tmp_path / "plain", lora, 0.0, optim)
     assert any(not torch.equal(plain[n], ends[n]) for n in ends)
 
 
@@ -116,6 +123,10 @@ def test_refusals_name_the_problem(root, tmp_path):
         factory(model, args=_args(tmp_path), anchors=str(missing))
     with pytest.raises(ValueError, match="would ignore optim_args='amsgrad=True'"):
         factory(model, args=_args(tmp_path, optim_args="amsgrad=True"), anchors=path)
+    with pytest.raises(ValueError, match="updates the parameters inside backward or per layer"):
+        factory(model, args=_args(tmp_path, optim="lomo"), anchors=path)
+    with pytest.raises(ValueError, match="impl apply to AsFTAdamW"):
+        factory(model, args=_args(tmp_path, optim="adafactor"), anchors=path, impl="torch")
     # the Trainer surfaces the factory's error instead of training without AsFT
     trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_data(),
                       optimizer_cls_and_kwargs=(AsFTOptimizerFactory, {"anchors": path}))

@@ -97,6 +97,9 @@ def test_asft_keys_are_split_off_and_checked(directions):
     assert keys == AsFTKeys(anchors=str(directions), asft_lambda=2.0, penalty="full")
     assert keys.options() == {"asft_lambda": 2.0, "penalty": "full", "projection": "vector",
                               "allow_unanchored": False}
+    # other optimizers are honoured (the penalty is attached), with their optim_args
+    assert split_config({"optim": "adafactor", "optim_args": "scale_parameter=False",
+                         "asft_anchors": str(directions)})[0]["optim"] == "adafactor"
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -105,12 +108,13 @@ def test_asft_keys_are_split_off_and_checked(directions):
     ({"asft_lambda": -1}, "asft_lambda: expected a number ≥ 0, got -1"),
     ({"asft_penalty": "l2"}, "asft_penalty: expected one of orthogonal, parallel, full, got 'l2'"),
     ({"asft_lamda": 1.0}, "unknown AsFT key(s) asft_lamda"),
-    ({"optim": "adafactor"}, "optim 'adafactor'"),
+    ({"optim": "lomo"}, "TrainingArguments(optim='lomo')"),
+    ({"optim": "adafactor", "deepspeed": {"zero_optimization": {"stage": 2}}}, "optim 'adafactor' under DeepSpeed"),
     ({"optim_args": "amsgrad=True"}, "optim_args='amsgrad=True' would be ignored"),
     ({"use_galore": True}, "use_galore: not with the AsFT launcher"),
     ({"use_mca": True}, "use_mca: not with the AsFT launcher"),
     ({"stage": "dpo_v2"}, "stage 'dpo_v2'"),
-], ids=["no-anchors", "missing-file", "negative-lambda", "bad-penalty", "typo", "optim", "optim-args", "galore",
+], ids=["no-anchors", "missing-file", "negative-lambda", "bad-penalty", "typo", "optim", "optim-deepspeed", "optim-args", "galore",
         "megatron", "stage"])
 def test_bad_configs_are_refused_before_anything_loads(directions, tmp_path, capsys, extra, message):
     config = {"stage": "sft", "asft_anchors": str(directions), **extra}
@@ -165,13 +169,16 @@ def _run(env: dict[str, str], cwd: Path, *argv: str, **extra_env: str) -> subpro
 
 
 @needs_llamafactory
-@pytest.mark.parametrize(("stage", "finetuning"), [("sft", "full"), ("sft", "lora"), ("dpo", "lora")])
-def test_launcher_run_equals_asft_trainer(stack, tmp_path, stage, finetuning):
+@pytest.mark.parametrize(("stage", "finetuning", "optim"), [
+    ("sft", "full", "adamw_torch"), ("sft", "lora", "adamw_torch"), ("dpo", "lora", "adamw_torch"),
+    ("sft", "lora", "adafactor")])
+def test_launcher_run_equals_asft_trainer(stack, tmp_path, stage, finetuning, optim):
     root, env = stack
     ends = {}
     for lam in (10.0, 0.0):
         out = tmp_path / f"asft{lam}"
-        config = {**_base(root, out, stage, finetuning), "asft_anchors": str(root / "directions.safetensors"),
+        config = {**_base(root, out, stage, finetuning), "optim": optim,
+                  "asft_anchors": str(root / "directions.safetensors"),
                   "asft_lambda": lam}
         run = _run(env, root, "-m", "asft_optim.integrations.llamafactory", "train",
                    str(_write(tmp_path / f"asft{lam}.yaml", config)))
@@ -182,7 +189,8 @@ def test_launcher_run_equals_asft_trainer(stack, tmp_path, stage, finetuning):
         assert all("asft/orth_ratio" in log for log in history if "loss" in log)
     assert any(not torch.equal(ends[10.0][n], ends[0.0][n]) for n in ends[10.0])
     out = tmp_path / "reference"
-    run = _run(env, root, "asft_reference.py", str(_write(tmp_path / "ref.yaml", _base(root, out, stage, finetuning))),
+    reference_config = {**_base(root, out, stage, finetuning), "optim": optim}
+    run = _run(env, root, "asft_reference.py", str(_write(tmp_path / "ref.yaml", reference_config)),
                ASFT_REF_ANCHORS=str(root / "directions.safetensors"), ASFT_REF_LAMBDA="10.0")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     reference = weights(out)

@@ -7,13 +7,15 @@
                                              # asft_allow_unanchored, asft_drift_per_layer
 
 The keys are validated by axolotl's own config schema (`get_input_args`): a missing or absent
-directions file, a negative λ or an unknown option stops `axolotl train` before any model loads.
+directions file, a negative λ or a value of asft_penalty/projection/impl outside their choices
+stops `axolotl train` before any model loads.
 After axolotl has built its trainer, the plugin hands it `AsFTOptimizerFactory` through the trainer's
 `optimizer_cls_and_kwargs`, which axolotl's trainers call with the model and the `TrainingArguments`:
-`optimizer: adamw_torch` / `adamw_torch_fused` give `AsFTAdamW`, every other `optimizer:` (and
-axolotl's own optimizers) goes through `attach_penalty`. LoRA and full-parameter runs alike; drift
-metrics go into axolotl's logs (`DriftCallback`). axolotl's `BasePlugin.create_optimizer` hook is not
-used: axolotl 0.19-0.21 never call it.
+`optimizer: adamw_torch` / `adamw_torch_fused` give `AsFTAdamW`; every other `optimizer:`
+(`adamw_bnb_8bit`, `paged_adamw_8bit`, `adafactor`, ..., and axolotl's own optimizers) is built as
+axolotl would build it, with the penalty attached (`asft_optim.attach`). LoRA and full-parameter
+runs alike; drift metrics go into axolotl's logs (`DriftCallback`). axolotl's
+`BasePlugin.create_optimizer` hook is not used: axolotl 0.19-0.21 never call it.
 
 axolotl skips a plugin whose module raises `ImportError` and trains without it; this module turns
 its own import failures into `RuntimeError`, and a callback refuses to start training unless the

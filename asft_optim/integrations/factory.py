@@ -13,7 +13,8 @@ so the factory sees the model (names, LoRA pairs) but not the Trainer: hand it t
 axolotl's trainers call factories as `cls()(model, training_args, **kwargs)`; the arguments may
 then come positionally. `args.optim` picks the optimizer as in `AsFTTrainer`: AdamW's names give
 `AsFTAdamW` (lr, betas, eps, weight decay from `args`, Trainer's weight-decay split); every other
-optimizer goes through `attach_penalty`.
+optimizer transformers can build is built as `Trainer` builds it (with `optim_args`) and the
+penalty attached (`asft_optim.attach`).
 """
 
 from __future__ import annotations
@@ -27,12 +28,17 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..anchors import Anchors
+from ..penalty import attach, attached
 from .trainer import (
     HONOURED_OPTIMS,
     create_asft_optimizer,
+    optim_route,
     resolve_anchors,
     unwrap_asft,
 )
+
+# the options `attach` takes; the others (impl, ...) belong to AsFTAdamW
+_ATTACH_OPTIONS = ("asft_lambda", "penalty", "projection", "allow_unanchored")
 
 __all__ = ["AsFTOptimizerFactory", "RequireAsFT", "attach_penalty", "build_optimizer", "check_optim", "optim_name"]
 
@@ -55,16 +61,14 @@ def check_optim(optim: str) -> None:
     """Refuse, before anything loads, an optimizer name the penalty cannot reach.
 
     Raises:
-        ValueError: any optimizer but AdamW's, in this version.
+        ValueError: an optimizer that updates outside `optimizer.step()` (LOMO, AdaLOMO, `_layerwise`).
     """
-    if optim not in HONOURED_OPTIMS:
-        raise ValueError(f"AsFT needs AdamW here: optim {optim!r} cannot carry the AsFT penalty in this version of "
-                         "asft_optim; use 'adamw_torch' or 'adamw_torch_fused'")
+    optim_route(optim)
 
 
 def carries_penalty(optimizer: Any) -> bool:
     """Whether an optimizer (or the one inside a wrapper) applies the AsFT penalty."""
-    return unwrap_asft(optimizer) is not None
+    return unwrap_asft(optimizer) is not None or attached(optimizer) is not None
 
 
 class RequireAsFT(TrainerCallback):
@@ -80,14 +84,17 @@ class RequireAsFT(TrainerCallback):
 
 def attach_penalty(optimizer: torch.optim.Optimizer, model: nn.Module, anchors: Anchors,
                    **options: Any) -> torch.optim.Optimizer:
-    """Add the AsFT penalty to an optimizer that is not AsFTAdamW (the one route for all of them).
+    """Add the AsFT penalty to an optimizer that is not AsFTAdamW (`asft_optim.attach`); return it.
 
     Raises:
-        ValueError: always, in this version: only AdamW (`AsFTAdamW`) carries the penalty.
+        ValueError: an option only AsFTAdamW takes (impl, ...).
     """
-    name = type(optimizer).__name__
-    raise ValueError(f"AsFT needs AdamW here: {name} cannot carry the AsFT penalty in this version of asft_optim; "
-                     "use optim 'adamw_torch' or 'adamw_torch_fused'")
+    fused_only = sorted(set(options) - set(_ATTACH_OPTIONS))
+    if fused_only:
+        raise ValueError(f"AsFT: {', '.join(fused_only)} apply to AsFTAdamW (optim 'adamw_torch'), not to "
+                         f"{type(optimizer).__name__}, whose penalty is attached")
+    attach(optimizer, model, anchors=anchors, **options)
+    return optimizer
 
 
 def _host_optimizer(model: nn.Module, args: TrainingArguments,
@@ -135,8 +142,8 @@ def build_optimizer(model: nn.Module, args: TrainingArguments,
 
     Raises:
         FileNotFoundError: a directions file that does not exist.
-        ValueError: `optim_args` with an AdamW name (AsFTAdamW would ignore them), or an optimizer
-            the penalty cannot reach.
+        ValueError: `optim_args` with an AdamW name (AsFTAdamW would ignore them), an optimizer
+            the penalty cannot reach, or an AsFTAdamW-only option with another optimizer.
     """
     bound = resolve_anchors(anchors)
     optim = optim_name(args)

@@ -12,10 +12,12 @@ are another method, a loss, and are passed through untouched.)
 LLaMA-Factory has no optimizer plugin: every stage's trainer (pt, sft, rm, dpo, kto, ppo) asks
 `create_custom_optimizer` of its module first and falls back to transformers' optimizer. The
 launcher replaces that function in each trainer module with one that builds AsFT's optimizer
-(`build_optimizer`: AdamW's `optim` names give `AsFTAdamW`), then calls LLaMA-Factory's `run_exp`
+(`build_optimizer`: AdamW's `optim` names give `AsFTAdamW`, any other optimizer LLaMA-Factory's
+transformers builds gets the penalty attached), then calls LLaMA-Factory's `run_exp`
 in the same process, with `DriftCallback` (drift in the console log and `trainer_state.json`)
 and `RequireAsFT` (no run without the penalty). `llamafactory-cli` itself cannot load it.
-Refused before anything loads: an `optim` the penalty cannot reach, LLaMA-Factory's own
+Refused before anything loads: an `optim` the penalty cannot reach (LOMO, `_layerwise`), `optim_args`
+with AdamW's names (AsFTAdamW would ignore them), another `optim` under DeepSpeed, LLaMA-Factory's own
 optimizers (GaLore, APOLLO, LoRA+, BAdam, Adam-mini, Muon), the Megatron/hyper-parallel/Ray paths
 (they do not build through `create_custom_optimizer`), and a DeepSpeed config AsFTAdamW cannot
 run under (`asft_optim.zero.check_config`: the offload config LLaMA-Factory ships,
@@ -106,13 +108,14 @@ def split_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], AsFTKeys]:
     """
     from ..zero import check_config
     from .factory import check_optim
+    from .trainer import HONOURED_OPTIMS
 
     ours = {k: v for k, v in config.items() if k.startswith("asft_") and k not in _THEIRS}
     keys = AsFTKeys.from_config(ours)
     rest = {k: v for k, v in config.items() if k not in ours}
-    if "optim" in rest:
-        check_optim(str(rest["optim"]))
-    if rest.get("optim_args"):
+    optim = str(rest.get("optim", HONOURED_OPTIMS[0]))
+    check_optim(optim)
+    if rest.get("optim_args") and optim in HONOURED_OPTIMS:
         raise ValueError(f"optim_args={rest['optim_args']!r} would be ignored by AsFTAdamW; remove it")
     conflicting = [k for k in _OWN_OPTIMIZERS + _BYPASS if rest.get(k) not in (None, False)]
     if conflicting:
@@ -124,6 +127,9 @@ def split_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], AsFTKeys]:
                          f"({', '.join(STAGES)})")
     deepspeed = rest.get("deepspeed")
     if deepspeed is not None:
+        if optim not in HONOURED_OPTIMS:
+            raise ValueError(f"optim {optim!r} under DeepSpeed: the AsFT penalty runs inside ZeRO only with AsFTAdamW; "
+                             "use optim: adamw_torch")
         ds = deepspeed if isinstance(deepspeed, Mapping) else json.loads(Path(deepspeed).read_text())
         # transformers adds "zero_allow_untested_optimizer" itself for an optimizer the Trainer builds
         check_config({**ds, "zero_allow_untested_optimizer": True},
