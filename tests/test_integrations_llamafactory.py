@@ -114,8 +114,8 @@ def test_asft_keys_are_split_off_and_checked(directions):
     ({"use_galore": True}, "use_galore: not with the AsFT launcher"),
     ({"use_mca": True}, "use_mca: not with the AsFT launcher"),
     ({"stage": "dpo_v2"}, "stage 'dpo_v2'"),
-], ids=["no-anchors", "missing-file", "negative-lambda", "bad-penalty", "typo", "optim", "optim-deepspeed", "optim-args", "galore",
-        "megatron", "stage"])
+], ids=["no-anchors", "missing-file", "negative-lambda", "bad-penalty", "typo", "optim", "optim-deepspeed",
+        "optim-args", "galore", "megatron", "stage"])
 def test_bad_configs_are_refused_before_anything_loads(directions, tmp_path, capsys, extra, message):
     config = {"stage": "sft", "asft_anchors": str(directions), **extra}
     if config["asft_anchors"] is None:
@@ -150,7 +150,8 @@ def stack(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     (root / "dataset_info.json").write_text(json.dumps({
         "asft_sft": {"file_name": "sft.jsonl"},
         "asft_dpo": {"file_name": "dpo.jsonl", "ranking": True,
-                     "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}},
+                     "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen",
+                                 "rejected": "rejected"}},
     }))
     (root / "asft_reference.py").write_text(REFERENCE)
     path = [str(root)]
@@ -204,7 +205,8 @@ def test_missing_directions_file_fails_the_run(stack, tmp_path):
     root, env = stack
     missing = root / "missing.safetensors"
     config = {**_base(root, tmp_path / "out", "sft", "full"), "asft_anchors": str(missing)}
-    run = _run(env, root, "-m", "asft_optim.integrations.llamafactory", "train", str(_write(tmp_path / "c.yaml", config)))
+    run = _run(env, root, "-m", "asft_optim.integrations.llamafactory", "train",
+               str(_write(tmp_path / "c.yaml", config)))
     assert run.returncode == 2
     assert f"asft-llamafactory: error: asft_anchors: directions file not found: {missing}" in run.stderr
     assert not (tmp_path / "out").exists()
