@@ -149,7 +149,7 @@ def install(keys: AsFTKeys) -> None:
         if not hasattr(module, "create_custom_optimizer"):
             raise RuntimeError(f"llamafactory.train.{stage}.trainer has no create_custom_optimizer: this "
                                "LLaMA-Factory version is not one the AsFT launcher knows (0.9.x)")
-        module.create_custom_optimizer = create_custom_optimizer
+        module.create_custom_optimizer = create_custom_optimizer  # type: ignore[attr-defined]
 
 
 def _read(path: str, overrides: Sequence[str]) -> dict[str, Any]:
