@@ -338,6 +338,20 @@ def partial_dots(params: list[Tensor], w0s: list[Tensor], bounds: list[BoundDire
     return out
 
 
+@torch.no_grad()
+def exact_dots(params: list[Tensor], w0s: list[Tensor], bounds: list[BoundDirection]) -> Tensor:
+    """⟨v, p − W0⟩ per tensor, computed now: the native kernel's fold (float64, one call for all the
+    CPU tensors it supports) where it builds, else `partial_dots` (fp32; fp64 for fp64 parameters)."""
+    if params and params[0].device.type == "cpu" and native.available():
+        dots, skipped = native.dots_supported(params, w0s, [b.v for b in bounds])
+        if skipped:
+            rest = partial_dots([params[i] for i in skipped], [w0s[i] for i in skipped],
+                                [bounds[i] for i in skipped])
+            dots[skipped] = rest.double()
+        return dots
+    return partial_dots(params, w0s, bounds)
+
+
 def _dot_chunked(fp: Tensor, fw0: Tensor, fv: Tensor, t: Tensor, chunk: int) -> Tensor:
     """⟨v, p - W0⟩ of flat 1-D views as a 0-d tensor in t's dtype: per-chunk fp64 sums, folded in
     chunk order (t: scratch of at least `chunk` elements in `acc_dtype(p.dtype)`)."""

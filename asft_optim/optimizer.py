@@ -33,10 +33,10 @@ from torch import Tensor, nn
 from torch.optim.adam import adam
 
 from . import distributed as _dist
-from .anchors import Anchors, normalize_name
+from .anchors import Anchors, as_anchors, normalize_name
 from .binding import Binding, Kind, anchor_key, bind_group, bind_shards
 from .dot_cache import DotCache
-from .functional import (PENALTIES, BoundDirection, StepTensors, acc_dtype, asft_adamw, partial_dots,
+from .functional import (PENALTIES, BoundDirection, StepTensors, acc_dtype, asft_adamw, exact_dots,
                          storage_w0)
 from .lora import (PROJECTIONS, LoraLayout, lora_drift_sums, lora_layout, lora_penalty_grads,
                    lora_penalty_grads_reference)
@@ -423,7 +423,7 @@ class AsFTAdamW(torch.optim.AdamW):
         paths penalise this step.
 
         Computed exactly from the local shards at every step (a DTensor's dot is never carried: see
-        `dot_cache`), then one all-reduce of one fp32 per such tensor for the whole step, whatever
+        `dot_cache`), then one all-reduce of one float per such tensor for the whole step, whatever
         the number of param groups; it also sums the Triton path's c slots of shards
         (`TritonCache.shard_partials`). None at a shard's first step (no W0 yet: ΔW = 0 on every
         shard) nor for a zero direction (c = 0).
@@ -448,12 +448,14 @@ class AsFTAdamW(torch.optim.AdamW):
         triton = self._triton.shard_partials(self)
         if not names and not triton:
             return {}
-        partials = list(partial_dots(*map(list, zip(*stale))).unbind()) if stale else []
+        partials = list(exact_dots(*map(list, zip(*stale))).unbind()) if stale else []
         vec = torch.stack(partials + [c for _, _, c in triton])
         vec = _dist.all_reduce_dots(params + [p for _, p, _ in triton], vec)
         self._triton.set_shard_c(triton, vec[len(names):])
-        # each in its parameter's accumulation dtype (the vector is fp64 when one of them is fp64)
-        return {n: d.to(acc_dtype(p.dtype)) for n, p, d in zip(names, params, vec[:len(names)].unbind())}
+        # float64 where the native fold made them (the dense twin's carried dot, bitwise), else each in
+        # its parameter's accumulation dtype
+        return {n: d if d.dtype == torch.float64 else d.to(acc_dtype(p.dtype))
+                for n, p, d in zip(names, params, vec[:len(names)].unbind())}
 
     # ------------------------------------------------------------------------------- ZeRO
     def _zero_group_step(self, group: dict[str, Any]) -> None:
@@ -834,18 +836,6 @@ def _check_unique_names(groups: list[dict[str, Any]]) -> None:
                 "directions, W0 checks and carried dots are keyed by name; give every parameter a unique "
                 "name, e.g. prefix each model's or submodule's names")
         seen.add(name)
-
-
-def as_anchors(anchors: Anchors | Mapping[str, Tensor] | str | os.PathLike) -> Anchors:
-    """An `Anchors` from an `Anchors`, a `{name: d}` mapping or a directions file path."""
-    if isinstance(anchors, Anchors):
-        return anchors
-    if isinstance(anchors, Mapping):
-        return Anchors.from_tensors(anchors)
-    if isinstance(anchors, (str, os.PathLike)):
-        return Anchors.load(anchors)
-    raise TypeError(f"anchors must be an Anchors, a name -> tensor mapping or the path of a directions file, "
-                    f"got {type(anchors).__name__}")
 
 
 def adam_kwargs(group: dict[str, Any], has_complex: bool = False) -> dict[str, Any]:

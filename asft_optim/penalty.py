@@ -35,10 +35,9 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as _dist
-from . import native
-from .anchors import Anchors, normalize_name
+from .anchors import Anchors, as_anchors, normalize_name
 from .binding import Binding, Kind, bind_group, bind_shards
-from .functional import (PENALTIES, BoundDirection, _penalised_piece, dense_flat, partial_dots,
+from .functional import (PENALTIES, BoundDirection, _penalised_piece, dense_flat, exact_dots,
                          penalty_reference, storage_w0)
 from .lora import PROJECTIONS, LoraLayout, LoraPair, lora_drift_sums, lora_layout, lora_penalty_grads
 from .metrics import Drift, drift_from_sums, sums
@@ -86,11 +85,9 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module, *,
             parameter without a direction (unless allowed), no parameter with a direction at all, an
             optimizer that already has a penalty (an `AsFTAdamW`, or attached before).
     """
-    from .optimizer import AsFTAdamW, as_anchors  # the optimizer module is above this one
-
     inner = innermost(optimizer)
-    if isinstance(inner, AsFTAdamW):
-        raise TypeError("attach: the optimizer is an AsFTAdamW, which adds the AsFT penalty itself")
+    if "asft_lambda" in inner.defaults:  # AsFTAdamW (the optimizer module is above this one)
+        raise TypeError(f"attach: the optimizer is an {type(inner).__name__}, which adds the AsFT penalty itself")
     if inner in _REGISTRY:
         raise ValueError("attach: this optimizer already has an AsFT penalty attached (detach() it first)")
     return AsFTPenalty(inner, model, as_anchors(anchors), defaults={"asft_lambda": asft_lambda, "asft_penalty":
@@ -548,20 +545,6 @@ def _foreach_ok(grad: Tensor, p: Tensor, w0: Tensor, v: Tensor) -> bool:
     """Small fp32 CPU tensors, all four of one dtype: their temporaries are small, their count large."""
     return (p.device.type == "cpu" and p.numel() <= _FOREACH_MAX and p.dtype == torch.float32
             and grad.dtype == w0.dtype == v.dtype == torch.float32 and grad.shape == p.shape)
-
-
-@torch.no_grad()
-def exact_dots(params: list[Tensor], w0s: list[Tensor], bounds: list[BoundDirection]) -> Tensor:
-    """⟨v, p − W0⟩ per tensor, computed now: the native kernel's fold (float64, one call for all the
-    CPU tensors it supports) where it builds, else `functional.partial_dots` (fp32)."""
-    if params and params[0].device.type == "cpu" and native.available():
-        dots, skipped = native.dots_supported(params, w0s, [b.v for b in bounds])
-        if skipped:
-            rest = partial_dots([params[i] for i in skipped], [w0s[i] for i in skipped],
-                                [bounds[i] for i in skipped])
-            dots[skipped] = rest.double()
-        return dots
-    return partial_dots(params, w0s, bounds)
 
 
 @torch.no_grad()

@@ -455,8 +455,7 @@ def check_client(optimizer: torch.optim.Optimizer, config: Mapping[str, Any]) ->
     """`check_config` for this client optimizer, and refuse impl="triton" groups (ZeRO partitions
     step on the PyTorch path), and an optimizer with a penalty from `asft_optim.attach` (its hooks
     would see ZeRO's flat partitions)."""
-    from .penalty import attached  # above this module
-    if attached(optimizer) is not None:
+    if any("asft_param_names" in g for g in getattr(optimizer, "param_groups", [])):  # `asft_optim.attach`'s key
         raise ValueError("DeepSpeed ZeRO flattens a client optimizer's parameters into partitions, which "
                          "asft_optim.attach does not follow: use AsFTAdamW as the client optimizer")
     groups = getattr(optimizer, "param_groups", [])
