@@ -38,5 +38,7 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100", "trl>=0.20"],
         "bench": ["pytest-benchmark>=4", "psutil>=5.9"],
     },
-    entry_points={"console_scripts": ["asft=asft_optim.cli:main"]},
+    # asft-llamafactory: LLaMA-Factory with AsFT (install llamafactory yourself: it pins its own transformers)
+    entry_points={"console_scripts": ["asft=asft_optim.cli:main",
+                                      "asft-llamafactory=asft_optim.integrations.llamafactory:main"]},
 )
