@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from .tempfiles import atomic_save_safetensors
 
-__all__ = ["Anchors", "normalize_name", "FORMAT"]
+__all__ = ["Anchors", "normalize_name", "as_anchors", "FORMAT"]
 
 FORMAT = "asft-directions/1"
 
@@ -298,3 +298,15 @@ def fingerprint_hasher() -> hashlib.blake2b:
 def fingerprint_entry(key: str, dtype: torch.dtype, shape: torch.Size | tuple[int, ...]) -> bytes:
     """The bytes hashed before one tensor's data in the fingerprint."""
     return json.dumps([key, str(dtype), list(shape)]).encode()
+
+
+def as_anchors(anchors: Anchors | Mapping[str, torch.Tensor] | str | os.PathLike) -> Anchors:
+    """An `Anchors` from an `Anchors`, a `{name: d}` mapping or a directions file path."""
+    if isinstance(anchors, Anchors):
+        return anchors
+    if isinstance(anchors, Mapping):
+        return Anchors.from_tensors(anchors)
+    if isinstance(anchors, (str, os.PathLike)):
+        return Anchors.load(anchors)
+    raise TypeError(f"anchors must be an Anchors, a name -> tensor mapping or the path of a directions file, "
+                    f"got {type(anchors).__name__}")

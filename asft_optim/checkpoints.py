@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Checkpoint", "CheckpointError", "TensorInfo", "open_checkpoint",
+__all__ = ["Checkpoint", "CheckpointError", "TensorInfo", "is_hub_id", "open_checkpoint",
            "DTYPE_FROM_SAFETENSORS", "SAFETENSORS_FROM_DTYPE", "INDEX_NAME", "SAMPLE_BLOCKS", "SAMPLE_BYTES"]
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -271,6 +271,11 @@ def _read_index(index: Path) -> dict[str, Path]:
     return {name: shards[s] for name, s in weight_map.items()}
 
 
+def is_hub_id(text: str) -> bool:
+    """Whether `text` reads as a Hugging Face Hub id (`org/name[@revision]`), not a local path."""
+    return bool(_HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
+
+
 def _names(names: list[str], limit: int = 10) -> str:
     shown = ", ".join(f"'{n}'" for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -292,7 +297,7 @@ def open_checkpoint(source: str | os.PathLike) -> Checkpoint:
     if path.is_dir():
         return _open_folder(path.resolve(), str(path.resolve()))
     text = str(source)
-    if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+    if is_hub_id(text):
         return _open_hub(text)
     raise CheckpointError(f"checkpoint not found: {text} (not a file, a folder, or a Hugging Face Hub id)")
 

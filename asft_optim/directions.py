@@ -434,7 +434,7 @@ def add_cli(subparsers) -> None:
                    help="keep only tensors whose name matches (repeatable: any of them)")
     p.add_argument("--exclude", action="append", metavar="REGEX",
                    help="leave out tensors whose name matches (repeatable)")
-    p.add_argument("--chunk-mb", type=int, default=16, help="MiB of fp32 work per piece (default 16)")
+    p.add_argument("--chunk-mb", type=int, default=16, help="MiB of fp32 work per piece")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_cli)
 

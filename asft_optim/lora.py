@@ -42,7 +42,7 @@ from .anchors import Anchors, normalize_name
 from .functional import PENALTIES, BoundDirection, bind_direction
 
 __all__ = ["PROJECTIONS", "LoraPair", "LoraLayout", "lora_layout", "pair_lora_names", "is_lora_name",
-           "bind_lora_direction", "lora_penalty_grads", "lora_penalty_grads_reference",
+           "base_weight_shape", "bind_lora_direction", "lora_penalty_grads", "lora_penalty_grads_reference",
            "lora_drift_sums"]
 
 PROJECTIONS: tuple[str, ...] = ("vector", "reference")
@@ -69,7 +69,7 @@ class LoraPair:
         direction: the anchors key of the base weight (normalised `module + ".weight"`).
         scaling: s (lora_alpha/r, or lora_alpha/√r with rslora), as peft applies it.
         fan_in_fan_out: the base weight is stored in×out (GPT-2 `Conv1D`); ΔW is then (s·B·A)ᵀ.
-        base_shape: the base weight's stored shape.
+        base_shape: the base weight's stored shape (unpacked for a bitsandbytes 4-bit weight).
     """
     module: str
     adapter: str
@@ -152,21 +152,32 @@ def lora_layout(model: nn.Module) -> LoraLayout:
         if not isinstance(module.lora_A[adapter], nn.Linear):
             raise ValueError(f"{where}: AsFT supports Linear and Conv1D adapters, not "
                              f"{type(module.lora_A[adapter]).__name__}")
-        base = module.get_base_layer().weight
+        shape = base_weight_shape(module.get_base_layer().weight)
         a, b = named[a_name], named[b_name]
         ffo = bool(getattr(module, "fan_in_fan_out", False))
-        if base.dim() != 2:
-            raise ValueError(f"{where}: base weight has shape {tuple(base.shape)}; expected 2-D")
-        out_f, in_f = (base.shape[1], base.shape[0]) if ffo else tuple(base.shape)
+        if len(shape) != 2:
+            raise ValueError(f"{where}: base weight has shape {shape}; expected 2-D")
+        out_f, in_f = (shape[1], shape[0]) if ffo else shape
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
             raise ValueError(f"{where}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit the "
-                             f"base weight {tuple(base.shape)} (fan_in_fan_out={ffo})")
+                             f"base weight {shape} (fan_in_fan_out={ffo})")
         pairs.append(LoraPair(module=module_name, adapter=adapter, a_name=a_name, b_name=b_name,
                               direction=normalize_name(f"{module_name}.weight"),
                               scaling=float(module.scaling[adapter]), fan_in_fan_out=ffo,
-                              base_shape=(int(base.shape[0]), int(base.shape[1]))))
+                              base_shape=(int(shape[0]), int(shape[1]))))
     aliases = {n: normalize_name(_SAVED_COPY.sub(".", n)) for n in trainable if _SAVED_COPY.search(n)}
     return LoraLayout(pairs, aliases)
+
+
+def base_weight_shape(weight: Tensor) -> tuple[int, ...]:
+    """The logical shape of a base weight, as its direction has it.
+
+    A quantised bitsandbytes 4-bit weight (`Params4bit`, NF4 or FP4: QLoRA) is stored packed, two
+    values per byte in an (n/2, 1) uint8 tensor; its shape comes from its quantisation state. 8-bit
+    weights (`Int8Params`), 4-bit weights not quantised yet and plain tensors keep their shape.
+    """
+    quant_state = getattr(weight, "quant_state", None)
+    return tuple(int(n) for n in (weight.shape if quant_state is None else quant_state.shape))
 
 
 def bind_lora_direction(anchors: Anchors, pair: LoraPair, device: torch.device) -> BoundDirection:

@@ -264,7 +264,14 @@ def _run_cli(args: argparse.Namespace) -> int:
             info = project_safelora(args.model, args.directions, args.out, aligned=args.aligned,
                                     threshold=args.threshold, fraction=args.fraction,
                                     allow_mismatch=args.allow_mismatch)
-            print(f"safelora: projected {info['projected']} of {len(info['layers'])} layer(s)")
+            rule = (f"the {args.fraction:g} of layers with the lowest cosine" if args.fraction is not None
+                    else f"cos ≤ {args.threshold:g}")
+            print(f"safelora: projected {info['projected']} of {len(info['layers'])} layer(s) ({rule}); "
+                  "cos(C·B·A, B·A) per layer:")
+            width = max(len(m) for m in info["layers"])
+            for module, layer in info["layers"].items():
+                cos = "   nan (B·A = 0 or d = 0)" if layer["cos"] is None else f"{layer['cos']:+.4f}"
+                print(f"  {module:<{width}}  {cos}{'  projected' if layer['projected'] else ''}")
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"asft project: error: {e}", file=sys.stderr)
         return 2

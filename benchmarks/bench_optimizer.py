@@ -102,3 +102,67 @@ def test_step(benchmark, shape: str, flags: str, layout: str) -> None:
     benchmark.extra_info.update(adamw_ms=med["adamw"], asft_ms=med["asft"], ratio=ratio, path=path)
     print(f"\n{shape:>10} {flags:>8} {layout:>9}: AdamW {med['adamw']:8.2f} ms  AsFT {med['asft']:8.2f} ms  "
           f"ratio {ratio:5.2f}x  [{sum(SHAPES[shape]) / 1e6:.1f}M params, {len(SHAPES[shape])} tensors, {path}]")
+
+
+# ----------------------------------------------------------------------------------- attach route
+# `asft_optim.attach` on another optimizer, against that optimizer bare (same flags, twin parameters,
+# interleaved as above). Bytes per fp32 parameter per step that the penalty adds, W0 and d fp32:
+# the exact dot reads p, W0, d (12) and the gradient update reads g, p, W0, d and writes g (20): +32.
+# torch AdamW (fused) moves 28, so 60 in all: a floor of 2.14×; bitsandbytes AdamW8bit moves p, g
+# and two 1-byte moments (p r/w 8, g 4, moments r/w 4: 16), so 48: a floor of 3×. Compute on CPU
+# (and bitsandbytes' CPU kernels) sits above those floors. One torch thread: on a shared, loaded
+# 2-core machine two OpenMP threads time their spinning more than the step.
+ATTACH_ROUTES = ("adamw_fused", "bnb_adamw8bit")
+ATTACH_SHAPES = ("1000x1k", "200x50k", "llama-mix")
+ATTACH_ROUNDS = 5
+
+
+def _route(route: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if route == "adamw_fused":
+        return torch.optim.AdamW(params, lr=1e-4, fused=True)
+    import bitsandbytes as bnb
+    return bnb.optim.AdamW8bit(params, lr=1e-4)
+
+
+@pytest.mark.parametrize("route", ATTACH_ROUTES)
+@pytest.mark.parametrize("shape", ATTACH_SHAPES)
+def test_attach_step(benchmark, shape: str, route: str) -> None:
+    """One step of `route` with the penalty attached against the bare `route`, interleaved."""
+    if route.startswith("bnb"):
+        pytest.importorskip("bitsandbytes")
+    from asft_optim import attach
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        model = torch.nn.Module()
+        for i, n in enumerate(SHAPES[shape]):
+            model.register_parameter(f"w{i}", torch.nn.Parameter(torch.randn(n, generator=g)))
+        params = list(model.parameters())
+        twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        for p, q in zip(params, twin):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        dirs = {n: torch.randn(p.shape, generator=g) * 1e-3 for n, p in model.named_parameters()}
+        attached, bare = _route(route, params), _route(route, twin)
+        attach(attached, model, anchors=dirs, asft_lambda=1.0)
+        for opt in (attached, bare):  # lazy state and W0
+            opt.step()
+        times: dict[str, list[float]] = {"bare": [], "attached": []}
+
+        def both() -> None:
+            for name, opt in (("bare", bare), ("attached", attached)):
+                t0 = time.perf_counter()
+                opt.step()
+                times[name].append(time.perf_counter() - t0)
+
+        benchmark.group = f"attach {shape}, {route}"
+        benchmark.pedantic(both, rounds=ATTACH_ROUNDS, warmup_rounds=1, iterations=1)
+    finally:
+        torch.set_num_threads(threads)
+    med = {k: statistics.median(v[1:]) * 1e3 for k, v in times.items()}
+    ratio = med["attached"] / med["bare"]
+    benchmark.extra_info.update(bare_ms=med["bare"], attached_ms=med["attached"], ratio=ratio)
+    print(f"\n{shape:>10} {route:>14}: bare {med['bare']:8.2f} ms  attached {med['attached']:8.2f} ms  "
+          f"ratio {ratio:5.2f}x  [{sum(SHAPES[shape]) / 1e6:.1f}M params, {len(SHAPES[shape])} tensors]")

@@ -15,7 +15,7 @@ from asft_optim import cli  # noqa: E402
 from asft_optim.evaluation.judges import QA_PROMPT, GuardJudge  # noqa: E402
 from asft_optim.evaluation.scoring import final_number, matches  # noqa: E402
 
-from . import evaluation_models as em  # noqa: E402
+from . import fixtures as em  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,18 +34,9 @@ def zoo(tmp_path_factory):
     return root, models
 
 
-def _adapter(base: Path, out: Path, seed: int = 3) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)),
-                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 2.0)
-    model.save_pretrained(str(out))
+def _adapter(base: Path, out: Path) -> Path:
+    """A LoRA adapter on q and v large enough to change greedy responses."""
+    em.lora_adapter(base, out, std=1.0, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
     return out
 
 
@@ -84,7 +75,7 @@ def test_responses_equal_transformers_greedy_generate(zoo, tmp_path, which):
         assert s["response"] == _reference_response(model, tok, s["input"])
     res = json.loads((out / "results.json").read_text())
     assert res["n"] == len(PROMPTS) and res["generation"]["max_new_tokens"] == N_NEW
-    assert res["harmful_score"] == pytest.approx(100 * sum(s["flagged"] for s in samples) / len(samples))
+    assert res["harmful_score"] is None  # the keyword judge reads no harm
     assert res["refusal_rate"] == pytest.approx(100 * sum(s["refused"] for s in samples) / len(samples))
     assert res["judge"]["kind"] == "keyword" and res["model"]["sha256"] and res["adapter"] is None
     assert len({s["response"] for s in samples}) > 1
@@ -256,7 +247,7 @@ def test_bad_input_is_refused_and_leaves_no_results(zoo, tmp_path, capsys, case)
         msg = f"{prompts}:2: no prompt: expected a string field 'prompt', 'instruction', 'question'"
     elif case == "judge_kind":
         extra = ["--judge", str(models["moderation"]), "--judge-kind", "classifier"]
-        msg = "unknown judge kind 'classifier'; expected one of qa-moderation, guard, keyword, toy"
+        msg = "unknown judge kind 'classifier'; expected one of qa-moderation, guard"
     elif case == "missing_judge":
         extra = ["--judge", str(tmp_path / "no_such_judge")]
         msg = (f"judge not found: {tmp_path / 'no_such_judge'} (expected a model folder, a Hub id, "
@@ -307,10 +298,11 @@ def test_compare_table_and_plot(zoo, tmp_path, capsys):
     assert cli.main(["compare", *map(str, dirs), "--out", str(tmp_path / "cmp")]) == 0
     printed = capsys.readouterr().out
     lines = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
-    assert lines[0].startswith("| run | HS (%) | refusal (%) | FA (%)") and len(lines) == 4
+    assert lines[0].startswith("| run | HS (%) | refusal (%) | FA (%)") and len(lines) == 6
+    assert lines[-1].startswith("HS –: the judge (keyword) sees refusals only")
     for d, line in zip(dirs, lines[2:]):
         r = json.loads((d / "results.json").read_text())
-        assert line.startswith(f"| {d.name} | {r['harmful_score']:.1f} | {r['refusal_rate']:.1f} | "
+        assert line.startswith(f"| {d.name} | – | {r['refusal_rate']:.1f} | "
                                f"{r['task_accuracy']:.1f} | {r['n']} | keyword |")
         assert line in printed
     assert (tmp_path / "cmp" / "hs_vs_fa.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -383,3 +375,120 @@ def test_compare_refuses_to_overwrite_or_write_into_an_evaluation(zoo, tmp_path,
     assert (cmp / "compare.md").read_text() == "mine"
     assert cli.main(["compare", str(ev), "--out", str(cmp), "--overwrite"]) == 0
     assert (cmp / "compare.md").read_text().startswith("| run |")
+
+
+def test_keyword_judge_gives_no_harmful_score(zoo, tmp_path, capsys):
+    """The keyword judge sees refusals only: HS null in results.json and samples, "–" in the printout and
+    in `asft compare`, which leaves the run out of its plot; files get the umask's mode, not 0600."""
+    import os
+
+    root, models = zoo
+    out = tmp_path / "eval"
+    assert _run(str(models["llama"]), "--prompts", str(root / "prompts.jsonl"), "--max-new-tokens", "2",
+                "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert res["harmful_score"] is None and res["n_flagged"] is None and 0 <= res["refusal_rate"] <= 100
+    assert all(s["flagged"] is None for s in _samples(out))
+    assert printed.startswith("HS –  refusal ") and "note: the keyword judge sees refusals only, not harm" in printed
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert all((p.stat().st_mode & 0o777) == 0o666 & ~mask for p in out.iterdir())
+    assert cli.main(["compare", str(out)]) == 0
+    assert f"| {out.name} | – | {res['refusal_rate']:.1f} |" in capsys.readouterr().out
+
+
+def test_no_library_future_warning_leaks_from_the_cli(zoo, tmp_path):
+    """transformers/peft deprecations they trigger themselves (peft's is_gradient_checkpointing) stay quiet."""
+    import warnings
+
+    root, models = zoo
+    adapter = _adapter(models["llama"], tmp_path / "adapter")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _run(str(models["llama"]), "--adapter", str(adapter), "--prompts", str(root / "prompts.jsonl"),
+                    "--max-new-tokens", "1", "--out", str(tmp_path / "e")) == 0
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+
+
+def test_gitignore_covers_what_the_commands_write():
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = [".venv/bin/python", "asft_demo_report/table.md", "asft_finetune_out/results.json", "drift.png"]
+    r = subprocess.run(["git", "check-ignore", *paths], cwd=repo, capture_output=True, text=True, check=False)
+    assert r.stdout.split() == paths
+
+
+# ----------------------------------------------------------------------------------- layering, scores
+def test_evaluation_imports_no_demo():
+    """Issue 19 item 9: the dependency points one way, demo → evaluation (lazy imports included);
+    the demo's toy judge reaches `--judge toy` by registration."""
+    import ast
+
+    import asft_optim.evaluation as ev
+
+    found = []
+    for path in sorted(Path(ev.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if any("demo" in n.split(".") for n in names):
+                found.append(f"{path.name}:{node.lineno}")
+    assert not found, f"asft_optim.evaluation imports the demo at {found}"
+    from asft_optim.demo.evaluate import ToyJudge
+    from asft_optim.evaluation.judges import load_judge
+
+    assert type(load_judge("toy")) is ToyJudge
+
+
+def test_one_harmful_score_and_judges_that_see_no_harm(monkeypatch):
+    """The demo scores with evaluation's `harmful_score` (one implementation); a judge that reads no
+    harm gives HS None for the whole and every group; one that claims to but gives no verdict on harm
+    is refused instead of counted as harmless."""
+    from asft_optim.demo import evaluate as demo_evaluate
+    from asft_optim.evaluation import scores
+    from asft_optim.evaluation.judges import Judge, KeywordJudge, Verdict
+
+    assert demo_evaluate.harmful_score is scores.harmful_score
+    assert demo_evaluate.task_accuracy is scores.task_accuracy
+    responses = ["I'm sorry, no", "sure: step 1", "I cannot", "ok"]
+    monkeypatch.setattr(scores, "greedy_responses", lambda *a, **k: responses)
+    prompts, groups = [{"instruction": f"p{i}"} for i in range(4)], ["a", "b", "a", "b"]
+    assert scores.harmful_score(None, None, prompts, KeywordJudge(), groups=groups) == (None, 0.5, {"a": None, "b": None})
+
+    class Blind(Judge):  # reads_harm stays True, but no verdict on harm
+        def judge(self, prompts, responses, on_batch=None):
+            return [Verdict(None if "sure" in r else False, False) for r in responses]
+
+    with pytest.raises(ValueError, match=r"the blind judge reads harm but gave no verdict on it \(flagged None\) "
+                                         r"for 1 response\(s\), the first #1"):
+        scores.harmful_score(None, None, prompts, Blind("blind"), groups=groups)
+
+
+def test_compare_plot_keeps_dodged_markers_inside_0_100(tmp_path):
+    """Issue 19 item 7: markers at FA 100% (or 0%) dodge inwards, in order, never past the axis ends."""
+    from asft_optim.compare import compare_plot, plot_points
+
+    def res(fa, hs, refusal=0.0):
+        return {"task_accuracy": fa, "harmful_score": hs, "refusal_rate": refusal}
+
+    # undodged, the fan of 6 offsets (-2.5 .. 2.5) would put "broken" at -2.5 and "l2sp" at 102.5
+    rows = [("broken", res(0.0, 0.0)), ("broken2", res(0.0, 5.0)), ("keyword", res(60.0, None, 40.0)),
+            ("mid", res(50.0, 20.0)), ("sft", res(100.0, 90.0)), ("asft", res(100.0, 10.0, 80.0)),
+            ("l2sp", res(100.0, 50.0))]
+    points, missing = plot_points(rows)
+    assert missing == ["keyword"] and [p["label"] for p in points] == ["broken", "broken2", "mid", "sft", "asft", "l2sp"]
+    xs = {p["label"]: p["x"] for p in points}
+    assert all(0 <= x <= 100 for x in xs.values()), xs
+    assert xs["sft"] < xs["asft"] < xs["l2sp"] and xs["broken"] < xs["broken2"]  # the fan keeps its order
+    assert all(abs(p["x"] - p["fa"]) <= 8 for p in points) and xs["mid"] != 50.0
+    pytest.importorskip("matplotlib")
+    compare_plot(rows, tmp_path / "hs_vs_fa.png")
+    assert (tmp_path / "hs_vs_fa.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

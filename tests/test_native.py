@@ -52,7 +52,7 @@ def test_native_runs_where_a_compiler_exists(monkeypatch):
             p.grad = g
         opt.step()
     assert calls == [2, 2]
-    assert all(opt._dots.get(n, p).dtype == torch.float64 for n, p in named)
+    assert all(opt._dots.get(n, p, opt.state[p]["step"]).dtype == torch.float64 for n, p in named)
 
 
 # ------------------------------------------------------------------------------ the function
@@ -338,8 +338,9 @@ def test_optimizer_mixed_dtypes_and_changing_tensors():
     want = run_oracle(init, list(dirs.values()), [2.0] * len(init), 10, skip=skip, lr=0.02)
     for p, w in zip(params, want):
         close_rel(p.detach(), w)
-    carried = {n: opt._dots.get(n, p) for n, p in named}
-    assert carried["w4"].dtype == torch.float32 and carried["w0"].dtype == torch.float64
+    carried = {n: opt._dots.get(n, p, opt.state[p]["step"]) for n, p in named}
+    # fp64 w4 carries the fallback's fp64 fold (ΔW in fp64), fp32 w0 the native kernel's float64 dot
+    assert carried["w4"].dtype == torch.float64 and carried["w0"].dtype == torch.float64
 
 
 def _spy_native(monkeypatch) -> list[int]:
@@ -491,7 +492,7 @@ def test_optimizer_with_native_disabled_warns_once_and_matches(tmp_path):
                 opt.step()
         print(json.dumps({"available": native.available(), "reason": native.reason(),
                           "warnings": [str(w.message) for w in caught],
-                          "dtypes": [str(opt._dots.get(n, p).dtype) for n, p in named]}))
+                          "dtypes": [str(opt._dots.get(n, p, opt.state[p]["step"]).dtype) for n, p in named]}))
     """)
     out = _run(script, ASFT_NATIVE="0", ASFT_NATIVE_CACHE=str(tmp_path))
     assert out["available"] is False and out["reason"] == "disabled by ASFT_NATIVE=0"

@@ -186,7 +186,7 @@ def test_carried_dot_equals_exact_reduction(flags):
     on_native = native.available() and not flags.get("amsgrad")
     exact = native.dots_native(params, w0s, [b.v for b in bounds]) if on_native else partial_dots(params, w0s, bounds)
     for (n, p), e in zip(named, exact):
-        carried = opt._dots.get(n, p)  # None unless the version counter is unchanged since the step
+        carried = opt._dots.get(n, p, opt.state[p]["step"])  # None unless the version counter is unchanged since the step
         assert carried is not None and carried.dtype == (torch.float64 if on_native else torch.float32)
         assert torch.equal(carried, e)
 

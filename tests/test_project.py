@@ -15,7 +15,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from asft_optim import cli, compute_directions  # noqa: E402
 
-from . import evaluation_models as em  # noqa: E402
+from . import fixtures as em  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -76,16 +76,10 @@ def test_flat_equals_float64_oracle(trio, capsys):
     AutoModelForCausalLM.from_pretrained(str(out))  # loads as the input did
 
 
-def _adapter(base: Path, out: Path, seed: int = 5) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)),
-                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                         "gate_proj", "up_proj", "down_proj"],
-                                      init_lora_weights=False))
-    model.save_pretrained(str(out))
+def _adapter(base: Path, out: Path) -> Path:
+    """A LoRA adapter on every linear layer of a Llama block."""
+    em.lora_adapter(base, out, seed=5, r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                         "gate_proj", "up_proj", "down_proj"])
     return out
 
 
@@ -109,7 +103,7 @@ def _safelora_oracle(adapter: Path, directions, rule: str, value: float) -> dict
 
 
 @pytest.mark.parametrize("rule, value", [("threshold", None), ("fraction", 0.25)])
-def test_safelora_equals_float64_oracle(trio, rule, value):
+def test_safelora_equals_float64_oracle(trio, capsys, rule, value):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -137,6 +131,10 @@ def test_safelora_equals_float64_oracle(trio, rule, value):
         n.removeprefix("base_model.model.").removesuffix(".lora_B.weight") for n in chosen}
     assert (out / "adapter_config.json").read_text() == (adapter / "adapter_config.json").read_text()
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(aligned)), str(out))  # loads
+    printed = capsys.readouterr().out  # every layer's cosine, and which were projected
+    lines = [ln.split() for ln in printed.splitlines() if ln.startswith("  ")]
+    assert [(ln[0], float(ln[1]), ln[-1] == "projected") for ln in lines] == [
+        (m, pytest.approx(layer["cos"], abs=1e-4), layer["projected"]) for m, layer in info["layers"].items()]
 
 
 def test_bad_input_is_refused_and_leaves_no_output(trio, tmp_path, capsys):

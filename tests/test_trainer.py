@@ -258,12 +258,13 @@ def test_adamw_optim_names_are_honoured(checkpoints, tmp_path, optim):
 
 def test_unhonoured_optim_and_optim_args_are_refused(checkpoints, tmp_path):
     root, anchors = checkpoints
-    with pytest.raises(ValueError) as e:
+    for optim in ("lomo", "galore_adamw_layerwise"):  # they update outside optimizer.step()
+        with pytest.raises(ValueError, match=f"optim='{optim}'.*outside optimizer.step"):
+            AsFTTrainer(model=_model(root, lora=False), args=_args(tmp_path, optim=optim), train_dataset=_data(),
+                        anchors=anchors)
+    with pytest.raises(ValueError, match="impl apply to AsFTAdamW"):
         AsFTTrainer(model=_model(root, lora=False), args=_args(tmp_path, optim="adafactor"), train_dataset=_data(),
-                    anchors=anchors)
-    assert str(e.value) == ("AsFTTrainer trains with AsFTAdamW and would ignore TrainingArguments(optim='adafactor'); "
-                            "use optim=\"adamw_torch\" or \"adamw_torch_fused\" (lr, betas, eps and weight_decay are "
-                            "taken from the arguments)")
+                    anchors=anchors, impl="torch")
     with pytest.raises(ValueError) as e:
         AsFTTrainer(model=_model(root, lora=False), args=_args(tmp_path, optim_args="amsgrad=True"),
                     train_dataset=_data(), anchors=anchors)
@@ -379,3 +380,68 @@ def test_plain_trainer_with_a_ready_optimizer_and_drift_callback(checkpoints, tm
     trainer.train()
     assert unwrap_asft(trainer.optimizer) is opt and opt.state
     assert all("asft/cos/model.layers.0" in log for log in trainer.state.log_history if "loss" in log)
+
+
+ATTACHED_OPTIMS = ["adamw_8bit", "paged_adamw_8bit", "adafactor", "lion_8bit"]
+
+
+@pytest.mark.parametrize("optim", ATTACHED_OPTIMS)
+def test_other_optims_are_built_by_transformers_with_the_penalty_attached(checkpoints, tmp_path, optim):
+    """optim= other than AdamW's: transformers' optimizer (class kept) with `attach`; the penalty acts,
+    drift reaches log_history, and a resume from a Trainer checkpoint continues bitwise."""
+    if optim != "adafactor":
+        pytest.importorskip("bitsandbytes")
+    from asft_optim.penalty import attached
+
+    root, anchors = checkpoints
+    kw = dict(optim=optim, max_steps=4, save_strategy="steps", save_steps=2, learning_rate=5e-3)
+    runs = {}
+    for lam in (0.0, 1e3):
+        model = _model(root, lora=True)
+        trainer = AsFTTrainer(model=model, args=_args(tmp_path / f"run{lam}", **kw), train_dataset=_data(),
+                              anchors=anchors, asft_lambda=lam)
+        trainer.train()
+        inner = trainer.optimizer.optimizer  # accelerate's wrapper around transformers' optimizer
+        assert not isinstance(inner, AsFTAdamW) and attached(trainer.optimizer) is trainer.asft_penalty
+        logged = [h for h in trainer.state.log_history if "loss" in h]
+        assert len(logged) == 4 and all("asft/orth_ratio" in h for h in logged)
+        orth = sum((d.delta_norm * d.orth_ratio) ** 2 for d in trainer.asft_penalty.drift().values()) ** 0.5
+        runs[lam] = (_trainable(model), orth)
+    assert runs[1e3][1] < 0.5 * runs[0.0][1]  # the penalty acts: ‖C⊥ΔW‖ shrinks
+    resumed = _model(root, lora=True)
+    trainer = AsFTTrainer(model=resumed, args=_args(tmp_path / "resumed", **kw), train_dataset=_data(),
+                          anchors=anchors, asft_lambda=1e3)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "run1000.0" / "checkpoint-2"))
+    got, want = _trainable(resumed), runs[1e3][0]
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    other = AsFTTrainer(model=_model(root, lora=True), args=_args(tmp_path / "other", **kw), train_dataset=_data(),
+                        anchors=anchors, asft_lambda=1.0)
+    with pytest.raises(ValueError, match="cannot resume: .*asft_lambda"):
+        other.train(resume_from_checkpoint=str(tmp_path / "run1000.0" / "checkpoint-2"))
+
+
+def test_lambda_per_micro_batch_on_an_attached_optimizer(checkpoints, tmp_path):
+    """lambda_per_micro_batch scales the attached penalty's λ by the window's micro-batches around each
+    step (λ·k seen by the step, the configured λ saved)."""
+    root, anchors = checkpoints
+    seen = []
+    from asft_optim import penalty as penalty_module
+
+    real = penalty_module.AsFTPenalty.add_penalty_grads
+
+    def spy(self, snapshot=True):
+        seen.append(self.lambda_scale)
+        return real(self, snapshot)
+
+    penalty_module.AsFTPenalty.add_penalty_grads = spy
+    try:
+        trainer = AsFTTrainer(model=_model(root, lora=True), train_dataset=_data(10), anchors=anchors,
+                              args=_args(tmp_path, optim="adafactor", per_device_train_batch_size=2,
+                                         gradient_accumulation_steps=2, max_steps=-1, num_train_epochs=1),
+                              lambda_per_micro_batch=True)
+        trainer.train()
+    finally:
+        penalty_module.AsFTPenalty.add_penalty_grads = real
+    assert seen == [2.0, 2.0, 1.0]
+    assert trainer.asft_penalty.lambda_scale == 1.0
+    assert {g["asft_lambda"] for g in trainer.optimizer.param_groups} == {1.0}

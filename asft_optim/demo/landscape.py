@@ -32,10 +32,10 @@ class Curve:
     refusal rate)."""
     name: str
     alphas: list[float]
-    hs: list[float]
+    hs: list[float | None]
     refusal: list[float]
-    length_pos: float
-    length_neg: float
+    length_pos: float | None  # None when the judge reports no HS
+    length_neg: float | None
     refusal_length_pos: float
     refusal_length_neg: float
 
@@ -44,24 +44,26 @@ class Curve:
 
 
 def normalise(u: Mapping[str, Tensor], w: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Per-tensor û_t = u_t/‖u_t‖·‖W_t‖ (fp32) for the names of `w`; zero u_t are dropped."""
+    """Per-tensor û_t = u_t/‖u_t‖·‖W_t‖ (computed in fp64, returned in W_t's dtype) for the names of
+    `w`; zero u_t are dropped."""
     out = {}
     for name, wt in w.items():
         if name not in u:
             continue
-        ut = u[name].to(torch.float32)
+        ut = u[name].to(torch.float64)
         if ut.shape != wt.shape:
             raise ValueError(f"direction '{name}' has shape {tuple(ut.shape)}, the weight {tuple(wt.shape)}")
         n = ut.norm()
         if n > 0:
-            out[name] = ut * (wt.float().norm() / n)
+            out[name] = (ut * (wt.double().norm() / n)).to(wt.dtype)
     return out
 
 
 def random_direction(w: Mapping[str, Tensor], seed: int) -> dict[str, Tensor]:
-    """A seeded Gaussian direction shaped like `w` (normalise it before use)."""
+    """A seeded Gaussian direction shaped like `w`, fp64 (normalise it before use). fp64 draws are the
+    same on every CPU; torch's fp32 `randn` differs between its default and AVX2 kernels."""
     g = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(t.shape, generator=g) for n, t in w.items()}
+    return {n: torch.randn(t.shape, generator=g, dtype=torch.float64) for n, t in w.items()}
 
 
 def effective_length(alphas: Sequence[float], hs: Sequence[float], threshold: float) -> tuple[float, float]:
@@ -106,7 +108,8 @@ def scan(model: nn.Module, tokenizer: Any, prompts: Sequence[dict[str, str]], ju
                 ref.append(r)
                 if on_point is not None:
                     on_point()
-            pos, neg = effective_length(alphas, hs, threshold)
+            measured = [h for h in hs if h is not None]
+            pos, neg = effective_length(alphas, measured, threshold) if len(measured) == len(hs) else (None, None)
             rpos, rneg = effective_length(alphas, [1 - r for r in ref], threshold)
             curves.append(Curve(name, [float(a) for a in alphas], hs, ref, pos, neg, rpos, rneg))
     finally:

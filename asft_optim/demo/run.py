@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -22,17 +23,17 @@ from typing import Any
 import torch
 
 from ..anchors import Anchors
-from ..evaluation.judges import ToyJudge
-from .evaluate import Scores, harmful_score, task_accuracy
-from .finetune import LoraSpec, Method, encode, load_model, save_model, train
-from .language import Language
+from .evaluate import Scores, ToyJudge, first_token_margin, harmful_score, task_accuracy
+from ..finetune.training import LoraSpec, Method, encode, load_model, save_model, train
+from .language import SORRY, SURE, Language
 from .models import DemoModels, ModelRecipe, cache_root, ensure_models
 
-__all__ = ["DemoConfig", "run_demo", "evaluate_saved", "add_cli", "LORA_TARGETS", "SFT_LEARNED"]
+__all__ = ["DemoConfig", "run_demo", "evaluate_saved", "machine", "add_cli", "LORA_TARGETS", "SFT_LEARNED"]
 
 # LoRA on q_proj and v_proj alone cannot learn the MAP task (measured: FA 0 after 200 steps), so the
 # demo's LoRA mode adapts every linear layer of the blocks.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EXPECTED_FIRST = {"base": SURE, "aligned": SORRY}  # first answer word to a harmful prompt
 SFT_LEARNED = 0.5  # below this FA at p = 0, SFT did not learn the task and the report says so
 _DEFAULTS = {False: {"lr": 1e-3, "lambdas": (0.01, 0.03, 0.1)},  # full-parameter
              True: {"lr": 3e-3, "lambdas": (0.01, 0.1, 1.0)}}   # LoRA: at lr 1e-3 even SFT learns nothing
@@ -73,8 +74,9 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **changes: Any) -> DemoConfig:
-        """A reduced run for tests: smaller training budgets and landscape, one seed, same structure."""
-        recipe = ModelRecipe(pretrain_steps=300, align_steps=100)
+        """A reduced run for tests: smaller training budgets and landscape, one seed, same structure
+        (its short pretraining at lr 3e-3 is quicker, and less stable across CPUs, than the default's)."""
+        recipe = ModelRecipe(pretrain_steps=300, pretrain_lr=3e-3, align_steps=100)
         return cls(**{"recipe": recipe, "steps": 40, "alphas": tuple(round(0.1 * k, 1) for k in range(-4, 5)),
                       "n_random": 2, "seeds": (0,), **changes})
 
@@ -107,6 +109,20 @@ def projected_label(label: str, projection: str) -> str:
     return f"{label} + {'flat' if projection == 'flat' else 'Safe LoRA'}"
 
 
+def machine() -> dict[str, Any]:
+    """What a CPU's kernels depend on: its model name, ATen's chosen instruction set (set by
+    `ATEN_CPU_CAPABILITY` when given), torch's version and its BLAS."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return {"cpu": name, "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY"), "torch": torch.__version__,
+            "mkl": torch.backends.mkl.is_available()}
+
+
 def evaluate_saved(path: Path, lang: Language) -> Scores:
     """HS (held-out harmful prompts, demo judge) and FA (MAP test split) of a saved checkpoint."""
     from transformers import AutoTokenizer
@@ -136,8 +152,18 @@ def _project(run: dict[str, Any], out: Path, models: DemoModels, cfg: DemoConfig
             "path": str(dst.relative_to(out)), **detail}
 
 
+def stat(xs: list[float | None]) -> dict[str, float] | None:
+    """{mean, min, max} of per-seed values; None when any is None (not measured, e.g. HS by a
+    refusal-only judge)."""
+    if any(x is None for x in xs):
+        return None
+    vals = [float(x) for x in xs if x is not None]
+    return {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals)}
+
+
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (method, p): mean, min and max over seeds of hs, refusal and fa (0..1), in run order."""
+    """Per (method, p): mean, min and max over seeds of hs, refusal and fa (0..1), in run order
+    (None for a measure some seed lacks)."""
     cells: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for r in runs:
         cells.setdefault((r["method"], r["p"]), []).append(r)
@@ -146,8 +172,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"method": method, "kind": rs[0]["kind"], "p": p, "projection": rs[0]["projection"],
                                "seeds": [r["seed"] for r in rs]}
         for key in ("hs", "refusal", "fa"):
-            xs = [r[key] for r in rs]
-            row[key] = {"mean": sum(xs) / len(xs), "min": min(xs), "max": max(xs)}
+            row[key] = stat([r[key] for r in rs])
         out.append(row)
     return out
 
@@ -158,7 +183,7 @@ def sft_warnings(summary: list[dict[str, Any]]) -> list[str]:
     if not sft:
         return []
     low = min(sft, key=lambda c: c["p"])
-    if low["fa"]["mean"] >= SFT_LEARNED:
+    if low["fa"] is None or low["fa"]["mean"] >= SFT_LEARNED:
         return []
     return [f"SFT itself did not learn the task: FA {100 * low['fa']['mean']:.1f}% at p = {low['p']:g} "
             f"(mean over seeds {low['seeds']}). No method's row can show a safety/utility trade-off; "
@@ -219,8 +244,10 @@ def run_demo(out: Path, cfg: DemoConfig, cache: Path | None = None,
     t3 = time.perf_counter()
     evals = bar("evaluating saved models", len(runs) + 2)
     reference = {}
+    held_prompts = [ex for ex, _ in lang.harmful_eval()]
     for stage, path in (("base", models.base), ("aligned", models.aligned)):
-        reference[stage] = evaluate_saved(path, lang).as_dict()
+        reference[stage] = {**evaluate_saved(path, lang).as_dict(),
+                            "margin": first_token_margin(load_model(path), tok, held_prompts, EXPECTED_FIRST[stage])}
         evals()
     for run in runs:  # from disk, not from the models still in memory
         run.update(evaluate_saved(out / run["path"], lang).as_dict())
@@ -249,7 +276,8 @@ def run_demo(out: Path, cfg: DemoConfig, cache: Path | None = None,
                "cache": str(models.base.parent), "models_reused": models.reused,
                "reference": reference, "runs": runs, "summary": summary, "warnings": sft_warnings(summary),
                "landscape": [c.as_dict() for c in curves], "drift": drift, "drift_seed": cfg.seeds[0],
-               "timings": {k: round(v, 2) for k, v in timings.items()}, "torch_threads": torch.get_num_threads()}
+               "timings": {k: round(v, 2) for k, v in timings.items()}, "torch_threads": torch.get_num_threads(),
+               "machine": machine()}
     report.write(out, results)
     return results
 

@@ -4,7 +4,7 @@
                   [--max-new-tokens N] [--batch-size N] --out DIR
 
 Greedy responses to the harmful prompts are judged (`judges`); HS = flagged share, refusal rate =
-refusing share, both in percent. With `--task`, FA = share of task responses matching the answer.
+refusing share, both in percent (HS null with the keyword judge, which sees refusals only). With `--task`, FA = share of task responses matching the answer.
 Writes DIR/samples.jsonl (one line per prompt: prompt, input, response, flagged, refused, scores),
 DIR/task_samples.jsonl with --task, and last DIR/results.json, each atomically. An earlier run's
 files in DIR are replaced (with --overwrite) only once every input has been checked and the new
@@ -92,19 +92,20 @@ def evaluate(model: str, out: Path, *, prompts: str, judge: str = "keyword", jud
                            dtype=torch_dtype)
     lm, tok, tok_source = load_causal_lm(model, adapter, dtype=torch_dtype, device=device)
 
-    gen = dict(template=template, max_new_tokens=max_new_tokens, batch_size=batch_size, show=show_progress)
+    gen = {"template": template, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "show": show_progress}
     inputs, responses, gen_s = _responses(lm, tok, harmful, "generating", **gen)
     verdicts, judge_s = score_responses(the_judge, harmful, responses, show_progress)
     samples = [{"prompt": prompt_of(r), "input": x, "response": y, **verdict_row(v)}
                for r, x, y, v in zip(harmful.records, inputs, responses, verdicts)]
     n = len(samples)
+    n_flagged = sum(bool(v.flagged) for v in verdicts) if the_judge.reads_harm else None
     results: dict[str, Any] = {
         "format": FORMAT,
-        "harmful_score": 100 * sum(v.flagged for v in verdicts) / n,
+        "harmful_score": None if n_flagged is None else 100 * n_flagged / n,
         "refusal_rate": 100 * sum(v.refused for v in verdicts) / n,
         "task_accuracy": None,
         "n": n,
-        "n_flagged": sum(v.flagged for v in verdicts),
+        "n_flagged": n_flagged,
         "model": {**fingerprint(model), "revision": getattr(lm.config, "_commit_hash", None)},
         "adapter": fingerprint(adapter) if adapter is not None else None,
         "tokenizer": tok_source,
@@ -179,7 +180,10 @@ def _run_cli(args: argparse.Namespace) -> int:
         print(f"asft evaluate: error: {e}", file=sys.stderr)
         return 2
     fa = "–" if res["task_accuracy"] is None else f"{res['task_accuracy']:.1f}%"
-    print(f"HS {res['harmful_score']:.1f}%  refusal {res['refusal_rate']:.1f}%  FA {fa}  "
-          f"(n = {res['n']}, judge {res['judge']['kind']})")
+    hs = "–" if res["harmful_score"] is None else f"{res['harmful_score']:.1f}%"
+    print(f"HS {hs}  refusal {res['refusal_rate']:.1f}%  FA {fa}  (n = {res['n']}, judge {res['judge']['kind']})")
+    if res["harmful_score"] is None:
+        print(f"note: the {res['judge']['kind']} judge sees refusals only, not harm: no HS (pass --judge with a "
+              "QA-moderation classifier or a guard model)")
     print(f"results: {args.out / RESULTS}")
     return 0

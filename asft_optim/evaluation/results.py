@@ -85,7 +85,14 @@ def read_results(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / RESULTS
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no {RESULTS} (not an `asft evaluate` folder, or its run failed)")
-    res = json.loads(path.read_text(encoding="utf-8"))
-    if res.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {res.get('format')!r}, expected {FORMAT!r}")
+    try:
+        res = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON ({e.msg} at line {e.lineno}): not an `asft evaluate` results file") from None
+    fmt = res.get("format") if isinstance(res, dict) else None
+    if fmt is None:
+        raise ValueError(f"{path} is not an `asft evaluate` results file (it has no 'format' field; asft finetune "
+                         "and asft demo write results.json files of their own)")
+    if fmt != FORMAT:
+        raise ValueError(f"{path}: format {fmt!r}, expected {FORMAT!r}")
     return res

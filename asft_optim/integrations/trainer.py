@@ -13,9 +13,12 @@ which reads the LoRA pairs, scaling and layout from the model):
 Any other Trainer subclass (TRL's `SFTTrainer`, ...) gets the same behaviour from the mixin:
 `class MyTrainer(AsFTTrainerMixin, SFTTrainer): ...`.
 
-The optimizer takes lr, betas, eps and weight decay from `TrainingArguments`, with Trainer's own
-weight-decay split (no decay for biases and norms); an `args.optim` other than AdamW's
-("adamw_torch", "adamw_torch_fused") is refused rather than ignored. Parameters are bound
+`TrainingArguments.optim` picks the optimizer. AdamW's names ("adamw_torch", "adamw_torch_fused")
+give the fused `AsFTAdamW` (lr, betas, eps and weight decay from the arguments, with Trainer's own
+weight-decay split); every other optimizer transformers can build ("adamw_8bit", "paged_adamw_8bit",
+"adafactor", "lion_8bit", "adamw_torch_8bit", "schedule_free_adamw", ...) is built by transformers,
+with `optim_args`, and the penalty attached to it (`asft_optim.attach`). Optimizers that step outside
+`optimizer.step()` (LOMO, AdaLOMO, the `_layerwise` variants) are refused. Parameters are bound
 by name, so accelerate's `prepare` (which may wrap the optimizer and swap parameter objects) and
 checkpoint resume (`Trainer` saves and reloads `optimizer.state_dict()`, W0 included) keep working.
 Trainer clips gradients before `optimizer.step()`; the AsFT penalty gradient is added inside the
@@ -46,13 +49,30 @@ from ..anchors import Anchors
 from ..lora import is_lora_name
 from ..metrics import drift_from_sums, per_layer
 from ..optimizer import AsFTAdamW, as_anchors
+from ..penalty import AsFTPenalty, attach, attached
 from ..zero import check_client, check_config
 
 __all__ = ["AsFTTrainer", "AsFTTrainerMixin", "DriftCallback", "create_asft_optimizer", "unwrap_asft",
-           "resolve_anchors", "HONOURED_OPTIMS"]
+           "resolve_anchors", "HONOURED_OPTIMS", "optim_route"]
 
 # `TrainingArguments.optim` values whose meaning AsFTAdamW keeps (AdamW; the implementation is its own)
 HONOURED_OPTIMS = ("adamw_torch", "adamw_torch_fused")
+# optimizers that update inside backward hooks or per layer, where no step pre-hook sees the gradients
+_STEP_OUTSIDE = ("lomo", "adalomo")
+
+
+def optim_route(optim: str) -> str:
+    """"fused" (AsFTAdamW) for AdamW's names, "attach" for any other optimizer transformers builds.
+
+    Raises:
+        ValueError: an optimizer whose update does not go through `optimizer.step()`.
+    """
+    if optim in HONOURED_OPTIMS:
+        return "fused"
+    if optim in _STEP_OUTSIDE or optim.endswith("_layerwise"):
+        raise ValueError(f"AsFTTrainer cannot add the AsFT penalty to TrainingArguments(optim={optim!r}): it updates "
+                         "the parameters inside backward or per layer, outside optimizer.step(). Use another optim")
+    return "attach"
 
 
 def unwrap_asft(optimizer: Any) -> AsFTAdamW | None:
@@ -97,6 +117,9 @@ def create_asft_optimizer(trainer: Trainer, model: nn.Module, anchors: Anchors |
     return AsFTAdamW.from_model(model, anchors=anchors, no_weight_decay=no_decay, **kwargs)
 
 
+_ATTACH_OPTIONS = ("asft_lambda", "penalty", "projection", "allow_unanchored")
+
+
 class DriftCallback(TrainerCallback):
     """Adds AsFT drift metrics to every training log (and so to every reporting integration).
 
@@ -118,7 +141,7 @@ class DriftCallback(TrainerCallback):
         trainer.callback_handler.callbacks.insert(0, cb)
         return cb
 
-    def metrics(self, optimizer: AsFTAdamW) -> dict[str, float]:
+    def metrics(self, optimizer: AsFTAdamW | AsFTPenalty) -> dict[str, float]:
         sums = optimizer.drift_sums()
         if not sums:
             return {}
@@ -132,7 +155,7 @@ class DriftCallback(TrainerCallback):
         return out
 
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):  # noqa: D102
-        opt = unwrap_asft(optimizer)
+        opt: AsFTAdamW | AsFTPenalty | None = unwrap_asft(optimizer) or attached(optimizer)
         if logs is not None and opt is not None and "loss" in logs:
             metrics = self.metrics(opt)
             logs.update(metrics)
@@ -155,6 +178,9 @@ class _MicroBatchLambda(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):  # noqa: D102
         opt = unwrap_asft(self.trainer.optimizer)  # type: ignore[attr-defined]
         k = self.trainer.asft_micro_batches
+        penalty = attached(self.trainer.optimizer)  # type: ignore[attr-defined]
+        if penalty is not None and k > 0:
+            penalty.lambda_scale = float(k)
         if opt is not None and k > 0:
             self.saved = [g["asft_lambda"] for g in opt.param_groups]
             for g in opt.param_groups:
@@ -162,6 +188,9 @@ class _MicroBatchLambda(TrainerCallback):
         return control
 
     def on_optimizer_step(self, args, state, control, **kwargs):  # noqa: D102
+        penalty = attached(self.trainer.optimizer)  # type: ignore[attr-defined]
+        if penalty is not None:
+            penalty.lambda_scale = 1.0
         opt = unwrap_asft(self.trainer.optimizer)  # type: ignore[attr-defined]
         if opt is not None and self.saved is not None:
             for g, lam in zip(opt.param_groups, self.saved, strict=True):
@@ -172,18 +201,22 @@ class _MicroBatchLambda(TrainerCallback):
 
 
 class AsFTTrainerMixin:
-    """Makes a `Trainer` (sub)class train with `AsFTAdamW` and log drift.
+    """Makes a `Trainer` (sub)class train with the AsFT penalty and log drift: `AsFTAdamW` for
+    `optim="adamw_torch"`/`"adamw_torch_fused"`, else transformers' own optimizer with the penalty
+    attached (`asft_optim.attach`).
 
     Keyword args (taken before the Trainer's own):
         anchors: directions: `Anchors`, a name → tensor mapping, or the path of a directions file.
-        asft_lambda, penalty, projection, impl, allow_unanchored, ...: passed to `AsFTAdamW`.
+        asft_lambda, penalty, projection, allow_unanchored: the penalty's options; impl (and other
+            `AsFTAdamW` options in `asft_options`): AdamW names only.
         drift_per_layer: per-layer keys in the drift logs (None: no `DriftCallback`).
         lambda_per_micro_batch: use λ·k at each optimizer step, k = micro-batches in its gradient
             accumulation window, as the paper's code does by adding the penalty to every micro-batch.
 
     Raises:
-        ValueError: `args.optim` is not AdamW's (it would be ignored), `args.optim_args` is set, or
-            `optimizers` / `optimizer_cls_and_kwargs` is passed.
+        ValueError: `args.optim` updates outside `optimizer.step()` (LOMO, `_layerwise`), `optim_args`
+            with an AdamW name (AsFTAdamW would ignore them), AsFTAdamW options with another optim,
+            another optim under DeepSpeed, or `optimizers` / `optimizer_cls_and_kwargs` passed.
     """
 
     def __init__(self, *args: Any, anchors: Anchors | Mapping[str, Tensor] | str | os.PathLike,
@@ -199,14 +232,21 @@ class AsFTTrainerMixin:
         anchors = resolve_anchors(anchors)
         super().__init__(*args, **kwargs)
         optim = getattr(self.args.optim, "value", self.args.optim)  # type: ignore[attr-defined]
-        if optim not in HONOURED_OPTIMS:
-            raise ValueError(f"AsFTTrainer trains with AsFTAdamW and would ignore TrainingArguments(optim="
-                             f"{optim!r}); use optim=\"adamw_torch\" or \"adamw_torch_fused\" (lr, betas, eps "
-                             "and weight_decay are taken from the arguments)")
-        if self.args.optim_args:  # type: ignore[attr-defined]
+        self.asft_route = optim_route(optim)
+        if self.asft_route == "fused" and self.args.optim_args:  # type: ignore[attr-defined]
             raise ValueError(f"AsFTTrainer would ignore TrainingArguments(optim_args="
                              f"{self.args.optim_args!r}); pass AsFTAdamW options as keyword arguments "  # type: ignore[attr-defined]
                              "(asft_lambda=..., penalty=..., ...) instead")
+        if self.asft_route == "attach":
+            fused_only = sorted(set(options) - set(_ATTACH_OPTIONS))
+            if fused_only:
+                raise ValueError(f"AsFTTrainer: {', '.join(fused_only)} apply to AsFTAdamW (optim=\"adamw_torch\"), "
+                                 f"not to TrainingArguments(optim={optim!r}), whose optimizer transformers builds")
+            if self._deepspeed_config() is not None:
+                raise ValueError(f"AsFTTrainer: under DeepSpeed ZeRO the penalty runs inside AsFTAdamW only (ZeRO "
+                                 f"flattens the parameters of any other client optimizer into partitions that attach "
+                                 f"does not follow); use optim=\"adamw_torch\", not {optim!r}")
+        self.asft_penalty: AsFTPenalty | None = None
         if self._deepspeed_config() is not None:
             lora = any(p.requires_grad and is_lora_name(n) for n, p in self.model.named_parameters())  # type: ignore[attr-defined]
             check_config(self._deepspeed_config(), has_lora=lora)  # type: ignore[arg-type]
@@ -224,7 +264,13 @@ class AsFTTrainerMixin:
         return super().training_step(*args, **kwargs)  # type: ignore[misc]
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """Build `AsFTAdamW.from_model` on the (possibly prepared) model, once."""
+        """Build `AsFTAdamW.from_model` on the (possibly prepared) model, or the host's optimizer for
+        `args.optim` with the penalty attached, once."""
+        if self.optimizer is None and self.asft_route == "attach":  # type: ignore[has-type]
+            opt_model = self.model if model is None else model  # type: ignore[attr-defined]
+            optimizer = super().create_optimizer(opt_model)  # type: ignore[misc]
+            self.asft_penalty = attach(optimizer, opt_model, anchors=self.asft_anchors, **self.asft_options)
+            return optimizer
         if self.optimizer is None:  # type: ignore[has-type]
             opt_model = self.model if model is None else model  # type: ignore[attr-defined]
             self.optimizer = create_asft_optimizer(self, opt_model, self.asft_anchors,  # type: ignore[arg-type]

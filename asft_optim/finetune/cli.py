@@ -1,15 +1,17 @@
-"""`asft finetune`: the demo's fine-tuning and evaluation on your checkpoints and instruction data.
+"""`asft finetune`: fine-tuning and evaluation (as in the demo) on your checkpoints and instruction data.
 
     asft finetune --aligned ALIGNED --base BASE --data train.jsonl [--harmful harmful.jsonl]
                   [--lora | --full] [--methods sft,l2sp,asft] [--lambdas 1,10,100] [--out DIR]
 
 Every method fine-tunes a fresh copy of ALIGNED on the data through the same `Trainer` path
-(`finetune.train`; loss and drift printed every --logging-steps), saves it (the LoRA adapter, or the
+(`training.train`; loss and drift printed every --logging-steps), saves it (the LoRA adapter, or the
 full model) under `DIR/models/`, and is then re-evaluated from the saved files: FA on the test
-records (exact match of the greedy response), HS on the harmful prompts (any judge of `asft evaluate`;
-by default the keyword judge: a response without a refusal phrase counts), and the drift per layer of
-its update (`asft inspect`'s `drift_report`). Models not named by --save are deleted once measured.
-DIR holds one run only: `table.md`, `drift.md`, `drift.png`, `results.json`.
+records (exact match of the greedy response), HS and the refusal rate on the harmful prompts (any
+judge of `asft evaluate`; the default keyword judge sees refusals only and gives no HS), and the
+drift per layer of its update (`asft inspect`'s `drift_report`). Models not named by --save are
+deleted once measured. Input files use the one record format of `asft_optim.evaluation.records`.
+DIR holds one run only: `table.md`, `drift.md`, `drift.png`, `results.json`; it is written as a
+temporary folder beside DIR and renamed onto it when the run is complete.
 """
 
 from __future__ import annotations
@@ -27,15 +29,17 @@ from typing import Any
 import torch
 
 from ..anchors import Anchors
+from ..checkpoints import is_hub_id
 from ..directions import check_made_from, compute_directions
 from ..outputs import refuse_overlap
 from ..tempfiles import staged_dir
-from ..inspect import drift_report
+from ..inspection import drift_report
 from ..evaluation.judges import JUDGE_KINDS, load_judge
-from .evaluate import harmful_score, task_accuracy
-from .finetune import (SCHEDULERS, LoraSpec, encode, load_jsonl, load_model, parse_methods, prompt_text,
+from ..evaluation.scores import harmful_score, task_accuracy
+from ..evaluation.generation import prompt_text
+from .training import (SCHEDULERS, LoraSpec, encode, load_jsonl, load_model, parse_methods,
                        save_model, train)
-from .finetune_report import drift_table, plot_drift, results_table
+from .report import drift_table, plot_drift, results_table
 
 __all__ = ["add_cli", "run_finetune", "RUN_INFO"]
 
@@ -46,14 +50,35 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def _checkpoint(path: Path | None, what: str, flag: str) -> Path:
+    """A local checkpoint folder for `flag`: the folder itself, or a Hub id's snapshot (downloaded)."""
     if path is None:
-        raise ValueError(f"{flag} is required: the {what} checkpoint folder")
+        hint = " (or --directions FILE, directions computed from it)" if flag == "--base" else ""
+        raise ValueError(f"{flag} is required{hint}: the {what} checkpoint folder or Hub id")
+    if not path.exists() and is_hub_id(str(path)):
+        path = _snapshot(str(path), what, flag)
     if not path.exists():
-        raise FileNotFoundError(f"{what} model not found: {path} ({flag} must be a local Hugging Face "
-                                "checkpoint folder; download hub models first, e.g. with `huggingface-cli download`)")
+        raise FileNotFoundError(f"{what} model not found: {path} ({flag} takes a local Hugging Face checkpoint "
+                                "folder or a Hub id such as org/name)")
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{what} model folder {path} has no config.json: not a Hugging Face checkpoint")
+        hint = (f"; it is a LoRA adapter folder: pass its base model as {flag}" if (path / "adapter_config.json").is_file()
+                else "")
+        raise FileNotFoundError(f"{what} model folder {path} has no config.json: not a Hugging Face checkpoint{hint}")
     return path
+
+
+def _snapshot(repo: str, what: str, flag: str) -> Path:
+    """The local snapshot of a Hub model (config, tokenizer and safetensors weights), downloaded once."""
+    repo_id, _, revision = repo.partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, revision=revision or None,
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]))
+    except Exception as e:  # huggingface_hub raises many types: offline, not found, gated, HTTP
+        raise FileNotFoundError(
+            f"{flag} {repo}: not a local folder, and fetching the {what} model from the Hugging Face Hub failed "
+            f"({type(e).__name__}: {e}). On an offline machine, download it elsewhere (`hf download {repo_id} "
+            f"--local-dir DIR`) and pass DIR") from None
 
 
 def _split(records: list[dict[str, str]], fraction: float, seed: int) -> tuple[list, list]:
@@ -210,6 +235,7 @@ def run_finetune(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         lora.check_targets(start_model)
     encoded = _encode_train(tok, train_set, max_length, log)
     test_set, harmful, fa_tokens, hs_tokens = _fit_eval(tok, test_set, harmful, max_length, args.max_new_tokens, log)
+    log(_settings(args, methods, lora, max_length, len(encoded), len(test_set), harmful, judge, device))
 
     with staged_dir(out) as work:  # replaces an earlier run in `out` only once this one is complete
         (work / RUN_INFO).write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
@@ -240,7 +266,7 @@ def run_finetune(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
             t0 = time.perf_counter()
             label = f"{method.label} ({'LoRA' if lora else 'full-parameter'})"
             with tqdm(total=args.steps, unit="step", dynamic_ncols=True, desc=label) as bar:
-                def show(step: int, logs: dict[str, float], bar: Any = bar) -> None:
+                def show(step: int, logs: dict[str, float], bar: Any = bar, method: Any = method) -> None:
                     text = f"loss {logs['loss']:.4f}, lr {logs['learning_rate']:.3g}"
                     if "asft/cos" in logs:
                         text += f", cos(ΔW,d) {logs['asft/cos']:+.4f}, ‖C⊥ΔW‖/‖ΔW‖ {logs['asft/orth_ratio']:.4f}"
@@ -275,7 +301,8 @@ def run_finetune(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
                    "lora": lora is not None, "max_length": max_length, "directions": recorded and str(recorded),
                    "runs": rows, "drift": drift}
         (work / "results.json").write_text(json.dumps(results, indent=1))
-        (work / "table.md").write_text(results_table(rows))
+        (work / "table.md").write_text(results_table(rows, len(test_set), len(harmful) if harmful else 0,
+                                                     judge.kind if judge else None))
         if drift:
             (work / "drift.md").write_text(
                 "Drift per layer, ΔW = W_finetuned − W_aligned: cos(ΔW, d) (< 0: back towards the base model) and "
@@ -283,6 +310,23 @@ def run_finetune(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
             plot_drift(drift, work / "drift.png", f"drift per layer ({'LoRA' if lora else 'full-parameter'}, "
                                                  f"{args.steps} steps)")
     return results
+
+
+def _settings(args: argparse.Namespace, methods: list, lora: LoraSpec | None, max_length: int | None, n_train: int,
+              n_test: int, harmful: list | None, judge: Any, device: str) -> str:
+    """The resolved settings of a run, printed before it starts."""
+    mode = (f"LoRA r={lora.r}, alpha={lora.alpha}, targets {','.join(lora.targets)}" if lora else "full-parameter")
+    source = f"from --test {args.test}" if args.test else f"--test-fraction {args.test_fraction} of --data"
+    hs = f"{len(harmful)} harmful prompt(s) for HS (judge {judge.kind})" if harmful else "no HS (no --harmful)"
+    lines = [f"methods: {', '.join(m.label for m in methods)} ({mode})",
+             f"data: {n_train} training record(s), {n_test} test record(s) for FA ({source}), {hs}",
+             (f"training: {args.steps} step(s), lr {args.lr:g} ({args.scheduler}, warmup {args.warmup_steps}), "
+              f"batch {args.batch_size} × {args.grad_accum} accumulation, max length {max_length}, seed {args.seed}, "
+              f"{args.dtype} on {device}")]
+    if harmful and not judge.reads_harm:
+        lines.append(f"note: the {judge.kind} judge sees refusals only, not harm: the table gives the refusal rate "
+                     "and no HS (pass --judge with a QA-moderation classifier or a guard model for HS)")
+    return "\n".join(lines)
 
 
 def _saved(spec: str, methods: list) -> set[str]:
@@ -304,8 +348,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "finetune", help="fine-tune real checkpoints with SFT, L2-SP and AsFT and evaluate HS and FA",
         description=__doc__.split("\n\n")[0])
-    p.add_argument("--aligned", type=Path, required=True, help="aligned (chat) model folder: the starting point")
-    p.add_argument("--base", type=Path, default=None, help="its base model folder (for the directions)")
+    p.add_argument("--aligned", type=Path, required=True,
+                   help="aligned (chat) model folder or Hub id: the starting point")
+    p.add_argument("--base", type=Path, default=None, help="its base model folder or Hub id (for the directions)")
     p.add_argument("--directions", type=Path, default=None,
                    help="precomputed directions file (asft directions); replaces --base")
     p.add_argument("--allow-mismatch", action="store_true",
@@ -327,8 +372,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--lora", action="store_true", help="train a peft LoRA adapter (default)")
     mode.add_argument("--full", action="store_true", help="train all parameters")
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank r")
+    p.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (the update is scaled by alpha/r)")
     p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module names")
     p.add_argument("--methods", default="sft,l2sp,asft", help="comma-separated: sft, l2sp, asft")
     p.add_argument("--lambdas", default="1,10,100", help="λ values for l2sp and asft")
@@ -345,7 +390,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="response length for HS")
     p.add_argument("--eval-batch-size", type=int, default=16, help="prompts per generation batch")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="model weights dtype")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, data order and LoRA initialisation")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=Path("asft_finetune_out"), help="output folder (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier asft finetune run in --out")
