@@ -11,11 +11,11 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from asft_optim import cli  # noqa: E402
-from asft_optim.evaluation.judges import QA_PROMPT, GuardJudge  # noqa: E402
-from asft_optim.evaluation.scoring import final_number, matches  # noqa: E402
+from asft_optim import cli
+from asft_optim.evaluation.judges import QA_PROMPT, GuardJudge
+from asft_optim.evaluation.scoring import final_number, matches
 
-from . import fixtures as em  # noqa: E402
+from . import fixtures as em
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -24,7 +24,8 @@ def _python(code: str) -> subprocess.CompletedProcess:
 def test_numpy_is_needed_and_declared(tmp_path, monkeypatch):
     path = Anchors.from_tensors({"w": torch.ones(3)}).save(tmp_path / "d.safetensors")
     # without numpy, the README's first line fails (what a user saw with numpy missing) ...
-    run = _python(f"import sys; sys.modules['numpy'] = None\nfrom asft_optim import Anchors\nAnchors.load({str(path)!r})")
+    run = _python(f"import sys; sys.modules['numpy'] = None\nfrom asft_optim import Anchors\n"
+                  f"Anchors.load({str(path)!r})")
     assert run.returncode != 0 and "Numpy is not available" in run.stderr
     # ... so setup.py installs it with the package, not only with an extra
     seen: dict = {}
