@@ -35,7 +35,7 @@ setup(
         "plot": ["matplotlib>=3.7"],
         "eval": ["datasets>=2.14"],
         "deepspeed": ["deepspeed>=0.19"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "trl>=0.20"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "trl>=0.20", "ruff>=0.17", "mypy>=2.4"],
         "bench": ["pytest-benchmark>=4", "psutil>=5.9"],
     },
     entry_points={"console_scripts": ["asft=asft_optim.cli:main"]},
