@@ -72,6 +72,7 @@ def test_readme_commands_do_the_whole_setup_and_ci_runs_the_same_tests():
         assert steps[2].startswith('pip install "torch==2.13.0+cpu"') and steps[3].startswith("pip install -e \".[")
         assert steps[-1] == run
     assert '.[hf,plot]' in demo  # what `asft demo` needs (tests/test_install.py: the extras message)
+    assert tests.split(" && ")[-3:-1] == ["ruff check .", "mypy"]  # lint and types first (pyproject.toml)
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert tests.replace(". .venv/bin/activate", '. "$VENV"/bin/activate').replace(
         "-m venv .venv", '-m venv "$VENV"') in ci
