@@ -17,10 +17,10 @@ pytest.importorskip("peft")
 from transformers import AutoTokenizer
 
 from asft_optim import cli
-from asft_optim.demo.evaluate import harmful_score, task_accuracy
+from asft_optim.demo.evaluate import ToyJudge, harmful_score, task_accuracy
 from asft_optim.demo.language import Language, LanguageConfig
 from asft_optim.demo.models import ModelRecipe, _new_model, build_tokenizer
-from asft_optim.evaluation.judges import KeywordJudge, ToyJudge, load_judge
+from asft_optim.evaluation.judges import KeywordJudge, load_judge
 from asft_optim.finetune.training import Method, encode, load_jsonl, load_model, save_model, train
 
 from . import fixtures as em
