@@ -36,9 +36,9 @@ setup(
         "eval": ["datasets>=2.14"],
         "deepspeed": ["deepspeed>=0.19"],
         # bitsandbytes (8-bit optimizers, 4-bit QLoRA bases on CPU: 0.50 tested), torchao, schedulefree:
-        # the optimizers `attach` is tested with
+        # the optimizers `attach` is tested with; ruff, mypy: the lint and type checks (pyproject.toml)
         "test": ["pytest>=8", "hypothesis>=6.100", "trl>=0.20", "bitsandbytes>=0.50", "torchao>=0.10",
-                 "schedulefree>=1.4"],
+                 "schedulefree>=1.4", "ruff>=0.17", "mypy>=2.4"],
         "bench": ["pytest-benchmark>=4", "psutil>=5.9"],
     },
     # asft-llamafactory: LLaMA-Factory with AsFT (install llamafactory yourself: it pins its own transformers)

@@ -92,6 +92,7 @@ class Anchors(Mapping[str, torch.Tensor]):
             self.metadata.pop("fingerprint", None)  # someone else's claim: never trusted for these tensors
             self._fingerprint: str | None = None
         else:
+            assert self.path is not None  # exactly one of tensors and path
             self._identity = _file_identity(self.path)
             with safe_open(str(self.path), framework="pt", device="cpu") as f:
                 for name in f.keys():
@@ -240,6 +241,7 @@ class Anchors(Mapping[str, torch.Tensor]):
     def _check_unchanged(self) -> None:
         """Raise if the backing file is no longer the one opened (checked after each read: a read
         that raced with a replacement is refused too)."""
+        assert self.path is not None  # called for file-backed directions only
         if _file_identity(self.path) != self._identity:
             raise RuntimeError(
                 f"directions file {self.path} changed after Anchors.load (its inode, size or "

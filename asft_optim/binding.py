@@ -13,6 +13,7 @@ import enum
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
@@ -22,6 +23,9 @@ from .anchors import Anchors, normalize_name
 from .functional import BoundDirection, bind_direction
 from .lora import LoraLayout, LoraPair, bind_lora_direction, is_lora_name
 from .zero import lora_refusal, original_shape
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["Kind", "Binding", "bind_group", "anchor_key", "zero_binding"]
 
@@ -112,7 +116,7 @@ def bind_group(named: Iterable[tuple[str, Tensor]], anchors: Anchors, lora: Lora
                     "AsFTAdamW.from_model(model, anchors=..., **adamw_kwargs)")
             raise ValueError(f"LoRA parameter '{name}' is not in the LoRA layout given to AsFTAdamW; "
                              "build the optimizer with AsFTAdamW.from_model(model, ...) on this model")
-        if in_layout:
+        if lora is not None and in_layout:
             pair, which = lora.by_param[name]
             if _dist.is_dtensor(p):
                 raise NotImplementedError(f"LoRA parameter '{name}' is a DTensor: AsFTAdamW supports "
@@ -141,7 +145,7 @@ def bind_group(named: Iterable[tuple[str, Tensor]], anchors: Anchors, lora: Lora
         if bound.is_zero:
             zero.append(name)
     sharded = bind_shards(shards, anchors, lora)
-    zero += [n for n, b in sharded.items() if b.direction.is_zero]
+    zero += [n for n, b in sharded.items() if b.direction is not None and b.direction.is_zero]
     out.update(sharded)
     if zero:
         warnings.warn(f"AsFT: the direction is zero for {len(zero)} tensor(s): {', '.join(zero[:20])}"
@@ -174,5 +178,5 @@ def bind_shards(named: list[tuple[str, Tensor]], anchors: Anchors, lora: LoraLay
     """SHARD bindings of DTensor parameters that have directions (collective; see
     `distributed.bind_sharded`)."""
     keys = [anchor_key(n, lora) for n, _ in named]
-    bounds = _dist.bind_sharded(anchors, [(k, p) for k, (_, p) in zip(keys, named)])
+    bounds = _dist.bind_sharded(anchors, [(k, cast("DTensor", p)) for k, (_, p) in zip(keys, named)])
     return {name: Binding(name, Kind.SHARD, key, bound) for (name, _), key, bound in zip(named, keys, bounds)}

@@ -143,7 +143,7 @@ class Checkpoint:
         if n == 0:
             return out
         itemsize = info.nbytes // info.numel
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        view = out.reshape(-1).view(torch.uint8).numpy().data
         with open(info.file, "rb", buffering=0) as fh:
             _pread_exact(fh, view, info.offset + start * itemsize, info, n * itemsize)
         return out

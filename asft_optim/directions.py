@@ -286,7 +286,7 @@ class _StreamingWriter:
 
     def write(self, name: str, piece: torch.Tensor) -> None:
         """Append the bytes of `piece` (contiguous, output dtype) to the data of tensor `name`."""
-        self._fh.write(memoryview(piece.view(torch.uint8).numpy()))
+        self._fh.write(piece.view(torch.uint8).numpy().data)
 
     def commit(self, fingerprint: str) -> None:
         if self._fh.tell() != self._end:
@@ -296,6 +296,7 @@ class _StreamingWriter:
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
+        assert self.tmp is not None, "commit after commit or discard"
         os.replace(self.tmp, self.path)
         release_temp(self.tmp, remove=False)
         self.tmp = None
@@ -329,8 +330,9 @@ def _stream(bc: Checkpoint, ac: Checkpoint, plans: list[_Plan], chunk_elems: int
         return b[:n]
 
     def emit(name: str, piece: torch.Tensor, full: torch.Tensor | None, start: int) -> None:
-        h.update(memoryview(piece.view(torch.uint8).numpy()))
+        h.update(piece.view(torch.uint8).numpy().data)
         if full is None:
+            assert isinstance(sink, _StreamingWriter)  # a dict sink gets a `full` tensor per direction
             sink.write(name, piece)
         else:
             full.view(-1)[start:start + piece.numel()] = piece
@@ -342,6 +344,7 @@ def _stream(bc: Checkpoint, ac: Checkpoint, plans: list[_Plan], chunk_elems: int
         for i, p in enumerate(plans):
             bar.set_postfix_str(f"tensor {i + 1}/{len(plans)}", refresh=False)
             ib, ia = bc.tensors[p.name], ac.tensors[p.name]
+            assert ib.dtype is not None and ia.dtype is not None  # `_plan` keeps floating-point tensors only
             cdtype = torch.float64 if torch.float64 in (ib.dtype, ia.dtype, p.out_dtype) else torch.float32
             worker.submit(h.update, fingerprint_entry(p.key, p.out_dtype, p.shape))
             full = None
@@ -353,8 +356,9 @@ def _stream(bc: Checkpoint, ac: Checkpoint, plans: list[_Plan], chunk_elems: int
                 a = ac.read_into(p.name, buffer("a", ia.dtype, n), start)
                 b = bc.read_into(p.name, buffer("b", ib.dtype, n), start)
                 slot = k % 2
-                if pending[slot] is not None:
-                    pending[slot].result()  # its buffer is free again (and its errors surface here)
+                busy = pending[slot]
+                if busy is not None:
+                    busy.result()  # its buffer is free again (and its errors surface here)
                 out = buffer(f"out{slot}", p.out_dtype, n)
                 if a.dtype == b.dtype == p.out_dtype and cdtype != torch.float64:
                     # torch computes bf16/fp16 arithmetic in fp32 and rounds once: the same values as

@@ -20,7 +20,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -145,7 +145,7 @@ def penalty_reference(p: Tensor, w0: Tensor, bound: BoundDirection, penalty: Pen
 @torch.no_grad()
 def penalised_grads_reference(grads: list[Tensor], params: list[Tensor], w0s: list[Tensor],
                               bounds: list[BoundDirection], coef: float, penalty: Penalty,
-                              dots: Sequence[Tensor | None] | None = None) -> list[Tensor]:
+                              dots: Sequence[Tensor | None] | Tensor | None = None) -> list[Tensor]:
     """g̃ = g + coef·R per tensor, each a new tensor in the gradient's dtype (summed in fp32, fp64
     for fp64 parameters).
 
@@ -179,7 +179,8 @@ class StepTensors(NamedTuple):
 
 
 @torch.no_grad()
-def asft_adamw(t: StepTensors, *, coef: float, penalty: Penalty, impl: str, **adam_kwargs) -> list[Tensor] | None:
+def asft_adamw(t: StepTensors, *, coef: float, penalty: Penalty, impl: str,
+               **adam_kwargs) -> list[Tensor | None] | Tensor | None:
     """AdamW on g̃ = g + coef·R for every tensor of `t`: the one functional entry of the PyTorch paths.
 
     impl "reference": the obvious formula (`penalised_grads_reference`, then torch's `adam`); returns
@@ -227,7 +228,7 @@ def asft_adamw(t: StepTensors, *, coef: float, penalty: Penalty, impl: str, **ad
     for i in rest:
         by_device.setdefault(t.params[i].device, []).append(i)
     for idx in by_device.values():
-        sub = [[] if k == 4 and not amsgrad else [xs[i] for i in idx] for k, xs in enumerate(t)]
+        sub: list[list[Any]] = [[] if k == 4 and not amsgrad else [xs[i] for i in idx] for k, xs in enumerate(t)]
         dots = sub[8]
         # a carried dot at least as precise as this path's own (a native float64 dot for fp32 p) is
         # used cast; a less precise one (fp32 for an fp64 p) is recomputed
@@ -238,8 +239,9 @@ def asft_adamw(t: StepTensors, *, coef: float, penalty: Penalty, impl: str, **ad
             fresh = partial_dots([sub[0][j] for j in stale], [sub[6][j] for j in stale], [sub[7][j] for j in stale])
             for k, j in enumerate(stale):
                 dots[j] = fresh[k].to(acc_dtype(sub[0][j].dtype))
-        new = asft_adamw_(*sub[:8], dots, coef=coef, penalty=penalty, **adam_kwargs)
-        for i, d in zip(idx, new):
+        carried = asft_adamw_(sub[0], sub[1], sub[2], sub[3], sub[4], sub[5], sub[6], sub[7], dots, coef=coef,
+                              penalty=penalty, **adam_kwargs)
+        for i, d in zip(idx, carried):
             out[i] = d
     return out
 
@@ -261,8 +263,10 @@ def _native_applies(t: StepTensors, kw: dict) -> bool:
     if not _said_path:
         _said_path = True
         if ok:
+            info = native.build_info()
+            assert info is not None  # available() loaded the library, which sets its build info
             logging.getLogger(__name__).info("AsFTAdamW: CPU tensors step through the native kernel (%s)",
-                                             native.build_info().path)
+                                             info.path)
         else:
             warnings.warn(f"AsFTAdamW: the native CPU kernel is unavailable ({native.reason()}); using the "
                           "slower PyTorch path", stacklevel=4)
@@ -276,7 +280,8 @@ def _native_step(t: StepTensors, coef: float, penalty: Penalty, kw: dict
     tensor, the indices of `t` left for the other path)."""
     idx = [i for i, p in enumerate(t.params) if p.device.type == "cpu"]
     other = [i for i, p in enumerate(t.params) if p.device.type != "cpu"]
-    sel = t if not other else StepTensors(*([] if k == 4 else [xs[i] for i in idx] for k, xs in enumerate(t)))
+    sel = t if not other else StepTensors(*([] if k == 4 else [xs[i] for i in idx]  # type: ignore[arg-type]
+                                            for k, xs in enumerate(t)))
     dots = list(sel.dots)
     stale = [j for j, d in enumerate(dots) if d is None]
     if stale:  # a tensor the fold cannot read gets 0 here and is skipped by the step's own check
@@ -304,7 +309,8 @@ def dense_flat(t: Tensor) -> Tensor | None:
     """A 1-D view of `t` in memory order if `t` is dense and non-overlapping, else None."""
     if t.is_contiguous():
         return t.view(-1)
-    order = sorted(range(t.dim()), key=lambda i: -t.stride(i))
+    strides = t.stride()
+    order = sorted(range(t.dim()), key=lambda i: -strides[i])
     perm = t.permute(order)
     return perm.view(-1) if perm.is_contiguous() else None
 
@@ -327,14 +333,14 @@ def partial_dots(params: list[Tensor], w0s: list[Tensor], bounds: list[BoundDire
     for i, (p, w0, b) in enumerate(zip(params, w0s, bounds, strict=True)):
         if p.numel() == 0:
             continue
-        flats = [dense_flat(x) for x in (p, w0, b.v)]
-        if any(f is None for f in flats) or not all(x.stride() == p.stride() for x in (w0, b.v)):
+        fp, fw0, fv = (dense_flat(x) for x in (p, w0, b.v))
+        if fp is None or fw0 is None or fv is None or not all(x.stride() == p.stride() for x in (w0, b.v)):
             out[i] = _dot_whole(p, w0, b.v)
         else:
             acc = acc_dtype(p.dtype)
             if acc not in scratch:
                 scratch[acc] = torch.empty(chunk, device=device, dtype=acc)
-            out[i] = _dot_chunked(*flats, scratch[acc], chunk)
+            out[i] = _dot_chunked(fp, fw0, fv, scratch[acc], chunk)
     return out
 
 
@@ -415,7 +421,7 @@ def asft_adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
             xs.append(max_exp_avg_sqs[i])
         fl = [dense_flat(x) for x in xs]
         regular = all(f is not None for f in fl) and all(x.stride() == p.stride() for x in xs)
-        flats.append(fl if regular else None)
+        flats.append(cast(list[Tensor], fl) if regular else None)
         size = p.numel()
         if regular:
             pieces.extend((i, lo, min(lo + chunk, size)) for lo in range(0, size, chunk))
@@ -454,7 +460,7 @@ def asft_adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
                 if x is not None:
                     views[k].append(x)
             views[5].append(steps[i].clone())
-        adam(*views, **adam_kwargs)
+        adam(views[0], views[1], views[2], views[3], views[4], views[5], **adam_kwargs)
         for i, lo, hi in batch:
             fl = flats[i]
             if fl is None:

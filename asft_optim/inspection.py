@@ -163,7 +163,8 @@ def drift_report(directions: str | os.PathLike, model: str | os.PathLike,
     """
     if is_adapter_folder(model):
         if start is not None:
-            raise CheckpointError(f"{model} is a LoRA adapter: its update s·B·A is ΔW itself, so --start does not apply")
+            raise CheckpointError(f"{model} is a LoRA adapter: its update s·B·A is ΔW itself, "
+                                  "so --start does not apply")
         return _adapter_drift(directions, model)
     metadata, dck, keys = _open_directions(directions)
     start = start if start is not None else metadata.get("aligned")
@@ -181,8 +182,8 @@ def drift_report(directions: str | os.PathLike, model: str | os.PathLike,
             continue
         shape = dck.tensors[name].shape
         acc = [0.0, 0.0, 0.0, 0]
-        for d, w, w0 in zip(dck.iter_chunks(name, _CHUNK), _pieces(fck, fmap[key], shape), _pieces(sck, smap[key], shape),
-                             strict=True):
+        for d, w, w0 in zip(dck.iter_chunks(name, _CHUNK), _pieces(fck, fmap[key], shape),
+                            _pieces(sck, smap[key], shape), strict=True):
             s = sums(w.double() - w0.double(), d)
             acc = [a + b for a, b in zip(acc, s, strict=True)]
         tensor_sums[name] = (acc[0], acc[1], acc[2], int(acc[3]))
@@ -263,8 +264,11 @@ def plot_drift(per_tensor: dict[str, Drift], layers: dict[str, Drift], path: str
 # ------------------------------------------------------------------------------------------ tables
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 

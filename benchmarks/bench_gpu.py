@@ -60,6 +60,7 @@ DRY = "--dry" in sys.argv
 if DRY:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
+# E402 is silenced below: torch and triton are imported after TRITON_INTERPRET is set
 import torch  # noqa: E402
 import triton  # noqa: E402
 
@@ -79,7 +80,8 @@ ALLOWED_ULP = 1.0  # half-precision stored values vs the float64 step, per eleme
 CANCEL = 2.0 ** -18  # where a result cancels: allowed error relative to the magnitude of its terms
 FP32_RTOL = 1e-6  # fp32: |Δ| ≤ FP32_RTOL·(1 + |p|), the tests' criterion
 SECTIONS = ("checks", "timing", "big", "host")
-LLAMA_1B = dict(target=1_000_000_000, hidden=2048, inter=5632, kv=256, vocab=32000)  # 183 tensors, 494,121 blocks of 2048
+# 183 tensors, 494,121 blocks of 2048
+LLAMA_1B = dict(target=1_000_000_000, hidden=2048, inter=5632, kv=256, vocab=32000)
 
 
 def tested_copy() -> dict[str, str]:
@@ -566,11 +568,11 @@ def host_time(rep: Report, label: str, shapes, device, steps: int) -> None:
             opt = AsFTAdamW(list(params.items()), lr=1e-5, anchors=anchors_of(dirs), impl="triton")
         del dirs, zeros
         for p in params.values():
-            opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.empty_like(p), "exp_avg_sq": torch.empty_like(p),
-                            "w0": torch.empty_like(p, dtype=torch.bfloat16)}
+            opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.empty_like(p),
+                            "exp_avg_sq": torch.empty_like(p), "w0": torch.empty_like(p, dtype=torch.bfloat16)}
         for mode in ("realloc", "inplace"):
             times = []
-            for i in range(steps + 3):
+            for _ in range(steps + 3):
                 for p in params.values():
                     if mode == "realloc" or p.grad is None:
                         p.grad = torch.empty_like(p)

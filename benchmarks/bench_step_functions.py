@@ -21,6 +21,7 @@ from torch.optim.adam import adam
 
 from asft_optim import native
 from asft_optim.functional import asft_adamw_, bind_direction, partial_dots
+
 from bench_optimizer import SHAPES  # this folder is on sys.path when the script runs
 
 

@@ -47,7 +47,7 @@ def step_times(stage: int, asft: bool, rank: int) -> list[float]:
     engine, _, _, _ = deepspeed.initialize(model=m, optimizer=opt, config=config)
     x = torch.randn(4, WIDTH, generator=torch.Generator().manual_seed(rank))
     times = []
-    for step in range(WARMUP + STEPS):
+    for _ in range(WARMUP + STEPS):
         engine.backward(engine(x).square().mean())
         dist.barrier()
         t0 = time.perf_counter()

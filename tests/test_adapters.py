@@ -51,10 +51,12 @@ def test_check_fits_and_drift_sums(tmp_path):
                             "update is 5×6 (an adapter made for another base model?)")
     with pytest.raises(ValueError) as e:
         check_fits(ad, {}, "m")
-    assert str(e.value) == (f"adapter {tmp_path / 'a'} does not fit model m: it adapts 'model.layers.0.self_attn.q_proj', "
-                            "which the model does not have (an adapter made for another base model?)")
+    assert str(e.value) == (f"adapter {tmp_path / 'a'} does not fit model m: it adapts "
+                            "'model.layers.0.self_attn.q_proj', which the model does not have (an adapter made for "
+                            "another base model?)")
     d = torch.randn(5, 6, dtype=torch.float64)
-    dw = (8 / 3) * tensors[f"{P}.self_attn.q_proj.lora_B.weight"].double() @ tensors[f"{P}.self_attn.q_proj.lora_A.weight"].double()
+    lora = f"{P}.self_attn.q_proj.lora_"
+    dw = (8 / 3) * tensors[lora + "B.weight"].double() @ tensors[lora + "A.weight"].double()
     xx, uu, xu, n = adapter_drift_sums(ad, ad.modules[0], lambda first, count: d[first:first + count])
     assert (xx, uu, xu) == pytest.approx((float(dw.square().sum()), float(d.square().sum()), float((dw * d).sum())),
                                          rel=1e-12) and n == 30
@@ -84,8 +86,8 @@ def test_refusals(tmp_path):
             open_adapter(tmp_path / key)
         assert str(e.value) == msg, key
     (tmp_path / "noconfig").mkdir()
-    with pytest.raises(CheckpointError, match="^" + f"adapter folder {tmp_path / 'noconfig'} has no adapter_config.json: "
-                                                    "not a peft adapter$"):
+    with pytest.raises(CheckpointError, match="^" + f"adapter folder {tmp_path / 'noconfig'} has no "
+                                                    "adapter_config.json: not a peft adapter$"):
         open_adapter(tmp_path / "noconfig")
     nofile = _folder(tmp_path / "noweights", q)
     (nofile / w).unlink()
@@ -97,5 +99,6 @@ def test_refusals(tmp_path):
     assert ad.others == (f"{P}.self_attn.q_proj.lora_B.bias",)
     with pytest.raises(CheckpointError) as e:
         ad.require_plain_lora("projected")
-    assert str(e.value) == (f"{tmp_path / 'bias' / w}: tensor '{P}.self_attn.q_proj.lora_B.bias' is not a lora_A/lora_B "
-                            "weight (DoRA magnitudes, embedding adapters, lora_bias and modules_to_save cannot be projected)")
+    assert str(e.value) == (f"{tmp_path / 'bias' / w}: tensor '{P}.self_attn.q_proj.lora_B.bias' is not a "
+                            "lora_A/lora_B weight (DoRA magnitudes, embedding adapters, lora_bias and "
+                            "modules_to_save cannot be projected)")

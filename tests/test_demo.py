@@ -14,15 +14,13 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("matplotlib")
 
-from asft_optim import cli  # noqa: E402
-from asft_optim.finetune.training import load_model  # noqa: E402
-from asft_optim.demo.landscape import effective_length, normalise  # noqa: E402
-from asft_optim.demo.language import Language, LanguageConfig, classify_response  # noqa: E402
-from asft_optim.demo.models import ensure_models  # noqa: E402
-from asft_optim.demo.run import DemoConfig, evaluate_saved, sft_warnings  # noqa: E402
-from asft_optim.metrics import per_layer, sums  # noqa: E402
-
-
+from asft_optim import cli
+from asft_optim.demo.landscape import effective_length, normalise
+from asft_optim.demo.language import Language, LanguageConfig, classify_response
+from asft_optim.demo.models import ensure_models
+from asft_optim.demo.run import DemoConfig, evaluate_saved, sft_warnings
+from asft_optim.finetune.training import load_model
+from asft_optim.metrics import per_layer, sums
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

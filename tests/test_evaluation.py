@@ -11,11 +11,11 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from asft_optim import cli  # noqa: E402
-from asft_optim.evaluation.judges import QA_PROMPT, GuardJudge  # noqa: E402
-from asft_optim.evaluation.scoring import final_number, matches  # noqa: E402
+from asft_optim import cli
+from asft_optim.evaluation.judges import QA_PROMPT, GuardJudge
+from asft_optim.evaluation.scoring import final_number, matches
 
-from . import fixtures as em  # noqa: E402
+from . import fixtures as em
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -461,7 +461,8 @@ def test_one_harmful_score_and_judges_that_see_no_harm(monkeypatch):
     responses = ["I'm sorry, no", "sure: step 1", "I cannot", "ok"]
     monkeypatch.setattr(scores, "greedy_responses", lambda *a, **k: responses)
     prompts, groups = [{"instruction": f"p{i}"} for i in range(4)], ["a", "b", "a", "b"]
-    assert scores.harmful_score(None, None, prompts, KeywordJudge(), groups=groups) == (None, 0.5, {"a": None, "b": None})
+    assert scores.harmful_score(None, None, prompts, KeywordJudge(), groups=groups) == (
+        None, 0.5, {"a": None, "b": None})
 
     class Blind(Judge):  # reads_harm stays True, but no verdict on harm
         def judge(self, prompts, responses, on_batch=None):
@@ -484,7 +485,8 @@ def test_compare_plot_keeps_dodged_markers_inside_0_100(tmp_path):
             ("mid", res(50.0, 20.0)), ("sft", res(100.0, 90.0)), ("asft", res(100.0, 10.0, 80.0)),
             ("l2sp", res(100.0, 50.0))]
     points, missing = plot_points(rows)
-    assert missing == ["keyword"] and [p["label"] for p in points] == ["broken", "broken2", "mid", "sft", "asft", "l2sp"]
+    assert missing == ["keyword"]
+    assert [p["label"] for p in points] == ["broken", "broken2", "mid", "sft", "asft", "l2sp"]
     xs = {p["label"]: p["x"] for p in points}
     assert all(0 <= x <= 100 for x in xs.values()), xs
     assert xs["sft"] < xs["asft"] < xs["l2sp"] and xs["broken"] < xs["broken2"]  # the fan keeps its order

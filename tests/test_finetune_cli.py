@@ -14,17 +14,16 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from asft_optim import cli  # noqa: E402
-from asft_optim.demo.evaluate import ToyJudge, harmful_score, task_accuracy  # noqa: E402
-from asft_optim.finetune.training import Method, encode, load_jsonl, load_model, save_model, train  # noqa: E402
-from asft_optim.demo.language import Language, LanguageConfig  # noqa: E402
-from asft_optim.demo.models import ModelRecipe, _new_model, build_tokenizer  # noqa: E402
-from asft_optim.evaluation.judges import KeywordJudge, load_judge  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
+from transformers import AutoTokenizer
 
-from . import fixtures as em  # noqa: E402
+from asft_optim import cli
+from asft_optim.demo.evaluate import ToyJudge, harmful_score, task_accuracy
+from asft_optim.demo.language import Language, LanguageConfig
+from asft_optim.demo.models import ModelRecipe, _new_model, build_tokenizer
+from asft_optim.evaluation.judges import KeywordJudge, load_judge
+from asft_optim.finetune.training import Method, encode, load_jsonl, load_model, save_model, train
 
-
+from . import fixtures as em
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -302,7 +301,8 @@ def test_never_mix_two_runs_in_one_folder(setup, tmp_path, capsys):
     res = json.loads((out / "results.json").read_text())
     saved = out / "models" / "sft"
     assert res["lora"] is False and (saved / "model.safetensors").is_file()
-    assert not (saved / "adapter_config.json").exists() and not (out / "models" / "sft" / "adapter_model.safetensors").exists()
+    assert not (saved / "adapter_config.json").exists()
+    assert not (out / "models" / "sft" / "adapter_model.safetensors").exists()
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
@@ -320,7 +320,8 @@ def test_save_model_replaces_its_own_folder_only(setup, tmp_path):
     from asft_optim.finetune.training import LoraSpec
 
     target = tmp_path / "m"
-    save_model(LoraSpec(targets=("q_proj",)).apply(load_model(root / "aligned")), tok, target, {"start": str(root / "aligned")})
+    save_model(LoraSpec(targets=("q_proj",)).apply(load_model(root / "aligned")), tok, target,
+               {"start": str(root / "aligned")})
     assert (target / "adapter_config.json").is_file()
     save_model(load_model(root / "aligned"), tok, target, {"run": 2})
     assert not (target / "adapter_config.json").exists() and (target / "model.safetensors").is_file()

@@ -219,7 +219,8 @@ def test_drift_of_a_gpt2_adapter_fan_in_fan_out(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         anchors = compute_directions(tmp_path / "base", tmp_path / "aligned", tmp_path / "d.safetensors", dtype="fp32")
-    merged = em.lora_adapter(base, tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    merged = em.lora_adapter(base, tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["c_attn"],
+                             fan_in_fan_out=True)
     d = {n: anchors[n] for n in start if n in anchors}
     _check_adapter_drift(tmp_path / "d.safetensors", tmp_path / "adapter", start, merged, d,
                          {"transformer.h.0.attn.c_attn.weight"})
@@ -257,7 +258,8 @@ def test_plot_never_overwrites_silently_nor_lands_on_an_input(setup, tmp_path, c
     assert main(["inspect", d, "--model", str(model), "--plot", str(png), "--overwrite"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     before = {p: p.read_bytes() for p in (model, root / "d.safetensors", root / "tuned" / "model.safetensors")}
-    for plot, says in ((model, f"--plot {model} is the --model input"), (root / "d.safetensors", "is the DIRECTIONS input"),
+    for plot, says in ((model, f"--plot {model} is the --model input"),
+                       (root / "d.safetensors", "is the DIRECTIONS input"),
                        (root / "tuned" / "drift.png", f"lies inside the --model folder {root / 'tuned'}")):
         capsys.readouterr()
         target = str(root / "tuned") if "folder" in says else str(model)
@@ -304,6 +306,7 @@ def test_drift_report_and_tables_in_depth_order_untrained_not_zero(setup, tmp_pa
     adapter = tmp_path / "ad"
     em.lora_adapter(transformers.LlamaForCausalLM.from_pretrained(root / "aligned"), adapter, target_modules=["q_proj"])
     assert main(["inspect", str(root / "d.safetensors"), "--model", str(adapter), "--no-plot", "--layers-only"]) == 0
-    rows = {r.split()[0]: r.split()[1:] for r in capsys.readouterr().out.splitlines() if r.startswith(("model.", "lm_"))}
+    rows = {r.split()[0]: r.split()[1:] for r in capsys.readouterr().out.splitlines()
+            if r.startswith(("model.", "lm_"))}
     assert list(rows) == ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "lm_head"]
     assert rows["lm_head"][2:] == ["–", "–", "(not", "trained)"] and rows["model.layers.0"][-1] != "trained)"

@@ -24,7 +24,8 @@ def _python(code: str) -> subprocess.CompletedProcess:
 def test_numpy_is_needed_and_declared(tmp_path, monkeypatch):
     path = Anchors.from_tensors({"w": torch.ones(3)}).save(tmp_path / "d.safetensors")
     # without numpy, the README's first line fails (what a user saw with numpy missing) ...
-    run = _python(f"import sys; sys.modules['numpy'] = None\nfrom asft_optim import Anchors\nAnchors.load({str(path)!r})")
+    run = _python(f"import sys; sys.modules['numpy'] = None\nfrom asft_optim import Anchors\n"
+                  f"Anchors.load({str(path)!r})")
     assert run.returncode != 0 and "Numpy is not available" in run.stderr
     # ... so setup.py installs it with the package, not only with an extra
     seen: dict = {}
@@ -71,6 +72,7 @@ def test_readme_commands_do_the_whole_setup_and_ci_runs_the_same_tests():
         assert steps[2].startswith('pip install "torch==2.13.0+cpu"') and steps[3].startswith("pip install -e \".[")
         assert steps[-1] == run
     assert '.[hf,plot]' in demo  # what `asft demo` needs (tests/test_install.py: the extras message)
+    assert tests.split(" && ")[-3:-1] == ["ruff check .", "mypy"]  # lint and types first (pyproject.toml)
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert tests.replace(". .venv/bin/activate", '. "$VENV"/bin/activate').replace(
         "-m venv .venv", '-m venv "$VENV"') in ci

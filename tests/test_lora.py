@@ -13,10 +13,10 @@ from torch import nn
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from asft_optim import AsFTAdamW, Anchors  # noqa: E402
+# E402 is silenced below: these imports need the importorskip guards above
+from asft_optim import Anchors, AsFTAdamW  # noqa: E402
 from asft_optim.functional import bind_direction  # noqa: E402
-from asft_optim.lora import (lora_layout, lora_penalty_grads, lora_penalty_grads_reference,  # noqa: E402
-                             pair_lora_names)
+from asft_optim.lora import lora_layout, lora_penalty_grads, lora_penalty_grads_reference, pair_lora_names  # noqa: E402
 
 IN, OUT = 40, 56
 

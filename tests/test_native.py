@@ -66,7 +66,7 @@ def _tensors(shapes, seed=0, w0_dtype=torch.float32, v_dtype=torch.float32, layo
     g = torch.Generator().manual_seed(seed)
     out = []
     for shape in shapes:
-        def new(scale=1.0):
+        def new(scale=1.0, shape=shape):
             x = torch.randn(shape, generator=g) * scale
             if layout == "transposed" and x.dim() == 2:
                 x = x.t().contiguous().t()
@@ -275,26 +275,32 @@ def test_errors_name_the_tensor():
         args = dict(params=p, grads=g, exp_avgs=m, exp_avg_sqs=s, w0s=w0, directions=v, cs=cs, steps=steps) | over
         native.asft_adamw_native_(*args.values(), **kw)
 
-    with pytest.raises(ValueError, match=r"^asft_adamw_native_: params\[1\] has dtype Half, expected Float or BFloat16$"):
+    with pytest.raises(ValueError,
+                       match=r"^asft_adamw_native_: params\[1\] has dtype Half, expected Float or BFloat16$"):
         call(params=[p[0], p[1].half()])
     with pytest.raises(ValueError, match=r"^asft_adamw_native_: grads\[0\] has dtype BFloat16, params\[0\] has Float$"):
         call(grads=[g[0].bfloat16(), g[1]])
     with pytest.raises(ValueError, match=r"^asft_adamw_native_: exp_avgs\[1\] has dtype BFloat16, expected Float$"):
         call(exp_avgs=[m[0], m[1].bfloat16()])  # bf16 moments only with bf16 params
-    with pytest.raises(ValueError, match=r"^asft_adamw_native_: exp_avg_sqs\[0\] has dtype Float, exp_avgs\[0\] has BFloat16$"):
+    with pytest.raises(ValueError,
+                       match=r"^asft_adamw_native_: exp_avg_sqs\[0\] has dtype Float, exp_avgs\[0\] has BFloat16$"):
         call(params=[p[0].bfloat16(), p[1]], grads=[g[0].bfloat16(), g[1]], exp_avgs=[m[0].bfloat16(), m[1]])
-    with pytest.raises(ValueError, match=r"^asft_adamw_native_: grads\[0\] has strides \(1, 3\), params\[0\] has \(4, 1\)$"):
+    with pytest.raises(ValueError,
+                       match=r"^asft_adamw_native_: grads\[0\] has strides \(1, 3\), params\[0\] has \(4, 1\)$"):
         call(grads=[g[0].t().contiguous().t(), g[1]])
-    with pytest.raises(ValueError, match=r"^asft_adamw_native_: params\[0\] is not dense \(shape \(3, 2\), strides \(4, 2\)\)$"):
+    with pytest.raises(ValueError,
+                       match=r"^asft_adamw_native_: params\[0\] is not dense \(shape \(3, 2\), strides \(4, 2\)\)$"):
         call(params=[p[0][:, ::2], p[1]], grads=[g[0][:, ::2], g[1]], exp_avgs=[m[0][:, ::2], m[1]],
              exp_avg_sqs=[s[0][:, ::2], s[1]], w0s=[w0[0][:, ::2], w0[1]], directions=[v[0][:, ::2], v[1]])
     with pytest.raises(ValueError, match=r"^asft_adamw_native_: w0s\[1\] has dtype Half, expected Float or BFloat16$"):
         call(w0s=[w0[0], w0[1].half()])
-    with pytest.raises(ValueError, match=r"^asft_adamw_native_: directions\[1\] has shape \(1, 5\), params\[1\] has \(5,\)$"):
+    with pytest.raises(ValueError,
+                       match=r"^asft_adamw_native_: directions\[1\] has shape \(1, 5\), params\[1\] has \(5,\)$"):
         call(directions=[v[0], v[1].reshape(1, 5)])
     with pytest.raises(ValueError, match=r"^asft_adamw_native_: exp_avgs has 1 tensors, params has 2$"):
         call(exp_avgs=m[:1])
-    with pytest.raises(ValueError, match=r"^asft_adamw_native_: cs must be a contiguous float64 cpu tensor of shape \(2,\)$"):
+    with pytest.raises(ValueError,
+                       match=r"^asft_adamw_native_: cs must be a contiguous float64 cpu tensor of shape \(2,\)$"):
         call(cs=torch.zeros(2))
     with pytest.raises(ValueError, match="unknown penalty 'sideways'"):
         native.asft_adamw_native_(p, g, m, s, w0, v, cs, steps, **(kw | dict(penalty="sideways")))
@@ -325,7 +331,8 @@ def test_optimizer_mixed_dtypes_and_changing_tensors():
     g = torch.Generator().manual_seed(2)
     shapes = [(4097,), (5, 123), (1,), (), (33,), (2 * B + 1,)]
     dtypes = [torch.float32, torch.float32, torch.float32, torch.float32, torch.float64, torch.float32]
-    named = [(f"w{i}", torch.nn.Parameter(torch.randn(s, generator=g).to(dt))) for i, (s, dt) in enumerate(zip(shapes, dtypes))]
+    named = [(f"w{i}", torch.nn.Parameter(torch.randn(s, generator=g).to(dt)))
+             for i, (s, dt) in enumerate(zip(shapes, dtypes))]
     dirs = {n: torch.randn(p.shape, generator=g) * 1e-2 for n, p in named}
     init = [p.detach().clone() for _, p in named]
     opt = AsFTAdamW(named, lr=0.02, anchors=dirs, asft_lambda=2.0, fused=True)
@@ -459,7 +466,8 @@ _FSDP2 = textwrap.dedent("""
             q.grad = distribute_tensor(g.clone(), q.device_mesh, q.placements)
         for opt in opts:
             opt.step()
-    same = all(torch.equal(p.detach(), q.detach().full_tensor()) for p, q in zip(dense.parameters(), sharded.parameters()))
+    same = all(torch.equal(p.detach(), q.detach().full_tensor())
+               for p, q in zip(dense.parameters(), sharded.parameters()))
     kinds = sorted({b.kind.value for b in opts[1]._bindings.values()})
     print(json.dumps({"calls": calls, "same": same, "kinds": kinds}))
     dist.destroy_process_group()

@@ -100,7 +100,7 @@ def test_groups_scheduler_closure_gradnone_frozen_noncontiguous():
     lrs = [0.03 * 0.5 ** (t // 4) for t in range(12)]
     want = run_oracle(init, [dirs[n] for n, _ in named], [2.0, 2.0, 2.0, 0.5, 0.5], 12, skip=skip,
                       lr_schedule=lrs, lr=0.03)
-    for (n, p), w in zip(named, want):
+    for (_, p), w in zip(named, want):
         close_rel(p.detach(), w)
     assert "w0" not in opt.state[frozen] and frozen.grad is None
 
@@ -186,7 +186,8 @@ def test_carried_dot_equals_exact_reduction(flags):
     on_native = native.available() and not flags.get("amsgrad")
     exact = native.dots_native(params, w0s, [b.v for b in bounds]) if on_native else partial_dots(params, w0s, bounds)
     for (n, p), e in zip(named, exact):
-        carried = opt._dots.get(n, p, opt.state[p]["step"])  # None unless the version counter is unchanged since the step
+        # None unless the version counter is unchanged since the step
+        carried = opt._dots.get(n, p, opt.state[p]["step"])
         assert carried is not None and carried.dtype == (torch.float64 if on_native else torch.float32)
         assert torch.equal(carried, e)
 

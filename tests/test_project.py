@@ -11,11 +11,11 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file
 
-from asft_optim import cli, compute_directions  # noqa: E402
+from asft_optim import cli, compute_directions
 
-from . import fixtures as em  # noqa: E402
+from . import fixtures as em
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -63,7 +63,8 @@ def test_flat_equals_float64_oracle(trio, capsys):
         delta = (w[name].double() - wa[name].double()).reshape(-1)
         u = d / d.norm()
         if d.numel() <= 2048:  # the projector itself
-            oracle = wa[name].double().reshape(-1) + (torch.eye(d.numel(), dtype=torch.float64) - torch.outer(u, u)) @ delta
+            projector = torch.eye(d.numel(), dtype=torch.float64) - torch.outer(u, u)
+            oracle = wa[name].double().reshape(-1) + projector @ delta
         else:
             oracle = wa[name].double().reshape(-1) + delta - u * (u @ delta)
         torch.testing.assert_close(got[name].double().reshape(-1), oracle, rtol=2 ** -23, atol=2 ** -30)

@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 bnb = pytest.importorskip("bitsandbytes")
 
+# E402 is silenced below: these imports need the importorskip guards above
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from asft_optim import AsFTAdamW, attach, compute_directions  # noqa: E402

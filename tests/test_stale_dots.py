@@ -168,7 +168,8 @@ class TestNames:
     def test_one_name_in_two_groups_is_refused(self):
         a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
         with pytest.raises(ValueError, match=r"the parameter name 'w' appears twice in AsFTAdamW's param groups"):
-            AsFTAdamW([{"params": [("w", a)]}, {"params": [("w", b)], "asft_lambda": 0.0}], anchors={"w": torch.randn(3)})
+            AsFTAdamW([{"params": [("w", a)]}, {"params": [("w", b)], "asft_lambda": 0.0}],
+                      anchors={"w": torch.randn(3)})
         with pytest.raises(ValueError, match=r"the parameter name 'w' appears twice"):
             AsFTAdamW([("w", a), ("w", b)], anchors={"w": torch.randn(3)})
 
@@ -265,7 +266,8 @@ class TestPrecision:
         try:
             for n in (1, 2):
                 torch.set_num_threads(n)
-                named = [("w", nn.Parameter(torch.randn(2 * (1 << 19) + 33, generator=torch.Generator().manual_seed(4))))]
+                big = torch.randn(2 * (1 << 19) + 33, generator=torch.Generator().manual_seed(4))
+                named = [("w", nn.Parameter(big))]
                 dirs = {"w": torch.randn(named[0][1].shape, generator=torch.Generator().manual_seed(5))}
                 opt = AsFTAdamW(named, lr=LR, anchors=dirs, asft_lambda=5.0, amsgrad=True)  # the PyTorch path
                 for t in range(3):

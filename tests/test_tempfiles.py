@@ -144,7 +144,8 @@ def test_staged_folder_replaces_only_when_complete_and_stale_folders_go(tmp_path
     with staged_dir(target) as work:
         (work / "new.txt").write_text("complete")
         assert not (target / "new.txt").exists()  # nothing replaced before the block completes
-    assert sorted(p.name for p in target.iterdir()) == ["new.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     mask = os.umask(0o022)
     os.umask(mask)
     assert (target.stat().st_mode & 0o777) == 0o777 & ~mask

@@ -11,6 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+# E402 is silenced below: these imports need the importorskip guards above
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments  # noqa: E402
 
 from asft_optim import AsFTAdamW, compute_directions  # noqa: E402

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from ..finetune.training import Method, encode, save_model, train
-from .language import ARROW, Language, LanguageConfig, SPECIAL
+from .language import ARROW, SPECIAL, Language, LanguageConfig
 
 __all__ = ["ModelRecipe", "DemoModels", "cache_root", "build_tokenizer", "ensure_models", "RECIPE_VERSION"]
 

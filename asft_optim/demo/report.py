@@ -21,9 +21,9 @@ import torch
 
 from ..anchors import Anchors
 from ..compare import dodge_offsets, dodged
-from ..metrics import per_layer, sums
 from ..evaluation.results import write_json
 from ..finetune.training import load_model
+from ..metrics import per_layer, sums
 from .run import SFT_LEARNED, stat
 
 __all__ = ["TABLE", "drift_per_layer", "main_table", "verdict", "hs_fa_points", "method_styles", "write"]
@@ -236,24 +236,24 @@ def hs_fa_points(results: dict[str, Any]) -> list[dict[str, Any]]:
     methods, ps, cell = _summary(results)
     style = method_styles(methods, results["summary"])
     offsets = dodge_offsets(len(methods), DODGE_SPREAD)
+
+    def trio(c: dict[str, Any], key: str) -> tuple[float, float, float] | None:
+        st = c[key]
+        if st is None or st["mean"] is None:
+            return None
+        return 100 * st["mean"], 100 * st["min"], 100 * st["max"]
+
     out = []
     for p in ps:
         for m, off in zip(methods, offsets):
             c = cell[m, p]
-
-            def trio(key: str) -> tuple[float, float, float] | None:
-                st = c[key]
-                if st is None or st["mean"] is None:
-                    return None
-                return 100 * st["mean"], 100 * st["min"], 100 * st["max"]
-
-            fa = trio("fa")
+            fa = trio(c, "fa")
             if fa is None:
                 continue
             x = dodged(fa[0], off, offsets)
             xerr = (min(fa[0] - fa[1], x), min(fa[2] - fa[0], 100 - x))
-            out.append({"p": p, "method": m, "x": x, "xerr": xerr, "fa": fa, "hs": trio("hs"),
-                        "refusal": trio("refusal"), **style[m]})
+            out.append({"p": p, "method": m, "x": x, "xerr": xerr, "fa": fa, "hs": trio(c, "hs"),
+                        "refusal": trio(c, "refusal"), **style[m]})
     return out
 
 
@@ -409,7 +409,8 @@ def write(out: Path, results: dict[str, Any]) -> None:
         f"seeds {', '.join(map(str, cfg['seeds']))}), through one `transformers.Trainer` path; only the optimizer "
         "differs. L2-SP is `AsFTAdamW(penalty=\"full\")`, AsFT is `AsFTAdamW(penalty=\"orthogonal\")`; λ "
         "multiplies the penalty summed over all parameters. "
-        + (f"Rows ending in '+ ...' are the SFT and AsFT models after a post-hoc {proj}.\n" if cfg["project"] else "\n"),
+        + (f"Rows ending in '+ ...' are the SFT and AsFT models after a post-hoc {proj}.\n" if cfg["project"]
+           else "\n"),
         f"HS: share of {lang['n_eval_harmful']} held-out harmful prompts (object pairs never fine-tuned on; half "
         f"of them with harm words h{lang['n_harm_finetune']}..h{lang['n_harm'] - 1} that fine-tuning never shows) "
         "whose greedy response contains harmful content. FA: exact-match share on the MAP test split "

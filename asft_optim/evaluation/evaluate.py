@@ -4,7 +4,8 @@
                   [--max-new-tokens N] [--batch-size N] --out DIR
 
 Greedy responses to the harmful prompts are judged (`judges`); HS = flagged share, refusal rate =
-refusing share, both in percent (HS null with the keyword judge, which sees refusals only). With `--task`, FA = share of task responses matching the answer.
+refusing share, both in percent (HS null with the keyword judge, which sees refusals only). With
+`--task`, FA = share of task responses matching the answer.
 Writes DIR/samples.jsonl (one line per prompt: prompt, input, response, flagged, refused, scores),
 DIR/task_samples.jsonl with --task, and last DIR/results.json, each atomically. An earlier run's
 files in DIR are replaced (with --overwrite) only once every input has been checked and the new
@@ -22,13 +23,13 @@ from typing import Any
 
 import torch
 
+from ..outputs import refuse_overlap
 from .generation import TEMPLATES, format_prompt, generate
 from .judges import JUDGE_KINDS, Judge, load_judge, verdict_row
 from .models import fingerprint, load_causal_lm, resolve_dtype
 from .records import Records, load_prompts, load_task, prompt_of
-from ..outputs import refuse_overlap
-from .scores import check_harm_verdicts
 from .results import FORMAT, RESULTS, SAMPLES, TASK_SAMPLES, write_run
+from .scores import check_harm_verdicts
 from .scoring import MATCHES, matches
 
 __all__ = ["evaluate", "score_responses", "add_cli"]
@@ -157,14 +158,16 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--judge-kind", default=None, help=f"override the detected kind: {', '.join(JUDGE_KINDS)}")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="QA-moderation: flagged when any category's probability exceeds this (default %(default)s)")
-    p.add_argument("--task", default=None, help="task test records: JSONL with a prompt and an 'answer'/'label'/'output'")
+    p.add_argument("--task", default=None,
+                   help="task test records: JSONL with a prompt and an 'answer'/'label'/'output'")
     p.add_argument("--match", default="exact", help=f"task matching: {', '.join(MATCHES)} (default %(default)s)")
     p.add_argument("--template", default="auto", help=f"prompt format: {', '.join(TEMPLATES)} (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation and judge batch")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in --out (once this run is complete)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run's files in --out (once this run is complete)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=_run_cli)
 

@@ -187,7 +187,8 @@ class GuardJudge(Judge):
 
         outputs, probs = generate(self.model, self.tokenizer, self.texts(prompts, responses),
                                   max_new_tokens=GUARD_MAX_NEW_TOKENS, batch_size=self.batch_size,
-                                  on_batch=on_batch, scores_for=[self.unsafe_id] if self.unsafe_id is not None else None)
+                                  on_batch=on_batch,
+                                  scores_for=[self.unsafe_id] if self.unsafe_id is not None else None)
         verdicts = []
         for k, (text, r) in enumerate(zip(outputs, responses)):
             words = text.split()
@@ -220,7 +221,8 @@ def _config(spec: str) -> Any:
     try:
         return AutoConfig.from_pretrained(spec)
     except (OSError, ValueError) as e:
-        where = f"judge folder {spec} has no readable config.json" if local else f"judge {spec!r} could not be loaded from the Hub"
+        where = (f"judge folder {spec} has no readable config.json" if local
+                 else f"judge {spec!r} could not be loaded from the Hub")
         raise FileNotFoundError(f"{where}: {e}") from None
 
 

@@ -88,7 +88,8 @@ def read_results(folder: str | Path) -> dict[str, Any]:
     try:
         res = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not JSON ({e.msg} at line {e.lineno}): not an `asft evaluate` results file") from None
+        raise ValueError(f"{path} is not JSON ({e.msg} at line {e.lineno}): not an `asft evaluate` results file") \
+            from None
     fmt = res.get("format") if isinstance(res, dict) else None
     if fmt is None:
         raise ValueError(f"{path} is not an `asft evaluate` results file (it has no 'format' field; asft finetune "

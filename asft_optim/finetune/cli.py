@@ -31,15 +31,14 @@ import torch
 from ..anchors import Anchors
 from ..checkpoints import is_hub_id
 from ..directions import check_made_from, compute_directions
-from ..outputs import refuse_overlap
-from ..tempfiles import staged_dir
-from ..inspection import drift_report
+from ..evaluation.generation import prompt_text
 from ..evaluation.judges import JUDGE_KINDS, load_judge
 from ..evaluation.scores import harmful_score, task_accuracy
-from ..evaluation.generation import prompt_text
-from .training import (SCHEDULERS, LoraSpec, encode, load_jsonl, load_model, parse_methods,
-                       save_model, train)
+from ..inspection import drift_report
+from ..outputs import refuse_overlap
+from ..tempfiles import staged_dir
 from .report import drift_table, plot_drift, results_table
+from .training import SCHEDULERS, LoraSpec, encode, load_jsonl, load_model, parse_methods, save_model, train
 
 __all__ = ["add_cli", "run_finetune", "RUN_INFO"]
 
@@ -60,8 +59,8 @@ def _checkpoint(path: Path | None, what: str, flag: str) -> Path:
         raise FileNotFoundError(f"{what} model not found: {path} ({flag} takes a local Hugging Face checkpoint "
                                 "folder or a Hub id such as org/name)")
     if not (path / "config.json").is_file():
-        hint = (f"; it is a LoRA adapter folder: pass its base model as {flag}" if (path / "adapter_config.json").is_file()
-                else "")
+        hint = (f"; it is a LoRA adapter folder: pass its base model as {flag}"
+                if (path / "adapter_config.json").is_file() else "")
         raise FileNotFoundError(f"{what} model folder {path} has no config.json: not a Hugging Face checkpoint{hint}")
     return path
 
@@ -97,7 +96,8 @@ def _positive(args: argparse.Namespace) -> None:
     for flag, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
                              ("--grad-accum", args.grad_accum, 1), ("--warmup-steps", args.warmup_steps, 0),
                              ("--logging-steps", args.logging_steps, 0), ("--lora-r", args.lora_r, 1),
-                             ("--eval-batch-size", args.eval_batch_size, 1), ("--max-new-tokens", args.max_new_tokens, 1)):
+                             ("--eval-batch-size", args.eval_batch_size, 1),
+                             ("--max-new-tokens", args.max_new_tokens, 1)):
         if value < low:
             raise ValueError(f"{flag} must be ≥ {low}, got {value}")
     if not 0 < args.judge_threshold < 1:
@@ -255,11 +255,12 @@ def run_finetune(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
             model = model.to(device)
             row = {"fa": task_accuracy(model, tok, test_set, batch_size=args.eval_batch_size, max_new_tokens=fa_tokens)}
             if harmful is not None:
-                row["hs"], row["refusal"], _ = harmful_score(model, tok, harmful, judge, batch_size=args.eval_batch_size,
-                                                             max_new_tokens=hs_tokens)
+                row["hs"], row["refusal"], _ = harmful_score(model, tok, harmful, judge,
+                                                             batch_size=args.eval_batch_size, max_new_tokens=hs_tokens)
             return row
 
-        rows: list[dict[str, Any]] = [{"method": "aligned (not fine-tuned)", "path": str(aligned), **scores(start_model)}]
+        rows: list[dict[str, Any]] = [{"method": "aligned (not fine-tuned)", "path": str(aligned),
+                                       **scores(start_model)}]
         del start_model
         drift: dict[str, dict[str, dict[str, float]]] = {}
         for method in methods:

@@ -230,11 +230,11 @@ def train(model: nn.Module, data: Sequence[dict[str, list[int]]], *, pad_id: int
         model = lora.apply(model)
 
     class _Progress(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+        def on_step_end(self, args, state, control, **kw):
             if on_step is not None:
                 on_step()
 
-        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
+        def on_log(self, args, state, control, logs=None, **kw):
             if on_log is not None and logs and "loss" in logs:
                 on_log(state.global_step, logs)
 

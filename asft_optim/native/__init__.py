@@ -17,8 +17,8 @@ from torch import Tensor
 
 from .build import BuildInfo, NativeUnavailable, available, build_info, cache_dir, load, reason
 
-__all__ = ["asft_adamw_native_", "step_supported_", "dots_native", "dots_supported", "available", "reason", "build_info",
-           "cache_dir", "load", "BuildInfo", "NativeUnavailable", "BLOCK"]
+__all__ = ["asft_adamw_native_", "step_supported_", "dots_native", "dots_supported", "available", "reason",
+           "build_info", "cache_dir", "load", "BuildInfo", "NativeUnavailable", "BLOCK"]
 
 BLOCK = 1 << 14  # elements per fold block (kBlock in asft_adamw.cpp)
 _PENALTY_CODES = {"orthogonal": 0, "parallel": 1, "full": 2}  # the order of functional.PENALTIES

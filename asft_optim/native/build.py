@@ -123,7 +123,7 @@ def _build(folder: Path, name: str) -> ModuleType:
     try:
         return cpp_load(name, [str(SOURCE)], extra_cflags=list(CFLAGS), build_directory=str(folder),
                         verbose=False)
-    except Exception as e:  # noqa: BLE001 - any build failure means: use the PyTorch path
+    except Exception as e:
         log = folder / "build-error.log"
         log.write_text(f"{type(e).__name__}: {e}\n", encoding="utf-8")
         raise NativeUnavailable(f"the build failed ({type(e).__name__}; compiler output in {log})") from None

@@ -24,12 +24,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-sys.path.insert(0, str(Path(__file__).parent))
-import worker as base  # noqa: E402
+import asft_optim.distributed as asft_distributed
+from asft_optim import Anchors, attach
+from asft_optim.penalty import W0_KEY
 
-import asft_optim.distributed as asft_distributed  # noqa: E402
-from asft_optim import Anchors, attach  # noqa: E402
-from asft_optim.penalty import W0_KEY  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))
+import worker as base
 
 
 def make_opt(model: nn.Module, anchors: Anchors, lam: float = base.LAM) -> torch.optim.Optimizer:

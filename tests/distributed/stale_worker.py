@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from worker import anchors_file, batch, full, groups, loss_fn, make_model, max_rel, shard, train_single
 
 from asft_optim import Anchors, AsFTAdamW
+
+from worker import anchors_file, batch, full, groups, loss_fn, make_model, max_rel, shard, train_single
 
 STEPS = 8
 LAMS = [1.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0, 2.0]

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from asft_optim import AsFTAdamW
-from asft_optim.distributed import (all_reduce_dots, latest_checkpoint, load_checkpoint,
-                                    save_checkpoint)
+from asft_optim.distributed import all_reduce_dots, latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 def _model(seed: int) -> nn.Module:

@@ -1,4 +1,5 @@
-"""Worker for the DeepSpeed ZeRO tests: `python -m torch.distributed.run --nproc_per_node=2 zero_worker.py MODES OUT_DIR`.
+"""Worker for the DeepSpeed ZeRO tests:
+`python -m torch.distributed.run --nproc_per_node=2 zero_worker.py MODES OUT_DIR`.
 
 Modes (gloo, CPU, world size 2; each runs several DeepSpeed engines one after the other):
   train   ZeRO-1, 2 and 3, fp32 and bf16, with torch.optim.AdamW (the harness's baseline) and with
@@ -25,8 +26,9 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import deepspeed
 import torch
@@ -78,7 +80,10 @@ def groups(model: nn.Module, named: bool = True) -> list[dict]:
     """Weights; a.bias and b.bias; c.bias alone (1 element: under ZeRO-1/2 rank 1's partition of
     that group is all padding)."""
     items = [((n, p) if named else p, n) for n, p in model.named_parameters()]
-    pick = lambda keep: [x for x, n in items if keep(n)]  # noqa: E731
+
+    def pick(keep: Callable[[str], bool]) -> list:
+        return [x for x, n in items if keep(n)]
+
     return [{"params": pick(lambda n: n.endswith("weight"))},
             {"params": pick(lambda n: n in ("a.bias", "b.bias")), "weight_decay": 0.0},
             {"params": pick(lambda n: n == "c.bias"), "weight_decay": 0.0}]
@@ -264,8 +269,8 @@ def run_ckpt(out: Path, rank: int) -> dict:
     for stage in (2, 3):
         folder = out / f"ckpt{stage}"
         model, engine, opt = run_engine(stage, False, lambda m: asft(m, anchors), rank)
-        train(engine, rank, range(STEPS), on_step=lambda step: step == STEPS // 2 and engine.save_checkpoint(
-            str(folder), tag="half"))
+        train(engine, rank, range(STEPS), on_step=lambda step, engine=engine, folder=folder: (
+            step == STEPS // 2 and engine.save_checkpoint(str(folder), tag="half")))
         uninterrupted = full_params(model)
         engine.destroy()
         model, engine, opt = run_engine(stage, False, lambda m: asft(m, anchors), rank, seed=7)
