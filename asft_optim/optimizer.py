@@ -19,6 +19,7 @@ Where the state lives (data flow: anchors → bindings → optimizer state → i
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import operator
@@ -36,8 +37,8 @@ from . import distributed as _dist
 from .anchors import Anchors, as_anchors, normalize_name
 from .binding import Binding, Kind, anchor_key, bind_group, bind_shards
 from .dot_cache import DotCache
-from .functional import (PENALTIES, BoundDirection, StepTensors, acc_dtype, asft_adamw, exact_dots,
-                         storage_w0)
+from .functional import (PENALTIES, BoundDirection, GroupTensors, StepTensors, acc_dtype, asft_adamw,
+                         exact_dots, storage_w0)
 from .lora import (PROJECTIONS, LoraLayout, lora_drift_sums, lora_layout, lora_penalty_grads,
                    lora_penalty_grads_reference)
 from .metrics import Drift, drift, drift_from_sums, sums
@@ -62,18 +63,6 @@ def _check_number(value: Any, wording: str, tensor_name: str | None = None) -> N
         value = float(value)
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{wording}: {value}")
-
-
-class GroupTensors(NamedTuple):
-    """The tensor lists of one param group's parameters that have gradients (lazy state created)."""
-    names: list[str]
-    params: list[Tensor]
-    grads: list[Tensor]
-    exp_avgs: list[Tensor]
-    exp_avg_sqs: list[Tensor]
-    max_exp_avg_sqs: list[Tensor]   # empty without amsgrad
-    state_steps: list[Tensor]
-    has_complex: bool
 
 
 class _Checked(NamedTuple):
@@ -330,7 +319,10 @@ class AsFTAdamW(torch.optim.AdamW):
                     self._zero_group_step(group)
                     continue
                 if impl == "triton":
-                    triton_group_step(self, index, group, self._triton)
+                    triton_group_step(index, group, self._triton, state=self.state, bindings=self._bindings,
+                                      dots=self._dots, gather=functools.partial(self._gather, group),
+                                      torch_step=functools.partial(self._torch_group_step, group, "torch",
+                                                                   lora_grads={}, shard_dots={}))
                     continue
                 t = self._gather(group)
                 if t.params:
@@ -445,7 +437,7 @@ class AsFTAdamW(torch.optim.AdamW):
                 names.append(name)
                 params.append(p)
                 stale.append((q, _dist.local(st["w0"]), b.direction_on(q.device)))
-        triton = self._triton.shard_partials(self)
+        triton = self._triton.shard_partials(self.param_groups, self._bindings, self.state)
         if not names and not triton:
             return {}
         partials = list(exact_dots(*map(list, zip(*stale))).unbind()) if stale else []
