@@ -37,7 +37,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from .anchors import Anchors
 from .functional import BoundDirection, acc_dtype, direction_dtype, exact_dots, times_pow2
-from .metrics import sums
+from .metrics import DriftSums, sums
 
 __all__ = ["is_dtensor", "local", "like", "local_direction", "bind_sharded", "all_reduce_dots", "shard_dots",
            "shard_drift_sums",
@@ -158,7 +158,7 @@ def shard_dots(shards: Sequence[tuple[str, Tensor, Tensor, BoundDirection]],
 
 
 @torch.no_grad()
-def shard_drift_sums(shards: Sequence[tuple[Tensor, Tensor, BoundDirection]]) -> list[tuple[float, float, float, int]]:
+def shard_drift_sums(shards: Sequence[tuple[Tensor, Tensor, BoundDirection]]) -> list[DriftSums]:
     """(‖ΔW‖², ‖d‖², ⟨ΔW, d⟩, numel) in float64 of whole DTensor parameters: sums over the local
     shards, then one all-reduce of three fp64 per tensor (collective when any is a DTensor).
 
@@ -174,7 +174,7 @@ def shard_drift_sums(shards: Sequence[tuple[Tensor, Tensor, BoundDirection]]) ->
         local_sums.append([xx, uu, xu])
     summed = all_reduce_dots([p for p, _, _ in shards],
                              torch.tensor(local_sums, dtype=torch.float64, device=local(shards[0][0]).device))
-    return [(xx, uu * bound.scale ** 2, xu * bound.scale, p.numel())
+    return [DriftSums(xx, uu * bound.scale ** 2, xu * bound.scale, p.numel())
             for (p, _, bound), (xx, uu, xu) in zip(shards, summed.tolist())]
 
 

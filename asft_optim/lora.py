@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from .anchors import Anchors, normalize_name
 from .functional import PENALTIES, BoundDirection, bind_direction
+from .metrics import DriftSums
 
 __all__ = ["PROJECTIONS", "LoraPair", "LoraLayout", "lora_layout", "pair_lora_names", "is_lora_name",
            "base_weight_shape", "bind_lora_direction", "lora_penalty_grads", "lora_penalty_grads_reference",
@@ -315,7 +316,7 @@ def lora_penalty_grads_reference(a: Tensor, b: Tensor, a0: Tensor, b0: Tensor, b
 
 @torch.no_grad()
 def lora_drift_sums(a: Tensor, b: Tensor, a0: Tensor, b0: Tensor, bound: BoundDirection,
-                    pair: LoraPair) -> tuple[float, float, float, int]:
+                    pair: LoraPair) -> DriftSums:
     """(‖ΔW‖², ‖d‖², ⟨ΔW, d⟩, numel) of the effective update in float64, without materialising it."""
     a, b, a0, b0 = (t.double() for t in (a, b, a0, b0))
     s = pair.scaling
@@ -324,11 +325,11 @@ def lora_drift_sums(a: Tensor, b: Tensor, a0: Tensor, b0: Tensor, bound: BoundDi
     xx = s * s * float(((left.T @ left) * (right @ right.T)).sum())
     numel = pair.base_shape[0] * pair.base_shape[1]
     if bound.is_zero:
-        return max(xx, 0.0), 0.0, 0.0, numel
+        return DriftSums(max(xx, 0.0), 0.0, 0.0, numel)
     p = _v_times(bound.v, pair.fan_in_fan_out, right.T.contiguous())
     xu = s * bound.scale * float((left * p).sum())
     uu = bound.scale * bound.scale / bound.inv_nv2
-    return max(xx, 0.0), uu, xu, numel
+    return DriftSums(max(xx, 0.0), uu, xu, numel)
 
 
 
@@ -388,14 +389,16 @@ def pairs_penalty_grads(layout: LoraLayout | None, param_groups: list[dict[str, 
 
 
 @torch.no_grad()
-def pairs_drift_sums(layout: LoraLayout | None, param_groups: list[dict[str, Any]],
-                     bindings: Mapping[str, PairBound],
-                     state: Mapping[Tensor, Any]) -> dict[str, tuple[float, float, float, int]]:
+def pairs_drift_sums(layout: LoraLayout | None, where: Mapping[str, Tensor], w0s: Mapping[str, Tensor],
+                     bindings: Mapping[str, PairBound]) -> dict[str, DriftSums]:
     """Drift sums (`lora_drift_sums`) of each stepped LoRA pair's effective update, keyed by the base
-    weight's name (`name@adapter` when several adapters on one module train)."""
+    weight's name (`name@adapter` when several adapters on one module train).
+
+    where: the optimizer's parameters by name. w0s: W0 of the stepped adapters by name (a pair
+    counts once either has one; the other, not moved yet, is its own W0).
+    """
     if layout is None:
         return {}
-    where = {n: p for g in param_groups for n, p in zip(g["param_names"], g["params"])}
     per_module: dict[str, int] = {}
     for pair in layout.pairs:
         per_module[pair.direction] = per_module.get(pair.direction, 0) + 1
@@ -403,11 +406,10 @@ def pairs_drift_sums(layout: LoraLayout | None, param_groups: list[dict[str, Any
     for pair in layout.pairs:
         if pair.a_name not in where or pair.b_name not in where:
             continue
-        a, b = where[pair.a_name], where[pair.b_name]
-        sa, sb = state.get(a, {}), state.get(b, {})
-        if "w0" not in sa and "w0" not in sb:
+        if pair.a_name not in w0s and pair.b_name not in w0s:
             continue
+        a, b = where[pair.a_name], where[pair.b_name]
         key = pair.direction if per_module[pair.direction] == 1 else f"{pair.direction}@{pair.adapter}"
-        out[key] = lora_drift_sums(a, b, sa.get("w0", a), sb.get("w0", b),
+        out[key] = lora_drift_sums(a, b, w0s.get(pair.a_name, a), w0s.get(pair.b_name, b),
                                    bindings[pair.a_name].direction_on(a.device), pair)
     return out

@@ -38,8 +38,9 @@ from .anchors import Anchors, as_anchors, normalize_name
 from .binding import Binding, Kind, anchor_key, bind_group, bind_shards
 from .dot_cache import DotCache
 from .functional import PENALTIES, BoundDirection, GroupTensors, StepTensors, asft_adamw, storage_w0
-from .lora import PROJECTIONS, LoraLayout, lora_layout, pairs_drift_sums, pairs_penalty_grads
-from .metrics import Drift, drift, drift_from_sums, sums
+from .lora import PROJECTIONS, LoraLayout, lora_layout, pairs_penalty_grads
+from .metrics import Drift, DriftSums, drift_from_sums
+from .penalty import stepped_drift_sums
 from .triton_step import TritonCache, resolve_impl, triton_group_step
 from .zero import ZeroTensors, lora_refusal, partition_w0s, step_zero_group
 
@@ -447,14 +448,6 @@ class AsFTAdamW(torch.optim.AdamW):
         step_zero_group(group, self._zero, self.state, self._dots, self.anchors,
                         functools.partial(torch.optim.Adam._init_group, self), adam_kwargs(group))
 
-    def _zero_drift_sums(self, by: str) -> dict[str, tuple[float, float, float, int]]:
-        """Drift sums of ZERO tensors over their segments on every rank (collective once any
-        partition is bound), keyed by name or key."""
-        if not self._zero.partitions:
-            return {}
-        sums_ = self._zero.drift_sums(partition_w0s(self._zero, self.state))
-        return {(n if by == "name" else self._bindings[n].key): s for n, s in sums_.items()}
-
     # ------------------------------------------------------------------------------- LoRA
     def _lora_in_group(self, group: dict[str, Any]) -> bool:
         return any(self._bindings.get(n, _PLAIN).kind in (Kind.LORA_A, Kind.LORA_B) for n in group["param_names"])
@@ -647,35 +640,25 @@ class AsFTAdamW(torch.optim.AdamW):
         """Per-tensor drift (‖ΔW‖, cos(ΔW, d), ‖C⊥ΔW‖/‖ΔW‖) of every anchored parameter that has
         stepped, by parameter name (LoRA pairs by their base weight's name). Collective under FSDP2
         and DeepSpeed ZeRO (every rank gets the global numbers)."""
-        out = {b.name: drift(p.detach().double() - w0.double(), b.direction_on(p.device).v)
-               for b, p, w0 in self._stepped((Kind.DENSE,))}
-        lora = pairs_drift_sums(self._lora, self.param_groups, self._bindings, self.state)
-        out.update({name: drift_from_sums(*s) for name, s in lora.items()})
-        out.update({name: drift_from_sums(*s) for name, s in self._shard_drift_sums(by="name").items()})
-        out.update({name: drift_from_sums(*s) for name, s in self._zero_drift_sums(by="name").items()})
-        return out
+        return {name: drift_from_sums(*s) for name, s in self._drift_sums(by="name").items()}
 
     @torch.no_grad()
-    def drift_sums(self) -> dict[str, tuple[float, float, float, int]]:
+    def drift_sums(self) -> dict[str, DriftSums]:
         """(‖ΔW‖², ‖d‖², ⟨ΔW, d⟩, numel) in float64 per anchored tensor that has stepped, keyed by its
         direction's (normalised) name: LoRA adapters appear as their base weight, `modules_to_save`
         copies as the original module, FSDP2 shards as the whole tensor. Feed to
         `metrics.per_layer`. Collective under FSDP2 and DeepSpeed ZeRO."""
-        out: dict[str, tuple[float, float, float, int]] = {}
-        for b, p, w0 in self._stepped((Kind.DENSE,)):
-            bound = b.direction_on(p.device)
-            xx, uu, xu, n = sums(p.detach().double() - w0.double(), bound.v)
-            out[b.key] = (xx, uu * bound.scale ** 2, xu * bound.scale, n)
-        out.update(pairs_drift_sums(self._lora, self.param_groups, self._bindings, self.state))
-        out.update(self._shard_drift_sums(by="key"))
-        out.update(self._zero_drift_sums(by="key"))
-        return out
+        return self._drift_sums(by="key")
 
-    def _shard_drift_sums(self, by: str) -> dict[str, tuple[float, float, float, int]]:
-        """Drift sums of DTensor parameters (`distributed.shard_drift_sums`), keyed by name or key."""
-        rows = list(self._stepped((Kind.SHARD,)))
-        out = _dist.shard_drift_sums([(p, w0, b.direction_on(_dist.local(p).device)) for b, p, w0 in rows])
-        return {(b.name if by == "name" else b.key): s for (b, _, _), s in zip(rows, out)}
+    def _drift_sums(self, by: str) -> dict[str, DriftSums]:
+        """`penalty.stepped_drift_sums` of the dense, shard and LoRA tensors, then the ZeRO ones."""
+        where = {n: p for g in self.param_groups for n, p in zip(g["param_names"], g["params"])}
+        out = stepped_drift_sums(self._stepped((Kind.DENSE, Kind.SHARD, Kind.LORA_A, Kind.LORA_B)),
+                                 self._bindings, self._lora, where, by)
+        if self._zero.partitions:  # collective once any partition is bound
+            zero = self._zero.drift_sums(partition_w0s(self._zero, self.state))
+            out.update({(n if by == "name" else self._bindings[n].key): s for n, s in zero.items()})
+        return out
 
 
 _PLAIN = Binding("", Kind.PLAIN)

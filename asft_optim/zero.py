@@ -41,6 +41,7 @@ from .anchors import Anchors
 from .dot_cache import DotCache
 from .functional import (BoundDirection, StepTensors, asft_adamw, direction_dtype, partial_dots, storage_w0,
                          times_pow2)
+from .metrics import DriftSums
 
 __all__ = ["Segment", "Partition", "ZeroTensors", "is_zero_param", "find_segments", "check_config",
            "check_client", "initialize", "step_partition", "step_zero_group", "partition_w0s",
@@ -330,7 +331,7 @@ class ZeroTensors:
         return part.dots
 
     # ------------------------------------------------------------------------------- drift
-    def drift_sums(self, w0s: Mapping[int, Tensor]) -> dict[str, tuple[float, float, float, int]]:
+    def drift_sums(self, w0s: Mapping[int, Tensor]) -> dict[str, DriftSums]:
         """(‖ΔW‖², ‖d‖², ⟨ΔW, d⟩, numel) in float64 per tensor that has stepped, summed over its
         segments on every rank (one all-reduce; collective)."""
         device = self._comm_device(self.partitions[0].flat)
@@ -351,7 +352,7 @@ class ZeroTensors:
         out = {}
         for name, (xx, uu, xu, n) in zip(self.names, both.tolist()):
             if n > 0:
-                out[name] = (xx, uu, xu, self.numels[name])
+                out[name] = DriftSums(xx, uu, xu, self.numels[name])
         return out
 
 
