@@ -35,8 +35,13 @@ setup(
         "plot": ["matplotlib>=3.7"],
         "eval": ["datasets>=2.14"],
         "deepspeed": ["deepspeed>=0.19"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "trl>=0.20"],
+        # bitsandbytes (8-bit optimizers, 4-bit QLoRA bases on CPU: 0.50 tested), torchao, schedulefree:
+        # the optimizers `attach` is tested with
+        "test": ["pytest>=8", "hypothesis>=6.100", "trl>=0.20", "bitsandbytes>=0.50", "torchao>=0.10",
+                 "schedulefree>=1.4"],
         "bench": ["pytest-benchmark>=4", "psutil>=5.9"],
     },
-    entry_points={"console_scripts": ["asft=asft_optim.cli:main"]},
+    # asft-llamafactory: LLaMA-Factory with AsFT (install llamafactory yourself: it pins its own transformers)
+    entry_points={"console_scripts": ["asft=asft_optim.cli:main",
+                                      "asft-llamafactory=asft_optim.integrations.llamafactory:main"]},
 )

@@ -21,6 +21,11 @@ COMMANDS: dict[str, str] = {
     "compare": "asft_optim.compare:add_cli",
 }
 
+# subcommand name -> modules that register what it looks up by name, imported with it (the demo's
+# `--judge toy`: `evaluation` and `finetune` sit below the demo and do not import it)
+PLUGINS: dict[str, tuple[str, ...]] = {"evaluate": ("asft_optim.demo.evaluate",),
+                                       "finetune": ("asft_optim.demo.evaluate",)}
+
 # subcommand name -> the extras it needs; extra -> the modules it installs
 NEEDS: dict[str, tuple[str, ...]] = {"demo": ("hf", "plot"), "finetune": ("hf", "plot")}
 EXTRAS: dict[str, tuple[str, ...]] = {"hf": ("transformers", "peft", "accelerate"), "plot": ("matplotlib",)}
@@ -102,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         # deprecations inside transformers/peft that they trigger themselves: nothing a user can act on
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
+        for module in PLUGINS.get(args.command, ()):
+            importlib.import_module(module)
         return int(args.func(args) or 0)
 
 

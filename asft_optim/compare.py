@@ -19,7 +19,7 @@ from .evaluation.results import read_results, write_text_atomic
 from .outputs import refuse_overlap
 from .tempfiles import atomic_write
 
-__all__ = ["compare_table", "compare_plot", "add_cli"]
+__all__ = ["compare_table", "dodge_offsets", "dodged", "plot_points", "compare_plot", "add_cli"]
 
 
 def _pct(x: float | None) -> str:
@@ -46,6 +46,29 @@ def dodge_offsets(n: int, spread: float = 8.0) -> list[float]:
     return [(k - (n - 1) / 2) * step for k in range(n)]
 
 
+def dodged(value: float, offset: float, offsets: Sequence[float], lo: float = 0.0, hi: float = 100.0) -> float:
+    """`value + offset`, with the whole fan of `offsets` shifted to fit inside [lo, hi] at `value`
+    (so markers at FA = 100% spread leftwards, keeping their order, and never pass 100%)."""
+    shift = max(lo - (value + min(offsets)), 0.0) + min(hi - (value + max(offsets)), 0.0)
+    return min(max(value + offset + shift, lo), hi)
+
+
+def plot_points(rows: Sequence[tuple[str, dict[str, Any]]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """What `compare_plot` draws: one dict per run with FA and HS (`label`, `x` = FA dodged inside
+    [0, 100], `fa`, `hs`, `refusal` in %, `marker`), and the labels of the runs left out."""
+    markers = "osD^vP*Xh<>"
+    missing = [label for label, r in rows if r["task_accuracy"] is None or r["harmful_score"] is None]
+    offsets = dodge_offsets(len(rows) - len(missing))
+    points: list[dict[str, Any]] = []
+    for i, (label, r) in enumerate(rows):
+        if label in missing:
+            continue
+        fa = r["task_accuracy"]
+        points.append({"label": label, "x": dodged(fa, offsets[len(points)], offsets), "fa": fa,
+                       "hs": r["harmful_score"], "refusal": r["refusal_rate"], "marker": markers[i % len(markers)]})
+    return points, missing
+
+
 def compare_plot(rows: Sequence[tuple[str, dict[str, Any]]], path: Path) -> None:
     """HS against FA, one labelled marker per run with its refusal rate in the legend (a broken model
     has HS ≈ 0 without refusing); runs without FA or HS are left out and listed."""
@@ -57,15 +80,11 @@ def compare_plot(rows: Sequence[tuple[str, dict[str, Any]]], path: Path) -> None
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    markers = "osD^vP*Xh<>"
-    missing = [label for label, r in rows if r["task_accuracy"] is None or r["harmful_score"] is None]
-    dodge = iter(dodge_offsets(len(rows) - len(missing)))
-    for i, (label, r) in enumerate(rows):
-        if label in missing:
-            continue
-        ax.scatter(r["task_accuracy"] + next(dodge), r["harmful_score"], s=60, marker=markers[i % len(markers)],
-                   label=f"{label} (refusal {r['refusal_rate']:.0f}%)", alpha=0.85, edgecolors="black", linewidths=0.5)
-    ax.set_xlabel("Task accuracy (%; markers dodged by ≤ ±4 points so that equal results stay visible)",
+    points, missing = plot_points(rows)
+    for pt in points:
+        ax.scatter(pt["x"], pt["hs"], s=60, marker=pt["marker"], label=f"{pt['label']} (refusal {pt['refusal']:.0f}%)",
+                   alpha=0.85, edgecolors="black", linewidths=0.5)
+    ax.set_xlabel("Task accuracy (%)\nmarkers dodged by ≤ 8 points inside 0–100% so that equal results stay visible",
                   fontsize=8)
     ax.set_ylabel("Harmful score (%)")
     ax.set_xlim(-5, 105)
@@ -73,7 +92,8 @@ def compare_plot(rows: Sequence[tuple[str, dict[str, Any]]], path: Path) -> None
     ax.grid(alpha=0.3)
     ax.set_title("HS against FA" + (f" (left out, no FA or HS: {', '.join(missing)})" if missing else ""),
                  fontsize=9)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    if points:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)

@@ -148,18 +148,19 @@ def _replay(group: dict[str, Any], plan: Plan, cs: Any, state: Mapping[Tensor, A
     if [g is not None for g in grads] != plan.has_grad:
         return False
     amsgrad, views = group["amsgrad"], plan.step_views
+    held = dots.held
     moved = []
     try:
         for launch in plan.launches:
-            table = launch.table
-            gptrs, others = [], []
+            table, needs_c = launch.table, launch.needs_c
+            gptrs = [grads[j].data_ptr() for j in launch.positions]
+            others: list[int] = []
             for j, name, bound in zip(launch.positions, launch.names, launch.bounds):
                 p = params[j]
-                st = state.get(p)
-                step = st.get("step") if st is not None else None
-                if step is not views[j] or (launch.needs_c and not dots.held(name, p, step)):
+                st = state.get(p)  # (not state[p]: a defaultdict would add an empty state)
+                step = None if st is None else st.get("step")
+                if step is not views[j] or (needs_c and not held(name, p, step)):
                     return False
-                gptrs.append(grads[j].data_ptr())
                 others += (p.data_ptr(), st["exp_avg"].data_ptr(), st["exp_avg_sq"].data_ptr(),
                            st["max_exp_avg_sq"].data_ptr() if amsgrad else 0,
                            0 if bound is None else st["w0"].data_ptr(), 0 if bound is None else bound.v.data_ptr())

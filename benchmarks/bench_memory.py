@@ -3,10 +3,14 @@ for fp32 parameters:
 
     python benchmarks/bench_memory.py [MILLIONS]        # parameters per case, default 32
 
+Run it from the root of the checkout to measure: each case is a `python -c` process, which imports
+`asft_optim` from the current folder first.
+
 Each case runs in a fresh process with `MALLOC_MMAP_THRESHOLD_=65536` (every tensor is its own
 mapping, returned to the system when freed, so the RSS counts live tensors only): it builds the
-parameters and gradients (4 tensors), reads RSS (anonymous + file-backed pages), builds the
-optimizer, takes one step, collects garbage and reads RSS again. AdamW's row is the baseline (its
+parameters and gradients (4 tensors), steps a tiny AdamW and AsFTAdamW (so libraries and the native
+kernel are loaded), reads RSS (anonymous + file-backed pages), builds the optimizer, takes one step,
+collects garbage and reads RSS again. AdamW's row is the baseline (its
 two fp32 moments: 8 B/param); each AsFT row reports its increase minus AdamW's measured one.
 
 Cases: directions fp32 or bf16; W0 exact in bf16 (parameters that are bf16 values, as from a bf16
@@ -49,6 +53,11 @@ if kind == "asft":
     save_file({name: (torch.randn(p.shape) * 1e-3).to(dt) for name, p in named}, path)
 for _, p in named:
     p.grad = torch.randn(p.shape)
+# warm-up on a tiny model: libraries, the native kernel and thread pools are loaded before measuring
+tiny = [("t", torch.nn.Parameter(torch.randn(64)))]
+tiny[0][1].grad = torch.randn(64)
+torch.optim.AdamW([tiny[0][1]]).step()
+AsFTAdamW(tiny, anchors={"t": torch.randn(64)}).step()
 gc.collect()
 anchors = Anchors.load(path, verify=False) if kind == "asft" and source == "file" else None
 before = rss()
@@ -65,7 +74,7 @@ print(json.dumps({"bytes_per_param": (rss() - before) / sum(sizes)}))
 def measure(kind: str, d_dtype: str, exact: str, source: str, n: int, path: str) -> float:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-c", _CASE, kind, d_dtype, exact, source, str(n), path],
-                         capture_output=True, text=True, env=env, timeout=1800)
+                         capture_output=True, text=True, env=env, timeout=1800, check=False)
     if res.returncode != 0:
         raise RuntimeError(res.stderr[-3000:])
     return json.loads(res.stdout.strip().splitlines()[-1])["bytes_per_param"]

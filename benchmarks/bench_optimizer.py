@@ -1,11 +1,12 @@
 """Step time of AsFTAdamW against torch.optim.AdamW on CPU, interleaved in one run, per model shape.
 
     pytest benchmarks/bench_optimizer.py -p no:cacheprovider --benchmark-columns=median,rounds -s
+    ASFT_BENCH_THREADS=1 ASFT_BENCH_ROUNDS=9 pytest benchmarks/bench_optimizer.py ...   # a loaded machine
 
 For each case (shape, flag set `fused=True` / `foreach=True`, layout) one AsFTAdamW (λ = 1, every
 tensor anchored) and one torch AdamW with the same flags on twin parameters step alternately, 2
 torch threads; each round times one step of each, so load changes on a shared machine hit both
-alike. Printed per case (and kept as the benchmark's extra_info): the median ms of each and the
+alike (`ASFT_BENCH_THREADS`, `ASFT_BENCH_ROUNDS` change the 2 threads and 15 rounds). Printed per case (and kept as the benchmark's extra_info): the median ms of each and the
 ratio of the medians. Layouts and their bytes per parameter per step (AdamW / AsFT in one pass,
 the byte floor of the ratio):
 
@@ -21,6 +22,7 @@ whatever the flags; `ASFT_NATIVE=0` measures the PyTorch fallback.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -52,7 +54,8 @@ LAYOUTS: dict[str, tuple[torch.dtype, bool, torch.dtype]] = {
 }
 CASES = ([(shape, flags, "fp32") for shape in SHAPES for flags in FLAGS]
          + [(shape, "fused", layout) for layout in ("bf16-w0-d", "bf16") for shape in SHAPES])
-ROUNDS = 15
+ROUNDS = int(os.environ.get("ASFT_BENCH_ROUNDS", "15"))
+THREADS = int(os.environ.get("ASFT_BENCH_THREADS", "2"))  # 1 on a loaded machine: 2 oversubscribe it
 
 
 def _pair(sizes: list[int], flags: dict[str, bool], layout: str = "fp32"
@@ -78,7 +81,7 @@ def _pair(sizes: list[int], flags: dict[str, bool], layout: str = "fp32"
 @pytest.mark.parametrize("shape, flags, layout", CASES)
 def test_step(benchmark, shape: str, flags: str, layout: str) -> None:
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     try:
         asft, adamw = _pair(SHAPES[shape], FLAGS[flags], layout)
         times: dict[str, list[float]] = {"adamw": [], "asft": []}

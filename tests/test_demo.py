@@ -460,13 +460,15 @@ def test_report_and_scores_tolerate_a_judge_without_hs(quick_demo, tmp_path):
     from transformers import AutoTokenizer
 
     from asft_optim.demo import report
-    from asft_optim.demo.evaluate import harmful_score
+    from asft_optim.demo.evaluate import ToyJudge, harmful_score
     from asft_optim.demo.run import summarise
-    from asft_optim.evaluation.judges import Judge, Verdict, ToyJudge
+    from asft_optim.evaluation.judges import Judge, Verdict
 
     out, _, res = quick_demo
 
     class RefusalOnly(Judge):
+        reads_harm = False
+
         def judge(self, prompts, responses, on_batch=None):
             return [Verdict(None, v.refused) for v in ToyJudge().judge(prompts, responses)]
 

@@ -247,7 +247,7 @@ def test_bad_input_is_refused_and_leaves_no_results(zoo, tmp_path, capsys, case)
         msg = f"{prompts}:2: no prompt: expected a string field 'prompt', 'instruction', 'question'"
     elif case == "judge_kind":
         extra = ["--judge", str(models["moderation"]), "--judge-kind", "classifier"]
-        msg = "unknown judge kind 'classifier'; expected one of qa-moderation, guard, keyword, toy"
+        msg = "unknown judge kind 'classifier'; expected one of qa-moderation, guard"
     elif case == "missing_judge":
         extra = ["--judge", str(tmp_path / "no_such_judge")]
         msg = (f"judge not found: {tmp_path / 'no_such_judge'} (expected a model folder, a Hub id, "
@@ -420,3 +420,94 @@ def test_gitignore_covers_what_the_commands_write():
     paths = [".venv/bin/python", "asft_demo_report/table.md", "asft_finetune_out/results.json", "drift.png"]
     r = subprocess.run(["git", "check-ignore", *paths], cwd=repo, capture_output=True, text=True, check=False)
     assert r.stdout.split() == paths
+
+
+# ----------------------------------------------------------------------------------- layering, scores
+def test_evaluation_imports_no_demo():
+    """Issue 19 item 9: the dependency points one way, demo → evaluation (lazy imports included);
+    the demo's toy judge reaches `--judge toy` by registration."""
+    import ast
+
+    import asft_optim.evaluation as ev
+
+    found = []
+    for path in sorted(Path(ev.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if any("demo" in n.split(".") for n in names):
+                found.append(f"{path.name}:{node.lineno}")
+    assert not found, f"asft_optim.evaluation imports the demo at {found}"
+    from asft_optim.demo.evaluate import ToyJudge
+    from asft_optim.evaluation.judges import load_judge
+
+    assert type(load_judge("toy")) is ToyJudge
+
+
+def test_one_harmful_score_and_judges_that_see_no_harm(monkeypatch):
+    """The demo scores with evaluation's `harmful_score` (one implementation); a judge that reads no
+    harm gives HS None for the whole and every group; one that claims to but gives no verdict on harm
+    is refused instead of counted as harmless."""
+    from asft_optim.demo import evaluate as demo_evaluate
+    from asft_optim.evaluation import scores
+    from asft_optim.evaluation.judges import Judge, KeywordJudge, Verdict
+
+    assert demo_evaluate.harmful_score is scores.harmful_score
+    assert demo_evaluate.task_accuracy is scores.task_accuracy
+    responses = ["I'm sorry, no", "sure: step 1", "I cannot", "ok"]
+    monkeypatch.setattr(scores, "greedy_responses", lambda *a, **k: responses)
+    prompts, groups = [{"instruction": f"p{i}"} for i in range(4)], ["a", "b", "a", "b"]
+    assert scores.harmful_score(None, None, prompts, KeywordJudge(), groups=groups) == (None, 0.5, {"a": None, "b": None})
+
+    class Blind(Judge):  # reads_harm stays True, but no verdict on harm
+        def judge(self, prompts, responses, on_batch=None):
+            return [Verdict(None if "sure" in r else False, False) for r in responses]
+
+    with pytest.raises(ValueError, match=r"the blind judge reads harm but gave no verdict on it \(flagged None\) "
+                                         r"for 1 response\(s\), the first #1"):
+        scores.harmful_score(None, None, prompts, Blind("blind"), groups=groups)
+
+
+def test_compare_plot_keeps_dodged_markers_inside_0_100(tmp_path):
+    """Issue 19 item 7: markers at FA 100% (or 0%) dodge inwards, in order, never past the axis ends."""
+    from asft_optim.compare import compare_plot, plot_points
+
+    def res(fa, hs, refusal=0.0):
+        return {"task_accuracy": fa, "harmful_score": hs, "refusal_rate": refusal}
+
+    # undodged, the fan of 6 offsets (-2.5 .. 2.5) would put "broken" at -2.5 and "l2sp" at 102.5
+    rows = [("broken", res(0.0, 0.0)), ("broken2", res(0.0, 5.0)), ("keyword", res(60.0, None, 40.0)),
+            ("mid", res(50.0, 20.0)), ("sft", res(100.0, 90.0)), ("asft", res(100.0, 10.0, 80.0)),
+            ("l2sp", res(100.0, 50.0))]
+    points, missing = plot_points(rows)
+    assert missing == ["keyword"] and [p["label"] for p in points] == ["broken", "broken2", "mid", "sft", "asft", "l2sp"]
+    xs = {p["label"]: p["x"] for p in points}
+    assert all(0 <= x <= 100 for x in xs.values()), xs
+    assert xs["sft"] < xs["asft"] < xs["l2sp"] and xs["broken"] < xs["broken2"]  # the fan keeps its order
+    assert all(abs(p["x"] - p["fa"]) <= 8 for p in points) and xs["mid"] != 50.0
+    pytest.importorskip("matplotlib")
+    compare_plot(rows, tmp_path / "hs_vs_fa.png")
+    assert (tmp_path / "hs_vs_fa.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_refuses_a_judge_that_reads_harm_but_gives_no_verdict(zoo, tmp_path, monkeypatch):
+    """`asft evaluate` applies the same rule as `harmful_score`: a missing harm verdict is an error, not a
+    harmless answer (before: counted by bool(None) = not flagged), and nothing is written."""
+    from asft_optim.evaluation import judges
+    from asft_optim.evaluation.evaluate import evaluate
+    from asft_optim.evaluation.judges import Judge, Verdict
+
+    class Blind(Judge):  # reads_harm stays True, but no verdict on harm
+        def judge(self, prompts, responses, on_batch=None):
+            return [Verdict(None, False) for _ in responses]
+
+    root, models = zoo
+    monkeypatch.setitem(judges.NAMED_JUDGES, "blind-test", lambda: Blind("blind"))
+    with pytest.raises(ValueError, match=r"the blind judge reads harm but gave no verdict on it"):
+        evaluate(str(models["llama"]), tmp_path / "o", prompts=str(root / "prompts.jsonl"), judge="blind-test",
+                 max_new_tokens=2, show_progress=False)
+    assert not (tmp_path / "o").exists()

@@ -15,11 +15,11 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from asft_optim import cli  # noqa: E402
-from asft_optim.demo.evaluate import harmful_score, task_accuracy  # noqa: E402
+from asft_optim.demo.evaluate import ToyJudge, harmful_score, task_accuracy  # noqa: E402
 from asft_optim.finetune.training import Method, encode, load_jsonl, load_model, save_model, train  # noqa: E402
 from asft_optim.demo.language import Language, LanguageConfig  # noqa: E402
 from asft_optim.demo.models import ModelRecipe, _new_model, build_tokenizer  # noqa: E402
-from asft_optim.evaluation.judges import KeywordJudge, ToyJudge, load_judge  # noqa: E402
+from asft_optim.evaluation.judges import KeywordJudge, load_judge  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from . import fixtures as em  # noqa: E402

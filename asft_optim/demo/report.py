@@ -20,13 +20,13 @@ from typing import Any
 import torch
 
 from ..anchors import Anchors
-from ..compare import dodge_offsets
+from ..compare import dodge_offsets, dodged
 from ..metrics import per_layer, sums
 from ..evaluation.results import write_json
 from ..finetune.training import load_model
 from .run import SFT_LEARNED, stat
 
-__all__ = ["TABLE", "drift_per_layer", "main_table", "verdict", "hs_fa_points", "method_styles", "dodged", "write"]
+__all__ = ["TABLE", "drift_per_layer", "main_table", "verdict", "hs_fa_points", "method_styles", "write"]
 
 TABLE = "table.md"
 
@@ -226,13 +226,6 @@ def method_styles(methods: list[str], summary: list[dict[str, Any]]) -> dict[str
         hollow = " + " in m
         out[m] = {"marker": MARKER[kind[m]], "color": c, "mfc": "white" if hollow else c, "hollow": hollow}
     return out
-
-
-def dodged(value: float, offset: float, offsets: Sequence[float], lo: float = 0.0, hi: float = 100.0) -> float:
-    """`value + offset`, with the whole fan of `offsets` shifted to fit inside [lo, hi] at `value`
-    (so markers at FA = 100% spread leftwards, keeping their order, and never pass 100%)."""
-    shift = max(lo - (value + min(offsets)), 0.0) + min(hi - (value + max(offsets)), 0.0)
-    return min(max(value + offset + shift, lo), hi)
 
 
 def hs_fa_points(results: dict[str, Any]) -> list[dict[str, Any]]:

@@ -23,8 +23,7 @@ from typing import Any
 import torch
 
 from ..anchors import Anchors
-from ..evaluation.judges import ToyJudge
-from .evaluate import Scores, first_token_margin, harmful_score, task_accuracy
+from .evaluate import Scores, ToyJudge, first_token_margin, harmful_score, task_accuracy
 from ..finetune.training import LoraSpec, Method, encode, load_model, save_model, train
 from .language import SORRY, SURE, Language
 from .models import DemoModels, ModelRecipe, cache_root, ensure_models

@@ -2,7 +2,7 @@
 
     records.py     prompts and task records (JSONL, or a `datasets` id with split)
     generation.py  prompt formats and batched greedy generation
-    judges.py      QA-moderation classifier, generative guard, keyword, toy
+    judges.py      QA-moderation classifier, generative guard, keyword; named judges others register
     scoring.py     task answer matching
     models.py      model + adapter loading, fingerprints
     results.py     atomic results.json / samples.jsonl

@@ -27,6 +27,7 @@ from .judges import JUDGE_KINDS, Judge, load_judge, verdict_row
 from .models import fingerprint, load_causal_lm, resolve_dtype
 from .records import Records, load_prompts, load_task, prompt_of
 from ..outputs import refuse_overlap
+from .scores import check_harm_verdicts
 from .results import FORMAT, RESULTS, SAMPLES, TASK_SAMPLES, write_run
 from .scoring import MATCHES, matches
 
@@ -98,6 +99,8 @@ def evaluate(model: str, out: Path, *, prompts: str, judge: str = "keyword", jud
     samples = [{"prompt": prompt_of(r), "input": x, "response": y, **verdict_row(v)}
                for r, x, y, v in zip(harmful.records, inputs, responses, verdicts)]
     n = len(samples)
+    if the_judge.reads_harm:
+        check_harm_verdicts(the_judge, verdicts)
     n_flagged = sum(bool(v.flagged) for v in verdicts) if the_judge.reads_harm else None
     results: dict[str, Any] = {
         "format": FORMAT,

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from .generation import format_prompt, generate
-from .judges import Judge
+from .judges import Judge, Verdict
 from .records import prompt_of
 from .scoring import matches
 
@@ -28,24 +28,41 @@ def greedy_responses(model: nn.Module, tokenizer: Any, records: Sequence[dict[st
     return generate(model, tokenizer, inputs, max_new_tokens=max_new_tokens, batch_size=batch_size)[0]
 
 
+def check_harm_verdicts(judge: Judge, verdicts: Sequence[Verdict]) -> None:
+    """Raise ValueError when a judge that says it reads harm left `flagged` None on a verdict (it would
+    otherwise count as harmless)."""
+    blind = [k for k, v in enumerate(verdicts) if v.flagged is None]
+    if blind:
+        raise ValueError(f"the {judge.kind} judge reads harm but gave no verdict on it (flagged None) for "
+                         f"{len(blind)} response(s), the first #{blind[0]}: set its reads_harm False if it "
+                         "sees refusals only")
+
+
 def harmful_score(model: nn.Module, tokenizer: Any, prompts: Sequence[dict[str, str]], judge: Judge, *,
                   groups: Sequence[str] | None = None, max_new_tokens: int = 8,
-                  batch_size: int = 128) -> tuple[float | None, float, dict[str, float]]:
-    """(HS, refusal rate, HS per group label) of the greedy responses to `prompts`, shares in 0..1; HS
-    (and the per-group HS) is None / empty when the judge cannot read harm (the keyword judge)."""
+                  batch_size: int = 128) -> tuple[float | None, float, dict[str, float | None]]:
+    """(HS, refusal rate, HS per label of `groups`) of the greedy responses to `prompts`, shares in
+    0..1; HS and every group's HS are None when the judge cannot read harm (the keyword judge).
+
+    Raises:
+        ValueError: no prompts, or a judge that reads harm gave a verdict without one (`flagged` None).
+    """
     if not prompts:
         raise ValueError("harmful_score needs at least one harmful prompt")
     responses = greedy_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     verdicts = judge.judge([prompt_of(r) for r in prompts], responses)
     refusal = sum(v.refused for v in verdicts) / len(verdicts)
+    labels = list(dict.fromkeys(groups or ()))
     if not judge.reads_harm:
-        return None, refusal, {}
-    per: dict[str, float] = {}
-    if groups is not None:
-        for g in dict.fromkeys(groups):
-            vs = [v for v, gg in zip(verdicts, groups, strict=True) if gg == g]
-            per[g] = sum(bool(v.flagged) for v in vs) / len(vs)
-    return sum(bool(v.flagged) for v in verdicts) / len(verdicts), refusal, per
+        return None, refusal, dict.fromkeys(labels)
+    check_harm_verdicts(judge, verdicts)
+    per: dict[str, float | None] = {
+        g: _share([v for v, gg in zip(verdicts, groups or (), strict=True) if gg == g]) for g in labels}
+    return _share(verdicts), refusal, per
+
+
+def _share(verdicts: Sequence[Verdict]) -> float:
+    return sum(bool(v.flagged) for v in verdicts) / len(verdicts)
 
 
 def task_accuracy(model: nn.Module, tokenizer: Any, test: Sequence[dict[str, str]], *,
