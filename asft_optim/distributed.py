@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,11 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .anchors import Anchors
-from .functional import BoundDirection, direction_dtype, times_pow2
+from .functional import BoundDirection, acc_dtype, direction_dtype, exact_dots, times_pow2
+from .metrics import DriftSums, sums
 
-__all__ = ["is_dtensor", "local", "like", "local_direction", "bind_sharded", "all_reduce_dots",
+__all__ = ["is_dtensor", "local", "like", "local_direction", "bind_sharded", "all_reduce_dots", "shard_dots",
+           "shard_drift_sums",
            "snapshot_w0", "check_not_flattened", "save_checkpoint",
            "load_checkpoint", "latest_checkpoint", "LATEST"]
 
@@ -128,6 +130,52 @@ def all_reduce_dots(params: list[Tensor], dots: Tensor) -> Tensor:
     if dots.dim() not in (1, 2) or dots.shape[0] != len(params):
         raise ValueError(f"all_reduce_dots: {len(params)} parameters but dots has shape {tuple(dots.shape)}")
     return _all_reduce(params, dots, dist.ReduceOp.SUM)
+
+
+def shard_dots(shards: Sequence[tuple[str, Tensor, Tensor, BoundDirection]],
+               extra: Sequence[tuple[Tensor, Tensor]] = ()) -> tuple[dict[str, Tensor], Tensor]:
+    """Global ⟨v, ΔW⟩ of DTensor parameters from their local shards, in one all-reduce.
+
+    Args:
+        shards: (name, DTensor parameter, its W0, its direction bound on the local shard's device)
+            per tensor; each local dot is computed exactly here (`functional.exact_dots`).
+        extra: (parameter, 0-d rank-local partial) rows summed in the same all-reduce (the Triton
+            path's c partials, `TritonCache.shard_partials`).
+    Returns:
+        The global dot per name (0-d: float64 where the native fold made it, bitwise the dense
+        twin's carried dot, else in its parameter's `acc_dtype`), and the summed `extra` rows
+        (shape (len(extra),)). Collective when any parameter is a DTensor; ({}, empty) when both
+        inputs are empty.
+    """
+    if not shards and not extra:
+        return {}, torch.zeros(0)
+    partials = (list(exact_dots([local(p) for _, p, _, _ in shards], [local(w0) for _, _, w0, _ in shards],
+                                [d for _, _, _, d in shards]).unbind()) if shards else [])
+    vec = torch.stack(partials + [c for _, c in extra])
+    vec = all_reduce_dots([p for _, p, _, _ in shards] + [p for p, _ in extra], vec)
+    return ({n: d if d.dtype == torch.float64 else d.to(acc_dtype(p.dtype))
+             for (n, p, _, _), d in zip(shards, vec[:len(shards)].unbind())}, vec[len(shards):])
+
+
+@torch.no_grad()
+def shard_drift_sums(shards: Sequence[tuple[Tensor, Tensor, BoundDirection]]) -> list[DriftSums]:
+    """(‖ΔW‖², ‖d‖², ⟨ΔW, d⟩, numel) in float64 of whole DTensor parameters: sums over the local
+    shards, then one all-reduce of three fp64 per tensor (collective when any is a DTensor).
+
+    shards: (parameter, its W0, its direction bound on the local shard's device) per tensor; the
+    sums are of the unrescaled d (the direction's `scale` undone).
+    """
+    if not shards:
+        return []
+    local_sums = []
+    for p, w0, bound in shards:
+        q = local(p)
+        xx, uu, xu, _ = sums(q.double() - local(w0).double(), bound.v)
+        local_sums.append([xx, uu, xu])
+    summed = all_reduce_dots([p for p, _, _ in shards],
+                             torch.tensor(local_sums, dtype=torch.float64, device=local(shards[0][0]).device))
+    return [DriftSums(xx, uu * bound.scale ** 2, xu * bound.scale, p.numel())
+            for (p, _, bound), (xx, uu, xu) in zip(shards, summed.tolist())]
 
 
 def bind_sharded(anchors: Anchors, named: list[tuple[str, DTensor]]) -> list[BoundDirection]:

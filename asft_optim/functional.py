@@ -29,8 +29,8 @@ from torch.optim.adam import adam
 from . import native
 
 __all__ = ["BoundDirection", "bind_direction", "penalty_reference", "penalised_grads_reference",
-           "partial_dots", "asft_adamw", "asft_adamw_", "StepTensors", "PENALTIES", "Penalty", "dense_flat",
-           "rescaled"]
+           "partial_dots", "asft_adamw", "asft_adamw_", "GroupTensors", "StepTensors", "PENALTIES", "Penalty",
+           "dense_flat", "rescaled"]
 
 Penalty = Literal["orthogonal", "parallel", "full"]
 PENALTIES: tuple[str, ...] = ("orthogonal", "parallel", "full")
@@ -154,6 +154,18 @@ def penalised_grads_reference(grads: list[Tensor], params: list[Tensor], w0s: li
     dots = [None] * len(params) if dots is None else dots
     return [(g.to(acc_dtype(p.dtype)) + coef * penalty_reference(p, w0, b, penalty, dot)).to(g.dtype)
             for g, p, w0, b, dot in zip(grads, params, w0s, bounds, dots, strict=True)]
+
+
+class GroupTensors(NamedTuple):
+    """The tensor lists of one param group's parameters that have gradients (lazy state created)."""
+    names: list[str]
+    params: list[Tensor]
+    grads: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    max_exp_avg_sqs: list[Tensor]   # empty without amsgrad
+    state_steps: list[Tensor]
+    has_complex: bool
 
 
 class StepTensors(NamedTuple):

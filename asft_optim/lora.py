@@ -32,17 +32,20 @@ reference projection three times (C²·B needs Vᵀ·B before V·(Vᵀ·B)).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from .anchors import Anchors, normalize_name
 from .functional import PENALTIES, BoundDirection, bind_direction
+from .metrics import DriftSums
 
 __all__ = ["PROJECTIONS", "LoraPair", "LoraLayout", "lora_layout", "pair_lora_names", "is_lora_name",
            "base_weight_shape", "bind_lora_direction", "lora_penalty_grads", "lora_penalty_grads_reference",
+           "pairs_penalty_grads", "pairs_drift_sums",
            "lora_drift_sums"]
 
 PROJECTIONS: tuple[str, ...] = ("vector", "reference")
@@ -313,7 +316,7 @@ def lora_penalty_grads_reference(a: Tensor, b: Tensor, a0: Tensor, b0: Tensor, b
 
 @torch.no_grad()
 def lora_drift_sums(a: Tensor, b: Tensor, a0: Tensor, b0: Tensor, bound: BoundDirection,
-                    pair: LoraPair) -> tuple[float, float, float, int]:
+                    pair: LoraPair) -> DriftSums:
     """(‖ΔW‖², ‖d‖², ⟨ΔW, d⟩, numel) of the effective update in float64, without materialising it."""
     a, b, a0, b0 = (t.double() for t in (a, b, a0, b0))
     s = pair.scaling
@@ -322,9 +325,91 @@ def lora_drift_sums(a: Tensor, b: Tensor, a0: Tensor, b0: Tensor, bound: BoundDi
     xx = s * s * float(((left.T @ left) * (right @ right.T)).sum())
     numel = pair.base_shape[0] * pair.base_shape[1]
     if bound.is_zero:
-        return max(xx, 0.0), 0.0, 0.0, numel
+        return DriftSums(max(xx, 0.0), 0.0, 0.0, numel)
     p = _v_times(bound.v, pair.fan_in_fan_out, right.T.contiguous())
     xu = s * bound.scale * float((left * p).sum())
     uu = bound.scale * bound.scale / bound.inv_nv2
-    return max(xx, 0.0), uu, xu, numel
+    return DriftSums(max(xx, 0.0), uu, xu, numel)
 
+
+
+class PairBound(Protocol):
+    """What the pair-level functions read of a parameter's binding (`binding.Binding`)."""
+    pair: LoraPair | None
+
+    def direction_on(self, device: torch.device) -> BoundDirection: ...
+
+
+def pairs_penalty_grads(layout: LoraLayout | None, param_groups: list[dict[str, Any]],
+                        bindings: Mapping[str, PairBound], state: Mapping[Tensor, Any]) -> dict[str, Tensor]:
+    """Penalty gradients (by parameter name) of every LoRA pair of `layout` with a gradient, from the
+    pre-step A and B of `param_groups` (the optimizer's groups: asft_lambda, penalty, projection,
+    maximize, impl per group).
+
+    A0/B0 are each parameter's W0 (`state[p]["w0"]`, snapshot at its first step); before that the
+    parameter has not moved, so its current value is its W0. Raises ValueError naming the module
+    when only one of a pair is in the groups, or A and B are in groups with different options.
+    """
+    if layout is None or not layout.pairs:
+        return {}
+    where = {}
+    for g in param_groups:
+        for n, p in zip(g["param_names"], g["params"]):
+            b = bindings.get(n)
+            if b is not None and b.pair is not None:
+                where[n] = (g, p)
+    out: dict[str, Tensor] = {}
+    for pair in layout.pairs:
+        wa, wb = where.get(pair.a_name), where.get(pair.b_name)
+        if wa is None and wb is None:
+            continue
+        if wa is None or wb is None:
+            raise ValueError(f"LoRA module '{pair.module}' (adapter '{pair.adapter}'): only lora_"
+                             f"{'A' if wb is None else 'B'} is in this optimizer; AsFT needs both")
+        (group, a), (group_b, b) = wa, wb
+        if a.grad is None and b.grad is None:
+            continue
+        for key in ("asft_lambda", "penalty", "projection", "maximize", "impl"):
+            if group[key] != group_b[key]:
+                raise ValueError(f"LoRA module '{pair.module}': lora_A and lora_B are in param groups with "
+                                 f"different {key} ({group[key]!r} and {group_b[key]!r})")
+        if group["asft_lambda"] == 0:
+            continue
+        coef = (-2.0 if group["maximize"] else 2.0) * group["asft_lambda"]
+        fn = lora_penalty_grads_reference if group["impl"] == "reference" else lora_penalty_grads
+        a0 = state[a]["w0"] if "w0" in state.get(a, {}) else a
+        b0 = state[b]["w0"] if "w0" in state.get(b, {}) else b
+        bound = bindings[pair.a_name].direction_on(a.device)
+        g_a, g_b = fn(a.detach(), b.detach(), a0, b0, bound, pair, coef, group["penalty"], group["projection"])
+        if a.grad is not None:
+            out[pair.a_name] = g_a
+        if b.grad is not None:
+            out[pair.b_name] = g_b
+    return out
+
+
+@torch.no_grad()
+def pairs_drift_sums(layout: LoraLayout | None, where: Mapping[str, Tensor], w0s: Mapping[str, Tensor],
+                     bindings: Mapping[str, PairBound]) -> dict[str, DriftSums]:
+    """Drift sums (`lora_drift_sums`) of each stepped LoRA pair's effective update, keyed by the base
+    weight's name (`name@adapter` when several adapters on one module train).
+
+    where: the optimizer's parameters by name. w0s: W0 of the stepped adapters by name (a pair
+    counts once either has one; the other, not moved yet, is its own W0).
+    """
+    if layout is None:
+        return {}
+    per_module: dict[str, int] = {}
+    for pair in layout.pairs:
+        per_module[pair.direction] = per_module.get(pair.direction, 0) + 1
+    out = {}
+    for pair in layout.pairs:
+        if pair.a_name not in where or pair.b_name not in where:
+            continue
+        if pair.a_name not in w0s and pair.b_name not in w0s:
+            continue
+        a, b = where[pair.a_name], where[pair.b_name]
+        key = pair.direction if per_module[pair.direction] == 1 else f"{pair.direction}@{pair.adapter}"
+        out[key] = lora_drift_sums(a, b, w0s.get(pair.a_name, a), w0s.get(pair.b_name, b),
+                                   bindings[pair.a_name].direction_on(a.device), pair)
+    return out

@@ -14,11 +14,20 @@ import re
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["Drift", "drift", "drift_from_sums", "sums", "layer_of", "per_layer"]
+__all__ = ["Drift", "DriftSums", "drift", "drift_from_sums", "sums", "layer_of", "per_layer"]
+
+
+class DriftSums(NamedTuple):
+    """One tensor's drift sums in float64 (additive over pieces of the tensor and over ranks)."""
+    xx: float    # ‖ΔW‖²
+    uu: float    # ‖d‖²
+    xu: float    # ⟨ΔW, d⟩
+    numel: int
 
 
 @dataclass(frozen=True)
@@ -77,10 +86,10 @@ def per_layer(sums: Mapping[str, tuple[float, float, float, int]]) -> dict[str, 
 
 
 @torch.no_grad()
-def sums(delta: Tensor, d: Tensor) -> tuple[float, float, float, int]:
+def sums(delta: Tensor, d: Tensor) -> DriftSums:
     """(⟨ΔW,ΔW⟩, ⟨d,d⟩, ⟨ΔW,d⟩, numel) in float64, the inputs of `per_layer`."""
     x = delta.double().reshape(-1)
     u = d.double().reshape(-1)
     if x.numel() != u.numel():
         raise ValueError(f"drift: update has {x.numel()} elements but direction has {u.numel()}")
-    return float(x @ x), float(u @ u), float(x @ u), x.numel()
+    return DriftSums(float(x @ x), float(u @ u), float(x @ u), x.numel())

@@ -19,6 +19,7 @@ Where the state lives (data flow: anchors → bindings → optimizer state → i
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import operator
@@ -36,13 +37,12 @@ from . import distributed as _dist
 from .anchors import Anchors, as_anchors, normalize_name
 from .binding import Binding, Kind, anchor_key, bind_group, bind_shards
 from .dot_cache import DotCache
-from .functional import (PENALTIES, BoundDirection, StepTensors, acc_dtype, asft_adamw, exact_dots,
-                         storage_w0)
-from .lora import (PROJECTIONS, LoraLayout, lora_drift_sums, lora_layout, lora_penalty_grads,
-                   lora_penalty_grads_reference)
-from .metrics import Drift, drift, drift_from_sums, sums
+from .functional import PENALTIES, BoundDirection, GroupTensors, StepTensors, asft_adamw, storage_w0
+from .lora import PROJECTIONS, LoraLayout, lora_layout, pairs_penalty_grads
+from .metrics import Drift, DriftSums, drift_from_sums
+from .penalty import stepped_drift_sums
 from .triton_step import TritonCache, resolve_impl, triton_group_step
-from .zero import ZeroTensors, lora_refusal, step_partition
+from .zero import ZeroTensors, lora_refusal, partition_w0s, step_zero_group
 
 __all__ = ["AsFTAdamW", "IMPLS"]
 
@@ -62,18 +62,6 @@ def _check_number(value: Any, wording: str, tensor_name: str | None = None) -> N
         value = float(value)
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{wording}: {value}")
-
-
-class GroupTensors(NamedTuple):
-    """The tensor lists of one param group's parameters that have gradients (lazy state created)."""
-    names: list[str]
-    params: list[Tensor]
-    grads: list[Tensor]
-    exp_avgs: list[Tensor]
-    exp_avg_sqs: list[Tensor]
-    max_exp_avg_sqs: list[Tensor]   # empty without amsgrad
-    state_steps: list[Tensor]
-    has_complex: bool
 
 
 class _Checked(NamedTuple):
@@ -323,14 +311,17 @@ class AsFTAdamW(torch.optim.AdamW):
         self._check_one_adapter_per_module()
         filled = self._penalty_only_grads(impls)
         try:
-            lora_grads = self._lora_penalty_grads()
+            lora_grads = pairs_penalty_grads(self._lora, self.param_groups, self._bindings, self.state)
             shard_dots = self._shard_dots(impls)
             for index, (group, impl) in enumerate(zip(self.param_groups, impls)):
                 if impl == "zero":
                     self._zero_group_step(group)
                     continue
                 if impl == "triton":
-                    triton_group_step(self, index, group, self._triton)
+                    triton_group_step(index, group, self._triton, state=self.state, bindings=self._bindings,
+                                      dots=self._dots, gather=functools.partial(self._gather, group),
+                                      torch_step=functools.partial(self._torch_group_step, group, "torch",
+                                                                   lora_grads={}, shard_dots={}))
                     continue
                 t = self._gather(group)
                 if t.params:
@@ -419,19 +410,14 @@ class AsFTAdamW(torch.optim.AdamW):
                 self._dots.put(n, p, s, d)
 
     def _shard_dots(self, impls: list[str]) -> dict[str, Tensor]:
-        """Global ⟨v, ΔW⟩ (0-d, `acc_dtype` of the parameter) of every DTensor parameter the torch
-        paths penalise this step.
-
-        Computed exactly from the local shards at every step (a DTensor's dot is never carried: see
-        `dot_cache`), then one all-reduce of one float per such tensor for the whole step, whatever
-        the number of param groups; it also sums the Triton path's c slots of shards
+        """Global ⟨v, ΔW⟩ of every DTensor parameter the torch paths penalise this step
+        (`distributed.shard_dots`: exact from the local shards at every step, a DTensor's dot is
+        never carried, see `dot_cache`), in one all-reduce with the Triton path's shard c partials
         (`TritonCache.shard_partials`). None at a shard's first step (no W0 yet: ΔW = 0 on every
-        shard) nor for a zero direction (c = 0).
-        """
+        shard) nor for a zero direction (c = 0)."""
         if not any(b.kind is Kind.SHARD for b in self._bindings.values()):
             return {}  # no DTensor parameters
-        names, params = [], []
-        stale: list[tuple[Tensor, Tensor, BoundDirection]] = []
+        shards = []
         for group, impl in zip(self.param_groups, impls):
             if group["asft_lambda"] == 0 or group["penalty"] == "full" or impl == "triton":
                 continue
@@ -441,28 +427,16 @@ class AsFTAdamW(torch.optim.AdamW):
                 if (p.grad is None or b is None or b.kind is not Kind.SHARD or not st or "w0" not in st
                         or b.direction.is_zero):  # c = 0: no dot needed
                     continue
-                q = _dist.local(p)
-                names.append(name)
-                params.append(p)
-                stale.append((q, _dist.local(st["w0"]), b.direction_on(q.device)))
-        triton = self._triton.shard_partials(self)
-        if not names and not triton:
-            return {}
-        partials = list(exact_dots(*map(list, zip(*stale))).unbind()) if stale else []
-        vec = torch.stack(partials + [c for _, _, c in triton])
-        vec = _dist.all_reduce_dots(params + [p for _, p, _ in triton], vec)
-        self._triton.set_shard_c(triton, vec[len(names):])
-        # float64 where the native fold made them (the dense twin's carried dot, bitwise), else each in
-        # its parameter's accumulation dtype
-        return {n: d if d.dtype == torch.float64 else d.to(acc_dtype(p.dtype))
-                for n, p, d in zip(names, params, vec[:len(names)].unbind())}
+                shards.append((name, p, st["w0"], b.direction_on(_dist.local(p).device)))
+        triton = self._triton.shard_partials(self.param_groups, self._bindings, self.state)
+        dots, summed = _dist.shard_dots(shards, [(p, c) for _, p, c in triton])
+        self._triton.set_shard_c(triton, summed)
+        return dots
 
     # ------------------------------------------------------------------------------- ZeRO
     def _zero_group_step(self, group: dict[str, Any]) -> None:
-        """Step a group whose tensors DeepSpeed ZeRO replaced by flat fp32 partitions (stage 3: the
-        one sub-group it hands over now): per partition, AdamW with the penalty of each segment from
-        its tensor's global ⟨v, ΔW⟩ (`zero.ZeroTensors.global_dots`); W0 is the fp32 master
-        partition at its first step. Always the PyTorch path."""
+        """Step a group whose tensors DeepSpeed ZeRO replaced by flat fp32 partitions
+        (`zero.step_zero_group`), after rebinding its dense tensors as ZERO."""
         if group["impl"] == "triton":
             raise ValueError("impl='triton' does not step DeepSpeed ZeRO partitions: build the optimizer "
                              "with impl=None or impl='torch'")
@@ -471,56 +445,8 @@ class AsFTAdamW(torch.optim.AdamW):
             if b is not None and b.kind is Kind.DENSE:
                 self._bindings[name] = Binding(name, Kind.ZERO, b.key)
                 self._dots.drop(name)
-        anchored = any(n in self._zero.keys for n in group["param_names"])
-        kwargs = adam_kwargs(group)
-        for flat in group["params"]:
-            if flat.grad is None:
-                continue
-            lists: list[list[Tensor]] = [[], [], [], [], [], []]
-            torch.optim.Adam._init_group(self, {**group, "params": [flat]}, *lists)
-            if not anchored:
-                adam(*lists, **kwargs)
-                continue
-            st = self.state[flat]
-            part = self._zero.partition(flat, group["param_names"], self.anchors, st["step"], self._dots.epoch,
-                                        st.get("w0"))
-            if "w0" not in st:
-                st["w0"] = storage_w0(flat.detach().clone())
-                dots = torch.zeros(len(part.segments), device=flat.device)
-            elif group["penalty"] == "full" or group["asft_lambda"] == 0:
-                dots = torch.zeros(len(part.segments), device=flat.device)
-            else:
-                dots = self._zero.global_dots(part, self._zero_w0s(), self._zero_steps(), self._dots)
-            if group["asft_lambda"] == 0:
-                adam(*lists, **kwargs)
-                continue
-            new = step_partition(part, flat.grad, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq"),
-                                 st["step"], st["w0"], dots, coef=(-2.0 if group["maximize"] else 2.0)
-                                 * group["asft_lambda"], penalty=group["penalty"], impl=group["impl"] or "torch",
-                                 **kwargs)
-            for seg, d in zip(part.segments, new or ()):
-                self._dots.put(seg.name, flat, st["step"], d)  # this rank's partial, summed at the next step
-
-    def _zero_w0s(self) -> dict[int, Tensor]:
-        """W0 of each ZeRO partition that has one, by its position in `self._zero.partitions`."""
-        out = {}
-        for i, part in enumerate(self._zero.partitions):
-            st = self.state.get(part.flat)
-            if st and "w0" in st:
-                out[i] = st["w0"]
-        return out
-
-    def _zero_steps(self) -> dict[int, Tensor]:
-        """The state "step" tensor of each ZeRO partition that has W0, by position (see `_zero_w0s`)."""
-        return {i: self.state[self._zero.partitions[i].flat]["step"] for i in self._zero_w0s()}
-
-    def _zero_drift_sums(self, by: str) -> dict[str, tuple[float, float, float, int]]:
-        """Drift sums of ZERO tensors over their segments on every rank (collective once any
-        partition is bound), keyed by name or key."""
-        if not self._zero.partitions:
-            return {}
-        sums_ = self._zero.drift_sums(self._zero_w0s())
-        return {(n if by == "name" else self._bindings[n].key): s for n, s in sums_.items()}
+        step_zero_group(group, self._zero, self.state, self._dots, self.anchors,
+                        functools.partial(torch.optim.Adam._init_group, self), adam_kwargs(group))
 
     # ------------------------------------------------------------------------------- LoRA
     def _lora_in_group(self, group: dict[str, Any]) -> bool:
@@ -548,46 +474,6 @@ class AsFTAdamW(torch.optim.AdamW):
                     "penalises each adapter's own s·B·A (the cross terms would be left out). Train one adapter "
                     "per module at a time (peft: model.set_adapter('name')), or put the other adapters in a "
                     "param group with asft_lambda=0")
-
-    def _lora_penalty_grads(self) -> dict[str, Tensor]:
-        """Penalty gradients of every LoRA pair with a gradient, from the pre-step A and B.
-
-        A0/B0 are each parameter's W0 (snapshot at its first step); before that the parameter has
-        not moved, so its current value is its W0.
-        """
-        if self._lora is None or not self._lora.pairs:
-            return {}
-        where = {n: (g, p) for g in self.param_groups for n, p in zip(g["param_names"], g["params"])
-                 if self._bindings.get(n, _PLAIN).pair is not None}
-        out: dict[str, Tensor] = {}
-        for pair in self._lora.pairs:
-            wa, wb = where.get(pair.a_name), where.get(pair.b_name)
-            if wa is None and wb is None:
-                continue
-            if wa is None or wb is None:
-                raise ValueError(f"LoRA module '{pair.module}' (adapter '{pair.adapter}'): only lora_"
-                                 f"{'A' if wb is None else 'B'} is in this optimizer; AsFT needs both")
-            (group, a), (group_b, b) = wa, wb
-            if a.grad is None and b.grad is None:
-                continue
-            for key in ("asft_lambda", "penalty", "projection", "maximize", "impl"):
-                if group[key] != group_b[key]:
-                    raise ValueError(f"LoRA module '{pair.module}': lora_A and lora_B are in param groups with "
-                                     f"different {key} ({group[key]!r} and {group_b[key]!r})")
-            if group["asft_lambda"] == 0:
-                continue
-            coef = (-2.0 if group["maximize"] else 2.0) * group["asft_lambda"]
-            fn = lora_penalty_grads_reference if group["impl"] == "reference" else lora_penalty_grads
-            a0 = self.state[a]["w0"] if "w0" in self.state.get(a, {}) else a
-            b0 = self.state[b]["w0"] if "w0" in self.state.get(b, {}) else b
-            bound = self._bindings[pair.a_name].direction_on(a.device)
-            g_a, g_b = fn(a.detach(), b.detach(), a0, b0, bound, pair, coef, group["penalty"],
-                          group["projection"])
-            if a.grad is not None:
-                out[pair.a_name] = g_a
-            if b.grad is not None:
-                out[pair.b_name] = g_b
-        return out
 
     @classmethod
     def from_model(cls, model: nn.Module, *, anchors: Anchors | Mapping[str, Tensor] | str | os.PathLike,
@@ -754,69 +640,25 @@ class AsFTAdamW(torch.optim.AdamW):
         """Per-tensor drift (‖ΔW‖, cos(ΔW, d), ‖C⊥ΔW‖/‖ΔW‖) of every anchored parameter that has
         stepped, by parameter name (LoRA pairs by their base weight's name). Collective under FSDP2
         and DeepSpeed ZeRO (every rank gets the global numbers)."""
-        out = {b.name: drift(p.detach().double() - w0.double(), b.direction_on(p.device).v)
-               for b, p, w0 in self._stepped((Kind.DENSE,))}
-        out.update({name: drift_from_sums(*s) for name, s in self._lora_drift_sums().items()})
-        out.update({name: drift_from_sums(*s) for name, s in self._shard_drift_sums(by="name").items()})
-        out.update({name: drift_from_sums(*s) for name, s in self._zero_drift_sums(by="name").items()})
-        return out
+        return {name: drift_from_sums(*s) for name, s in self._drift_sums(by="name").items()}
 
     @torch.no_grad()
-    def drift_sums(self) -> dict[str, tuple[float, float, float, int]]:
+    def drift_sums(self) -> dict[str, DriftSums]:
         """(‖ΔW‖², ‖d‖², ⟨ΔW, d⟩, numel) in float64 per anchored tensor that has stepped, keyed by its
         direction's (normalised) name: LoRA adapters appear as their base weight, `modules_to_save`
         copies as the original module, FSDP2 shards as the whole tensor. Feed to
         `metrics.per_layer`. Collective under FSDP2 and DeepSpeed ZeRO."""
-        out: dict[str, tuple[float, float, float, int]] = {}
-        for b, p, w0 in self._stepped((Kind.DENSE,)):
-            bound = b.direction_on(p.device)
-            xx, uu, xu, n = sums(p.detach().double() - w0.double(), bound.v)
-            out[b.key] = (xx, uu * bound.scale ** 2, xu * bound.scale, n)
-        out.update(self._lora_drift_sums())
-        out.update(self._shard_drift_sums(by="key"))
-        out.update(self._zero_drift_sums(by="key"))
-        return out
+        return self._drift_sums(by="key")
 
-    @torch.no_grad()
-    def _lora_drift_sums(self) -> dict[str, tuple[float, float, float, int]]:
-        """Drift sums of each stepped LoRA pair's effective update, keyed by the base weight's name
-        (`name@adapter` when several adapters on one module train)."""
-        if self._lora is None:
-            return {}
+    def _drift_sums(self, by: str) -> dict[str, DriftSums]:
+        """`penalty.stepped_drift_sums` of the dense, shard and LoRA tensors, then the ZeRO ones."""
         where = {n: p for g in self.param_groups for n, p in zip(g["param_names"], g["params"])}
-        per_module: dict[str, int] = {}
-        for pair in self._lora.pairs:
-            per_module[pair.direction] = per_module.get(pair.direction, 0) + 1
-        out = {}
-        for pair in self._lora.pairs:
-            if pair.a_name not in where or pair.b_name not in where:
-                continue
-            a, b = where[pair.a_name], where[pair.b_name]
-            sa, sb = self.state.get(a, {}), self.state.get(b, {})
-            if "w0" not in sa and "w0" not in sb:
-                continue
-            key = pair.direction if per_module[pair.direction] == 1 else f"{pair.direction}@{pair.adapter}"
-            out[key] = lora_drift_sums(a, b, sa.get("w0", a), sb.get("w0", b),
-                                       self._bindings[pair.a_name].direction_on(a.device), pair)
+        out = stepped_drift_sums(self._stepped((Kind.DENSE, Kind.SHARD, Kind.LORA_A, Kind.LORA_B)),
+                                 self._bindings, self._lora, where, by)
+        if self._zero.partitions:  # collective once any partition is bound
+            zero = self._zero.drift_sums(partition_w0s(self._zero, self.state))
+            out.update({(n if by == "name" else self._bindings[n].key): s for n, s in zero.items()})
         return out
-
-    @torch.no_grad()
-    def _shard_drift_sums(self, by: str) -> dict[str, tuple[float, float, float, int]]:
-        """Drift sums of DTensor parameters: sums over local shards, then one all-reduce of three
-        fp64 per tensor (collective when any parameter is a DTensor). Keyed by name or key."""
-        rows, local_sums = [], []
-        for b, p, w0 in self._stepped((Kind.SHARD,)):
-            q = _dist.local(p)
-            xx, uu, xu, _ = sums(q.double() - _dist.local(w0).double(), b.direction_on(q.device).v)
-            rows.append((b, p))
-            local_sums.append([xx, uu, xu])
-        if not rows:
-            return {}
-        total = torch.tensor(local_sums, dtype=torch.float64, device=_dist.local(rows[0][1]).device)
-        total = _dist.all_reduce_dots([p for _, p in rows], total).tolist()
-        return {(b.name if by == "name" else b.key): (xx, uu * b.direction.scale ** 2, xu * b.direction.scale,
-                                                      p.numel())
-                for (b, p), (xx, uu, xu) in zip(rows, total)}
 
 
 _PLAIN = Binding("", Kind.PLAIN)

@@ -39,10 +39,10 @@ from .anchors import Anchors, as_anchors, normalize_name
 from .binding import Binding, Kind, bind_group, bind_shards
 from .functional import (PENALTIES, BoundDirection, _penalised_piece, dense_flat, exact_dots,
                          penalty_reference, storage_w0)
-from .lora import PROJECTIONS, LoraLayout, LoraPair, lora_drift_sums, lora_layout, lora_penalty_grads
-from .metrics import Drift, drift_from_sums, sums
+from .lora import PROJECTIONS, LoraLayout, lora_layout, lora_penalty_grads, pairs_drift_sums
+from .metrics import Drift, DriftSums, drift_from_sums, sums
 
-__all__ = ["AsFTPenalty", "attach", "attached", "W0_KEY"]
+__all__ = ["AsFTPenalty", "attach", "attached", "stepped_drift_sums", "W0_KEY"]
 
 W0_KEY = "asft_w0"
 NAMES_KEY = "asft_param_names"
@@ -55,7 +55,6 @@ _RESUME_CHECKED = ((ANCHORS_KEY, "anchors (fingerprint)"), ("asft_lambda", "asft
 _PIECE = 1 << 19  # elements per piece of the gradient update: pieces stay in cache
 _REGISTRY: weakref.WeakKeyDictionary[torch.optim.Optimizer, AsFTPenalty] = weakref.WeakKeyDictionary()
 _PLAIN = Binding("", Kind.PLAIN)
-DriftSums = tuple[float, float, float, int]  # (‖ΔW‖², ‖d‖², ⟨ΔW, d⟩, numel) in float64
 
 
 def attach(optimizer: torch.optim.Optimizer, model: nn.Module, *,
@@ -488,54 +487,37 @@ class AsFTPenalty:
         return {name: drift_from_sums(*s) for name, s in self._sums(by="name").items()}
 
     def _sums(self, by: str) -> dict[str, DriftSums]:
-        out: dict[str, DriftSums] = {}
-        shard_rows: list[tuple[Binding, Tensor]] = []
-        shard_sums: list[list[float]] = []
-        lora_w0: dict[str, tuple[Tensor, Tensor]] = {}
-        for b, p, w0 in self._stepped():
-            if b.kind in (Kind.LORA_A, Kind.LORA_B):
-                lora_w0[b.name] = (p, w0)
-                continue
-            q = _dist.local(p)
-            bound = b.direction_on(q.device)
-            xx, uu, xu, n = sums(q.double() - _dist.local(w0).double(), bound.v)
-            if b.kind is Kind.SHARD:
-                shard_rows.append((b, p))
-                shard_sums.append([xx, uu, xu])
-                continue
-            out[b.name if by == "name" else b.key] = (xx, uu * bound.scale ** 2, xu * bound.scale, n)
-        if shard_rows:
-            total = torch.tensor(shard_sums, dtype=torch.float64, device=_dist.local(shard_rows[0][1]).device)
-            reduced = _dist.all_reduce_dots([p for _, p in shard_rows], total).tolist()
-            for (b, p), (xx, uu, xu) in zip(shard_rows, reduced):
-                scale = b.direction.scale  # type: ignore[union-attr]
-                out[b.name if by == "name" else b.key] = (xx, uu * scale ** 2, xu * scale, p.numel())
-        out.update(self._lora_sums(lora_w0))
-        return out
-
-    def _lora_sums(self, stepped: dict[str, tuple[Tensor, Tensor]]) -> dict[str, DriftSums]:
-        if self._lora is None or not stepped:
-            return {}
         where = {n: p for g in self.optimizer.param_groups for n, p in zip(g.get(NAMES_KEY, ()), g["params"])}
-        per_module: dict[str, int] = {}
-        for pair in self._lora.pairs:
-            per_module[pair.direction] = per_module.get(pair.direction, 0) + 1
-        out = {}
-        for pair in self._lora.pairs:
-            if pair.a_name not in where or pair.b_name not in where:
-                continue
-            if pair.a_name not in stepped and pair.b_name not in stepped:
-                continue
-            a, b = where[pair.a_name], where[pair.b_name]
-            a0 = stepped[pair.a_name][1] if pair.a_name in stepped else a
-            b0 = stepped[pair.b_name][1] if pair.b_name in stepped else b
-            key = _lora_key(pair, per_module)
-            out[key] = lora_drift_sums(a, b, a0, b0, self._bindings[pair.a_name].direction_on(a.device), pair)
-        return out
+        return stepped_drift_sums(self._stepped(), self._bindings, self._lora, where, by)
 
 
-def _lora_key(pair: LoraPair, per_module: Mapping[str, int]) -> str:
-    return pair.direction if per_module[pair.direction] == 1 else f"{pair.direction}@{pair.adapter}"
+@torch.no_grad()
+def stepped_drift_sums(stepped: Iterable[tuple[Binding, Tensor, Tensor]], bindings: Mapping[str, Binding],
+                       lora: LoraLayout | None, where: Mapping[str, Tensor], by: str) -> dict[str, DriftSums]:
+    """Drift sums of stepped anchored parameters, for `AsFTPenalty` and `AsFTAdamW` alike.
+
+    stepped: (binding, parameter, W0) per parameter that has a W0: whole tensors directly, DTensor
+    shards summed over ranks (`distributed.shard_drift_sums`; collective when any is a DTensor),
+    LoRA adapters as their pair's effective update (`lora.pairs_drift_sums`; `bindings` and
+    `where`: every parameter's binding and tensor by name). Keyed by the direction's key (by="key") or the parameter
+    name (by="name"); LoRA pairs by their base weight either way.
+    """
+    out: dict[str, DriftSums] = {}
+    shards: list[tuple[Binding, Tensor, Tensor]] = []
+    lora_w0: dict[str, Tensor] = {}
+    for b, p, w0 in stepped:
+        if b.kind in (Kind.LORA_A, Kind.LORA_B):
+            lora_w0[b.name] = w0
+        elif b.kind is Kind.SHARD:
+            shards.append((b, p, w0))
+        else:
+            bound = b.direction_on(p.device)
+            xx, uu, xu, n = sums(p.detach().double() - w0.double(), bound.v)
+            out[b.name if by == "name" else b.key] = DriftSums(xx, uu * bound.scale ** 2, xu * bound.scale, n)
+    summed = _dist.shard_drift_sums([(p, w0, b.direction_on(_dist.local(p).device)) for b, p, w0 in shards])
+    out.update({(b.name if by == "name" else b.key): s for (b, _, _), s in zip(shards, summed)})
+    out.update(pairs_drift_sums(lora, where, lora_w0, bindings))
+    return out
 
 
 _FOREACH_MAX = 1 << 13  # elements: smaller fp32 CPU tensors take `add_penalty_foreach_` together

@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import distributed as _dist
-from .binding import Kind
-from .functional import BoundDirection, dense_flat, partial_dots, storage_w0
+from .binding import Binding, Kind
+from .dot_cache import DotCache
+from .functional import BoundDirection, GroupTensors, dense_flat, partial_dots, storage_w0
 
 if TYPE_CHECKING:
     from .kernels import Row
-    from .optimizer import AsFTAdamW
 
 __all__ = ["TritonCache", "resolve_impl", "triton_group_step"]
 
@@ -92,9 +93,9 @@ class Plan(NamedTuple):
     launches: list[Launch]
 
 
-def _options(opt: AsFTAdamW, group: dict[str, Any]) -> tuple:
+def _options(group: dict[str, Any], dots: DotCache) -> tuple:
     """What a plan's shape depends on besides the tensors."""
-    return group["asft_lambda"], group["penalty"], group["amsgrad"], opt._dots.epoch
+    return group["asft_lambda"], group["penalty"], group["amsgrad"], dots.epoch
 
 
 def _hyper(group: dict[str, Any]) -> dict[str, Any]:
@@ -133,7 +134,7 @@ def _launch(cs: Any, launch: Launch, steps: list[float], hyper: dict[str, Any]) 
     fused_step_(table, c_buf, [steps[j] for j in launch.positions], penalty=launch.penalty, **hyper)
 
 
-def _replay(opt: AsFTAdamW, group: dict[str, Any], plan: Plan, cs: Any) -> bool:
+def _replay(group: dict[str, Any], plan: Plan, cs: Any, state: Mapping[Tensor, Any], dots: DotCache) -> bool:
     """Step a group with its cached plan; False (having stepped nothing) when the plan does not fit.
 
     It fits while the same parameters have gradients, every step counter is the plan's, every c
@@ -146,7 +147,7 @@ def _replay(opt: AsFTAdamW, group: dict[str, Any], plan: Plan, cs: Any) -> bool:
     grads = [p.grad for p in params]
     if [g is not None for g in grads] != plan.has_grad:
         return False
-    state, dots, amsgrad, views = opt.state, opt._dots, group["amsgrad"], plan.step_views
+    amsgrad, views = group["amsgrad"], plan.step_views
     held = dots.held
     moved = []
     try:
@@ -240,19 +241,21 @@ class TritonCache:
             self.slots = CSlots()
         return self.slots
 
-    def shard_partials(self, opt: AsFTAdamW) -> list[tuple[str, Tensor, Tensor]]:
+    def shard_partials(self, param_groups: list[dict[str, Any]], bindings: Mapping[str, Binding],
+                       state: Mapping[Tensor, Any]) -> list[tuple[str, Tensor, Tensor]]:
         """(name, parameter, local part of c) of every Triton-stepped shard with a gradient and a
-        W0, computed exactly here, to be summed over ranks in the step's one all-reduce."""
+        W0 (`state[p]["w0"]`), computed exactly here, to be summed over ranks in the step's one
+        all-reduce."""
         self.synced = set()
         if self.slots is None:
             return []
         out = []
-        for group in opt.param_groups:
+        for group in param_groups:
             if group["impl"] != "triton" or group["asft_lambda"] == 0 or group["penalty"] == "full":
                 continue
             for name, p in zip(group["param_names"], group["params"]):
-                b = opt._bindings.get(name)
-                st = opt.state.get(p)
+                b = bindings.get(name)
+                st = state.get(p)
                 if (p.grad is None or b is None or b.kind is not Kind.SHARD or not st or "w0" not in st
                         or name not in self.slots.slot):
                     continue
@@ -281,23 +284,30 @@ class TritonCache:
         return self.slots.buffers[q.device][self.slots.slot[name]].clone()
 
 
-def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], cache: TritonCache) -> None:
+def triton_group_step(group_index: int, group: dict[str, Any], cache: TritonCache, *, state: dict[Tensor, Any],
+                      bindings: Mapping[str, Binding], dots: DotCache, gather: Callable[[], GroupTensors],
+                      torch_step: Callable[[GroupTensors], None]) -> None:
     """One group's step with the fused Triton kernels: one update (+ one fold) launch per
     (device, dtypes, penalised, aligned) subset; an exact c pass first where c is not current.
+
+    state: the optimizer's per-parameter state (W0 in "w0"; "step" re-pointed into the group's step
+    buffer). bindings: by parameter name. dots: the carried-dot cache (c slots are valid by its rule).
+    gather: the group's tensors with gradients (lazy state created). torch_step: steps a subset on
+    the PyTorch path (layouts the kernels cannot walk).
 
     The launches are kept as a plan that the next step replays (`_replay`) while it fits; else they
     are rebuilt here, reusing each subset's block tables while its names and layouts are unchanged.
     """
     from .kernels import Row, all_aligned, exact_c_, make_table, row_pointers, split_pointers
     cs = cache._c_slots()
-    options = _options(opt, group)
+    options = _options(group, dots)
     plan = cache.plans.get(group_index)
-    if plan is not None and plan.options == options and _replay(opt, group, plan, cs):
+    if plan is not None and plan.options == options and _replay(group, plan, cs, state, dots):
         return
     cache.plans.pop(group_index, None)
     fresh = {n for n, p in zip(group["param_names"], group["params"])
-             if p.grad is not None and "w0" not in opt.state.get(p, {})}
-    t = opt._gather(group)
+             if p.grad is not None and "w0" not in state.get(p, {})}
+    t = gather()
     if not t.params:
         return
     amsgrad, lam, penalty = group["amsgrad"], group["asft_lambda"], group["penalty"]
@@ -305,7 +315,7 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
     bounds: list[BoundDirection | None] = []
     copied = False  # a gradient copied to its parameter's strides: the table points at the copy
     for i, (name, p, g) in enumerate(zip(t.names, t.params, t.grads)):
-        b = opt._bindings.get(name)
+        b = bindings.get(name)
         bound = b.direction_on(_dist.local(p).device) if lam > 0 and b is not None and b.anchored else None
         # bf16 where exact: fewer bytes per step (not for shards: every rank must launch alike)
         if bound is not None and name not in cache.narrowed and b.kind is not Kind.SHARD:
@@ -314,16 +324,14 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
         if g.stride() != p.stride() and dense_flat(p) is not None:
             g = torch.empty_like(p).copy_(g)
             copied = True
-        w0 = opt.state[p]["w0"] if bound is not None else None
+        w0 = state[p]["w0"] if bound is not None else None
         row = (p, g, t.exp_avgs[i], t.exp_avg_sqs[i], t.max_exp_avg_sqs[i] if amsgrad else None, w0,
                None if bound is None else bound.v)
         rows.append(Row(*[None if x is None else _dist.local(x) for x in row]))  # DTensors: their local shards
         bounds.append(bound)
     walk = [_walkable(r) for r in rows]
     if not all(walk):  # layouts the kernels cannot walk: the torch path, exactly
-        from .optimizer import GroupTensors
-        sub = GroupTensors(*[[x for x, w in zip(xs, walk) if not w] for xs in t[:7]], t.has_complex)
-        opt._torch_group_step(group, "torch", sub, {}, {})
+        torch_step(GroupTensors(*[[x for x, w in zip(xs, walk) if not w] for xs in t[:7]], t.has_complex))
     # state["step"] of every walked parameter is a view into one buffer per group: one add per step
     all_positions = [j for j, p in enumerate(group["params"]) if p.grad is not None]
     keep = [i for i, w in enumerate(walk) if w]
@@ -338,10 +346,10 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
         step_t = t.state_steps[i]
         if step_t._base is not buf or step_t.storage_offset() != j:
             buf[j] = step_t
-            opt.state[group["params"][j]]["step"] = buf[j]
+            state[group["params"][j]]["step"] = buf[j]
     positions_t = torch.tensor(positions)
     carried = cache.synced.union(t.names[i] for i in keep
-                                 if opt._dots.held(t.names[i], t.params[i], opt.state[t.params[i]]["step"]))
+                                 if dots.held(t.names[i], t.params[i], state[t.params[i]]["step"]))
     all_steps = _increment_steps(buf, positions_t)
     subsets: dict[tuple, list[int]] = {}
     for i in keep:  # one launch per (device, penalised, dtypes, aligned): an unaligned tensor keeps to its own
@@ -380,9 +388,9 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
         launches.append(launch)
         if launch.needs_c:
             for i in idx:
-                opt._dots.put(t.names[i], t.params[i], opt.state[t.params[i]]["step"], None)
+                dots.put(t.names[i], t.params[i], state[t.params[i]]["step"], None)
     if all(walk) and not copied and not any(_dist.is_dtensor(p) for p in t.params):
-        views = {j: opt.state[group["params"][j]]["step"] for j in positions}
+        views = {j: state[group["params"][j]]["step"] for j in positions}
         cache.plans[group_index] = Plan(options, [p.grad is not None for p in group["params"]], buf,
                                         None if len(positions) == buf.numel() else positions_t, views, launches)
 

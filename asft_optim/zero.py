@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,10 +39,13 @@ from torch.optim.adam import adam
 
 from .anchors import Anchors
 from .dot_cache import DotCache
-from .functional import BoundDirection, StepTensors, asft_adamw, direction_dtype, partial_dots, times_pow2
+from .functional import (BoundDirection, StepTensors, asft_adamw, direction_dtype, partial_dots, storage_w0,
+                         times_pow2)
+from .metrics import DriftSums
 
 __all__ = ["Segment", "Partition", "ZeroTensors", "is_zero_param", "find_segments", "check_config",
-           "check_client", "initialize", "step_partition", "lora_refusal", "original_shape"]
+           "check_client", "initialize", "step_partition", "step_zero_group", "partition_w0s",
+           "lora_refusal", "original_shape"]
 
 def is_zero_param(p: Tensor) -> bool:
     """Whether DeepSpeed ZeRO manages p: a stage-3 partitioned parameter, or a stage-1/2 one that
@@ -328,7 +331,7 @@ class ZeroTensors:
         return part.dots
 
     # ------------------------------------------------------------------------------- drift
-    def drift_sums(self, w0s: Mapping[int, Tensor]) -> dict[str, tuple[float, float, float, int]]:
+    def drift_sums(self, w0s: Mapping[int, Tensor]) -> dict[str, DriftSums]:
         """(‖ΔW‖², ‖d‖², ⟨ΔW, d⟩, numel) in float64 per tensor that has stepped, summed over its
         segments on every rank (one all-reduce; collective)."""
         device = self._comm_device(self.partitions[0].flat)
@@ -349,7 +352,7 @@ class ZeroTensors:
         out = {}
         for name, (xx, uu, xu, n) in zip(self.names, both.tolist()):
             if n > 0:
-                out[name] = (xx, uu, xu, self.numels[name])
+                out[name] = DriftSums(xx, uu, xu, self.numels[name])
         return out
 
 
@@ -440,6 +443,59 @@ def step_partition(part: Partition, grad: Tensor, exp_avg: Tensor, exp_avg_sq: T
              views(ams, gaps), [step.clone() for _ in gaps], **adam_kwargs)
     step.add_(1)
     return list(new.unbind()) if isinstance(new, Tensor) else new  # one vector when all went native
+
+
+def partition_w0s(zero: ZeroTensors, state: Mapping[Tensor, Any]) -> dict[int, Tensor]:
+    """W0 (`state[flat]["w0"]`) of each partition that has one, by its position in `zero.partitions`."""
+    out = {}
+    for i, part in enumerate(zero.partitions):
+        st = state.get(part.flat)
+        if st and "w0" in st:
+            out[i] = st["w0"]
+    return out
+
+
+@torch.no_grad()
+def step_zero_group(group: dict[str, Any], zero: ZeroTensors, state: dict[Tensor, Any], dots: DotCache,
+               anchors: Anchors, init_group: Callable[..., Any], adam_kwargs: dict[str, Any]) -> None:
+    """Step a param group whose tensors ZeRO replaced by flat fp32 partitions (stage 3: the one
+    sub-group it hands over now): per partition, AdamW with the penalty of each segment from its
+    tensor's global ⟨v, ΔW⟩ (`ZeroTensors.global_dots`); W0 is the fp32 master partition at its
+    first step. Always the PyTorch path.
+
+    state: the optimizer's per-tensor state (W0 in "w0"). dots: the carried-dot cache (each
+    segment's partial of this rank, summed at the next step). init_group: torch's
+    `Adam._init_group` bound to the optimizer (creates the lazy state of one flat partition).
+    adam_kwargs: torch's functional `adam` keyword arguments of the group.
+    """
+    anchored = any(n in zero.keys for n in group["param_names"])
+    for flat in group["params"]:
+        if flat.grad is None:
+            continue
+        lists: list[list[Tensor]] = [[], [], [], [], [], []]
+        init_group({**group, "params": [flat]}, *lists)
+        if not anchored:
+            adam(*lists, **adam_kwargs)
+            continue
+        st = state[flat]
+        part = zero.partition(flat, group["param_names"], anchors, st["step"], dots.epoch, st.get("w0"))
+        if "w0" not in st:
+            st["w0"] = storage_w0(flat.detach().clone())
+            part_dots = torch.zeros(len(part.segments), device=flat.device)
+        elif group["penalty"] == "full" or group["asft_lambda"] == 0:
+            part_dots = torch.zeros(len(part.segments), device=flat.device)
+        else:
+            w0s = partition_w0s(zero, state)
+            part_dots = zero.global_dots(part, w0s, {i: state[zero.partitions[i].flat]["step"] for i in w0s}, dots)
+        if group["asft_lambda"] == 0:
+            adam(*lists, **adam_kwargs)
+            continue
+        new = step_partition(part, flat.grad, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq"),
+                             st["step"], st["w0"], part_dots, coef=(-2.0 if group["maximize"] else 2.0)
+                             * group["asft_lambda"], penalty=group["penalty"], impl=group["impl"] or "torch",
+                             **adam_kwargs)
+        for seg, d in zip(part.segments, new or ()):
+            dots.put(seg.name, flat, st["step"], d)
 
 
 def load_config(config: Mapping[str, Any] | str | Any) -> Mapping[str, Any]:
