@@ -522,14 +522,14 @@ def _dot_piece(p: Tensor, w0: Tensor, v: Tensor, scratch: Tensor) -> Tensor:
 
 def _fold(x: Tensor) -> Tensor:
     """Σx of a 1-D tensor as a 0-d float64, in an order fixed by its length alone (the same bits at
-    any thread count, unlike `torch.dot` or a whole-tensor sum): per block of FOLD_BLOCK elements in
-    x's dtype (below ATen's parallel grain, and a reduction over rows gives each row to one
-    thread), then the block sums in float64, folded the same way."""
+    any thread count, unlike `torch.dot` or a whole-tensor sum): per block of FOLD_BLOCK elements
+    (below ATen's parallel grain, a reduction over rows gives each row to one thread), then the
+    block sums in block order, all in float64."""
     n = x.numel()
     if n <= FOLD_BLOCK:
-        return x.sum().to(torch.float64)
+        return x.sum(dtype=torch.float64)
     full = n - n % FOLD_BLOCK
-    sums = x[:full].view(-1, FOLD_BLOCK).sum(1)
+    sums = x[:full].view(-1, FOLD_BLOCK).sum(1, dtype=torch.float64)
     if full < n:
-        sums = torch.cat([sums, x[full:].sum().reshape(1)])
-    return _fold(sums.to(torch.float64))
+        sums = torch.cat([sums, x[full:].sum(dtype=torch.float64).reshape(1)])
+    return _fold(sums)

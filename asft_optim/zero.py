@@ -39,8 +39,8 @@ from torch.optim.adam import adam
 
 from .anchors import Anchors
 from .dot_cache import DotCache
-from .functional import (BoundDirection, StepTensors, asft_adamw, direction_dtype, partial_dots, storage_w0,
-                         times_pow2)
+from .functional import (BoundDirection, StepTensors, asft_adamw, direction_dtype, exact_dots, partial_dots,
+                         storage_w0, times_pow2)
 from .metrics import DriftSums
 
 __all__ = ["Segment", "Partition", "ZeroTensors", "is_zero_param", "find_segments", "check_config",
@@ -305,7 +305,8 @@ class ZeroTensors:
         Otherwise the partial dots of every partition that has a W0 (`w0s`, `steps`: position in
         `self.partitions` → W0, state "step" tensor) are summed over ranks in one all-reduce of one
         fp32 per tensor: the partials `cache` carries from our last update where valid, else recomputed
-        exactly (`functional.partial_dots`). Collective whenever it reduces; every rank takes the
+        exactly (`functional.exact_dots`: the fold of the path that steps them, so a resumed run gets
+        the carried dots' bits). Collective whenever it reduces; every rank takes the
         same decision (the same updates bump the same version counters).
         """
         at = next(i for i, q in enumerate(self.partitions) if q is part)
@@ -318,8 +319,8 @@ class ZeroTensors:
             carried = [cache.get(s.name, q.flat, steps[i]) for s in q.segments]
             if any(c is None for c in carried):
                 w0 = w0s[i]
-                partial = partial_dots([q.flat[s.start: s.start + s.numel] for s in q.segments],
-                                       [w0[s.start: s.start + s.numel] for s in q.segments], q.bounds)
+                partial = exact_dots([q.flat[s.start: s.start + s.numel] for s in q.segments],
+                                     [w0[s.start: s.start + s.numel] for s in q.segments], q.bounds)
             else:
                 partial = torch.stack(carried)
             vec.index_add_(0, torch.tensor(q.index, device=vec.device), partial.to(vec.device, vec.dtype))
