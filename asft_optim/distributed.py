@@ -208,7 +208,7 @@ def bind_sharded(anchors: Anchors, named: list[tuple[str, DTensor]]) -> list[Bou
         raise ValueError(f"direction for '{bad[0]}' contains NaN or Inf"
                          + (f" (as do {len(bad) - 1} more)" if len(bad) > 1 else ""))
     vs, scales = [], []
-    for (name, p), d, a in zip(named, blocks, amax):
+    for (_, p), d, a in zip(named, blocks, amax):
         v = torch.empty_like(p._local_tensor, dtype=direction_dtype(d.dtype, p.dtype))
         if a == 0.0:
             v.zero_()

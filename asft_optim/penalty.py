@@ -37,8 +37,15 @@ from torch import Tensor, nn
 from . import distributed as _dist
 from .anchors import Anchors, as_anchors, normalize_name
 from .binding import Binding, Kind, bind_group, bind_shards
-from .functional import (PENALTIES, BoundDirection, _penalised_piece, dense_flat, exact_dots,
-                         penalty_reference, storage_w0)
+from .functional import (
+    PENALTIES,
+    BoundDirection,
+    _penalised_piece,
+    dense_flat,
+    exact_dots,
+    penalty_reference,
+    storage_w0,
+)
 from .lora import PROJECTIONS, LoraLayout, lora_layout, lora_penalty_grads, pairs_drift_sums
 from .metrics import Drift, DriftSums, drift_from_sums, sums
 

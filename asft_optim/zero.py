@@ -39,8 +39,16 @@ from torch.optim.adam import adam
 
 from .anchors import Anchors
 from .dot_cache import DotCache
-from .functional import (BoundDirection, StepTensors, asft_adamw, direction_dtype, exact_dots, partial_dots,
-                         storage_w0, times_pow2)
+from .functional import (
+    BoundDirection,
+    StepTensors,
+    asft_adamw,
+    direction_dtype,
+    exact_dots,
+    partial_dots,
+    storage_w0,
+    times_pow2,
+)
 from .metrics import DriftSums
 
 __all__ = ["Segment", "Partition", "ZeroTensors", "is_zero_param", "find_segments", "check_config",
@@ -110,7 +118,7 @@ def find_segments(flat: Tensor, named: Sequence[tuple[str, Tensor]]) -> list[Seg
 def process_group(named: Sequence[tuple[str, Tensor]]) -> Any:
     """The data-parallel group over which ZeRO partitions these parameters (one for all of them)."""
     groups = []
-    for name, p in named:
+    for _, p in named:
         g = (p._z3_optimizer._get_param_partition_group(p) if hasattr(p, "ds_id")
              else getattr(p, "_dp_group", None))
         if not any(g is h for h in groups):

@@ -6,7 +6,8 @@
 For each case (shape, flag set `fused=True` / `foreach=True`, layout) one AsFTAdamW (λ = 1, every
 tensor anchored) and one torch AdamW with the same flags on twin parameters step alternately, 2
 torch threads; each round times one step of each, so load changes on a shared machine hit both
-alike (`ASFT_BENCH_THREADS`, `ASFT_BENCH_ROUNDS` change the 2 threads and 15 rounds). Printed per case (and kept as the benchmark's extra_info): the median ms of each and the
+alike (`ASFT_BENCH_THREADS`, `ASFT_BENCH_ROUNDS` change the 2 threads and 15 rounds). Printed per case
+(and kept as the benchmark's extra_info): the median ms of each and the
 ratio of the medians. Layouts and their bytes per parameter per step (AdamW / AsFT in one pass,
 the byte floor of the ratio):
 

@@ -27,9 +27,23 @@ if __name__ == "kernels":
     if _spec.loader is not None:
         _spec.loader.exec_module(_module)
 else:
-    from .adamw import (BLOCK, OTHER_ROLES, PENALTY_CODES, ROLES, CSlots, LaunchTable, Row, all_aligned,
-                        exact_c_, fused_step_, is_interpreted, launch_counter, make_table, row_pointers,
-                        split_pointers)
+    from .adamw import (
+        BLOCK,
+        OTHER_ROLES,
+        PENALTY_CODES,
+        ROLES,
+        CSlots,
+        LaunchTable,
+        Row,
+        all_aligned,
+        exact_c_,
+        fused_step_,
+        is_interpreted,
+        launch_counter,
+        make_table,
+        row_pointers,
+        split_pointers,
+    )
 
     __all__ = ["BLOCK", "OTHER_ROLES", "PENALTY_CODES", "ROLES", "CSlots", "LaunchTable", "Row", "all_aligned",
                "exact_c_", "fused_step_", "is_interpreted", "launch_counter", "make_table", "row_pointers",

@@ -48,7 +48,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["BLOCK", "NUM_WARPS", "OTHER_ROLES", "PENALTY_CODES", "ROLES", "CSlots", "LaunchTable", "Row", "all_aligned", "make_table",
+__all__ = ["BLOCK", "NUM_WARPS", "OTHER_ROLES", "PENALTY_CODES", "ROLES", "CSlots", "LaunchTable", "Row", "all_aligned",
+           "make_table",
            "fused_step_", "exact_c_", "is_interpreted", "launch_counter", "row_pointers",
            "split_pointers"]
 

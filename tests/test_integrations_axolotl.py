@@ -141,7 +141,8 @@ def test_axolotl_train_with_the_plugin_equals_asft_trainer(stack, tmp_path, opti
 
 @needs_axolotl
 @pytest.mark.parametrize(("extra", "message"), [
-    ("asft_anchors: {root}/missing.safetensors\n", "asft_anchors: directions file not found: {root}/missing.safetensors"),
+    ("asft_anchors: {root}/missing.safetensors\n",
+     "asft_anchors: directions file not found: {root}/missing.safetensors"),
     ("asft_lambda: 1.0\n", "asft_anchors: the AsFT plugin needs a directions file"),
     ("asft_anchors: {root}/directions.safetensors\nasft_lambda: -1\n", "asft_lambda"),
 ], ids=["missing-file", "no-anchors", "negative-lambda"])

@@ -24,7 +24,7 @@ from tests.stacks import weights
 
 pytest.importorskip("transformers")
 
-from asft_optim.integrations.llamafactory import AsFTKeys, main, split_config  # noqa: E402
+from asft_optim.integrations.llamafactory import AsFTKeys, main, split_config
 
 TESTS = Path(__file__).resolve().parent
 needs_llamafactory = pytest.mark.skipif(importlib.util.find_spec("llamafactory") is None,

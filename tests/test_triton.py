@@ -458,8 +458,10 @@ def test_gradients_reallocated_every_step_reuse_the_block_tables(monkeypatch):
     """torch's zero_grad(set_to_none=True) gives new gradient tensors every step: the block tables
     are built once (they depend on the shapes only), the plan is replayed with a new pointer table."""
     built, gathered = [], []
-    monkeypatch.setattr("asft_optim.kernels.make_table", lambda *a, _f=K.make_table, **k: built.append(1) or _f(*a, **k))
-    monkeypatch.setattr(AsFTAdamW, "_gather", lambda self, g, _f=AsFTAdamW._gather: gathered.append(self) or _f(self, g))
+    monkeypatch.setattr("asft_optim.kernels.make_table",
+                        lambda *a, _f=K.make_table, **k: built.append(1) or _f(*a, **k))
+    monkeypatch.setattr(AsFTAdamW, "_gather",
+                        lambda self, g, _f=AsFTAdamW._gather: gathered.append(self) or _f(self, g))
     specs = f32({"odd": (4097,), "mat": (5, 123), "one": (1,)})
     pa, oa = make(specs, "triton")
     pb, ob = make(specs, "reference")
@@ -479,7 +481,8 @@ def test_an_unaligned_tensor_gets_a_launch_of_its_own(monkeypatch):
     launched = []
     real = K.fused_step_
     monkeypatch.setattr("asft_optim.kernels.fused_step_",
-                        lambda table, *a, **k: launched.append((table.aligned, table.numels.tolist())) or real(table, *a, **k))
+                        lambda table, *a, **k: launched.append((table.aligned, table.numels.tolist()))
+                        or real(table, *a, **k))
     g = torch.Generator().manual_seed(0)
     base = torch.randn(4098, generator=g)
     params = {"odd": torch.nn.Parameter(base[1:]), "mat": torch.nn.Parameter(torch.randn(5, 123, generator=g)),
@@ -601,8 +604,8 @@ from triton.compiler import ASTSource
 from asft_optim.kernels import adamw as K
 
 T = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
-POINTERS = {"table": "*i64", "grad_table": "*i64", "numels": "*i64", "blk_tensor": "*i32", "blk_start": "*i64", "c_buf": "*fp32",
-            "cslot": "*i32", "inv_nv2": "*fp32", "steps": "*fp32", "partials": "*fp32"}
+POINTERS = {"table": "*i64", "grad_table": "*i64", "numels": "*i64", "blk_tensor": "*i32", "blk_start": "*i64",
+            "c_buf": "*fp32", "cslot": "*i32", "inv_nv2": "*fp32", "steps": "*fp32", "partials": "*fp32"}
 target = GPUTarget("cuda", 90, 32)
 backend = triton.compiler.make_backend(target)
 
@@ -667,7 +670,8 @@ def compile_ptx(extra_path: str | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     if extra_path:
-        env["PYTHONPATH"] = os.pathsep.join([extra_path] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
+        rest = [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x]
+        env["PYTHONPATH"] = os.pathsep.join([extra_path, *rest])
     out = subprocess.run([sys.executable, "-c", _PTX_SCRIPT, json.dumps(PTX_VARIANTS)], env=env, capture_output=True,
                          text=True, timeout=600)
     if out.returncode != 0:

@@ -75,7 +75,7 @@ class RequireAsFT(TrainerCallback):
     """Stops a run at `on_train_begin` when the trainer's optimizer does not carry the AsFT penalty
     (another plugin or a code path of the host built its own): never a plain run by accident."""
 
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):  # noqa: D102
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         if not carries_penalty(optimizer):
             raise RuntimeError(f"AsFT is configured but the trainer's optimizer is {type(optimizer).__name__}, "
                                "without the AsFT penalty; refusing to train")

@@ -154,7 +154,7 @@ class DriftCallback(TrainerCallback):
                 out[f"asft/orth_ratio/{layer}"] = d.orth_ratio
         return out
 
-    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):  # noqa: D102
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         opt: AsFTAdamW | AsFTPenalty | None = unwrap_asft(optimizer) or attached(optimizer)
         if logs is not None and opt is not None and "loss" in logs:
             metrics = self.metrics(opt)
@@ -175,7 +175,7 @@ class _MicroBatchLambda(TrainerCallback):
         self.trainer = trainer
         self.saved: list[float] | None = None
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):  # noqa: D102
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
         opt = unwrap_asft(self.trainer.optimizer)  # type: ignore[attr-defined]
         k = self.trainer.asft_micro_batches
         penalty = attached(self.trainer.optimizer)  # type: ignore[attr-defined]
@@ -187,7 +187,7 @@ class _MicroBatchLambda(TrainerCallback):
                 g["asft_lambda"] = g["asft_lambda"] * k
         return control
 
-    def on_optimizer_step(self, args, state, control, **kwargs):  # noqa: D102
+    def on_optimizer_step(self, args, state, control, **kwargs):
         penalty = attached(self.trainer.optimizer)  # type: ignore[attr-defined]
         if penalty is not None:
             penalty.lambda_scale = 1.0
