@@ -22,7 +22,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["asft_optim", "asft_optim.kernels", "asft_optim.demo", "asft_optim.evaluation",
-              "asft_optim.integrations", "asft_optim.native"],
+              "asft_optim.finetune", "asft_optim.integrations", "asft_optim.native"],
     package_data={"asft_optim.native": ["*.cpp"]},
     package_dir={"asft_optim": "asft_optim", "asft_optim.kernels": "kernels"},
     # numpy: safetensors hands tensors to torch through numpy (Anchors.load, asft directions);

@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import safe_open
@@ -45,6 +46,12 @@ def normalize_name(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
+class Scaled(Protocol):
+    """A direction kept as v = d / scale, with scale a power of two (`functional.BoundDirection`)."""
+    v: torch.Tensor
+    scale: float
+
+
 class Anchors(Mapping[str, torch.Tensor]):
     """Per-tensor alignment directions, looked up by (normalised) parameter name.
 
@@ -53,7 +60,9 @@ class Anchors(Mapping[str, torch.Tensor]):
     records the file's identity (device, inode, size, modification time) when it opens it and
     refuses every later read once the file has changed, since its fingerprint describes the file as
     it was. An in-memory `Anchors` fingerprints its own tensors and ignores a `fingerprint` given in
-    `metadata` (it drops that entry: `fingerprint` is the one source of truth).
+    `metadata` (it drops that entry: `fingerprint` is the one source of truth). Once `AsFTAdamW` has
+    bound an in-memory direction it holds it only as the bound copy (`adopt`), so the direction is
+    in memory once.
 
     Attributes:
         metadata: string metadata (sources, dtype; a file's recorded fingerprint) from the
@@ -68,6 +77,7 @@ class Anchors(Mapping[str, torch.Tensor]):
         self.path = Path(path) if path is not None else None
         self._identity: tuple[int, int, int, int] | None = None
         self._tensors: dict[str, torch.Tensor] = {}
+        self._adopted: dict[str, Scaled] = {}  # stored name -> its bound copy (see `adopt`)
         self._keys: dict[str, str] = {}  # normalised name -> stored name
         self._shapes: dict[str, torch.Size] = {}
         self._dtypes: dict[str, torch.dtype] = {}
@@ -89,6 +99,10 @@ class Anchors(Mapping[str, torch.Tensor]):
                     self._add_key(name, torch.Size(sl.get_shape()), _DTYPES[sl.get_dtype()])
             self._check_unchanged()
             self._fingerprint = self.metadata.get("fingerprint")
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_adopted", {})  # pickled before `adopt` existed
 
     def _add_key(self, name: str, shape: torch.Size, dtype: torch.dtype) -> None:
         key = normalize_name(name)
@@ -173,6 +187,8 @@ class Anchors(Mapping[str, torch.Tensor]):
     def get_stored(self, key: str) -> torch.Tensor:
         """The tensor under a normalised key, read from disk if file-backed."""
         stored = self._keys[key]
+        if stored in self._adopted:
+            return self._unscaled(stored)
         if self.path is None:
             return self._tensors[stored]
         with safe_open(str(self.path), framework="pt", device="cpu") as f:
@@ -185,12 +201,41 @@ class Anchors(Mapping[str, torch.Tensor]):
         key = self._key(name)
         if key is None:
             raise KeyError(f"no direction for '{name}'")
+        stored = self._keys[key]
+        if stored in self._adopted:
+            return self._unscaled(stored, start, stop)
         if self.path is None:
-            return self._tensors[self._keys[key]][start:stop]
+            return self._tensors[stored][start:stop]
         with safe_open(str(self.path), framework="pt", device="cpu") as f:
             t = f.get_slice(self._keys[key])[start:stop]
         self._check_unchanged()
         return t
+
+    def adopt(self, key: str, bound: Scaled) -> bool:
+        """Hold the in-memory direction `key` (a normalised key) as `bound.v·bound.scale` from now on,
+        dropping this mapping's reference to d, so the bound copy is the one copy (d itself is freed
+        unless the caller still holds it). Done only when that product equals d exactly, in d's dtype
+        and shape (else nothing changes); reads then return it as a new CPU tensor. Returns whether
+        it was adopted. A file-backed mapping holds no tensors: nothing to do."""
+        stored = self._keys.get(key)
+        if self.path is not None or stored is None or stored in self._adopted:
+            return False
+        d = self._tensors[stored]
+        if bound.v.dtype != d.dtype or bound.v.shape != d.shape:
+            return False
+        self._adopted[stored] = bound
+        if not torch.equal(self._unscaled(stored), d):
+            del self._adopted[stored]
+            return False
+        del self._tensors[stored]
+        return True
+
+    def _unscaled(self, stored: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """d = v·scale of an adopted direction (rows start:stop along dim 0) on the CPU, in its dtype:
+        exact, through float64 (scale is a power of two)."""
+        b = self._adopted[stored]
+        v = b.v if start is None else b.v[start:stop]
+        return (v.to("cpu", torch.float64) * b.scale).to(v.dtype)
 
     def _check_unchanged(self) -> None:
         """Raise if the backing file is no longer the one opened (checked after each read: a read

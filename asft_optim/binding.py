@@ -76,13 +76,14 @@ def anchor_key(name: str, lora: LoraLayout | None) -> str:
 
 
 def bind_group(named: Iterable[tuple[str, Tensor]], anchors: Anchors, lora: LoraLayout | None,
-               lora_bound: dict[str, BoundDirection], *, projection: str, penalised: bool
-               ) -> dict[str, Binding]:
+               lora_bound: dict[str, BoundDirection], *, projection: str, penalised: bool,
+               penalty: str = "orthogonal") -> dict[str, Binding]:
     """Bind every trainable parameter of a group; frozen ones are left out.
 
     Collective when the group holds DTensors (every rank adds the same groups). `lora_bound` caches
     each LoRA pair's base direction by `LoraPair.key` (A and B share one). `penalised`: the group
-    has λ > 0 (only then is projection="reference" on a full parameter an error).
+    has λ > 0 (only then is projection="reference" on a full parameter an error). `penalty`: the
+    group's, named in the warning about zero directions (`ZERO_DIRECTION`).
 
     Raises:
         ValueError naming the parameter: complex dtype, a LoRA name without a layout (points to
@@ -135,6 +136,7 @@ def bind_group(named: Iterable[tuple[str, Tensor]], anchors: Anchors, lora: Lora
             shards.append((name, p))
             continue
         bound = bind_direction(anchors[key], p, key)
+        anchors.adopt(key, bound)  # the bound copy becomes the mapping's only copy of d
         out[name] = Binding(name, Kind.DENSE, key, bound)
         if bound.is_zero:
             zero.append(name)
@@ -143,9 +145,16 @@ def bind_group(named: Iterable[tuple[str, Tensor]], anchors: Anchors, lora: Lora
     out.update(sharded)
     if zero:
         warnings.warn(f"AsFT: the direction is zero for {len(zero)} tensor(s): {', '.join(zero[:20])}"
-                      f"{' …' if len(zero) > 20 else ''}; their penalty is a plain L2 pull towards W0",
-                      stacklevel=4)
+                      f"{' …' if len(zero) > 20 else ''}; {ZERO_DIRECTION[penalty]}", stacklevel=4)
     return out
+
+
+# What the penalty does on a tensor whose direction is zero (C_aligned = 0, the pseudo-inverse's).
+ZERO_DIRECTION = {
+    "orthogonal": "with penalty='orthogonal' their penalty is a plain L2 pull towards W0 (C⊥ΔW = ΔW)",
+    "full": "with penalty='full' their penalty is the L2 pull towards W0 that every tensor gets",
+    "parallel": "with penalty='parallel' they get no penalty at all (C_aligned ΔW = 0): plain AdamW steps",
+}
 
 
 def zero_binding(name: str, key: str, p: Tensor, anchors: Anchors) -> Binding:

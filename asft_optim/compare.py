@@ -3,7 +3,8 @@
     asft compare eval_sft eval_asft eval_asft_flat [--out DIR]
 
 Rows keep the order given; each is labelled by its folder name. With `--out`, writes
-DIR/compare.md and DIR/hs_vs_fa.png (needs matplotlib, extra `plot`).
+DIR/compare.md and DIR/hs_vs_fa.png (needs matplotlib, extra `plot`), each atomically; existing ones
+are replaced only with `--overwrite`, and DIR is never one of the evaluation folders.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from .evaluation.results import read_results, write_text_atomic
+from .outputs import refuse_overlap
+from .tempfiles import atomic_write
 
 __all__ = ["compare_table", "compare_plot", "add_cli"]
 
@@ -31,6 +34,8 @@ def compare_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
         lines.append(f"| {label} | {_pct(r['harmful_score'])} | {_pct(r['refusal_rate'])} | "
                      f"{_pct(r['task_accuracy'])} | {r['n']} | {r['judge']['kind']} | "
                      f"{Path(r['model']['source']).name} | {adapter} |")
+    if any(r["harmful_score"] is None for _, r in rows):
+        lines.append("\nHS –: the judge (keyword) sees refusals only, not harm; HS needs a judge model.")
     return "\n".join(lines) + "\n"
 
 
@@ -42,7 +47,8 @@ def dodge_offsets(n: int, spread: float = 8.0) -> list[float]:
 
 
 def compare_plot(rows: Sequence[tuple[str, dict[str, Any]]], path: Path) -> None:
-    """HS against FA, one labelled marker per run (runs without FA are left out and listed)."""
+    """HS against FA, one labelled marker per run with its refusal rate in the legend (a broken model
+    has HS ≈ 0 without refusing); runs without FA or HS are left out and listed."""
     try:
         import matplotlib
     except ModuleNotFoundError:
@@ -52,23 +58,24 @@ def compare_plot(rows: Sequence[tuple[str, dict[str, Any]]], path: Path) -> None
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     markers = "osD^vP*Xh<>"
-    missing = [label for label, r in rows if r["task_accuracy"] is None]
+    missing = [label for label, r in rows if r["task_accuracy"] is None or r["harmful_score"] is None]
     dodge = iter(dodge_offsets(len(rows) - len(missing)))
     for i, (label, r) in enumerate(rows):
-        if r["task_accuracy"] is None:
+        if label in missing:
             continue
         ax.scatter(r["task_accuracy"] + next(dodge), r["harmful_score"], s=60, marker=markers[i % len(markers)],
-                   label=label, alpha=0.85, edgecolors="black", linewidths=0.5)
+                   label=f"{label} (refusal {r['refusal_rate']:.0f}%)", alpha=0.85, edgecolors="black", linewidths=0.5)
     ax.set_xlabel("Task accuracy (%; markers dodged by ≤ ±4 points so that equal results stay visible)",
                   fontsize=8)
     ax.set_ylabel("Harmful score (%)")
     ax.set_xlim(-5, 105)
     ax.set_ylim(-5, 105)
     ax.grid(alpha=0.3)
-    ax.set_title("HS against FA" + (f" (no FA: {', '.join(missing)})" if missing else ""))
+    ax.set_title("HS against FA" + (f" (left out, no FA or HS: {', '.join(missing)})" if missing else ""),
+                 fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -77,7 +84,22 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("dirs", nargs="+", type=Path, help="evaluation folders (each with results.json)")
     p.add_argument("--out", type=Path, default=None, help="write compare.md and hs_vs_fa.png here")
+    p.add_argument("--overwrite", action="store_true", help="replace compare.md and hs_vs_fa.png in --out")
     p.set_defaults(func=_run_cli)
+
+
+_OUTPUTS = ("compare.md", "hs_vs_fa.png")
+
+
+def _check_out(out: Path, dirs: Sequence[Path], overwrite: bool) -> None:
+    """--out: a folder outside the evaluation folders; its earlier outputs replaced only with `overwrite`."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    existing = [n for n in _OUTPUTS if (out / n).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out} already holds {' and '.join(existing)}: pass --overwrite to replace them, "
+                              "or choose another --out")
+    refuse_overlap(out, "--out", [("DIR", d) for d in dirs], replaced=_OUTPUTS)
 
 
 def _run_cli(args: argparse.Namespace) -> int:
@@ -85,10 +107,11 @@ def _run_cli(args: argparse.Namespace) -> int:
         rows = [(d.resolve().name, read_results(d)) for d in args.dirs]
         table = compare_table(rows)
         if args.out is not None:
+            _check_out(args.out, args.dirs, args.overwrite)
             args.out.mkdir(parents=True, exist_ok=True)
             compare_plot(rows, args.out / "hs_vs_fa.png")
             write_text_atomic(args.out / "compare.md", table)
-    except (FileNotFoundError, ValueError, ModuleNotFoundError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, ModuleNotFoundError) as e:
         print(f"asft compare: error: {e}", file=sys.stderr)
         return 2
     print(table, end="")

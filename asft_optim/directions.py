@@ -7,7 +7,12 @@ hashes it into the fingerprint and appends it to the output file. Resident memor
 buffers (about 16 bytes per element of a piece), whatever the size of the models. The output is
 a safetensors file whose header is written first with a placeholder fingerprint that is filled in
 at the end; it is written under a temporary name in the target folder and renamed only when complete
-(temporary files that killed runs left behind are removed first: see `tempfiles`).
+(temporary files that killed runs left behind are removed first: see `tempfiles`). It is never
+written onto one of the two checkpoints or into their folders.
+
+The file records what it was made from: the sources and a sampled content fingerprint of each
+checkpoint (`Checkpoint.sampled_fingerprint`), so that `check_made_from` can refuse a directions
+file used with another aligned checkpoint than its own.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .anchors import FORMAT, Anchors, fingerprint_entry, fingerprint_hasher, normalize_name
-from .checkpoints import SAFETENSORS_FROM_DTYPE, Checkpoint, CheckpointError, open_checkpoint
+from .checkpoints import SAFETENSORS_FROM_DTYPE, Checkpoint, CheckpointError, open_checkpoint, read_header
+from .outputs import Input, refuse_overlap
 from .tempfiles import create_temp, release_temp
 
-__all__ = ["compute_directions", "ZeroDirectionWarning", "DTYPES", "add_cli"]
+__all__ = ["compute_directions", "check_made_from", "checkpoint_inputs", "DirectionsMismatch",
+           "ZeroDirectionWarning", "DTYPES", "add_cli"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,10 @@ _PLACEHOLDER = "0" * 64  # hex blake2b-256, same length as the real fingerprint
 
 class ZeroDirectionWarning(UserWarning):
     """Some tensors are identical in the base and the aligned checkpoint (d = 0)."""
+
+
+class DirectionsMismatch(ValueError):
+    """A directions file used with another checkpoint than the one it was made from."""
 
 
 @dataclass(frozen=True)
@@ -90,13 +101,15 @@ def compute_directions(
 
     Returns:
         `Anchors` keyed by the checkpoints' tensor names, with metadata `format`, `fingerprint`,
-        `base`, `aligned` (canonical sources), `dtype`, `skipped` (non-floating tensors, JSON list) and
+        `base`, `aligned` (canonical sources), `base_sampled`, `aligned_sampled` (their
+        `Checkpoint.sampled_fingerprint`), `dtype`, `skipped` (non-floating tensors, JSON list) and
         `created_by`.
 
     Raises:
         CheckpointError: a source is missing, truncated or malformed; a tensor is present in only one
             checkpoint (names listed); shapes differ (both shapes given); a difference is NaN or Inf,
             or overflows the output dtype (tensor named). Nothing is written at `out` in these cases.
+        ValueError: `out` is one of the checkpoints' files or lies inside a checkpoint folder.
 
     Warns:
         ZeroDirectionWarning: naming the tensors whose difference is exactly zero.
@@ -106,10 +119,13 @@ def compute_directions(
     out_dtype = _parse_dtype(dtype)
     bc = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     ac = aligned if isinstance(aligned, Checkpoint) else open_checkpoint(aligned)
+    if out is not None:
+        refuse_overlap(out, "the output", checkpoint_inputs("base", bc) + checkpoint_inputs("aligned", ac))
     plans, skipped = _plan(bc, ac, out_dtype, _patterns(include, "include"), _patterns(exclude, "exclude"))
     if skipped:
         log.info("skipped %d non-floating tensor(s): %s", len(skipped), _names(skipped))
     metadata = {"format": FORMAT, "fingerprint": _PLACEHOLDER, "base": bc.source, "aligned": ac.source,
+                "base_sampled": bc.sampled_fingerprint(), "aligned_sampled": ac.sampled_fingerprint(),
                 "dtype": _SHORT[out_dtype] if out_dtype else "as aligned", "skipped": json.dumps(skipped),
                 "created_by": f"asft_optim {__version__}"}
     for key, pats in (("include", include), ("exclude", exclude)):
@@ -134,6 +150,40 @@ def compute_directions(
         writer.discard()
     _warn_zero(zero)
     return Anchors.load(out, verify=False)
+
+
+def checkpoint_inputs(flag: str, ck: Checkpoint) -> list[Input]:
+    """The paths a checkpoint reads, for `refuse_overlap`: its file, or its folder(s) and files."""
+    files: list[Input] = [(flag, f) for f in ck.files]
+    if Path(ck.source).is_file():
+        return files
+    return [(flag, ck.source), *((flag, f) for f in dict.fromkeys(f.parent for f in ck.files)), *files]
+
+
+def check_made_from(directions: str | os.PathLike | Anchors, aligned: str | os.PathLike | Checkpoint, *,
+                    flag: str = "--aligned", allow_flag: str = "--allow-mismatch") -> str | None:
+    """Check that `directions` were made from the checkpoint `aligned`, by its sampled fingerprint.
+
+    Returns a note when the file cannot tell (made before fingerprints were recorded), else None.
+
+    Raises:
+        DirectionsMismatch: the file was made from another aligned checkpoint; the message names
+            both and `allow_flag`, the option that lets the caller go on.
+    """
+    anchors = directions if isinstance(directions, Anchors) else Anchors.load(directions, verify=False)
+    where = anchors.path or "the directions"
+    recorded = anchors.metadata.get("aligned_sampled")
+    if recorded is None:
+        return (f"note: {where} records no fingerprint of its aligned checkpoint (made by an older asft), so "
+                f"{flag} cannot be checked against it")
+    ck = aligned if isinstance(aligned, Checkpoint) else open_checkpoint(aligned)
+    if ck.sampled_fingerprint() != recorded:
+        raise DirectionsMismatch(
+            f"the directions {where} were made from the aligned checkpoint {anchors.metadata.get('aligned')}, "
+            f"but {flag} {ck.source} differs from it (sampled content fingerprints {recorded[:12]}… vs "
+            f"{ck.sampled_fingerprint()[:12]}…): d = W_aligned − W_base would anchor another model. Compute the "
+            f"directions from this checkpoint (asft directions BASE ALIGNED), or pass {allow_flag} to go on")
+    return None
 
 
 def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -374,16 +424,36 @@ def add_cli(subparsers) -> None:
                     "folder (sharded with model.safetensors.index.json, or one file) or a Hub id.")
     p.add_argument("base", help="the base (pre-alignment) checkpoint")
     p.add_argument("aligned", help="the aligned (chat/instruct) checkpoint")
-    p.add_argument("-o", "--out", required=True, help="output .safetensors file")
+    p.add_argument("-o", "--out", required=True,
+                   help="output .safetensors file (new; an existing directions file only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing directions file at --out (once the new one is complete)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                    help="output dtype (default: the aligned checkpoint's dtype per tensor)")
     p.add_argument("--include", action="append", metavar="REGEX",
                    help="keep only tensors whose name matches (repeatable: any of them)")
     p.add_argument("--exclude", action="append", metavar="REGEX",
                    help="leave out tensors whose name matches (repeatable)")
-    p.add_argument("--chunk-mb", type=int, default=16, help="MiB of fp32 work per piece (default 16)")
+    p.add_argument("--chunk-mb", type=int, default=16, help="MiB of fp32 work per piece")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_cli)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """An existing --out is replaced only with --overwrite, and only when it is a directions file."""
+    if out.is_dir():
+        raise IsADirectoryError(f"-o {out} is a folder; give a file name such as {out / 'directions.safetensors'}")
+    if not out.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"-o {out} exists: pass --overwrite to replace it, or choose another file")
+    try:
+        fmt = read_header(out)[0].get("format", "")
+    except CheckpointError:
+        fmt = ""
+    if not fmt.startswith("asft-directions/"):
+        raise FileExistsError(f"--overwrite: {out} is not a directions file (its metadata says format "
+                              f"{fmt or 'none'!r}); not replacing it")
 
 
 def _run_cli(args) -> int:
@@ -399,9 +469,12 @@ def _run_cli(args) -> int:
     level = package_log.level
     package_log.setLevel(logging.INFO)
     try:
+        bc, ac = open_checkpoint(args.base), open_checkpoint(args.aligned)
+        refuse_overlap(args.out, "-o", checkpoint_inputs("BASE", bc) + checkpoint_inputs("ALIGNED", ac))
+        _check_out(Path(args.out), args.overwrite)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ZeroDirectionWarning)
-            anchors = compute_directions(args.base, args.aligned, args.out, args.dtype, args.include,
+            anchors = compute_directions(bc, ac, args.out, args.dtype, args.include,
                                          args.exclude, progress=False if args.no_progress else None,
                                          chunk_bytes=args.chunk_mb << 20)
         for w in caught:

@@ -1,69 +1,105 @@
 """The carried ⟨v, p − W0⟩ between steps, with one validity rule for every implementation.
 
 Each step's update produces the next step's dot while the new p is in cache (torch path) or in
-registers (Triton, which keeps the value in its own c slots). The value is trusted at the next
-step only while
+registers (Triton, which keeps the value in its own c slots). The rule:
 
-    - the parameter's version counter is what it was right after our update (no outside write:
-      `model.load_state_dict`, an EMA swap, `p.data.copy_` through a version-counted view), and
-    - the cache's epoch is unchanged (`AsFTAdamW.load_state_dict` and `resync()` bump it),
+    a carried dot is used only while the parameter's version counter and its state's "step"
+    tensor (the same object, at the same version) are what they were right after the update that
+    wrote the dot, and no load or `resync()` happened since; else it is recomputed exactly.
 
-else the dot is recomputed exactly. Writes through `.data` bypass the version counter: call
-`resync()` after those.
+So every path that moves a parameter either writes its new dot or drops the old one, without
+having to say so: the paths that write no dot (torch's fused / foreach / for-loop AdamW at any λ
+including 0, the reference impl, Triton launches, ZeRO partitions) advance the "step" tensor with a
+version-counted op (`add_`, `_foreach_add_`, `index_add_`), which bumps its version even where the
+kernel writes p without bumping p's (torch's fused AdamW, Triton); the native kernel, which writes p
+and the step through raw pointers, writes the new dot every time. Writes outside the optimizer
+through the parameter (`p.mul_`, `p.copy_`, `model.load_state_dict`, torch's foreach ops on plain
+tensors) bump its version counter. Writes through `.data` bump none: call `resync()`.
+
+A DTensor (FSDP2) parameter's dot is never carried: torch's foreach ops (`torch._foreach_mul_`,
+torch's foreach and fused AdamW) write a DTensor without bumping its version counter or its local
+shard's (measured, torch 2.13), so no counter can vouch for it; its dot is recomputed exactly at
+every step (one read of the local p, W0 and v, summed over ranks in the step's one all-reduce).
 """
 
 from __future__ import annotations
 
+import operator
+from itertools import count, repeat
+
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 __all__ = ["DotCache"]
 
+_VERSION = operator.attrgetter("_version")
+
 
 class DotCache:
-    """Name → (dot or None, the parameter's version after the update that produced it).
+    """Name → (dot or None, the version stamps of the parameter and its step tensor after the update).
 
-    A None value means "valid, but held elsewhere" (the Triton path's c slots). The native CPU kernel
-    returns one float64 vector per group; `put_vector` keeps it whole, so that the next step gets it
-    back with `get_vector` without splitting and restacking T tensors.
+    `p` is always the parameter as the optimizer's param group holds it (never a DTensor's local
+    shard) and `step` its `state["step"]` tensor. A None value means "valid, but held elsewhere"
+    (the Triton path's c slots). The native CPU kernel returns one float64 vector per group;
+    `put_vector` keeps it whole, so that the next step gets it back with `get_vector` without
+    splitting and restacking T tensors.
     """
 
     def __init__(self) -> None:
-        # name → (a 0-d dot, or a vector holding it; its index in the vector, -1 for a 0-d dot; version)
-        self._entries: dict[str, tuple[Tensor | None, int, int]] = {}
+        # name → (a 0-d dot, or a vector holding it; its index in the vector, -1 for a 0-d dot;
+        #         p's version; the step tensor; its version)
+        self._entries: dict[str, tuple[Tensor | None, int, int, Tensor, int]] = {}
         self.epoch = 0
 
-    def put(self, name: str, p: Tensor, dot: Tensor | None) -> None:
-        """Record the dot of `p` as it is now (call right after the update wrote p)."""
-        self._entries[name] = (dot, -1, p._version)
+    def put(self, name: str, p: Tensor, step: Tensor, dot: Tensor | None) -> None:
+        """Record the dot of `p` as it is now (call after the update wrote p and advanced `step`)."""
+        if isinstance(p, DTensor):
+            self._entries.pop(name, None)
+        else:
+            self._entries[name] = (dot, -1, p._version, step, step._version)
 
-    def put_vector(self, names: list[str], params: list[Tensor], dots: Tensor) -> None:
+    def put_vector(self, names: list[str], params: list[Tensor], steps: list[Tensor], dots: Tensor) -> None:
         """Record dots[i] for names[i] (a vector of len(names) dots, right after the update)."""
-        entries = self._entries
-        for i, (name, p) in enumerate(zip(names, params, strict=True)):
-            entries[name] = (dots, i, p._version)
+        if not len(names) == len(params) == len(steps) == len(dots):
+            raise ValueError(f"put_vector: {len(names)} names, {len(params)} parameters, {len(steps)} steps, "
+                             f"{len(dots)} dots")
+        if any(issubclass(t, DTensor) for t in set(map(type, params))):
+            for i, (name, p, s) in enumerate(zip(names, params, steps)):
+                self.put(name, p, s, dots[i])
+            return
+        # (built in C loops: this runs at every native step, for every tensor)
+        self._entries.update(zip(names, zip(repeat(dots), count(), map(_VERSION, params), steps, map(_VERSION, steps))))
 
-    def valid(self, name: str, p: Tensor) -> bool:
-        entry = self._entries.get(name)
-        return entry is not None and entry[2] == p._version
+    def valid(self, name: str, p: Tensor, step: Tensor) -> bool:
+        """Whether the carried dot (or the slot held elsewhere) of `p` may be used."""
+        e = self._entries.get(name)
+        return (e is not None and e[2] == p._version and e[3] is step and e[4] == step._version
+                and not isinstance(p, DTensor))
 
-    def get(self, name: str, p: Tensor) -> Tensor | None:
+    def held(self, name: str, p: Tensor, step: Tensor) -> bool:
+        """Whether `p`'s current dot is valid and held elsewhere (put with None: a Triton c slot)."""
+        return self.valid(name, p, step) and self._entries[name][0] is None
+
+    def get(self, name: str, p: Tensor, step: Tensor) -> Tensor | None:
         """The carried dot of `p` (0-d, on p's device), or None when it must be recomputed."""
-        entry = self._entries.get(name)
-        if entry is None or entry[2] != p._version or entry[0] is None or entry[0].device != p.device:
+        e = self._entries.get(name)
+        if (e is None or e[0] is None or e[2] != p._version or e[3] is not step or e[4] != step._version
+                or isinstance(p, DTensor) or e[0].device != p.device):
             return None
-        return entry[0] if entry[1] < 0 else entry[0][entry[1]]
+        return e[0] if e[1] < 0 else e[0][e[1]]
 
-    def get_vector(self, names: list[str], params: list[Tensor]) -> Tensor | None:
+    def get_vector(self, names: list[str], params: list[Tensor], steps: list[Tensor]) -> Tensor | None:
         """The vector given to `put_vector` if it holds exactly these names in this order, all still
-        valid; else None (ask `get` per name)."""
+        valid (the checks of `valid`; a DTensor is never in a vector entry); else None (ask `get`
+        per name)."""
         first = self._entries.get(names[0]) if names else None
         if first is None or first[1] != 0 or first[0] is None or first[0].dim() != 1 or len(first[0]) != len(names):
             return None
         vec = first[0]
-        entries = self._entries
-        for i, (name, p) in enumerate(zip(names, params)):
-            e = entries.get(name)
-            if e is None or e[0] is not vec or e[1] != i or e[2] != p._version:
+        get = self._entries.get
+        for i, (name, p, s) in enumerate(zip(names, params, steps)):
+            e = get(name)
+            if e is None or e[0] is not vec or e[1] != i or e[2] != p._version or e[3] is not s or e[4] != s._version:
                 return None
         return vec
 

@@ -36,6 +36,13 @@ Penalty = Literal["orthogonal", "parallel", "full"]
 PENALTIES: tuple[str, ...] = ("orthogonal", "parallel", "full")
 
 CHUNK = 1 << 19  # elements per piece of the fused torch path: few enough calls, pieces stay in L3
+FOLD_BLOCK = 1 << 14  # elements per block of a dot's fixed-order fold (below ATen's parallel grain of 2**15)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype ΔW and the dot are computed in for a parameter of `dtype`: float64 for float64
+    parameters (rounding W to fp32 first would swamp a small ΔW), else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass
@@ -116,13 +123,15 @@ def bind_direction(d: Tensor, like: Tensor, name: str) -> BoundDirection:
 
 def penalty_reference(p: Tensor, w0: Tensor, bound: BoundDirection, penalty: Penalty,
                       dot: Tensor | None = None) -> Tensor:
-    """R for one tensor, in fp32, written the obvious way (the oracle's twin).
+    """R for one tensor, in fp32 (fp64 for an fp64 parameter), written the obvious way (the
+    oracle's twin).
 
-    `dot`: a precomputed ⟨v, ΔW⟩ (0-d fp32, e.g. summed over the shards of a DTensor); computed
-    from p and W0 when None.
+    `dot`: a precomputed ⟨v, ΔW⟩ (0-d, e.g. summed over the shards of a DTensor); computed from p
+    and W0 when None.
     """
-    dw = p.float() - w0.float()
-    v = bound.v.float()
+    acc = acc_dtype(p.dtype)
+    dw = p.to(acc) - w0.to(acc)
+    v = bound.v.to(acc)
     c = ((v * dw).sum() if dot is None else dot) * bound.inv_nv2
     if penalty == "orthogonal":
         return dw - c * v
@@ -137,12 +146,13 @@ def penalty_reference(p: Tensor, w0: Tensor, bound: BoundDirection, penalty: Pen
 def penalised_grads_reference(grads: list[Tensor], params: list[Tensor], w0s: list[Tensor],
                               bounds: list[BoundDirection], coef: float, penalty: Penalty,
                               dots: Sequence[Tensor | None] | None = None) -> list[Tensor]:
-    """g̃ = g + coef·R per tensor, each a new tensor in the gradient's dtype.
+    """g̃ = g + coef·R per tensor, each a new tensor in the gradient's dtype (summed in fp32, fp64
+    for fp64 parameters).
 
     `dots`: per tensor a precomputed ⟨v, ΔW⟩ or None (see `penalty_reference`).
     """
     dots = [None] * len(params) if dots is None else dots
-    return [(g.float() + coef * penalty_reference(p, w0, b, penalty, dot)).to(g.dtype)
+    return [(g.to(acc_dtype(p.dtype)) + coef * penalty_reference(p, w0, b, penalty, dot)).to(g.dtype)
             for g, p, w0, b, dot in zip(grads, params, w0s, bounds, dots, strict=True)]
 
 
@@ -154,7 +164,8 @@ class StepTensors(NamedTuple):
     dots: per tensor ⟨v, p - W0⟩ at the current p, or None to compute it here exactly; or one float64
     vector of all of them (the native kernel's previous result, kept whole). A dot carried from the
     previous step was made by the fold of the implementation that stepped the tensor: float64 from
-    the native kernel, float32 from `asft_adamw_` (and for shards, whose dots are all-reduced fp32).
+    the native kernel, `acc_dtype(p.dtype)` from `asft_adamw_`; a shard's is the all-reduced sum of
+    those.
     """
     params: list[Tensor]
     grads: list[Tensor]
@@ -173,10 +184,12 @@ def asft_adamw(t: StepTensors, *, coef: float, penalty: Penalty, impl: str, **ad
 
     impl "reference": the obvious formula (`penalised_grads_reference`, then torch's `adam`); returns
     None. impl "torch": per tensor the native single-pass kernel (`native.asft_adamw_native_`) where it
-    applies (fp32 CPU tensors of one dense layout, fp32/bf16 W0 and v, no amsgrad or capturable, a
-    float64 or missing dot), else `asft_adamw_` per device as torch's own AdamW groups tensors.
+    applies (fp32 or bf16 CPU tensors of one dense layout, fp32/bf16 W0 and v, no amsgrad or
+    capturable; any carried dot: a shard's all-reduced one, a ZeRO segment's, the fallback's fp32),
+    else `asft_adamw_` per device as torch's own AdamW groups tensors.
     Returns the carried ⟨v, p_new - W0⟩ per tensor (0-d; float64 from the native kernel, equal bitwise
-    to `native.dots_native` of the new p; float32 from `asft_adamw_`, equal to `partial_dots`), or
+    to `native.dots_native` of the new p; `acc_dtype(p.dtype)` from `asft_adamw_`, equal to
+    `partial_dots`), or
     one float64 vector of them all when the native kernel stepped every tensor.
     """
     if impl == "reference":
@@ -202,14 +215,11 @@ def asft_adamw(t: StepTensors, *, coef: float, penalty: Penalty, impl: str, **ad
     else:
         out, rest = [None] * n, list(range(n))
         if _native_applies(t, adam_kwargs):
-            take = [i for i, d in enumerate(t.dots) if d is None or d.dtype == torch.float64]
-            if take:
-                stepped, skipped_ = _native_step(t, take, coef, penalty, adam_kwargs)
-                if len(stepped) == n:
-                    return torch.stack([d for _, d in stepped])
-                for i, d in stepped:
-                    out[i] = d
-                rest = sorted(set(range(n)).difference(take).union(skipped_))
+            stepped, rest = _native_step(t, coef, penalty, adam_kwargs)
+            if not rest:
+                return torch.stack([d for _, d in stepped])
+            for i, d in stepped:
+                out[i] = d
     if not rest:
         return out
     amsgrad = adam_kwargs["amsgrad"]
@@ -219,11 +229,15 @@ def asft_adamw(t: StepTensors, *, coef: float, penalty: Penalty, impl: str, **ad
     for idx in by_device.values():
         sub = [[] if k == 4 and not amsgrad else [xs[i] for i in idx] for k, xs in enumerate(t)]
         dots = sub[8]
-        stale = [j for j, d in enumerate(dots) if d is None or d.dtype != torch.float32]
+        # a carried dot at least as precise as this path's own (a native float64 dot for fp32 p) is
+        # used cast; a less precise one (fp32 for an fp64 p) is recomputed
+        stale = [j for j, d in enumerate(dots)
+                 if d is None or (acc_dtype(sub[0][j].dtype) == torch.float64 and d.dtype != torch.float64)]
+        dots = [d if d is None else d.to(acc_dtype(p.dtype)) for d, p in zip(dots, sub[0])]
         if stale:
             fresh = partial_dots([sub[0][j] for j in stale], [sub[6][j] for j in stale], [sub[7][j] for j in stale])
             for k, j in enumerate(stale):
-                dots[j] = fresh[k]
+                dots[j] = fresh[k].to(acc_dtype(sub[0][j].dtype))
         new = asft_adamw_(*sub[:8], dots, coef=coef, penalty=penalty, **adam_kwargs)
         for i, d in zip(idx, new):
             out[i] = d
@@ -255,13 +269,14 @@ def _native_applies(t: StepTensors, kw: dict) -> bool:
     return ok
 
 
-def _native_step(t: StepTensors, idx: list[int], coef: float, penalty: Penalty, kw: dict
+def _native_step(t: StepTensors, coef: float, penalty: Penalty, kw: dict
                  ) -> tuple[list[tuple[int, Tensor]], list[int]]:
-    """The native kernel on the tensors `idx` of `t` that it supports (missing dots computed by its
-    own fold). Returns ((index, new dot as a 0-d float64 view) per stepped tensor, the indices of `t`
-    left for the other path)."""
-    sel = t if len(idx) == len(t.params) else StepTensors(*([] if k == 4 else [xs[i] for i in idx]
-                                                             for k, xs in enumerate(t)))
+    """The native kernel on the CPU tensors of `t` that it supports (missing dots computed by its own
+    fold; carried ones of any dtype). Returns ((index, new dot as a 0-d float64 view) per stepped
+    tensor, the indices of `t` left for the other path)."""
+    idx = [i for i, p in enumerate(t.params) if p.device.type == "cpu"]
+    other = [i for i, p in enumerate(t.params) if p.device.type != "cpu"]
+    sel = t if not other else StepTensors(*([] if k == 4 else [xs[i] for i in idx] for k, xs in enumerate(t)))
     dots = list(sel.dots)
     stale = [j for j, d in enumerate(dots) if d is None]
     if stale:  # a tensor the fold cannot read gets 0 here and is skipped by the step's own check
@@ -269,9 +284,10 @@ def _native_step(t: StepTensors, idx: list[int], coef: float, penalty: Penalty, 
                                          [sel.directions[j].v for j in stale])
         for k, j in enumerate(stale):
             dots[j] = fresh[k]
-    new, bad = _native_call(sel, torch.stack(dots), coef, penalty, kw)
+    new, bad = _native_call(sel, torch.stack(dots).to(torch.float64), coef, penalty, kw)
     done = set(bad)
-    return [(i, d) for j, (i, d) in enumerate(zip(idx, new.unbind())) if j not in done], [idx[j] for j in bad]
+    stepped = [(i, d) for j, (i, d) in enumerate(zip(idx, new.unbind())) if j not in done]
+    return stepped, sorted(other + [idx[j] for j in bad])
 
 
 def _native_call(t: StepTensors, dots: Tensor, coef: float, penalty: Penalty, kw: dict) -> tuple[Tensor, list[int]]:
@@ -296,40 +312,51 @@ def dense_flat(t: Tensor) -> Tensor | None:
 @torch.no_grad()
 def partial_dots(params: list[Tensor], w0s: list[Tensor], bounds: list[BoundDirection],
                  chunk: int = CHUNK) -> Tensor:
-    """⟨v, p - W0⟩ per tensor as one fp32 vector of shape (len(params),), no host sync.
+    """⟨v, p - W0⟩ per tensor as one vector of shape (len(params),), no host sync: fp32, or fp64
+    when a parameter is fp64 (its entry then folded in fp64; the others hold their fp32 values).
 
     For the local shards of sharded parameters: summed over ranks (one all-reduce of the whole
     vector), entry i is the dot that `asft_adamw_` needs for tensor i. Folded over pieces in the
-    same order as `asft_adamw_` folds its returned dots.
+    same fixed order as `asft_adamw_` folds its returned dots (`_fold`: the same bits at any
+    thread count).
     """
     device = params[0].device if params else torch.device("cpu")
-    out = torch.zeros(len(params), device=device, dtype=torch.float32)
-    buf = torch.empty(2 * chunk, device=device, dtype=torch.float32)
+    out_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    out = torch.zeros(len(params), device=device, dtype=out_dtype)
+    scratch: dict[torch.dtype, Tensor] = {}
     for i, (p, w0, b) in enumerate(zip(params, w0s, bounds, strict=True)):
         if p.numel() == 0:
             continue
         flats = [dense_flat(x) for x in (p, w0, b.v)]
         if any(f is None for f in flats) or not all(x.stride() == p.stride() for x in (w0, b.v)):
-            out[i] = (b.v.float() * (p.float() - w0.float())).sum()
+            out[i] = _dot_whole(p, w0, b.v)
         else:
-            out[i] = _dot_chunked(*flats, buf, chunk)
+            acc = acc_dtype(p.dtype)
+            if acc not in scratch:
+                scratch[acc] = torch.empty(chunk, device=device, dtype=acc)
+            out[i] = _dot_chunked(*flats, scratch[acc], chunk)
     return out
 
 
-def _dot_chunked(fp: Tensor, fw0: Tensor, fv: Tensor, buf: Tensor, chunk: int) -> Tensor:
-    """⟨v, p - W0⟩ of flat 1-D views as a 0-d fp32 tensor: per-chunk dots, then their sum.
-
-    buf: fp32 scratch of at least 2·chunk elements.
-    """
-    t32, tv = buf[:chunk], buf[chunk: 2 * chunk]
+def _dot_chunked(fp: Tensor, fw0: Tensor, fv: Tensor, t: Tensor, chunk: int) -> Tensor:
+    """⟨v, p - W0⟩ of flat 1-D views as a 0-d tensor in t's dtype: per-chunk fp64 sums, folded in
+    chunk order (t: scratch of at least `chunk` elements in `acc_dtype(p.dtype)`)."""
     n = fp.numel()
-    return torch.stack([_dot_piece(fp[lo: lo + chunk], fw0[lo: lo + chunk], fv[lo: lo + chunk], t32, tv)
-                        for lo in range(0, n, chunk)]).sum()
+    parts = [_dot_piece(fp[lo: lo + chunk], fw0[lo: lo + chunk], fv[lo: lo + chunk], t)
+             for lo in range(0, n, chunk)]
+    return (parts[0] if len(parts) == 1 else torch.stack(parts).sum()).to(t.dtype)
+
+
+def _dot_whole(p: Tensor, w0: Tensor, v: Tensor) -> Tensor:
+    """⟨v, p - W0⟩ of tensors of any layout (a flat copy in logical order), folded as `_dot_piece`,
+    as a 0-d tensor in `acc_dtype(p.dtype)`."""
+    acc = acc_dtype(p.dtype)
+    return _fold(((p.to(acc) - w0.to(acc)) * v.to(acc)).reshape(-1)).to(acc)
 
 
 def _delta_into(t: Tensor, p: Tensor, w0: Tensor) -> None:
-    """t ← p - w0 in fp32 (t fp32, 1-D chunks)."""
-    if p.dtype == torch.float32:
+    """t ← p - w0 in t's dtype (`acc_dtype(p.dtype)`; 1-D chunks)."""
+    if p.dtype == t.dtype and w0.dtype == t.dtype:
         torch.sub(p, w0, out=t)
     else:
         t.copy_(p)
@@ -352,12 +379,13 @@ def asft_adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps: as for `adam`
             (plain local tensors); each state step is incremented once.
         w0s, bounds: W0 and the bound direction per tensor.
-        dots: per tensor ⟨v, p - W0⟩ at the current p (0-d fp32): the previous call's return value,
-            `partial_dots`, or for shards their all-reduced sum.
+        dots: per tensor ⟨v, p - W0⟩ at the current p (0-d, `acc_dtype(p.dtype)`): the previous
+            call's return value, `partial_dots`, or for shards their all-reduced sum.
         coef: ±2λ (negative under maximize).
     Returns:
-        per tensor ⟨v, p_new - W0⟩ (0-d fp32), folded over pieces exactly as `partial_dots` folds
-        it, so it equals `partial_dots` of the new parameters bitwise.
+        per tensor ⟨v, p_new - W0⟩ (0-d, `acc_dtype(p.dtype)`: fp32, fp64 for fp64 parameters),
+        folded over pieces exactly as `partial_dots` folds it, so it equals `partial_dots` of the
+        new parameters bitwise, at any thread count.
     """
     if penalty not in PENALTIES:
         raise ValueError(f"unknown penalty {penalty!r}; expected one of {PENALTIES}")
@@ -380,8 +408,7 @@ def asft_adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         else:
             pieces.append((i, 0, size))
     device = params[0].device if params else torch.device("cpu")
-    t32 = torch.empty(chunk, device=device, dtype=torch.float32)
-    tv = torch.empty(chunk, device=device, dtype=torch.float32)
+    tmp: dict[torch.dtype, Tensor] = {}  # acc dtype → scratch for ΔW and the dot's products
     scratch: dict[torch.dtype, Tensor] = {}
     steps = [s.clone() for s in state_steps]  # each piece steps from the same count
 
@@ -391,8 +418,8 @@ def asft_adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         for i, lo, hi in batch:
             fl = flats[i]
             if fl is None:  # irregular layout: whole-tensor ops with shaped temporaries
-                gpen = (grads[i].float() + coef * penalty_reference(params[i], w0s[i], bounds[i], penalty,
-                                                                    dots[i])).to(grads[i].dtype)
+                gpen = (grads[i].to(acc_dtype(params[i].dtype)) + coef * penalty_reference(
+                    params[i], w0s[i], bounds[i], penalty, dots[i])).to(grads[i].dtype)
                 row = [params[i], gpen, exp_avgs[i], exp_avg_sqs[i],
                        max_exp_avg_sqs[i] if amsgrad else None]
             else:
@@ -403,7 +430,10 @@ def asft_adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
                 off = offsets.get(dt, 0)
                 offsets[dt] = off + hi - lo
                 gpen = scratch[dt][off: off + hi - lo]
-                _penalised_piece(gpen, fg[lo:hi], fp[lo:hi], fw0[lo:hi], fdir[lo:hi], t32[: hi - lo], cs[i],
+                acc = acc_dtype(dt)
+                if acc not in tmp:
+                    tmp[acc] = torch.empty(chunk, device=device, dtype=acc)
+                _penalised_piece(gpen, fg[lo:hi], fp[lo:hi], fw0[lo:hi], fdir[lo:hi], tmp[acc][: hi - lo], cs[i],
                                  coef, penalty)
                 row = [fp[lo:hi], gpen, fexp_avg[lo:hi], fexp_avg_sq[lo:hi], fl[6][lo:hi] if amsgrad else None]
             for k, x in enumerate(row):
@@ -414,9 +444,9 @@ def asft_adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         for i, lo, hi in batch:
             fl = flats[i]
             if fl is None:
-                parts[i].append((bounds[i].v.float() * (params[i].float() - w0s[i].float())).sum())
+                parts[i].append(_dot_whole(params[i], w0s[i], bounds[i].v))
             else:
-                parts[i].append(_dot_piece(fl[0][lo:hi], fl[4][lo:hi], fl[5][lo:hi], t32, tv))
+                parts[i].append(_dot_piece(fl[0][lo:hi], fl[4][lo:hi], fl[5][lo:hi], tmp[acc_dtype(fl[0].dtype)]))
 
     batch: list[tuple[int, int, int]] = []
     size = 0
@@ -430,18 +460,18 @@ def asft_adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         run(batch)
     for s in state_steps:
         s.add_(1)
-    zero = torch.zeros((), device=device, dtype=torch.float32)
-    return [torch.stack(ps).sum() if ps else zero.clone() for ps in parts]
+    return [(ps[0] if len(ps) == 1 else torch.stack(ps).sum()).to(acc_dtype(p.dtype)) if ps
+            else torch.zeros((), device=device, dtype=acc_dtype(p.dtype)) for p, ps in zip(params, parts)]
 
 
 def _penalised_piece(out: Tensor, g: Tensor, p: Tensor, w0: Tensor, v: Tensor, t: Tensor, c: Tensor | None,
                      coef: float, penalty: Penalty) -> None:
-    """out ← g + coef·R on one 1-D piece (t: fp32 scratch of the piece's length)."""
+    """out ← g + coef·R on one 1-D piece (t: scratch of the piece's length in `acc_dtype(p.dtype)`)."""
     if penalty == "parallel":
         if c is None:
             out.copy_(g)
-        else:
-            torch.mul(v, c, out=t)
+        else:  # in t's dtype: torch.mul(v, c, out=t) would round c to a bf16/fp16 v's dtype
+            (torch.mul(v, c, out=t) if v.dtype == t.dtype else t.copy_(v).mul_(c))
             torch.add(g, t, alpha=coef, out=out)
         return
     _delta_into(t, p, w0)
@@ -450,12 +480,24 @@ def _penalised_piece(out: Tensor, g: Tensor, p: Tensor, w0: Tensor, v: Tensor, t
     torch.add(g, t, alpha=coef, out=out)
 
 
-def _dot_piece(p: Tensor, w0: Tensor, v: Tensor, t32: Tensor, tv: Tensor) -> Tensor:
-    """⟨v, p - W0⟩ of one 1-D piece as a 0-d fp32 tensor (t32, tv: fp32 scratch ≥ the piece)."""
-    t = t32[: p.numel()]
+def _dot_piece(p: Tensor, w0: Tensor, v: Tensor, scratch: Tensor) -> Tensor:
+    """⟨v, p - W0⟩ of one 1-D piece as a 0-d float64 tensor: the products (p - W0)·v in the
+    scratch's dtype (`acc_dtype(p.dtype)`, at least the piece's length), summed by `_fold`."""
+    t = scratch[: p.numel()]
     _delta_into(t, p, w0)
-    if v.dtype == torch.float32:
-        return torch.dot(t, v)
-    w = tv[: p.numel()]
-    w.copy_(v)
-    return torch.dot(t, w)
+    return _fold(t.mul_(v))
+
+
+def _fold(x: Tensor) -> Tensor:
+    """Σx of a 1-D tensor as a 0-d float64, in an order fixed by its length alone (the same bits at
+    any thread count, unlike `torch.dot` or a whole-tensor sum): per block of FOLD_BLOCK elements
+    (below ATen's parallel grain, a reduction over rows gives each row to one thread), then the
+    block sums in block order."""
+    n = x.numel()
+    if n <= FOLD_BLOCK:
+        return x.sum(dtype=torch.float64)
+    full = n - n % FOLD_BLOCK
+    sums = x[:full].view(-1, FOLD_BLOCK).sum(1, dtype=torch.float64)
+    if full < n:
+        sums = torch.cat([sums, x[full:].sum(dtype=torch.float64).reshape(1)])
+    return _fold(sums)

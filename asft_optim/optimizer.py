@@ -19,6 +19,7 @@ Where the state lives (data flow: anchors → bindings → optimizer state → i
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import os
@@ -35,7 +36,7 @@ from . import distributed as _dist
 from .anchors import Anchors, normalize_name
 from .binding import Binding, Kind, anchor_key, bind_group, bind_shards
 from .dot_cache import DotCache
-from .functional import (PENALTIES, BoundDirection, StepTensors, asft_adamw, partial_dots,
+from .functional import (PENALTIES, BoundDirection, StepTensors, acc_dtype, asft_adamw, partial_dots,
                          storage_w0)
 from .lora import (PROJECTIONS, LoraLayout, lora_drift_sums, lora_layout, lora_penalty_grads,
                    lora_penalty_grads_reference)
@@ -113,7 +114,9 @@ class AsFTAdamW(torch.optim.AdamW):
     Notes:
         W0 is each parameter's value at its first step, kept in the optimizer state (bf16 where
         exact). The penalty gradient is added inside `step()`: gradient clipping done before it does
-        not see the penalty. `differentiable=True` is not supported. With a `GradScaler` the
+        not see the penalty. A penalised parameter whose gradient is None at a step takes its penalty
+        step with a zero task gradient once it has W0 (the explicit loss's gradient; λ = 0 groups
+        skip it as torch does). `differentiable=True` is not supported. With a `GradScaler` the
         optimizer always lets the scaler unscale and skip inf steps (it never takes `grad_scale`).
         `load_state_dict` keeps this optimizer's AsFT options and parameter names and refuses a
         checkpoint made with other anchors, λ, penalty or projection.
@@ -194,10 +197,11 @@ class AsFTAdamW(torch.optim.AdamW):
                              "(with the transformers Trainer, use asft_optim.integrations.AsFTTrainer, or "
                              "build the optimizer with AsFTAdamW.from_model(model, anchors=...) and pass "
                              "optimizers=(optimizer, None))")
+        _check_unique_names(self.param_groups)
         group["asft_anchors"] = self.anchors.fingerprint
         bindings = bind_group(zip(group["param_names"], group["params"]), self.anchors, self._lora,
                               self._lora_bound, projection=group["projection"],
-                              penalised=group["asft_lambda"] > 0)
+                              penalised=group["asft_lambda"] > 0, penalty=group["penalty"])
         self._check_anchored(group, bindings.values(), "")
         if group["impl"] == "triton":
             _check_triton_dtypes(bindings.values(), group)
@@ -252,8 +256,8 @@ class AsFTAdamW(torch.optim.AdamW):
                 elif b.kind in (Kind.DENSE, Kind.SHARD) and (b.kind is Kind.SHARD) != _dist.is_dtensor(p):
                     reshard.append((name, p))
             if new:
-                bound = bind_group(new, self.anchors, self._lora, self._lora_bound,
-                                   projection=group["projection"], penalised=group["asft_lambda"] > 0)
+                bound = bind_group(new, self.anchors, self._lora, self._lora_bound, projection=group["projection"],
+                                   penalised=group["asft_lambda"] > 0, penalty=group["penalty"])
                 self._check_anchored(group, bound.values(), " (they gained gradients after the optimizer "
                                      "was built)")
                 self._bindings.update(bound)
@@ -316,19 +320,47 @@ class AsFTAdamW(torch.optim.AdamW):
         for group, impl in zip(self.param_groups, impls):
             if impl == "zero" and self._lora_in_group(group):
                 raise NotImplementedError(lora_refusal("1/2"))
-        lora_grads = self._lora_penalty_grads()
-        shard_dots = self._shard_dots(impls)
-        for index, (group, impl) in enumerate(zip(self.param_groups, impls)):
-            if impl == "zero":
-                self._zero_group_step(group)
-                continue
-            if impl == "triton":
-                triton_group_step(self, index, group, self._triton)
-                continue
-            t = self._gather(group)
-            if t.params:
-                self._torch_group_step(group, impl, t, lora_grads, shard_dots)
+        self._check_one_adapter_per_module()
+        filled = self._penalty_only_grads(impls)
+        try:
+            lora_grads = self._lora_penalty_grads()
+            shard_dots = self._shard_dots(impls)
+            for index, (group, impl) in enumerate(zip(self.param_groups, impls)):
+                if impl == "zero":
+                    self._zero_group_step(group)
+                    continue
+                if impl == "triton":
+                    triton_group_step(self, index, group, self._triton)
+                    continue
+                t = self._gather(group)
+                if t.params:
+                    self._torch_group_step(group, impl, t, lora_grads, shard_dots)
+        finally:
+            for p in filled:
+                p.grad = None
         return loss
+
+    def _penalty_only_grads(self, impls: list[str]) -> list[Tensor]:
+        """Give a zero task gradient to every penalised parameter whose gradient is None but which
+        has W0 (it stepped before): on the explicit loss L_task + λ‖R(ΔW)‖² its gradient is the
+        penalty's, whatever the task did (an unused branch, an MoE expert, `zero_grad()`'s None).
+        λ = 0 groups, parameters without a direction and frozen ones keep torch's rule (no
+        gradient, no step). Returns the parameters given a gradient (set back to None after the step).
+        """
+        filled = []
+        for group, impl in zip(self.param_groups, impls):
+            if impl == "zero" or group["asft_lambda"] == 0 or not any(map(operator.is_, map(_GRAD, group["params"]),
+                                                                       itertools.repeat(None))):
+                continue  # (a cheap first look: most steps every parameter has a gradient)
+            for name, p in zip(group["param_names"], group["params"]):
+                if p.grad is not None or not p.requires_grad:
+                    continue
+                b = self._bindings.get(name)
+                st = self.state.get(p)
+                if b is not None and b.anchored and st and "w0" in st:
+                    p.grad = torch.zeros_like(p)
+                    filled.append(p)
+        return filled
 
     def _torch_group_step(self, group: dict[str, Any], impl: str, t: GroupTensors,
                           lora_grads: Mapping[str, Tensor], shard_dots: Mapping[str, Tensor]) -> None:
@@ -361,9 +393,9 @@ class AsFTAdamW(torch.optim.AdamW):
             dirs = [b.direction_on(q.device) for b, q in zip(bindings, locals_)]
             w0s = [_dist.local(state[p]["w0"]) for p in params]
             dots: list[Tensor | None] = []
-            for n, p, q in zip(names, params, locals_):
+            for n, p, q, s in zip(names, params, locals_, state_steps):
                 dots.append(shard_dots.get(n, torch.zeros((), device=q.device)) if _dist.is_dtensor(p)
-                            else self._dots.get(n, q) if impl == "torch" else None)
+                            else self._dots.get(n, p, s) if impl == "torch" else None)
             tensors = StepTensors(locals_, [_dist.local(g) for g in grads], [_dist.local(x) for x in exp_avgs],
                                   [_dist.local(x) for x in exp_avg_sqs], [_dist.local(x) for x in max_exp_avg_sqs],
                                   state_steps, w0s, dirs, dots)
@@ -371,30 +403,35 @@ class AsFTAdamW(torch.optim.AdamW):
             locals_ = params
             dirs = [b.direction_on(p.device) for b, p in zip(bindings, params)]
             cache = self._dots
-            dots = cache.get_vector(names, params) if impl == "torch" and params[0].device.type == "cpu" else None
+            dots = (cache.get_vector(names, params, state_steps) if impl == "torch" and params[0].device.type == "cpu"
+                    else None)
             if dots is None:
-                dots = [cache.get(n, p) for n, p in zip(names, params)] if impl == "torch" else [None] * len(params)
+                dots = ([cache.get(n, p, s) for n, p, s in zip(names, params, state_steps)] if impl == "torch"
+                        else [None] * len(params))
             tensors = StepTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
                                   [state[p]["w0"] for p in params], dirs, dots)
         coef = (-2.0 if group["maximize"] else 2.0) * group["asft_lambda"]
         new = asft_adamw(tensors, coef=coef, penalty=group["penalty"], impl=impl, **kwargs)
         if isinstance(new, Tensor):  # the native kernel stepped them all: one float64 vector
-            self._dots.put_vector(names, locals_, new)
-        elif new is not None:
-            for n, q, d in zip(names, locals_, new):
-                self._dots.put(n, q, d)  # for a shard: its local partial, summed by `_shard_dots`
+            self._dots.put_vector(names, params, state_steps, new)
+        elif new is not None:  # (a DTensor's dot is not carried: `put` drops it)
+            for n, p, s, d in zip(names, params, state_steps, new):
+                self._dots.put(n, p, s, d)
 
     def _shard_dots(self, impls: list[str]) -> dict[str, Tensor]:
-        """Global ⟨v, ΔW⟩ (0-d fp32) of every DTensor parameter the torch paths penalise this step.
+        """Global ⟨v, ΔW⟩ (0-d, `acc_dtype` of the parameter) of every DTensor parameter the torch
+        paths penalise this step.
 
-        One all-reduce of one fp32 per such tensor for the whole step, whatever the number of param
-        groups; it also sums the Triton path's c slots of shards (`TritonCache.shard_partials`). None
-        at a shard's first step (no W0 yet: ΔW = 0 on every shard) nor for a zero direction (c = 0).
+        Computed exactly from the local shards at every step (a DTensor's dot is never carried: see
+        `dot_cache`), then one all-reduce of one fp32 per such tensor for the whole step, whatever
+        the number of param groups; it also sums the Triton path's c slots of shards
+        (`TritonCache.shard_partials`). None at a shard's first step (no W0 yet: ΔW = 0 on every
+        shard) nor for a zero direction (c = 0).
         """
         if not any(b.kind is Kind.SHARD for b in self._bindings.values()):
-            return {}  # no DTensor parameters (Triton's pending shards are SHARD bindings too)
-        names, params, partials = [], [], []
-        stale: list[tuple[str, Tensor, Tensor, BoundDirection]] = []
+            return {}  # no DTensor parameters
+        names, params = [], []
+        stale: list[tuple[Tensor, Tensor, BoundDirection]] = []
         for group, impl in zip(self.param_groups, impls):
             if group["asft_lambda"] == 0 or group["penalty"] == "full" or impl == "triton":
                 continue
@@ -407,21 +444,16 @@ class AsFTAdamW(torch.optim.AdamW):
                 q = _dist.local(p)
                 names.append(name)
                 params.append(p)
-                carried = self._dots.get(name, q) if impl == "torch" else None
-                partials.append(carried)
-                if carried is None:
-                    stale.append((name, q, _dist.local(st["w0"]), b.direction_on(q.device)))
+                stale.append((q, _dist.local(st["w0"]), b.direction_on(q.device)))
         triton = self._triton.shard_partials(self)
         if not names and not triton:
             return {}
-        if stale:
-            fresh = partial_dots([s[1] for s in stale], [s[2] for s in stale], [s[3] for s in stale]).unbind()
-            it = iter(fresh)
-            partials = [next(it) if x is None else x for x in partials]
-        vec = torch.stack(partials + [c for _, _, c in triton]) if names or triton else None
+        partials = list(partial_dots(*map(list, zip(*stale))).unbind()) if stale else []
+        vec = torch.stack(partials + [c for _, _, c in triton])
         vec = _dist.all_reduce_dots(params + [p for _, p, _ in triton], vec)
-        self._triton.set_shard_c(self, triton, vec[len(names):])
-        return dict(zip(names, vec[:len(names)].unbind()))
+        self._triton.set_shard_c(triton, vec[len(names):])
+        # each in its parameter's accumulation dtype (the vector is fp64 when one of them is fp64)
+        return {n: d.to(acc_dtype(p.dtype)) for n, p, d in zip(names, params, vec[:len(names)].unbind())}
 
     # ------------------------------------------------------------------------------- ZeRO
     def _zero_group_step(self, group: dict[str, Any]) -> None:
@@ -448,14 +480,15 @@ class AsFTAdamW(torch.optim.AdamW):
                 adam(*lists, **kwargs)
                 continue
             st = self.state[flat]
-            part = self._zero.partition(flat, group["param_names"], self.anchors, self._dots.epoch, st.get("w0"))
+            part = self._zero.partition(flat, group["param_names"], self.anchors, st["step"], self._dots.epoch,
+                                        st.get("w0"))
             if "w0" not in st:
                 st["w0"] = storage_w0(flat.detach().clone())
                 dots = torch.zeros(len(part.segments), device=flat.device)
             elif group["penalty"] == "full" or group["asft_lambda"] == 0:
                 dots = torch.zeros(len(part.segments), device=flat.device)
             else:
-                dots = self._zero.global_dots(part, self._zero_w0s(), self._dots)
+                dots = self._zero.global_dots(part, self._zero_w0s(), self._zero_steps(), self._dots)
             if group["asft_lambda"] == 0:
                 adam(*lists, **kwargs)
                 continue
@@ -464,7 +497,7 @@ class AsFTAdamW(torch.optim.AdamW):
                                  * group["asft_lambda"], penalty=group["penalty"], impl=group["impl"] or "torch",
                                  **kwargs)
             for seg, d in zip(part.segments, new or ()):
-                self._dots.put(seg.name, flat, d)  # this rank's partial, summed at the next step
+                self._dots.put(seg.name, flat, st["step"], d)  # this rank's partial, summed at the next step
 
     def _zero_w0s(self) -> dict[int, Tensor]:
         """W0 of each ZeRO partition that has one, by its position in `self._zero.partitions`."""
@@ -474,6 +507,10 @@ class AsFTAdamW(torch.optim.AdamW):
             if st and "w0" in st:
                 out[i] = st["w0"]
         return out
+
+    def _zero_steps(self) -> dict[int, Tensor]:
+        """The state "step" tensor of each ZeRO partition that has W0, by position (see `_zero_w0s`)."""
+        return {i: self.state[self._zero.partitions[i].flat]["step"] for i in self._zero_w0s()}
 
     def _zero_drift_sums(self, by: str) -> dict[str, tuple[float, float, float, int]]:
         """Drift sums of ZERO tensors over their segments on every rank (collective once any
@@ -486,6 +523,29 @@ class AsFTAdamW(torch.optim.AdamW):
     # ------------------------------------------------------------------------------- LoRA
     def _lora_in_group(self, group: dict[str, Any]) -> bool:
         return any(self._bindings.get(n, _PLAIN).kind in (Kind.LORA_A, Kind.LORA_B) for n in group["param_names"])
+
+    def _check_one_adapter_per_module(self) -> None:
+        """Refuse two LoRA adapters of one module that both have a task gradient in a penalised
+        group this step (peft `set_adapter([...])`): the base weight moves by the sum of their
+        updates, and the penalty of each adapter's own s·B·A would leave out the cross terms."""
+        if self._lora is None or len({p.module for p in self._lora.pairs}) == len(self._lora.pairs):
+            return
+        where = {n: (g, p) for g in self.param_groups for n, p in zip(g["param_names"], g["params"])}
+        training: dict[str, list[str]] = {}
+        for pair in self._lora.pairs:
+            for name in (pair.a_name, pair.b_name):
+                group, p = where.get(name, (None, None))
+                if p is not None and p.grad is not None and group["asft_lambda"] > 0:
+                    training.setdefault(pair.module, []).append(pair.adapter)
+                    break
+        for module, adapters in training.items():
+            if len(adapters) > 1:
+                raise NotImplementedError(
+                    f"LoRA module '{module}': adapters {', '.join(repr(a) for a in adapters)} all have gradients "
+                    "in this step. The base weight then moves by the sum of their updates, while AsFTAdamW "
+                    "penalises each adapter's own s·B·A (the cross terms would be left out). Train one adapter "
+                    "per module at a time (peft: model.set_adapter('name')), or put the other adapters in a "
+                    "param group with asft_lambda=0")
 
     def _lora_penalty_grads(self) -> dict[str, Tensor]:
         """Penalty gradients of every LoRA pair with a gradient, from the pre-step A and B.
@@ -603,8 +663,9 @@ class AsFTAdamW(torch.optim.AdamW):
 
         Call after writing to the parameters outside `step()` through `.data` (which bypasses the
         version counter) or after replacing optimizer state tensors by hand. In-place writes that go
-        through the version counter (`model.load_state_dict`, `p.copy_`) are noticed without it.
-        `load_state_dict` calls it.
+        through the version counter (`model.load_state_dict`, `p.copy_`, `torch._foreach_mul_`) are
+        noticed without it, and DTensor (FSDP2) parameters recompute c at every step anyway (see
+        `dot_cache`). `load_state_dict` calls it.
         """
         self._dots.invalidate()
 
@@ -757,6 +818,22 @@ class AsFTAdamW(torch.optim.AdamW):
 
 
 _PLAIN = Binding("", Kind.PLAIN)
+_GRAD = operator.attrgetter("grad")
+
+
+def _check_unique_names(groups: list[dict[str, Any]]) -> None:
+    """Refuse a parameter name that the last group repeats (within it or from an earlier group),
+    removing that group: bindings, W0 checks and carried dots are keyed by name."""
+    seen = {n for g in groups[:-1] for n in g["param_names"]}
+    for name in groups[-1]["param_names"]:
+        if name in seen:
+            groups.pop()
+            raise ValueError(
+                f"the parameter name '{name}' appears twice in AsFTAdamW's param groups (two models' "
+                "named_parameters() in one optimizer, or groups built from submodules' named_parameters()?): "
+                "directions, W0 checks and carried dots are keyed by name; give every parameter a unique "
+                "name, e.g. prefix each model's or submodule's names")
+        seen.add(name)
 
 
 def as_anchors(anchors: Anchors | Mapping[str, Tensor] | str | os.PathLike) -> Anchors:

@@ -14,7 +14,9 @@ safelora  (peft LoRA adapters) Safe LoRA (Hsu et al., 2024; its released code): 
 
 The output is written in the input's format (same safetensors file names and sharding, every other
 file copied, plus `asft_project.json` describing what was done) into a temporary folder that is
-renamed to OUT when complete: a failed run leaves no OUT.
+renamed to OUT when complete: a failed run leaves no OUT. OUT must be new (or an empty folder) and
+lie outside every input. The directions must have been made from ALIGNED (their recorded sampled
+fingerprint), unless `allow_mismatch`.
 """
 
 from __future__ import annotations
@@ -22,12 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,9 @@ import torch
 from .adapters import ADAPTER_WEIGHTS, check_fits, is_adapter_folder, open_adapter
 from .anchors import Anchors, atomic_save_safetensors
 from .checkpoints import Checkpoint, CheckpointError, open_checkpoint, read_header
+from .directions import check_made_from
+from .outputs import refuse_overlap
+from .tempfiles import staged_dir
 
 __all__ = ["MODES", "INFO", "project_flat", "project_safelora", "flat_tensor", "safelora_layer", "add_cli"]
 
@@ -82,26 +83,18 @@ def safelora_layer(a: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> tuple[t
 
 
 # ----------------------------------------------------------------------------------- output folder
-def _new_out(out: Path) -> Path:
+def _check_out(out: Path, inputs: dict[str, str | Path | None]) -> None:
+    """Refuse an existing non-empty `out` and one that overlaps an input (flag -> path)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output {out} exists: choose a new --out (projections never overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    refuse_overlap(out, "--out", inputs.items())
 
 
-@contextmanager
-def _staged(out: Path) -> Iterator[Path]:
-    """A new hidden sibling folder of `out` to write into: renamed to `out` when the block completes,
-    deleted when it raises, so a failed run leaves no `out`."""
-    tmp = _new_out(out)
-    try:
-        yield tmp
-        if out.is_dir():
-            out.rmdir()  # empty (checked in _new_out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _check_aligned(directions: str | Path, aligned: str | Path, allow_mismatch: bool) -> None:
+    if not allow_mismatch:
+        note = check_made_from(directions, aligned)
+        if note:
+            print(note, file=sys.stderr)
 
 
 def _copy_others(src: Path, dst: Path, skip: set[str]) -> None:
@@ -112,13 +105,15 @@ def _copy_others(src: Path, dst: Path, skip: set[str]) -> None:
 
 # ----------------------------------------------------------------------------------- flat
 def project_flat(model: str | Path, aligned: str | Path, directions: str | Path, out: str | Path,
-                 progress: bool = False) -> dict[str, Any]:
+                 progress: bool = False, allow_mismatch: bool = False) -> dict[str, Any]:
     """Write W_aligned + C⊥(W − W_aligned) of a full checkpoint folder to `out`; returns the info
     written to `out/asft_project.json` (per-tensor cos(ΔW, d) of the tensors projected).
 
     Raises:
         ValueError: the model is a LoRA adapter, or the aligned checkpoint or the directions do not
-            fit it (the message names the tensor).
+            fit it (the message names the tensor); `out` overlaps an input.
+        DirectionsMismatch: the directions were made from another aligned checkpoint (and not
+            `allow_mismatch`).
         FileExistsError: `out` exists and is not empty.
     """
     from tqdm.auto import tqdm
@@ -129,6 +124,7 @@ def project_flat(model: str | Path, aligned: str | Path, directions: str | Path,
                          "LoRA update of the same rank; use --mode safelora, or merge the adapter first")
     if not model.is_dir():
         raise FileNotFoundError(f"model folder not found: {model}")
+    _check_out(out, {"MODEL": model, "--aligned": aligned, "--directions": directions})
     ck, ak, anchors = _open(model, "model"), _open(aligned, "aligned"), Anchors.load(directions)
     extra = sorted(n for n in anchors if n not in ck.tensors)
     if extra:
@@ -142,7 +138,8 @@ def project_flat(model: str | Path, aligned: str | Path, directions: str | Path,
             got = ak.tensors[name].shape if name in ak.tensors else "no such tensor"
             raise ValueError(f"aligned checkpoint {aligned} does not fit model {model}: '{name}' is {info.shape} "
                              f"in the model, {got} in the aligned checkpoint")
-    with _staged(out) as tmp:
+    _check_aligned(anchors, ak, allow_mismatch)
+    with staged_dir(out) as tmp:
         cos: dict[str, float] = {}
         with tqdm(total=len(ck.tensors), desc="projecting (flat)", unit="tensor", disable=not progress) as bar:
             for file in ck.files:
@@ -180,12 +177,13 @@ def _read(ck: Checkpoint, name: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------------- Safe LoRA
 def project_safelora(adapter: str | Path, directions: str | Path, out: str | Path, *,
                      aligned: str | Path | None = None, threshold: float = 0.5,
-                     fraction: float | None = None) -> dict[str, Any]:
+                     fraction: float | None = None, allow_mismatch: bool = False) -> dict[str, Any]:
     """Write the Safe LoRA projection of a peft adapter folder to `out`; returns the info written to
     `out/asft_project.json` (per layer: the cosine and whether it was projected).
 
     Args:
-        aligned: when given, the adapter is also checked against this checkpoint's shapes.
+        aligned: when given, the adapter is also checked against this checkpoint's shapes, and the
+            directions against it (`check_made_from`, unless `allow_mismatch`).
         threshold: project layers with cos(C·B·A, B·A) ≤ threshold (ignored with `fraction`).
         fraction: project the round(fraction·L) layers with the lowest cosine instead.
 
@@ -200,6 +198,7 @@ def project_safelora(adapter: str | Path, directions: str | Path, out: str | Pat
                          "use --mode flat for a full checkpoint")
     if fraction is not None and not 0 <= fraction <= 1:
         raise ValueError(f"--fraction must be in [0, 1], got {fraction}")
+    _check_out(out, {"MODEL": adapter, "--aligned": aligned, "--directions": directions})
     ad = open_adapter(adapter)
     ad.require_plain_lora("projected")
     anchors = Anchors.load(directions)
@@ -207,6 +206,7 @@ def project_safelora(adapter: str | Path, directions: str | Path, out: str | Pat
     if aligned is not None:
         ak = _open(aligned, "aligned")
         check_fits(ad, {n: i.shape for n, i in ak.tensors.items()}, str(aligned))
+        _check_aligned(anchors, ak, allow_mismatch)
     layers: dict[str, dict[str, Any]] = {}
     new_b: dict[str, torch.Tensor] = {}
     for m in ad.modules:
@@ -223,7 +223,7 @@ def project_safelora(adapter: str | Path, directions: str | Path, out: str | Pat
         if m.module in chosen:
             tensors[m.b_name] = new_b[m.module].contiguous()
             layers[m.module]["projected"] = True
-    with _staged(out) as tmp:
+    with staged_dir(out) as tmp:
         meta, _ = read_header(adapter / ADAPTER_WEIGHTS)
         atomic_save_safetensors(tensors, tmp / ADAPTER_WEIGHTS, {**meta, "asft_project": "safelora"})
         _copy_others(adapter, tmp, {ADAPTER_WEIGHTS, INFO})
@@ -248,6 +248,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="safelora: project layers whose cosine is ≤ this (default %(default)s)")
     p.add_argument("--fraction", type=float, default=None,
                    help="safelora: project this fraction of layers, lowest cosine first (replaces --threshold)")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="use --directions even when they were made from another aligned checkpoint than --aligned")
     p.add_argument("--out", type=Path, required=True, help="output folder (must not exist)")
     p.set_defaults(func=_run_cli)
 
@@ -255,12 +257,21 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 def _run_cli(args: argparse.Namespace) -> int:
     try:
         if args.mode == "flat":
-            info = project_flat(args.model, args.aligned, args.directions, args.out, progress=True)
+            info = project_flat(args.model, args.aligned, args.directions, args.out, progress=True,
+                                allow_mismatch=args.allow_mismatch)
             print(f"flat: projected {info['projected']} tensor(s), {info['unchanged']} unchanged")
         else:
             info = project_safelora(args.model, args.directions, args.out, aligned=args.aligned,
-                                    threshold=args.threshold, fraction=args.fraction)
-            print(f"safelora: projected {info['projected']} of {len(info['layers'])} layer(s)")
+                                    threshold=args.threshold, fraction=args.fraction,
+                                    allow_mismatch=args.allow_mismatch)
+            rule = (f"the {args.fraction:g} of layers with the lowest cosine" if args.fraction is not None
+                    else f"cos ≤ {args.threshold:g}")
+            print(f"safelora: projected {info['projected']} of {len(info['layers'])} layer(s) ({rule}); "
+                  "cos(C·B·A, B·A) per layer:")
+            width = max(len(m) for m in info["layers"])
+            for module, layer in info["layers"].items():
+                cos = "   nan (B·A = 0 or d = 0)" if layer["cos"] is None else f"{layer['cos']:+.4f}"
+                print(f"  {module:<{width}}  {cos}{'  projected' if layer['projected'] else ''}")
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"asft project: error: {e}", file=sys.stderr)
         return 2

@@ -3,8 +3,9 @@ param groups to the fused kernels of `asft_optim.kernels` (`TritonCache`: c slot
 launch plans, step buffers).
 
 c = ⟨v, p - W0⟩/‖v‖² lives in the kernels' c slots between steps. Whether a slot may be read
-follows the optimizer's `DotCache` rule (version counter after our update, load/resync epoch):
-the kernels write p through raw pointers, which does not bump the version counter, so an outside
+follows the optimizer's `DotCache` rule (p's version and its step tensor as our update left them,
+no load/resync since; `DotCache.held`: the entry is this path's slot, not another path's dot):
+the kernels write p through raw pointers, which does not bump p's version counter, so an outside
 write between two steps still shows. Parameters whose layout the kernels cannot walk (not dense,
 or state tensors with other strides) step on the torch path instead.
 """
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from . import distributed as _dist
 from .binding import Kind
-from .functional import dense_flat, partial_dots, storage_w0
+from .functional import BoundDirection, dense_flat, partial_dots, storage_w0
 
 if TYPE_CHECKING:
     from .kernels import Row
@@ -67,37 +68,33 @@ def resolve_impl(group: dict[str, Any], has_lora: bool) -> str:
 
 
 class Launch(NamedTuple):
-    """One cached kernel launch of a plan: its table, device, penalty and the positions (in the
-    group) of its tensors. The c buffer is looked up at launch time: it may have been reallocated."""
+    """One kernel launch of a plan: its table (shared with `TritonCache.tables`), the penalty it
+    applies (None: plain AdamW), whether it carries c, and its tensors: positions in the group,
+    names, bound directions (None when not penalised) and the (shape, strides) every role has."""
     table: Any
-    device: torch.device
     penalty: str | None
+    needs_c: bool
     positions: list[int]
+    names: list[str]
+    bounds: list[BoundDirection | None]
+    layouts: list[tuple[torch.Size, tuple[int, ...]]]
 
 
 class Plan(NamedTuple):
-    """A group's launches, reusable while `signature` and the dot-cache epoch are unchanged."""
-    signature: tuple
-    epoch: int
+    """A group's launches, replayed while the options, the dot-cache epoch, which parameters have
+    gradients and the step counters (by identity) hold; addresses may change (new gradient tensors
+    each step, a replaced state tensor): then only the pointer tables are uploaded again."""
+    options: tuple
+    has_grad: list[bool]
     steps: Tensor
     positions: Tensor | None
+    step_views: dict[int, Tensor]
     launches: list[Launch]
 
 
-def _signature(group: dict[str, Any]) -> tuple | None:
-    """What a cached plan depends on: the options that shape it, which parameters have gradients,
-    the addresses, layouts and version counters of those parameters and gradients (None for a
-    sparse gradient: the full path reports it)."""
-    entries = []
-    for p in group["params"]:
-        g = p.grad
-        if g is None:
-            entries.append(None)
-        elif g.layout != torch.strided:
-            return None
-        else:
-            entries.append((p.data_ptr(), p._version, g.data_ptr(), g.stride(), g.dtype))
-    return group["asft_lambda"], group["penalty"], group["amsgrad"], tuple(entries)
+def _options(opt: AsFTAdamW, group: dict[str, Any]) -> tuple:
+    """What a plan's shape depends on besides the tensors."""
+    return group["asft_lambda"], group["penalty"], group["amsgrad"], opt._dots.epoch
 
 
 def _hyper(group: dict[str, Any]) -> dict[str, Any]:
@@ -124,14 +121,107 @@ def _walkable(row: Row) -> bool:
     return dense_flat(p) is not None and all(x is None or x.stride() == p.stride() for x in row[2:])
 
 
+def _launch(cs: Any, launch: Launch, steps: list[float], hyper: dict[str, Any]) -> None:
+    """Issue one launch. The kernels write p through raw pointers (p's version counter stays), but
+    the step counters advanced before it (`_increment_steps`, version-counted), which makes every
+    dot carried from before this step stale (`asft_optim.dot_cache`): after a launch that carries
+    c the caller puts its slots' entries again; one that writes no c (λ = 0, penalty="full",
+    unanchored) leaves none."""
+    from .kernels import fused_step_
+    table = launch.table
+    c_buf = cs.buffers[table.device] if launch.penalty is not None else table.partials
+    fused_step_(table, c_buf, [steps[j] for j in launch.positions], penalty=launch.penalty, **hyper)
+
+
+def _replay(opt: AsFTAdamW, group: dict[str, Any], plan: Plan, cs: Any) -> bool:
+    """Step a group with its cached plan; False (having stepped nothing) when the plan does not fit.
+
+    It fits while the same parameters have gradients, every step counter is the plan's, every c
+    it reads is current (`DotCache.held`: the slot was written by this path, nothing moved p
+    since) and every tensor whose address changed still has its launch's layout, dtype and device
+    (`_fits`); then moved launches upload their pointer tables again (an aligned launch that a move
+    made unaligned is rebuilt). The plan thus notices every tensor it reads or writes, by address.
+    """
+    params = group["params"]
+    grads = [p.grad for p in params]
+    if [g is not None for g in grads] != plan.has_grad:
+        return False
+    state, dots, amsgrad, views = opt.state, opt._dots, group["amsgrad"], plan.step_views
+    moved = []
+    try:
+        for launch in plan.launches:
+            table = launch.table
+            gptrs, others = [], []
+            for j, name, bound in zip(launch.positions, launch.names, launch.bounds):
+                p = params[j]
+                st = state.get(p)
+                step = st.get("step") if st is not None else None
+                if step is not views[j] or (launch.needs_c and not dots.held(name, p, step)):
+                    return False
+                gptrs.append(grads[j].data_ptr())
+                others += (p.data_ptr(), st["exp_avg"].data_ptr(), st["exp_avg_sq"].data_ptr(),
+                           st["max_exp_avg_sq"].data_ptr() if amsgrad else 0,
+                           0 if bound is None else st["w0"].data_ptr(), 0 if bound is None else bound.v.data_ptr())
+            if gptrs != table.host_grads or others != table.host_others:
+                if not _fits(launch, gptrs, others, params, grads, state, amsgrad):
+                    return False
+                moved.append((table, gptrs, others))
+    except (KeyError, RuntimeError):  # a state entry gone, a gradient without storage: rebuild
+        return False
+    lost = False
+    for table, gptrs, others in moved:
+        was = table.aligned
+        table.upload(gptrs, others)
+        lost |= was and not table.aligned
+    if lost:  # the slow path puts the unaligned tensors into a launch of their own
+        return False
+    steps = _increment_steps(plan.steps, plan.positions)
+    hyper = _hyper(group)
+    for launch in plan.launches:
+        _launch(cs, launch, steps, hyper)
+        if launch.needs_c:  # the slots hold c of the new p, stamped with the new step
+            for j, name in zip(launch.positions, launch.names):
+                dots.put(name, params[j], views[j], None)
+    return True
+
+
+def _fits(launch: Launch, gptrs: list[int], others: list[int], params: list[Tensor],
+          grads: list[Tensor | None], state: Any, amsgrad: bool) -> bool:
+    """Every tensor of `launch` whose address differs from its table's has the layout, dtype and
+    device the table was built for. (A new gradient has its parameter's dtype, shape and device,
+    torch checks that on assignment: only its strides can differ.)"""
+    from .kernels import OTHER_ROLES, ROLES
+    table = launch.table
+    if gptrs != table.host_grads and not all(
+            grads[j].stride() == stride for j, (_, stride) in zip(launch.positions, launch.layouts)):
+        return False
+    if others == table.host_others:
+        return True
+    old = table.host_others
+    roles = [ROLES.index(role) for role in OTHER_ROLES]
+    for i, (j, bound, (shape, stride)) in enumerate(zip(launch.positions, launch.bounds, launch.layouts)):
+        if others[6 * i:6 * i + 6] == old[6 * i:6 * i + 6]:
+            continue
+        p, st = params[j], state[params[j]]
+        row = (p, st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"] if amsgrad else None,
+               None if bound is None else st["w0"], None if bound is None else bound.v)
+        for k, x in zip(roles, row):
+            if x is not None and (x.layout != torch.strided or x.dtype != table.dtypes[k]
+                                  or x.device != table.device or x.shape != shape or x.stride() != stride):
+                return False
+    return True
+
+
 class TritonCache:
     """Everything the Triton path keeps between steps, owned in one place.
 
     slots: `kernels.CSlots` (one fp32 c per parameter name, one buffer per device).
-    tables: (group index, subset key) → (what the table was built from, `LaunchTable`).
+    tables: (group index, subset key) → (the names and layouts it was built for, `LaunchTable`):
+    block tables are built once per set of shapes, pointer tables uploaded again when tensors move.
     plans: group index → `Plan`. step_bufs: group index → the group's step counts (each
-    state["step"] is a view into it: one add per step). pending: shards whose c slot holds a local
-    partial that `shard_partials` must sum over ranks. narrowed: names whose direction was checked
+    state["step"] is a view into it: one add per step). synced: shards whose c slot
+    `set_shard_c` filled with the global c this step (a DTensor's dot is never carried: see
+    `dot_cache`, so it is recomputed at every step). narrowed: names whose direction was checked
     for exact bf16 storage.
     """
 
@@ -140,7 +230,7 @@ class TritonCache:
         self.tables: dict[tuple, tuple[tuple, Any]] = {}
         self.plans: dict[int, Plan] = {}
         self.step_bufs: dict[int, Tensor] = {}
-        self.pending: list[tuple[str, Tensor]] = []
+        self.synced: set[str] = set()
         self.narrowed: set[str] = set()
 
     def _c_slots(self) -> Any:
@@ -150,42 +240,37 @@ class TritonCache:
         return self.slots
 
     def shard_partials(self, opt: AsFTAdamW) -> list[tuple[str, Tensor, Tensor]]:
-        """(name, parameter, local part of c) of every Triton-stepped shard whose c needs the sum
-        over ranks this step: those whose last update left a local partial in their slot, and those
-        whose c is not known (after a load or `resync()`), computed exactly here."""
+        """(name, parameter, local part of c) of every Triton-stepped shard with a gradient and a
+        W0, computed exactly here, to be summed over ranks in the step's one all-reduce."""
+        self.synced = set()
         if self.slots is None:
             return []
         out = []
-        for name, p in self.pending:
-            if opt._dots.valid(name, _dist.local(p)) and not opt._bindings[name].direction.is_zero:
-                out.append((name, p, self._slot_value(name, p)))
-        self.pending = []
-        seen = {n for n, _, _ in out}
         for group in opt.param_groups:
-            if group["asft_lambda"] == 0 or group["penalty"] == "full":
+            if group["impl"] != "triton" or group["asft_lambda"] == 0 or group["penalty"] == "full":
                 continue
             for name, p in zip(group["param_names"], group["params"]):
                 b = opt._bindings.get(name)
                 st = opt.state.get(p)
-                if (p.grad is None or b is None or b.kind is not Kind.SHARD or name in seen or not st
-                        or "w0" not in st or name not in self.slots.slot or opt._dots.valid(name, _dist.local(p))):
+                if (p.grad is None or b is None or b.kind is not Kind.SHARD or not st or "w0" not in st
+                        or name not in self.slots.slot):
                     continue
                 q = _dist.local(p)
                 bound = b.direction_on(q.device)
                 if bound.is_zero:  # c = 0 whatever ΔW: nothing to sum
                     self.slots.buffers[q.device][self.slots.slot[name]] = 0.0
-                    opt._dots.put(name, q, None)
+                    self.synced.add(name)
                     continue
                 dot = partial_dots([q], [_dist.local(st["w0"])], [bound])[0]
                 out.append((name, p, dot * bound.inv_nv2))
         return out
 
-    def set_shard_c(self, opt: AsFTAdamW, named: list[tuple[str, Tensor, Tensor]], values: Tensor) -> None:
-        """Write the summed c of `shard_partials`' shards into their slots; they are then valid."""
+    def set_shard_c(self, named: list[tuple[str, Tensor, Tensor]], values: Tensor) -> None:
+        """Write the summed c of `shard_partials`' shards into their slots, valid for this step."""
         for (name, p, _), value in zip(named, values.unbind()):
             q = _dist.local(p)
             self.slots.buffers[q.device][self.slots.slot[name]] = value
-            opt._dots.put(name, q, None)
+            self.synced.add(name)
 
     def _slot_value(self, name: str, p: Tensor) -> Tensor:
         """A shard's c slot as a 0-d fp32 tensor; 0 for an empty local shard (no kernel writes it)."""
@@ -197,22 +282,18 @@ class TritonCache:
 
 def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], cache: TritonCache) -> None:
     """One group's step with the fused Triton kernels: one update (+ one fold) launch per
-    (device, dtypes, penalised) subset; an exact c pass first where c is not known.
+    (device, dtypes, penalised, aligned) subset; an exact c pass first where c is not current.
 
-    The launches are kept as a plan; while the same parameters have gradients at the same addresses
-    and versions and the dot cache's epoch holds, the next step reuses it without building lists.
+    The launches are kept as a plan that the next step replays (`_replay`) while it fits; else they
+    are rebuilt here, reusing each subset's block tables while its names and layouts are unchanged.
     """
-    from .kernels import Row, exact_c_, fused_step_, make_table  # noqa: F811 (imports triton: only here)
+    from .kernels import Row, all_aligned, exact_c_, make_table, row_pointers, split_pointers
     cs = cache._c_slots()
-    signature = _signature(group)
+    options = _options(opt, group)
     plan = cache.plans.get(group_index)
-    if plan is not None and plan.signature == signature and plan.epoch == opt._dots.epoch:
-        steps = _increment_steps(plan.steps, plan.positions)
-        hyper = _hyper(group)
-        for launch in plan.launches:
-            c_buf = cs.buffers[launch.device] if launch.penalty is not None else launch.table.partials
-            fused_step_(launch.table, c_buf, [steps[j] for j in launch.positions], penalty=launch.penalty, **hyper)
+    if plan is not None and plan.options == options and _replay(opt, group, plan, cs):
         return
+    cache.plans.pop(group_index, None)
     fresh = {n for n, p in zip(group["param_names"], group["params"])
              if p.grad is not None and "w0" not in opt.state.get(p, {})}
     t = opt._gather(group)
@@ -220,7 +301,7 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
         return
     amsgrad, lam, penalty = group["amsgrad"], group["asft_lambda"], group["penalty"]
     rows: list[Row] = []
-    bounds = []
+    bounds: list[BoundDirection | None] = []
     copied = False  # a gradient copied to its parameter's strides: the table points at the copy
     for i, (name, p, g) in enumerate(zip(t.names, t.params, t.grads)):
         b = opt._bindings.get(name)
@@ -246,7 +327,6 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
     all_positions = [j for j, p in enumerate(group["params"]) if p.grad is not None]
     keep = [i for i, w in enumerate(walk) if w]
     if not keep:
-        cache.plans.pop(group_index, None)
         return
     position = {i: all_positions[i] for i in keep}
     positions = list(position.values())
@@ -259,47 +339,51 @@ def triton_group_step(opt: AsFTAdamW, group_index: int, group: dict[str, Any], c
             buf[j] = step_t
             opt.state[group["params"][j]]["step"] = buf[j]
     positions_t = torch.tensor(positions)
+    carried = cache.synced.union(t.names[i] for i in keep
+                                 if opt._dots.held(t.names[i], t.params[i], opt.state[t.params[i]]["step"]))
     all_steps = _increment_steps(buf, positions_t)
     subsets: dict[tuple, list[int]] = {}
-    for i in keep:
-        key = (rows[i][0].device, bounds[i] is not None) + tuple(None if x is None else x.dtype for x in rows[i])
+    for i in keep:  # one launch per (device, penalised, dtypes, aligned): an unaligned tensor keeps to its own
+        key = ((rows[i][0].device, bounds[i] is not None) + tuple(None if x is None else x.dtype for x in rows[i])
+               + (all_aligned(row_pointers(rows[i])),))
         subsets.setdefault(key, []).append(i)
     hyper = _hyper(group)
     launches = []
-    reusable = all(walk) and not copied and not any(_dist.is_dtensor(p) for p in t.params)
     for key, idx in subsets.items():
         device, penalised = key[0], key[1]
         names = [t.names[i] for i in idx]
         sub_rows = [rows[i] for i in idx]
-        built_from = (tuple(names), tuple(tuple(r[0].shape) for r in sub_rows), tuple(r[1].stride() for r in sub_rows),
-                      tuple(0 if x is None else x.data_ptr() for r in sub_rows for x in r))
+        layouts = [(r[0].shape, r[0].stride()) for r in sub_rows]
         slots = cs.slots(names, device) if penalised else [0] * len(idx)
+        inv = [bounds[i].inv_nv2 if penalised else 0.0 for i in idx]
+        built_from = (tuple(names), tuple(layouts), tuple(slots), tuple(inv))
         cached = cache.tables.get((group_index, key))
         if cached is None or cached[0] != built_from:
-            inv = [bounds[i].inv_nv2 if penalised else 0.0 for i in idx]
             cached = (built_from, make_table(sub_rows, slots, inv, names))
             cache.tables[(group_index, key)] = cached
-        table = cached[1]
-        needs_c = penalised and penalty != "full"
-        c_buf = cs.buffers[device] if penalised else table.partials
-        stale = [n for n, i in zip(names, idx) if not opt._dots.valid(n, rows[i][0])] if needs_c else []
-        if stale and set(stale) <= fresh:  # first step: p = W0, so c = 0
-            c_buf.index_fill_(0, torch.tensor([cs.slot[n] for n in stale], device=device), 0.0)
-        elif stale:
-            exact_c_(table, c_buf)
-            _reduce_shard_slots(cache, [(t.names[i], t.params[i]) for i in idx])
-        fused_step_(table, c_buf, [all_steps[position[i]] for i in idx], penalty=penalty if penalised else None,
-                    **hyper)
-        launches.append(Launch(table, device, penalty if penalised else None, [position[i] for i in idx]))
-        if needs_c:
-            for n, i in zip(names, idx):
-                opt._dots.put(n, rows[i][0], None)
-            cache.pending += [(t.names[i], t.params[i]) for i in idx if _dist.is_dtensor(t.params[i])]
-    if reusable and signature is not None:
-        cache.plans[group_index] = Plan(signature, opt._dots.epoch, buf,
-                                        None if len(positions) == buf.numel() else positions_t, launches)
-    else:
-        cache.plans.pop(group_index, None)
+        else:
+            gptrs, others = split_pointers(sub_rows)
+            if gptrs != cached[1].host_grads or others != cached[1].host_others:
+                cached[1].upload(gptrs, others)
+        launch = Launch(cached[1], penalty if penalised else None, penalised and penalty != "full",
+                        [position[i] for i in idx], names, [bounds[i] for i in idx], layouts)
+        if launch.needs_c:
+            c_buf = cs.buffers[device]
+            stale = [n for n in names if n not in carried]
+            if stale and set(stale) <= fresh:  # first step: p = W0, so c = 0
+                c_buf.index_fill_(0, torch.tensor([cs.slot[n] for n in stale], device=device), 0.0)
+            elif stale:
+                exact_c_(launch.table, c_buf)
+                _reduce_shard_slots(cache, [(t.names[i], t.params[i]) for i in idx])
+        _launch(cs, launch, all_steps, hyper)
+        launches.append(launch)
+        if launch.needs_c:
+            for i in idx:
+                opt._dots.put(t.names[i], t.params[i], opt.state[t.params[i]]["step"], None)
+    if all(walk) and not copied and not any(_dist.is_dtensor(p) for p in t.params):
+        views = {j: opt.state[group["params"][j]]["step"] for j in positions}
+        cache.plans[group_index] = Plan(options, [p.grad is not None for p in group["params"]], buf,
+                                        None if len(positions) == buf.numel() else positions_t, views, launches)
 
 
 def _reduce_shard_slots(cache: TritonCache, named: list[tuple[str, Tensor]]) -> None:

@@ -147,9 +147,18 @@ class Partition:
     bounds: list[BoundDirection]
     index: list[int]
     v: Tensor
-    dots: Tensor | None = None      # per segment the global ⟨v, ΔW⟩, valid while flat._version ...
-    dots_version: int = -1          # ... equals this and the optimizer's `DotCache.epoch` ...
-    dots_epoch: int = -1            # ... equals this
+    dots: Tensor | None = None      # per segment the global ⟨v, ΔW⟩, valid while `dots_stamp` holds
+    dots_stamp: tuple | None = None  # (flat._version, its "step" tensor, the step's version, the epoch)
+
+    def stamp(self, step: Tensor, epoch: int) -> tuple:
+        """The stamp `dots` gets now: the `DotCache` rule for the flat partition (its version, its
+        state "step" tensor, that tensor's version, the optimizer's load/resync epoch)."""
+        return (self.flat._version, step, step._version, epoch)
+
+    def dots_valid(self, step: Tensor, epoch: int) -> bool:
+        s = self.dots_stamp
+        return (self.dots is not None and s is not None and s[0] == self.flat._version and s[1] is step
+                and s[2] == step._version and s[3] == epoch)
 
     def gaps(self) -> list[tuple[int, int]]:
         """(start, stop) of the partition's ranges outside every segment."""
@@ -200,18 +209,19 @@ class ZeroTensors:
         return (any(p is not None and is_zero_param(p) for p in originals)
                 and not any(p is q for p in group["params"] for q in originals))
 
-    def partition(self, flat: Tensor, group_names: Sequence[str], anchors: Anchors, epoch: int,
+    def partition(self, flat: Tensor, group_names: Sequence[str], anchors: Anchors, step: Tensor, epoch: int,
                   w0: Tensor | None = None) -> Partition:
         """The `Partition` of `flat`, bound on first sight (collective over the data-parallel group:
         a MAX and a SUM all-reduce). `w0`: the partition's W0 if it has one already (a resumed run):
-        its global dots are then summed in the binding's SUM all-reduce."""
+        its global dots are then summed in the binding's SUM all-reduce. `step`: the partition's
+        state "step" tensor, `epoch`: the optimizer's `DotCache.epoch` (they stamp those dots)."""
         for part in self.partitions:
             if part.flat is flat:
                 return part
         named = [(n, p) for n in group_names if (p := self.param(n)) is not None]
         part = self._bind(flat, named, anchors, w0)
         if w0 is not None:
-            part.dots_version, part.dots_epoch = flat._version, epoch
+            part.dots_stamp = part.stamp(step, epoch)
         self.partitions.append(part)
         return part
 
@@ -284,35 +294,37 @@ class ZeroTensors:
         return flat.device
 
     # ------------------------------------------------------------------------------- dots
-    def global_dots(self, part: Partition, w0s: Mapping[int, Tensor], cache: DotCache) -> Tensor:
+    def global_dots(self, part: Partition, w0s: Mapping[int, Tensor], steps: Mapping[int, Tensor],
+                    cache: DotCache) -> Tensor:
         """Per segment of `part` the global ⟨v, ΔW⟩ (fp32, shape (len(segments),)).
 
-        Valid dots (the partition unchanged since they were reduced, same `cache.epoch`) are
-        returned as they are. Otherwise the partial dots of every partition that has a W0 (`w0s`:
-        position in `self.partitions` → W0) are summed over ranks in one all-reduce of one fp32
-        per tensor: the partials `cache` carries from our last update where valid, else recomputed
+        Valid dots (`Partition.dots_valid`: the `DotCache` rule) are returned as they are.
+        Otherwise the partial dots of every partition that has a W0 (`w0s`, `steps`: position in
+        `self.partitions` → W0, state "step" tensor) are summed over ranks in one all-reduce of one
+        fp32 per tensor: the partials `cache` carries from our last update where valid, else recomputed
         exactly (`functional.partial_dots`). Collective whenever it reduces; every rank takes the
         same decision (the same updates bump the same version counters).
         """
-        if part.dots is not None and part.dots_version == part.flat._version and part.dots_epoch == cache.epoch:
+        at = next(i for i, q in enumerate(self.partitions) if q is part)
+        if part.dots_valid(steps[at], cache.epoch):
             return part.dots
         vec = torch.zeros(len(self.names), dtype=torch.float32, device=self._comm_device(part.flat))
         for i, q in enumerate(self.partitions):
             if i not in w0s or not q.segments:
                 continue
-            carried = [cache.get(s.name, q.flat) for s in q.segments]
+            carried = [cache.get(s.name, q.flat, steps[i]) for s in q.segments]
             if any(c is None for c in carried):
                 w0 = w0s[i]
                 partial = partial_dots([q.flat[s.start: s.start + s.numel] for s in q.segments],
                                        [w0[s.start: s.start + s.numel] for s in q.segments], q.bounds)
             else:
                 partial = torch.stack(carried)
-            vec.index_add_(0, torch.tensor(q.index, device=vec.device), partial.to(vec.device))
+            vec.index_add_(0, torch.tensor(q.index, device=vec.device), partial.to(vec.device, vec.dtype))
         self._all_reduce(vec, dist.ReduceOp.SUM)
         for i, q in enumerate(self.partitions):
             if i in w0s:
                 q.dots = vec[q.index].to(q.flat.device)
-                q.dots_version, q.dots_epoch = q.flat._version, cache.epoch
+                q.dots_stamp = q.stamp(steps[i], cache.epoch)
         return part.dots
 
     # ------------------------------------------------------------------------------- drift
@@ -427,7 +439,7 @@ def step_partition(part: Partition, grad: Tensor, exp_avg: Tensor, exp_avg_sq: T
         adam(views(part.flat, gaps), views(grad, gaps), views(exp_avg, gaps), views(exp_avg_sq, gaps),
              views(ams, gaps), [step.clone() for _ in gaps], **adam_kwargs)
     step.add_(1)
-    return new
+    return list(new.unbind()) if isinstance(new, Tensor) else new  # one vector when all went native
 
 
 def load_config(config: Mapping[str, Any] | str | Any) -> Mapping[str, Any]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests import evaluation_models as em  # noqa: E402
+from tests import fixtures as em  # noqa: E402
 
 
 def _config(tok, hidden: int, layers: int, **kw):

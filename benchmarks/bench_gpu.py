@@ -3,6 +3,7 @@
     python benchmarks/bench_gpu.py --out DIR --section checks     # parity and one-pass c
     python benchmarks/bench_gpu.py --out DIR --section timing     # copy bandwidth, step times
     python benchmarks/bench_gpu.py --out DIR --section big        # a bf16 tensor of > 2**31 elements
+    python benchmarks/bench_gpu.py --out DIR --section host       # host time per step, launches stubbed out
     python benchmarks/bench_gpu.py --out DIR --summary            # ratios and goals from what was measured
     ... --dry                                                      # tiny sizes on CPU, TRITON_INTERPRET=1
 
@@ -11,12 +12,24 @@ appended to DIR/results.jsonl (one JSON object per line) and DIR/gpu_check.txt (
 it is measured, flushed to disk, so a section cut short by its timeout keeps what it measured; a
 check that raises is recorded as failed (with its error) and the section goes on with the next one.
 
-Providers timed side by side in one process, same shapes, gradients fixed before timing:
+Providers timed side by side in one process, same shapes, each with its gradients written in place
+("inplace": the same gradient tensors every step) and re-allocated ("realloc": new gradient tensors
+every step, as `zero_grad(set_to_none=True)` and backward give; two sets alternate, so every address
+changes and only the pointer tables are uploaded again):
   fused_adamw        torch.optim.AdamW(fused=True), fp32
   asft_triton_fp32   AsFTAdamW(impl="triton"), fp32 params, fp32 W0 and d
   asft_triton_bf16wd AsFTAdamW(impl="triton"), fp32 params whose W0 and d are bf16-exact (stored bf16)
   explicit_loss      λ‖C⊥(W - W0)‖² built with autograd each step, backward, then fused AdamW
-Byte model (bytes per parameter per step, DESIGN.md §4): AdamW 28, AsFT fp32 36, AsFT bf16 W0/d 32.
+  fused_adamw_bf16   torch.optim.AdamW(fused=True), bf16 params (torch keeps bf16 moments)
+  asft_triton_bf16   AsFTAdamW(impl="triton"), bf16 params, moments, W0 and d
+Byte model (bytes per parameter per step, DESIGN.md §4): AdamW 28, AsFT fp32 36, AsFT bf16 W0/d 32;
+bf16 params: AdamW 14, AsFT 18 (p read and written, g read, two moments read and written, W0, d).
+`predicted_ms` gives the byte model's time at a bandwidth (H200: 4.8 TB/s).
+
+The host section times AsFTAdamW.step() with the kernel launches stubbed out (everything else on the
+host runs: plan checks, pointer uploads, step counts), at the same layouts, gradients re-allocated
+every step and in place. Its tensors are never written (no memory committed on a CPU): directions
+all zero, optimizer state pre-filled as after a first step.
 
 Half-precision correctness is judged per element: each step, from the kernel's own pre-step state,
 against a float64 computation of that step in which every stored value is rounded once (to nearest
@@ -39,6 +52,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,13 +69,17 @@ from asft_optim import Anchors, AsFTAdamW  # noqa: E402
 from asft_optim.kernels import adamw as K  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-BYTES = {"fused_adamw": 28, "asft_triton_fp32": 36, "asft_triton_bf16wd": 32}
-GOALS = {"fp32_ratio": 1.35, "bf16wd_ratio": 1.20, "copy_fraction": 0.85, "small_launches": 2,
+BYTES = {"fused_adamw": 28, "asft_triton_fp32": 36, "asft_triton_bf16wd": 32, "fused_adamw_bf16": 14,
+         "asft_triton_bf16": 18}
+H200_TB_S = 4.8  # HBM3e bandwidth of an H200, for the byte model's predicted step times
+GOALS = {"fp32_ratio": 1.35, "bf16wd_ratio": 1.20, "bf16_ratio": 1.35, "realloc_ratio": 1.05, "host_ms": 0.5,
+         "copy_fraction": 0.85, "small_launches": 2,
          "small_ratio": 1.5, "explicit_speedup": 5.0}
 ALLOWED_ULP = 1.0  # half-precision stored values vs the float64 step, per element
 CANCEL = 2.0 ** -18  # where a result cancels: allowed error relative to the magnitude of its terms
 FP32_RTOL = 1e-6  # fp32: |Δ| ≤ FP32_RTOL·(1 + |p|), the tests' criterion
-SECTIONS = ("checks", "timing", "big")
+SECTIONS = ("checks", "timing", "big", "host")
+LLAMA_1B = dict(target=1_000_000_000, hidden=2048, inter=5632, kv=256, vocab=32000)  # 183 tensors, 494,121 blocks of 2048
 
 
 def tested_copy() -> dict[str, str]:
@@ -112,9 +130,19 @@ class Report:
             free()
 
 
+class _Unhashed(Anchors):
+    """In-memory anchors whose fingerprint names the tensors' keys, dtypes and shapes but does not
+    hash their bytes: an in-memory `Anchors` hashes every direction through the CPU (4 GB of fp32
+    directions at 1B parameters, 4.3 GB for the >2**31 tensor), which no check here needs."""
+
+    @property
+    def fingerprint(self) -> str:
+        return "unhashed:" + ";".join(f"{k}:{self.dtype(k)}:{tuple(self.shape(k))}" for k in sorted(self))
+
+
 def anchors_of(dirs: dict[str, torch.Tensor]) -> Anchors:
-    """In-memory anchors (they fingerprint their own tensors: a pass over them through the CPU)."""
-    return Anchors.from_tensors(dirs)
+    """In-memory anchors over `dirs`, not fingerprinted (`_Unhashed`)."""
+    return _Unhashed(dirs)
 
 
 def sync(device: torch.device) -> None:
@@ -429,62 +457,140 @@ def copy_bandwidth(rep: Report, numel: int, device, iters: int) -> None:
                f"{gbs:.0f} GB/s", bytes=2 * numel * 4, GB_per_s=gbs, **t)
 
 
-def bench_provider(rep: Report, suite: str, name: str, shapes, device, warmup: int, iters: int) -> None:
-    """Time one provider's optimizer step (explicit_loss: penalty forward + backward + step)."""
+def bench_provider(rep: Report, suite: str, name: str, shapes, device, warmup: int, iters: int,
+                   grads: str = "inplace") -> None:
+    """Time one provider's optimizer step (explicit_loss: penalty forward + backward + step).
+
+    grads: "inplace" (the same gradient tensors every step) or "realloc" (new ones every step: two
+    sets alternate, so every gradient address changes from one step to the next)."""
     n_params = sum(math.prod(s) for s in shapes.values())
     bf16wd = name == "asft_triton_bf16wd"
-    params = make_params(shapes, device, bf16_exact=bf16wd)
-    set_grads(params)
-    d_dtype = torch.bfloat16 if bf16wd else torch.float32
+    dtype = torch.bfloat16 if name.endswith("_bf16") else torch.float32
+    params = make_params(shapes, device, dtype, bf16_exact=bf16wd)
+    sets = []
+    for seed in (2, 3) if grads == "realloc" else (2,):
+        set_grads(params, seed)
+        sets.append([p.grad for p in params.values()])
+    d_dtype = torch.bfloat16 if bf16wd or dtype == torch.bfloat16 else torch.float32
     dirs = make_dirs(shapes, device, dtype=d_dtype)
     lam = 0.5
-    extra: dict[str, object] = {}
-    if name == "fused_adamw":
+    extra: dict[str, object] = {"grads": grads, "param_dtype": str(dtype)}
+    if name.startswith("fused_adamw"):
         opt = torch.optim.AdamW(params.values(), lr=1e-5, fused=device.type == "cuda")
-        step = opt.step
+        update = opt.step
     elif name.startswith("asft_triton"):
         t0 = time.perf_counter()
-        anchors = anchors_of(dirs)
-        opt = AsFTAdamW(list(params.items()), lr=1e-5, anchors=anchors, asft_lambda=lam, impl="triton")
-        extra["build_s"] = time.perf_counter() - t0  # fingerprint and binding, once per run
-        step = opt.step
+        opt = AsFTAdamW(list(params.items()), lr=1e-5, anchors=anchors_of(dirs), asft_lambda=lam, impl="triton")
+        extra["build_s"] = time.perf_counter() - t0  # binding, once per run
+        update = opt.step
     elif name == "explicit_loss":
         opt = torch.optim.AdamW(params.values(), lr=1e-5, fused=device.type == "cuda")
         w0 = {n: p.detach().clone() for n, p in params.items()}
         units = {n: d.float() / d.float().norm() for n, d in dirs.items()}
 
-        def step() -> None:
+        def update() -> None:
             loss = 0.0
             for n, p in params.items():
                 dw = p - w0[n]
                 r = dw - (dw * units[n]).sum() * units[n]
                 loss = loss + (r * r).sum()
-            (lam * loss).backward()
+            (lam * loss).backward()  # accumulates into the current gradient tensors
             opt.step()
     else:
         raise ValueError(f"unknown provider {name!r}")
     del dirs
+    count = [0]
+
+    def step() -> None:
+        if len(sets) > 1:
+            count[0] += 1
+            for p, g in zip(params.values(), sets[count[0] % 2]):
+                p.grad = g
+        update()
+
     t = time_ms(step, device, warmup=warmup, iters=iters)
     res = {"suite": suite, "provider": name, "params": n_params, "tensors": len(shapes), **t,
            **launches(step, device), **extra}
     if name in BYTES:
         res["GB_per_s"] = BYTES[name] * n_params / (t["median_ms"] * 1e-3) / 1e9
+        res["predicted_ms_h200"] = predicted_ms(BYTES[name], n_params)
     if name.startswith("asft_triton"):
         res["w0_dtype"] = str(opt.state[next(iter(params.values()))]["w0"].dtype)
         res["d_dtype"] = str(d_dtype)
     gbs = f"{res['GB_per_s']:7.0f} GB/s" if "GB_per_s" in res else " " * 12
-    rep.record("bench", f"{suite}/{name}", f"  {name:20s} {t['median_ms']:9.3f} ms/step (p20 {t['p20_ms']:.3f}, "
-               f"p80 {t['p80_ms']:.3f})  {gbs}  triton launches {res['triton_launches']}, "
+    rep.record("bench", f"{suite}/{name}/{grads}", f"  {name:20s} {grads:8s} {t['median_ms']:9.3f} ms/step (p20 "
+               f"{t['p20_ms']:.3f}, p80 {t['p80_ms']:.3f})  {gbs}  triton launches {res['triton_launches']}, "
                f"GPU kernels {res['gpu_kernels']}", **res)
 
 
-def bench_suite(rep: Report, suite: str, shapes, providers, device, warmup: int, iters: int) -> None:
+def predicted_ms(bytes_per_param: int, n_params: int, tb_per_s: float = H200_TB_S) -> float:
+    """The byte model's time of one step: bytes moved / bandwidth, in ms."""
+    return bytes_per_param * n_params / (tb_per_s * 1e12) * 1e3
+
+
+def bench_suite(rep: Report, suite: str, shapes, providers, device, warmup: int, iters: int,
+                modes: tuple[str, ...] = ("inplace",)) -> None:
     n = sum(math.prod(s) for s in shapes.values())
-    rep.record("bench_suite", suite, f"\n{suite}: {n / 1e9:.3f} B parameters in {len(shapes)} tensors (fp32)",
+    rep.record("bench_suite", suite, f"\n{suite}: {n / 1e9:.3f} B parameters in {len(shapes)} tensors",
                params=n, tensors=len(shapes))
     for name in providers:
-        rep.guarded(f"{suite}/{name}", lambda name=name: bench_provider(rep, suite, name, shapes, device,
-                                                                         warmup, iters))
+        for mode in modes:
+            rep.guarded(f"{suite}/{name}/{mode}", lambda name=name, mode=mode: bench_provider(
+                rep, suite, name, shapes, device, warmup, iters, mode))
+
+
+class _Stub:
+    """Stands in for a Triton kernel: `kernel[grid](...)` launches nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def host_time(rep: Report, label: str, shapes, device, steps: int) -> None:
+    """Host time of AsFTAdamW(impl="triton").step() with the kernels stubbed out (`_Stub`), fp32
+    parameters, bf16 W0 and d: gradients re-allocated every step and in place. Nothing is ever
+    written to the parameters, gradients, moments or W0 (a CPU commits no memory for them); the
+    directions are views of one zero buffer (binding copies them: 2 bytes per parameter); the
+    optimizer state is pre-filled as after a first step."""
+    n_params = sum(math.prod(s) for s in shapes.values())
+    blocks = sum(math.ceil(math.prod(s) / K.BLOCK) for s in shapes.values())
+    saved = {k: getattr(K, k) for k in ("_update_kernel", "_dot_kernel", "_fold_kernel")}
+    for k in saved:
+        setattr(K, k, _Stub())
+    try:
+        params = {n: torch.nn.Parameter(torch.empty(s, device=device)) for n, s in shapes.items()}
+        zeros = torch.zeros(max(math.prod(s) for s in shapes.values()), device=device, dtype=torch.bfloat16)
+        dirs = {n: zeros[:math.prod(s)].view(s) for n, s in shapes.items()}  # views of one zero buffer
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zero directions
+            opt = AsFTAdamW(list(params.items()), lr=1e-5, anchors=anchors_of(dirs), impl="triton")
+        del dirs, zeros
+        for p in params.values():
+            opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.empty_like(p), "exp_avg_sq": torch.empty_like(p),
+                            "w0": torch.empty_like(p, dtype=torch.bfloat16)}
+        for mode in ("realloc", "inplace"):
+            times = []
+            for i in range(steps + 3):
+                for p in params.values():
+                    if mode == "realloc" or p.grad is None:
+                        p.grad = torch.empty_like(p)
+                sync(device)
+                t0 = time.perf_counter()
+                opt.step()
+                sync(device)
+                times.append((time.perf_counter() - t0) * 1e3)
+            first, times = times[0], times[3:]
+            q = statistics.quantiles(times, n=5, method="inclusive")
+            res = {"suite": label, "grads": mode, "params": n_params, "tensors": len(shapes), "blocks": blocks,
+                   "median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[-1], "first_ms": first,
+                   "iters": steps, "cpu": platform.processor() or platform.machine(),
+                   "load_avg_1min": os.getloadavg()[0]}
+            rep.record("bench", f"host/{label}/{mode}", f"  host time per step, {label} ({len(shapes)} tensors, "
+                       f"{blocks} blocks), gradients {mode}: {res['median_ms']:.3f} ms (p20 {q[0]:.3f}, p80 "
+                       f"{q[-1]:.3f}; first step {first:.1f} ms; load {res['load_avg_1min']:.1f})", **res)
+    finally:
+        for k, v in saved.items():
+            setattr(K, k, v)
 
 
 # ----------------------------------------------------------------------------------------- summary
@@ -501,32 +607,33 @@ def summarize(out: Path) -> int:
     not_run = [s for s in SECTIONS if s not in started]
     checks = {r["name"]: r for r in rows if r["kind"] == "check"}
     errors = [r for r in rows if r["kind"] == "error"]
-    bench = {(r["suite"], r["provider"]): r for r in rows if r["kind"] == "bench" and "provider" in r}
+    bench = {(r["suite"], r["provider"], r.get("grads", "inplace")): r for r in rows
+             if r["kind"] == "bench" and "provider" in r}
+    host = {r["grads"]: r for r in rows if r["kind"] == "bench" and r["name"].startswith("host/")}
     copy = next((r for r in rows if r["kind"] == "bench" and r["name"] == "copy"), None)
 
-    def ms(suite_prefix: str, provider: str) -> float | None:
-        for (suite, prov), r in bench.items():
-            if suite.startswith(suite_prefix) and prov == provider:
-                return r["median_ms"]
+    def field(suite_prefix: str, provider: str, key: str = "median_ms", grads: str = "inplace"):
+        for (suite, prov, mode), r in bench.items():
+            if suite.startswith(suite_prefix) and prov == provider and mode == grads:
+                return r.get(key)
         return None
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else a / b
 
-    def field(suite_prefix: str, provider: str, key: str):
-        for (suite, prov), r in bench.items():
-            if suite.startswith(suite_prefix) and prov == provider:
-                return r.get(key)
-        return None
-
     ratios = {
-        "fp32_ratio": ratio(ms("llama", "asft_triton_fp32"), ms("llama", "fused_adamw")),
-        "bf16wd_ratio": ratio(ms("llama", "asft_triton_bf16wd"), ms("llama", "fused_adamw")),
+        "fp32_ratio": ratio(field("llama", "asft_triton_fp32"), field("llama", "fused_adamw")),
+        "bf16wd_ratio": ratio(field("llama", "asft_triton_bf16wd"), field("llama", "fused_adamw")),
+        "bf16_ratio": ratio(field("llama_bf16", "asft_triton_bf16"), field("llama_bf16", "fused_adamw_bf16")),
+        "fp32_ratio_realloc": ratio(field("llama", "asft_triton_fp32", grads="realloc"),
+                                    field("llama", "fused_adamw", grads="realloc")),
+        "realloc_ratio": ratio(field("llama", "asft_triton_fp32", grads="realloc"), field("llama", "asft_triton_fp32")),
+        "host_ms": host["realloc"]["median_ms"] if "realloc" in host else None,
         "copy_fraction": ratio(field("llama", "asft_triton_fp32", "GB_per_s"), copy and copy["GB_per_s"]),
         "copy_fraction_bf16wd": ratio(field("llama", "asft_triton_bf16wd", "GB_per_s"), copy and copy["GB_per_s"]),
         "small_launches": field("small", "asft_triton_fp32", "triton_launches"),
-        "small_ratio": ratio(ms("small", "asft_triton_fp32"), ms("small", "fused_adamw")),
-        "explicit_speedup": ratio(ms("llama", "explicit_loss"), ms("llama", "asft_triton_fp32")),
+        "small_ratio": ratio(field("small", "asft_triton_fp32"), field("small", "fused_adamw")),
+        "explicit_speedup": ratio(field("llama", "explicit_loss"), field("llama", "asft_triton_fp32")),
     }
     higher = ("copy_fraction", "explicit_speedup")
     met = {k: None if ratios[k] is None else (ratios[k] >= g if k in higher else ratios[k] <= g)
@@ -563,8 +670,7 @@ def run_section(rep: Report, section: str, dry: bool, device: torch.device) -> N
         big_numel, llama = 3 * K.BLOCK + 77, dict(target=60_000, hidden=32, inter=96, kv=8, vocab=200)
         n_small, copy_numel, warmup, iters = 20, 1 << 16, 1, 2
     else:
-        big_numel, llama = (1 << 31) + 3 * K.BLOCK + 77, dict(target=1_000_000_000, hidden=2048, inter=5632,
-                                                              kv=256, vocab=32000)
+        big_numel, llama = (1 << 31) + 3 * K.BLOCK + 77, LLAMA_1B
         n_small, copy_numel, warmup, iters = 1000, 1 << 30, 3, 20
     odd = {"one": (1,), "seven": (7,), "odd": (4097,), "mat": (5, 123), "many_blocks": (40 * K.BLOCK + 3,)}
     if section == "checks":
@@ -577,14 +683,19 @@ def run_section(rep: Report, section: str, dry: bool, device: torch.device) -> N
         rep.guarded("one_pass_c", lambda: check_one_pass_c(rep, odd, device))
     elif section == "timing":
         rep.guarded("copy", lambda: copy_bandwidth(rep, copy_numel, device, iters))
+        both = ("inplace", "realloc")
         bench_suite(rep, "llama_1b", llama_shapes(**llama), ["fused_adamw", "asft_triton_fp32",
                                                              "asft_triton_bf16wd", "explicit_loss"],
-                    device, warmup, iters)
+                    device, warmup, iters, both)
+        bench_suite(rep, "llama_bf16", llama_shapes(**llama), ["fused_adamw_bf16", "asft_triton_bf16"],
+                    device, warmup, iters, both)
         bench_suite(rep, f"small_{n_small}", small_shapes(n_small), ["fused_adamw", "asft_triton_fp32"],
                     device, warmup, iters)
-    elif section == "big":
-        rep.guarded("big_c", lambda: check_big_c(rep, big_numel, device))
+    elif section == "big":  # the > 2**31 tail first: it is what only this section checks
         rep.guarded("big_tail", lambda: check_big_tail(rep, big_numel, device))
+        rep.guarded("big_c", lambda: check_big_c(rep, big_numel, device))
+    elif section == "host":  # the 1B layout on any machine: nothing is written, the launches are stubbed
+        rep.guarded("host", lambda: host_time(rep, "llama_1b", llama_shapes(**LLAMA_1B), device, steps=20))
     else:
         raise ValueError(f"unknown section {section!r}; expected one of {SECTIONS}")
 

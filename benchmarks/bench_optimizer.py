@@ -2,13 +2,21 @@
 
     pytest benchmarks/bench_optimizer.py -p no:cacheprovider --benchmark-columns=median,rounds -s
 
-For each shape and each flag set (`fused=True`, `foreach=True`) one AsFTAdamW (λ = 1, every tensor
-anchored, fp32) and one torch AdamW with the same flags step alternately, 2 torch threads; each
-round times one step of each, so load changes on a shared machine hit both alike. Printed per case
-(and kept as the benchmark's extra_info): the median ms of each and the ratio of the medians.
-Bytes per fp32 parameter per step: AdamW 28; AsFT in one pass 36 (+W0, d), a floor of 1.29×.
-On CPU, AsFTAdamW's fp32 tensors step through the native kernel (`asft_optim.native`) whatever the
-flags; `ASFT_NATIVE=0` measures the PyTorch fallback.
+For each case (shape, flag set `fused=True` / `foreach=True`, layout) one AsFTAdamW (λ = 1, every
+tensor anchored) and one torch AdamW with the same flags on twin parameters step alternately, 2
+torch threads; each round times one step of each, so load changes on a shared machine hit both
+alike. Printed per case (and kept as the benchmark's extra_info): the median ms of each and the
+ratio of the medians. Layouts and their bytes per parameter per step (AdamW / AsFT in one pass,
+the byte floor of the ratio):
+
+    fp32       fp32 params, grads, moments; fp32 W0 and d            28 / 36  1.29×
+    bf16-w0-d  fp32 params that are bf16 values (a bf16 checkpoint
+               trained in fp32: W0 kept in bf16), bf16 d             28 / 32  1.14×
+    bf16       bf16 params, grads and moments (torch's default
+               state for bf16 params), bf16 W0 and d                 14 / 18  1.29×
+
+On CPU, AsFTAdamW's fp32 and bf16 tensors step through the native kernel (`asft_optim.native`)
+whatever the flags; `ASFT_NATIVE=0` measures the PyTorch fallback.
 """
 
 from __future__ import annotations
@@ -36,18 +44,30 @@ SHAPES: dict[str, list[int]] = {
     "llama-mix": llama_mix(),
 }
 FLAGS: dict[str, dict[str, bool]] = {"fused": {"fused": True}, "foreach": {"foreach": True}}
+# layout → (parameter dtype, parameters rounded to bf16 values, direction dtype)
+LAYOUTS: dict[str, tuple[torch.dtype, bool, torch.dtype]] = {
+    "fp32": (torch.float32, False, torch.float32),
+    "bf16-w0-d": (torch.float32, True, torch.bfloat16),
+    "bf16": (torch.bfloat16, True, torch.bfloat16),
+}
+CASES = ([(shape, flags, "fp32") for shape in SHAPES for flags in FLAGS]
+         + [(shape, "fused", layout) for layout in ("bf16-w0-d", "bf16") for shape in SHAPES])
 ROUNDS = 15
 
 
-def _pair(sizes: list[int], flags: dict[str, bool]) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+def _pair(sizes: list[int], flags: dict[str, bool], layout: str = "fp32"
+          ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """(AsFTAdamW, AdamW) on twin parameters with gradients set, after one warm-up step each."""
+    dtype, bf16_values, d_dtype = LAYOUTS[layout]
     g = torch.Generator().manual_seed(0)
-    named = [(f"w{i}", torch.nn.Parameter(torch.randn(n, generator=g))) for i, n in enumerate(sizes)]
+    values = [torch.randn(n, generator=g) for n in sizes]
+    named = [(f"w{i}", torch.nn.Parameter((x.bfloat16() if bf16_values else x).to(dtype)))
+             for i, x in enumerate(values)]
     twin = [torch.nn.Parameter(p.detach().clone()) for _, p in named]
     for (_, p), q in zip(named, twin):
-        p.grad = torch.randn(p.shape, generator=g)
+        p.grad = torch.randn(p.shape, generator=g).to(dtype)
         q.grad = p.grad.clone()
-    dirs = {n: torch.randn(p.shape, generator=g) * 1e-3 for n, p in named}
+    dirs = {n: (torch.randn(p.shape, generator=g) * 1e-3).to(d_dtype) for n, p in named}
     asft = AsFTAdamW(named, lr=1e-4, anchors=dirs, asft_lambda=1.0, **flags)
     adamw = torch.optim.AdamW(twin, lr=1e-4, **flags)
     asft.step()  # lazy state, W0 snapshot, native build
@@ -55,13 +75,12 @@ def _pair(sizes: list[int], flags: dict[str, bool]) -> tuple[torch.optim.Optimiz
     return asft, adamw
 
 
-@pytest.mark.parametrize("flags", list(FLAGS))
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_step(benchmark, shape: str, flags: str) -> None:
+@pytest.mark.parametrize("shape, flags, layout", CASES)
+def test_step(benchmark, shape: str, flags: str, layout: str) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        asft, adamw = _pair(SHAPES[shape], FLAGS[flags])
+        asft, adamw = _pair(SHAPES[shape], FLAGS[flags], layout)
         times: dict[str, list[float]] = {"adamw": [], "asft": []}
 
         def both() -> None:
@@ -70,7 +89,7 @@ def test_step(benchmark, shape: str, flags: str) -> None:
                 opt.step()
                 times[name].append(time.perf_counter() - t0)
 
-        benchmark.group = f"{shape}, {flags}"
+        benchmark.group = f"{shape}, {flags}, {layout}"
         benchmark.pedantic(both, rounds=ROUNDS, warmup_rounds=1, iterations=1)
     finally:
         torch.set_num_threads(threads)
@@ -78,5 +97,5 @@ def test_step(benchmark, shape: str, flags: str) -> None:
     ratio = med["asft"] / med["adamw"]
     path = "native" if native.available() else f"fallback ({native.reason()})"
     benchmark.extra_info.update(adamw_ms=med["adamw"], asft_ms=med["asft"], ratio=ratio, path=path)
-    print(f"\n{shape:>10} {flags:>8}: AdamW {med['adamw']:8.2f} ms  AsFT {med['asft']:8.2f} ms  "
+    print(f"\n{shape:>10} {flags:>8} {layout:>9}: AdamW {med['adamw']:8.2f} ms  AsFT {med['asft']:8.2f} ms  "
           f"ratio {ratio:5.2f}x  [{sum(SHAPES[shape]) / 1e6:.1f}M params, {len(SHAPES[shape])} tensors, {path}]")

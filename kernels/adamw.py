@@ -2,7 +2,9 @@
 
 Data flow for one launch (all tensors on one device, one dtype per role):
 
-    pointer table  int64 [T, 7]   addresses of p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, W0, v
+    pointer table  int64 [T, 6]   addresses of p, exp_avg, exp_avg_sq, max_exp_avg_sq, W0, v
+    grad table     int64 [T]      addresses of the gradients (apart: they move every step when
+                                  gradients are re-allocated, and are then the only upload)
     block table    int32, int64 [B]  (tensor index, first element) of each program's BLOCK elements
     c              fp32 [slots]   c = ⟨v, p - W0⟩/‖v‖² per tensor, read at each tensor's slot
     partials       fp32 [B]       ⟨v, p_new - W0⟩ of each program, from the values it stores
@@ -21,13 +23,23 @@ are kept in whatever dtype the optimizer state holds: torch's AdamW creates them
 dtype (bf16 moments for bf16 parameters), and so does AsFTAdamW, so that state_dicts interchange
 with the torch path; the kernel reads fp32 moments of bf16 parameters just as well. W0 and v are
 bf16 where that is exact (`asft_optim.functional.storage_w0`), else in the parameter's dtype.
-Offsets are int64 (tensors above 2**31 elements); with 16-byte aligned bases the unmasked body of
-a block uses 128-bit loads and stores, and only each tensor's tail block is masked.
+Offsets are int64 (tensors above 2**31 elements); only each tensor's tail block is masked. A launch
+whose base addresses are all 16-byte aligned takes vector hints: every stream is split into VEC
+contiguous elements per access, VEC = 16 bytes / the widest element of the launch (4 when any
+stream is fp32, 8 when all are 16-bit). All streams then share one register layout (fp32 moments
+in 128-bit accesses, bf16 W0 and v in 64-bit ones): with 16-byte hints on every stream, bf16 streams
+would take 8 elements per thread where fp32 ones take 4, and the layouts would be converted through
+shared memory. The launch table keeps the shapes (block tables, built once per set of shapes) apart
+from the addresses (the pointer table, uploaded again when a tensor moves). Launches run under a
+device guard on the tensors' device.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import operator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -36,12 +48,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["BLOCK", "NUM_WARPS", "PENALTY_CODES", "CSlots", "LaunchTable", "Row", "make_table", "fused_step_",
-           "exact_c_", "is_interpreted", "launch_counter"]
+__all__ = ["BLOCK", "NUM_WARPS", "OTHER_ROLES", "PENALTY_CODES", "ROLES", "CSlots", "LaunchTable", "Row", "all_aligned", "make_table",
+           "fused_step_", "exact_c_", "is_interpreted", "launch_counter", "row_pointers",
+           "split_pointers"]
 
 BLOCK = 2048      # elements per program of the update and dot kernels
-NUM_WARPS = 8     # 8 elements per thread: two 128-bit loads per fp32 stream, one per bf16
-FOLD_BLOCK = 1024  # partials summed per iteration of the fold kernel
+NUM_WARPS = 8     # 8 elements per thread and stream: vector accesses of VEC elements each
+FOLD_BLOCK = 4096  # partials summed per iteration of the fold kernel (256 iterations for 2**31 elements)
+FOLD_WARPS = 8
 
 
 class Row(NamedTuple):
@@ -56,6 +70,8 @@ class Row(NamedTuple):
 
 
 ROLES = Row._fields
+OTHER_ROLES = tuple(role for role in ROLES if role != "grad")  # the pointer table's columns
+_OTHERS = [ROLES.index(role) for role in OTHER_ROLES]
 PENALTY_CODES = {"orthogonal": 0, "parallel": 1, "full": 2}
 _ALIGN = 16       # bytes; every base address must be a multiple for the vector-load hints
 
@@ -71,26 +87,26 @@ def is_interpreted() -> bool:
 
 # ----------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _update_block(table, t, offs, n, c, coef, decay, omb1, beta2, omb2, eps, step_size, bc2_sqrt,
-                  P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
-                  W0_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr, PENALTY: tl.constexpr,
-                  HAS_PEN: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                  ALIGNED: tl.constexpr, MASKED: tl.constexpr):
-    """The step for BLOCK elements of tensor t; returns ⟨v, p_new - W0⟩ over them (0 without HAS_PEN).
-
-    MASKED: the tensor's tail block (lanes past n are masked); otherwise no mask, so that with
-    ALIGNED the loads and stores are 128-bit.
-    """
-    row = table + t * 7
-    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(M_DTYPE))
-    sq_ptr = tl.load(row + 3).to(tl.pointer_type(M_DTYPE))
+def _addr(row, k: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Role k's base address from a pointer-table row (`OTHER_ROLES` order), typed; 16-byte aligned
+    when ALIGNED."""
+    ptr = tl.load(row + k).to(tl.pointer_type(DTYPE))
     if ALIGNED:
-        p_ptr = tl.multiple_of(p_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        m_ptr = tl.multiple_of(m_ptr, 16)
-        sq_ptr = tl.multiple_of(sq_ptr, 16)
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _update_block(p_ptr, g_ptr, m_ptr, sq_ptr, x_ptr, w0_ptr, v_ptr, offs, n, c, coef, decay, omb1, beta2,
+                  omb2, eps, step_size, bc2_sqrt, P_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
+                  PENALTY: tl.constexpr, HAS_PEN: tl.constexpr, AMSGRAD: tl.constexpr,
+                  MAXIMIZE: tl.constexpr, MASKED: tl.constexpr):
+    """The step for BLOCK elements at `offs` of one tensor; returns ⟨v, p_new - W0⟩ over them (0
+    without HAS_PEN).
+
+    MASKED: the tensor's tail block (lanes past n are masked and add nothing to the dot, even where
+    they compute 0/0 with eps = 0); otherwise no mask, so that aligned accesses are vectors.
+    """
     if MASKED:
         mask = offs < n
         other = 0.0
@@ -101,11 +117,6 @@ def _update_block(table, t, offs, n, c, coef, decay, omb1, beta2, omb2, eps, ste
     g = tl.load(g_ptr + offs, mask=mask, other=other).to(tl.float32)
     part = 0.0
     if HAS_PEN:
-        w0_ptr = tl.load(row + 5).to(tl.pointer_type(W0_DTYPE))
-        v_ptr = tl.load(row + 6).to(tl.pointer_type(V_DTYPE))
-        if ALIGNED:
-            w0_ptr = tl.multiple_of(w0_ptr, 16)
-            v_ptr = tl.multiple_of(v_ptr, 16)
         w0 = tl.load(w0_ptr + offs, mask=mask, other=other).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask, other=other).to(tl.float32)
         dw = p - w0
@@ -124,9 +135,6 @@ def _update_block(table, t, offs, n, c, coef, decay, omb1, beta2, omb2, eps, ste
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(sq_ptr + offs, sq, mask=mask)
     if AMSGRAD:
-        x_ptr = tl.load(row + 4).to(tl.pointer_type(M_DTYPE))
-        if ALIGNED:
-            x_ptr = tl.multiple_of(x_ptr, 16)
         sq = tl.maximum(tl.load(x_ptr + offs, mask=mask, other=other), sq)
         tl.store(x_ptr + offs, sq, mask=mask)
     # the update reads the moments as stored, like torch's AdamW
@@ -134,25 +142,44 @@ def _update_block(table, t, offs, n, c, coef, decay, omb1, beta2, omb2, eps, ste
     p_new = (p * decay - step_size * tl.div_rn(m.to(tl.float32), denom)).to(P_DTYPE)
     tl.store(p_ptr + offs, p_new, mask=mask)
     if HAS_PEN:
-        part = tl.sum(v * (p_new.to(tl.float32) - w0), axis=0)  # the same expression as _dot_block
+        prod = v * (p_new.to(tl.float32) - w0)  # the same expression as _dot_block
+        if MASKED:
+            prod = tl.where(mask, prod, 0.0)
+        part = tl.sum(prod, axis=0)
     return part
 
 
 @triton.jit
-def _update_kernel(table, numels, blk_tensor, blk_start, c_buf, cslot, inv_nv2, steps, partials,
+def _update_kernel(table, grad_table, numels, blk_tensor, blk_start, c_buf, cslot, inv_nv2, steps, partials,
                    coef, decay, omb1, beta2, omb2, eps, step_size, bc2_sqrt,
                    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
                    W0_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr, PENALTY: tl.constexpr,
                    HAS_PEN: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                   PER_TENSOR_STEP: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                   PER_TENSOR_STEP: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
+                   BLOCK: tl.constexpr):
     """One program per block. c of a one-block tensor is written here; others go via partials."""
     pid = tl.program_id(0)
     t = tl.load(blk_tensor + pid)
     start = tl.load(blk_start + pid)  # int64: tensors above 2**31 elements
     n = tl.load(numels + t)
+    # the addresses before the tail test: their loads do not wait for n
+    row = table + t * 6
+    p_ptr = _addr(row, 0, P_DTYPE, ALIGNED)
+    g_ptr = _addr(grad_table + t, 0, G_DTYPE, ALIGNED)
+    m_ptr = _addr(row, 1, M_DTYPE, ALIGNED)
+    sq_ptr = _addr(row, 2, M_DTYPE, ALIGNED)
+    x_ptr = sq_ptr
+    if AMSGRAD:
+        x_ptr = _addr(row, 3, M_DTYPE, ALIGNED)
+    if HAS_PEN:
+        w0_ptr = _addr(row, 4, W0_DTYPE, ALIGNED)
+        v_ptr = _addr(row, 5, V_DTYPE, ALIGNED)
+    else:  # not read
+        w0_ptr = p_ptr
+        v_ptr = p_ptr
     offs = start + tl.arange(0, BLOCK)
-    if ALIGNED:
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    if ALIGNED:  # VEC contiguous elements per access in every stream: one register layout for all
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), VEC)
     NEED_C: tl.constexpr = HAS_PEN and PENALTY != 2
     c = 0.0
     if NEED_C:
@@ -162,13 +189,13 @@ def _update_kernel(table, numels, blk_tensor, blk_start, c_buf, cslot, inv_nv2, 
         step_size = tl.load(steps + 2 * t)
         bc2_sqrt = tl.load(steps + 2 * t + 1)
     if start + BLOCK <= n:
-        part = _update_block(table, t, offs, n, c, coef, decay, omb1, beta2, omb2, eps, step_size,
-                             bc2_sqrt, P_DTYPE, G_DTYPE, M_DTYPE, W0_DTYPE, V_DTYPE, PENALTY, HAS_PEN,
-                             AMSGRAD, MAXIMIZE, ALIGNED, False)
+        part = _update_block(p_ptr, g_ptr, m_ptr, sq_ptr, x_ptr, w0_ptr, v_ptr, offs, n, c, coef, decay, omb1,
+                             beta2, omb2, eps, step_size, bc2_sqrt, P_DTYPE, M_DTYPE, PENALTY, HAS_PEN,
+                             AMSGRAD, MAXIMIZE, False)
     else:
-        part = _update_block(table, t, offs, n, c, coef, decay, omb1, beta2, omb2, eps, step_size,
-                             bc2_sqrt, P_DTYPE, G_DTYPE, M_DTYPE, W0_DTYPE, V_DTYPE, PENALTY, HAS_PEN,
-                             AMSGRAD, MAXIMIZE, ALIGNED, True)
+        part = _update_block(p_ptr, g_ptr, m_ptr, sq_ptr, x_ptr, w0_ptr, v_ptr, offs, n, c, coef, decay, omb1,
+                             beta2, omb2, eps, step_size, bc2_sqrt, P_DTYPE, M_DTYPE, PENALTY, HAS_PEN,
+                             AMSGRAD, MAXIMIZE, True)
     if NEED_C:
         if n <= BLOCK:  # this program saw the whole tensor: no fold needed
             tl.store(c_buf + slot, part * tl.load(inv_nv2 + t))
@@ -177,17 +204,8 @@ def _update_kernel(table, numels, blk_tensor, blk_start, c_buf, cslot, inv_nv2, 
 
 
 @triton.jit
-def _dot_block(table, t, offs, n, P_DTYPE: tl.constexpr, W0_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr,
-               ALIGNED: tl.constexpr, MASKED: tl.constexpr):
-    """⟨v, p - W0⟩ over BLOCK elements of tensor t, in fp32."""
-    row = table + t * 7
-    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
-    w0_ptr = tl.load(row + 5).to(tl.pointer_type(W0_DTYPE))
-    v_ptr = tl.load(row + 6).to(tl.pointer_type(V_DTYPE))
-    if ALIGNED:
-        p_ptr = tl.multiple_of(p_ptr, 16)
-        w0_ptr = tl.multiple_of(w0_ptr, 16)
-        v_ptr = tl.multiple_of(v_ptr, 16)
+def _dot_block(p_ptr, w0_ptr, v_ptr, offs, n, MASKED: tl.constexpr):
+    """⟨v, p - W0⟩ over BLOCK elements at `offs` of one tensor, in fp32 (masked lanes load 0)."""
     if MASKED:
         mask = offs < n
         other = 0.0
@@ -203,19 +221,23 @@ def _dot_block(table, t, offs, n, P_DTYPE: tl.constexpr, W0_DTYPE: tl.constexpr,
 @triton.jit
 def _dot_kernel(table, numels, blk_tensor, blk_start, c_buf, cslot, inv_nv2, partials,
                 P_DTYPE: tl.constexpr, W0_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr,
-                ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                ALIGNED: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr):
     """The exact reduction pass: per block ⟨v, p - W0⟩, stored like `_update_kernel` stores it."""
     pid = tl.program_id(0)
     t = tl.load(blk_tensor + pid)
     start = tl.load(blk_start + pid)
     n = tl.load(numels + t)
+    row = table + t * 6
+    p_ptr = _addr(row, 0, P_DTYPE, ALIGNED)
+    w0_ptr = _addr(row, 4, W0_DTYPE, ALIGNED)
+    v_ptr = _addr(row, 5, V_DTYPE, ALIGNED)
     offs = start + tl.arange(0, BLOCK)
     if ALIGNED:
-        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), VEC)
     if start + BLOCK <= n:
-        part = _dot_block(table, t, offs, n, P_DTYPE, W0_DTYPE, V_DTYPE, ALIGNED, False)
+        part = _dot_block(p_ptr, w0_ptr, v_ptr, offs, n, False)
     else:
-        part = _dot_block(table, t, offs, n, P_DTYPE, W0_DTYPE, V_DTYPE, ALIGNED, True)
+        part = _dot_block(p_ptr, w0_ptr, v_ptr, offs, n, True)
     if n <= BLOCK:
         tl.store(c_buf + tl.load(cslot + t), part * tl.load(inv_nv2 + t))
     else:
@@ -241,15 +263,20 @@ def _fold_kernel(partials, fold_tensors, first_block, nblocks, cslot, inv_nv2, c
 class LaunchTable:
     """Device tables for one multi-tensor launch (T tensors split into B blocks of `block` elements).
 
-    pointers: int64 [T, 7] addresses per `ROLES` (0 where a role is unused).
+    pointers: int64 [T, 6] addresses per `OTHER_ROLES` (0 where a role is unused); grad_pointers:
+    int64 [T] the gradients'. `upload` replaces them when tensors move; everything else depends on
+    the shapes only.
     numels: int64 [T]. blk_tensor: int32 [B]. blk_start: int64 [B] (first element of each block).
     first_block, nblocks: int32 [T] (each tensor's blocks are contiguous in the block table).
     fold_tensors: int32 [F] the tensors of more than one block (their c is folded from partials).
     cslot: int32 [T] index of each tensor's c. inv_nv2: fp32 [T] 1/‖v‖².
     partials: fp32 [B] per-block dots. dtypes: torch dtype per role (None where unused).
-    aligned: every base address is a multiple of 16 bytes (enables the vector-load hints).
+    host_grads, host_others: the addresses both tables hold, as flat lists (T, T·6);
+    grads_aligned, others_aligned: each list's addresses are multiples of 16 bytes.
+    vec: elements per vector access of every stream: 16 bytes / the widest dtype of the launch.
     """
     pointers: Tensor
+    grad_pointers: Tensor
     numels: Tensor
     blk_tensor: Tensor
     blk_start: Tensor
@@ -260,12 +287,57 @@ class LaunchTable:
     inv_nv2: Tensor
     partials: Tensor
     dtypes: tuple[torch.dtype | None, ...]
-    aligned: bool
+    host_grads: list[int]
+    host_others: list[int]
+    grads_aligned: bool
+    others_aligned: bool
     block: int
 
     @property
     def num_blocks(self) -> int:
         return self.blk_tensor.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.pointers.device
+
+    @property
+    def vec(self) -> int:
+        return _ALIGN // max(d.itemsize for d in self.dtypes if d is not None)
+
+    def upload(self, grads: list[int], others: list[int]) -> None:
+        """Replace the addresses in the tables where they differ (`split_pointers`' layout; the
+        caller has checked that the tensors have the shapes, strides, dtypes and device this table
+        was built for) and recompute `aligned`."""
+        if grads != self.host_grads:
+            self.grad_pointers.copy_(torch.tensor(grads, dtype=torch.int64), non_blocking=True)
+            self.host_grads, self.grads_aligned = grads, all_aligned(grads)
+        if others != self.host_others:
+            self.pointers.copy_(torch.tensor(others, dtype=torch.int64).view(self.pointers.shape), non_blocking=True)
+            self.host_others, self.others_aligned = others, all_aligned(others)
+
+    @property
+    def aligned(self) -> bool:
+        """Every base address is a multiple of 16 bytes (enables the vector hints)."""
+        return self.grads_aligned and self.others_aligned
+
+
+def all_aligned(ptrs: list[int]) -> bool:
+    """Every address in `ptrs` is a multiple of 16 bytes (unused roles are 0)."""
+    return not functools.reduce(operator.or_, ptrs, 0) % _ALIGN
+
+
+def row_pointers(row: Row) -> list[int]:
+    """The 7 addresses of a row, in `ROLES` order (0 where a role is unused)."""
+    return [0 if x is None else x.data_ptr() for x in row]
+
+
+def split_pointers(rows: list[Row]) -> tuple[list[int], list[int]]:
+    """The gradients' addresses (T) and the other roles' (T·6, `OTHER_ROLES` order)."""
+    others: list[int] = []
+    for r in rows:
+        others += (0 if r[k] is None else r[k].data_ptr() for k in _OTHERS)
+    return [r.grad.data_ptr() for r in rows], others
 
 
 def make_table(roles: list[Row], cslots: list[int], inv_nv2: list[float],
@@ -280,9 +352,7 @@ def make_table(roles: list[Row], cslots: list[int], inv_nv2: list[float],
         raise ValueError("make_table needs at least one tensor")
     device = roles[0][0].device
     dtypes = tuple(None if x is None else x.dtype for x in roles[0])
-    ptrs, numels, blk_tensor, blk_start, first, counts = [], [], [], [], [], []
-    aligned = True
-    for i, (row, name) in enumerate(zip(roles, names, strict=True)):
+    for row, name in zip(roles, names, strict=True):
         p = row[0]
         if not _dense(p):
             raise ValueError(f"impl='triton' needs dense parameters; '{name}' has shape {tuple(p.shape)} "
@@ -292,35 +362,33 @@ def make_table(roles: list[Row], cslots: list[int], inv_nv2: list[float],
             if (x is None) != (want is None) or (x is not None and x.dtype != want):
                 raise ValueError(f"'{name}': {ROLES[k]} dtype {None if x is None else x.dtype} differs "
                                  f"from {want} of the other tensors in this launch")
-            if x is None:
-                continue
-            if x.device != device or x.shape != p.shape or x.stride() != p.stride():
+            if x is not None and (x.device != device or x.shape != p.shape or x.stride() != p.stride()):
                 raise ValueError(f"'{name}': {ROLES[k]} has device/shape/strides {x.device}/"
                                  f"{tuple(x.shape)}/{x.stride()}, the parameter {p.device}/"
                                  f"{tuple(p.shape)}/{p.stride()}")
-            aligned &= x.data_ptr() % _ALIGN == 0
-        ptrs.append([0 if x is None else x.data_ptr() for x in row])
-        n = p.numel()
-        numels.append(n)
-        first.append(len(blk_start))
-        nb = math.ceil(n / block)
-        counts.append(nb)
-        blk_tensor.extend([i] * nb)
-        blk_start.extend(range(0, nb * block, block))
-    if len(blk_start) >= 2**31:
-        raise ValueError(f"{len(blk_start)} blocks exceed the int32 block index; raise BLOCK")
+    # block tables from the shapes alone, built with tensor ops (a 1B-parameter model has ~500k blocks)
+    numels = torch.tensor([r[0].numel() for r in roles], dtype=torch.int64)
+    counts = (numels + block - 1) // block
+    first = torch.cumsum(counts, 0) - counts
+    num_blocks = int(counts.sum())
+    if num_blocks >= 2**31:
+        raise ValueError(f"{num_blocks} blocks exceed the int32 block index; raise BLOCK")
+    blk_tensor = torch.repeat_interleave(torch.arange(len(roles), dtype=torch.int32), counts)
+    blk_start = (torch.arange(num_blocks, dtype=torch.int64) - torch.repeat_interleave(first, counts)) * block
 
-    def dev(data: list, dtype: torch.dtype) -> Tensor:
-        return torch.tensor(data, dtype=dtype).to(device, non_blocking=True)
+    def dev(x: Tensor) -> Tensor:
+        return x.to(device, non_blocking=True)
 
-    return LaunchTable(
-        pointers=dev(ptrs, torch.int64), numels=dev(numels, torch.int64),
-        blk_tensor=dev(blk_tensor, torch.int32), blk_start=dev(blk_start, torch.int64),
-        first_block=dev(first, torch.int32), nblocks=dev(counts, torch.int32),
-        fold_tensors=dev([i for i, nb in enumerate(counts) if nb > 1], torch.int32),
-        cslot=dev(cslots, torch.int32), inv_nv2=dev(inv_nv2, torch.float32),
-        partials=torch.zeros(max(len(blk_start), 1), dtype=torch.float32, device=device),
-        dtypes=dtypes, aligned=aligned, block=block)
+    table = LaunchTable(
+        pointers=torch.zeros(len(roles), len(_OTHERS), dtype=torch.int64, device=device),
+        grad_pointers=torch.zeros(len(roles), dtype=torch.int64, device=device), numels=dev(numels),
+        blk_tensor=dev(blk_tensor), blk_start=dev(blk_start), first_block=dev(first.to(torch.int32)),
+        nblocks=dev(counts.to(torch.int32)), fold_tensors=dev(torch.nonzero(counts > 1).view(-1).to(torch.int32)),
+        cslot=dev(torch.tensor(cslots, dtype=torch.int32)), inv_nv2=dev(torch.tensor(inv_nv2, dtype=torch.float32)),
+        partials=torch.zeros(max(num_blocks, 1), dtype=torch.float32, device=device),
+        dtypes=dtypes, host_grads=[], host_others=[], grads_aligned=False, others_aligned=False, block=block)
+    table.upload(*split_pointers(roles))
+    return table
 
 
 def _dense(t: Tensor) -> bool:
@@ -339,13 +407,20 @@ def _tl(dtype: torch.dtype | None, role: str):
     return _TL_DTYPES[dtype]
 
 
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """A guard that makes `device` current while its launches are issued (Triton launches on the
+    current CUDA device, which need not be the tensors' one)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _fold(table: LaunchTable, c_buf: Tensor) -> None:
     """c of the tensors of more than one block, from the partials (one-block tensors wrote theirs)."""
     if table.fold_tensors.numel() == 0:
         return
-    _fold_kernel[(table.fold_tensors.numel(),)](table.partials, table.fold_tensors, table.first_block,
-                                                table.nblocks, table.cslot, table.inv_nv2, c_buf,
-                                                FOLD=FOLD_BLOCK, num_warps=4)
+    with _on(table.device):
+        _fold_kernel[(table.fold_tensors.numel(),)](table.partials, table.fold_tensors, table.first_block,
+                                                    table.nblocks, table.cslot, table.inv_nv2, c_buf,
+                                                    FOLD=FOLD_BLOCK, num_warps=FOLD_WARPS)
     launch_counter[0] += 1
 
 
@@ -354,11 +429,13 @@ def exact_c_(table: LaunchTable, c_buf: Tensor) -> None:
     if table.num_blocks == 0:
         return
     d = table.dtypes
-    _dot_kernel[(table.num_blocks,)](table.pointers, table.numels, table.blk_tensor, table.blk_start,
-                                     c_buf, table.cslot, table.inv_nv2, table.partials,
-                                     P_DTYPE=_tl(d[0], "param"),
-                                     W0_DTYPE=_tl(d[5], "w0"), V_DTYPE=_tl(d[6], "direction"),
-                                     ALIGNED=table.aligned, BLOCK=table.block, num_warps=NUM_WARPS)
+    with _on(table.device):
+        _dot_kernel[(table.num_blocks,)](table.pointers, table.numels, table.blk_tensor, table.blk_start,
+                                         c_buf, table.cslot, table.inv_nv2, table.partials,
+                                         P_DTYPE=_tl(d[0], "param"),
+                                         W0_DTYPE=_tl(d[5], "w0"), V_DTYPE=_tl(d[6], "direction"),
+                                         ALIGNED=table.aligned, VEC=table.vec, BLOCK=table.block,
+                                         num_warps=NUM_WARPS)
     launch_counter[0] += 1
     _fold(table, c_buf)
 
@@ -391,16 +468,17 @@ def fused_step_(table: LaunchTable, c_buf: Tensor, steps: list[float], *, lr: fl
     per_tensor = table.partials  # placeholder pointer; not read when the steps are uniform
     if not uniform:
         per_tensor = torch.tensor([corrections(s) for s in steps], dtype=torch.float32).to(
-            table.partials.device, non_blocking=True)
+            table.device, non_blocking=True)
     code = PENALTY_CODES[penalty] if has_pen else 2
-    _update_kernel[(table.num_blocks,)](
-        table.pointers, table.numels, table.blk_tensor, table.blk_start, c_buf, table.cslot,
-        table.inv_nv2, per_tensor, table.partials,
-        coef, 1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, eps, step_size, bc2_sqrt,
-        P_DTYPE=_tl(d[0], "param"), G_DTYPE=_tl(d[1], "grad"), M_DTYPE=_tl(d[2], "exp_avg"),
-        W0_DTYPE=_tl(d[5], "w0"), V_DTYPE=_tl(d[6], "direction"), PENALTY=code, HAS_PEN=has_pen,
-        AMSGRAD=amsgrad, MAXIMIZE=maximize, PER_TENSOR_STEP=not uniform, ALIGNED=table.aligned,
-        BLOCK=table.block, num_warps=NUM_WARPS)
+    with _on(table.device):
+        _update_kernel[(table.num_blocks,)](
+            table.pointers, table.grad_pointers, table.numels, table.blk_tensor, table.blk_start, c_buf, table.cslot,
+            table.inv_nv2, per_tensor, table.partials,
+            coef, 1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, eps, step_size, bc2_sqrt,
+            P_DTYPE=_tl(d[0], "param"), G_DTYPE=_tl(d[1], "grad"), M_DTYPE=_tl(d[2], "exp_avg"),
+            W0_DTYPE=_tl(d[5], "w0"), V_DTYPE=_tl(d[6], "direction"), PENALTY=code, HAS_PEN=has_pen,
+            AMSGRAD=amsgrad, MAXIMIZE=maximize, PER_TENSOR_STEP=not uniform, ALIGNED=table.aligned,
+            VEC=table.vec, BLOCK=table.block, num_warps=NUM_WARPS)
     launch_counter[0] += 1
     if has_pen and code != 2:
         _fold(table, c_buf)

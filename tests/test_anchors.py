@@ -182,3 +182,37 @@ def test_resume_with_the_same_directions_is_accepted(tmp_path):
     loaded = Anchors.load(Anchors.from_tensors(a).save(tmp_path / "a.safetensors"))
     _resume_with(loaded, lambda: Anchors.from_tensors({k: v.clone() for k, v in a.items()}))
     _resume_with(loaded, lambda: Anchors.load(tmp_path / "a.safetensors"))
+
+
+def test_optimizer_holds_each_in_memory_direction_once(tmp_path):
+    """A `{name: d}` dict from `safetensors.torch.load_file` (memory-mapped) passed inline: once
+    bound, the optimizer's bound copy is the only copy (the file's mapping is released), and the
+    anchors still give d bitwise, with the same fingerprint."""
+    from safetensors.torch import load_file
+
+    from asft_optim import AsFTAdamW
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("needs /proc/self/maps")
+    gen = torch.Generator().manual_seed(0)
+    named = [("a.weight", torch.nn.Parameter(torch.randn(300, 40, generator=gen))),
+             ("b.weight", torch.nn.Parameter(torch.randn(77, generator=gen)))]
+    dirs = {"a.weight": torch.randn(300, 40, generator=gen) * 1e-3,
+            "b.weight": (torch.randn(77, generator=gen) * 1e-5).bfloat16()}
+    path = tmp_path / "d.safetensors"
+    save_file(dirs, str(path))
+
+    def mapped() -> bool:
+        with open("/proc/self/maps") as f:
+            return str(path) in f.read()
+
+    opt = AsFTAdamW(named, anchors=load_file(str(path)))
+    assert not mapped()  # the bound copies replaced the memory-mapped tensors
+    for name, d in dirs.items():
+        got = opt.anchors[name]
+        assert got.dtype == d.dtype and torch.equal(got, d)
+        assert torch.equal(opt.anchors.get_slice(name, 1, 3), d[1:3])
+    assert opt.anchors.fingerprint == Anchors.from_tensors(dirs).fingerprint
+    for _, p in named:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert torch.equal(opt.anchors["a.weight"], dirs["a.weight"])

@@ -15,7 +15,7 @@ pytest.importorskip("peft")
 pytest.importorskip("matplotlib")
 
 from asft_optim import cli  # noqa: E402
-from asft_optim.demo.finetune import load_model  # noqa: E402
+from asft_optim.finetune.training import load_model  # noqa: E402
 from asft_optim.demo.landscape import effective_length, normalise  # noqa: E402
 from asft_optim.demo.language import Language, LanguageConfig, classify_response  # noqa: E402
 from asft_optim.demo.models import ensure_models  # noqa: E402
@@ -287,7 +287,7 @@ def test_lora_initialisation_follows_the_seed(quick_demo):
     """Rows of one table start from the same adapter: the init depends on the run's seed only."""
     from transformers import AutoTokenizer
 
-    from asft_optim.demo.finetune import LoraSpec, Method, encode, train
+    from asft_optim.finetune.training import LoraSpec, Method, encode, train
 
     _, _, res = quick_demo
     aligned = Path(res["cache"]) / "aligned"

@@ -466,3 +466,91 @@ def test_peak_memory_is_a_fraction_of_the_largest_tensor(tmp_path):
     assert r.returncode == 0, r.stderr
     grown = int(r.stdout.strip().splitlines()[-1])
     assert grown < 2 * numel, f"peak RSS grew by {grown / 2**20:.0f} MiB for a {2 * numel / 2**20:.0f} MiB tensor"
+
+
+# ------------------------------------------------------------------------------------ outputs vs inputs
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_cli_never_writes_onto_or_into_its_inputs(models, tmp_path, capsys):
+    """-o onto the aligned file, onto a shard or the index of a sharded folder, or into a checkpoint folder:
+    refused, both checkpoints byte for byte as they were; beside them it works."""
+    root, _ = models
+    work = tmp_path / "ck"
+    for name in ("base-tied-float32-sharded", "aligned-tied-float32-sharded", "aligned-tied-float32-single"):
+        shutil.copytree(root / name, work / name)
+    base, sharded, single = (work / n for n in ("base-tied-float32-sharded", "aligned-tied-float32-sharded",
+                                                "aligned-tied-float32-single"))
+    shard = sorted(sharded.glob("model-*.safetensors"))[1]
+    before = _snapshot(work)
+    cases = [(single / "model.safetensors", single / "model.safetensors", "is the ALIGNED input"),
+             (sharded, shard, "is the ALIGNED input"),
+             (sharded, sharded / "model.safetensors.index.json", "lies inside the ALIGNED folder"),
+             (sharded, sharded / "directions.safetensors", "lies inside the ALIGNED folder"),
+             (sharded, base / "d.safetensors", "lies inside the BASE folder")]
+    for aligned, out, says in cases:
+        for extra in ((), ("--overwrite",)):
+            rc = main(["directions", str(base), str(aligned), "-o", str(out), "--no-progress", *extra])
+            err = capsys.readouterr().err
+            assert rc == 1 and "asft directions: error:" in err, (out, extra, err)
+            assert says in err, (out, extra, err)
+            assert _snapshot(work) == before, (out, extra)
+    assert main(["directions", str(base), str(sharded), "-o", str(work / "d.safetensors"), "--no-progress"]) == 0
+    with pytest.raises(ValueError, match="is the aligned input"):
+        compute_directions(base, single, single / "model.safetensors")
+
+
+def test_cli_refuses_an_existing_output_unless_overwrite(models, tmp_path, capsys):
+    root, _ = models
+    b, a = root / "base-untied-float32-single", root / "aligned-untied-float32-single"
+    out = tmp_path / "d.safetensors"
+    out.write_bytes(b"not mine")
+    assert main(["directions", str(b), str(a), "-o", str(out), "--no-progress"]) == 1
+    assert f"-o {out} exists: pass --overwrite" in capsys.readouterr().err and out.read_bytes() == b"not mine"
+    assert main(["directions", str(b), str(a), "-o", str(out), "--no-progress", "--overwrite"]) == 1
+    assert "is not a directions file" in capsys.readouterr().err and out.read_bytes() == b"not mine"
+    out.unlink()
+    assert main(["directions", str(b), str(a), "-o", str(out), "--no-progress", "--dtype", "bf16"]) == 0
+    assert main(["directions", str(b), str(a), "-o", str(out), "--no-progress", "--dtype", "fp32"]) == 1
+    assert Anchors.load(out).metadata["dtype"] == "bf16"
+    assert main(["directions", str(b), str(a), "-o", str(out), "--no-progress", "--dtype", "fp32", "--overwrite"]) == 0
+    assert Anchors.load(out).metadata["dtype"] == "fp32"
+    assert (out.stat().st_mode & 0o777) == 0o666 & ~_umask()  # not tempfile's private 0600
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_directions_record_sampled_fingerprints_of_both_checkpoints(models, tmp_path):
+    """The sampled fingerprint follows the tensors, not the files: a re-sharded copy matches, another
+    alignment of the same shapes does not; `check_made_from` names both checkpoints and the flag."""
+    from asft_optim.directions import DirectionsMismatch, check_made_from
+
+    root, pairs = models
+    sharded, single = root / "aligned-untied-float32-sharded", root / "aligned-untied-float32-single"
+    anchors = compute_directions(root / "base-untied-float32-single", single, tmp_path / "d.safetensors")
+    assert anchors.metadata["aligned_sampled"] == open_checkpoint(sharded).sampled_fingerprint()
+    assert anchors.metadata["base_sampled"] == open_checkpoint(root / "base-untied-float32-sharded").sampled_fingerprint()
+    assert check_made_from(tmp_path / "d.safetensors", sharded) is None
+    with pytest.raises(DirectionsMismatch) as e:
+        check_made_from(tmp_path / "d.safetensors", root / "base-untied-float32-single", flag="--aligned")
+    assert f"made from the aligned checkpoint {single}" in str(e.value)
+    assert f"--aligned {root / 'base-untied-float32-single'} differs" in str(e.value) and "--allow-mismatch" in str(e.value)
+    # one sampled block changed (the last 4 KiB of one tensor) is enough
+    other = tmp_path / "other"
+    shutil.copytree(single, other)
+    info = open_checkpoint(other).tensors["model.embed_tokens.weight"]
+    with open(info.file, "r+b") as f:
+        f.seek(info.offset + info.nbytes - 4)
+        f.write(b"\x00\x00\x80\x3f")
+    assert open_checkpoint(other).sampled_fingerprint() != anchors.metadata["aligned_sampled"]
+    old = tmp_path / "old.safetensors"  # a file made before the fingerprints were recorded: a note, no error
+    meta = {k: v for k, v in anchors.metadata.items() if not k.endswith("_sampled")}
+    Anchors.from_tensors({k: anchors[k] for k in anchors}, meta).save(old)
+    assert "records no fingerprint of its aligned checkpoint" in check_made_from(old, single)

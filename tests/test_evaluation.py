@@ -15,7 +15,7 @@ from asft_optim import cli  # noqa: E402
 from asft_optim.evaluation.judges import QA_PROMPT, GuardJudge  # noqa: E402
 from asft_optim.evaluation.scoring import final_number, matches  # noqa: E402
 
-from . import evaluation_models as em  # noqa: E402
+from . import fixtures as em  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,18 +34,9 @@ def zoo(tmp_path_factory):
     return root, models
 
 
-def _adapter(base: Path, out: Path, seed: int = 3) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)),
-                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 2.0)
-    model.save_pretrained(str(out))
+def _adapter(base: Path, out: Path) -> Path:
+    """A LoRA adapter on q and v large enough to change greedy responses."""
+    em.lora_adapter(base, out, std=1.0, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
     return out
 
 
@@ -84,7 +75,7 @@ def test_responses_equal_transformers_greedy_generate(zoo, tmp_path, which):
         assert s["response"] == _reference_response(model, tok, s["input"])
     res = json.loads((out / "results.json").read_text())
     assert res["n"] == len(PROMPTS) and res["generation"]["max_new_tokens"] == N_NEW
-    assert res["harmful_score"] == pytest.approx(100 * sum(s["flagged"] for s in samples) / len(samples))
+    assert res["harmful_score"] is None  # the keyword judge reads no harm
     assert res["refusal_rate"] == pytest.approx(100 * sum(s["refused"] for s in samples) / len(samples))
     assert res["judge"]["kind"] == "keyword" and res["model"]["sha256"] and res["adapter"] is None
     assert len({s["response"] for s in samples}) > 1
@@ -307,13 +298,125 @@ def test_compare_table_and_plot(zoo, tmp_path, capsys):
     assert cli.main(["compare", *map(str, dirs), "--out", str(tmp_path / "cmp")]) == 0
     printed = capsys.readouterr().out
     lines = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
-    assert lines[0].startswith("| run | HS (%) | refusal (%) | FA (%)") and len(lines) == 4
+    assert lines[0].startswith("| run | HS (%) | refusal (%) | FA (%)") and len(lines) == 6
+    assert lines[-1].startswith("HS –: the judge (keyword) sees refusals only")
     for d, line in zip(dirs, lines[2:]):
         r = json.loads((d / "results.json").read_text())
-        assert line.startswith(f"| {d.name} | {r['harmful_score']:.1f} | {r['refusal_rate']:.1f} | "
+        assert line.startswith(f"| {d.name} | – | {r['refusal_rate']:.1f} | "
                                f"{r['task_accuracy']:.1f} | {r['n']} | keyword |")
         assert line in printed
     assert (tmp_path / "cmp" / "hs_vs_fa.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert cli.main(["compare", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (f"asft compare: error: {tmp_path}: no results.json (not an `asft evaluate` "
                                        "folder, or its run failed)\n")
+
+
+# ----------------------------------------------------------------------------------- issue 17: nothing lost
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_overwrite_checks_inputs_first_and_never_replaces_its_own_input(zoo, tmp_path, capsys, monkeypatch):
+    """--overwrite with a bad --task, with the earlier samples.jsonl as --prompts (re-judging it), with a
+    generation that fails midway: the earlier run's files stay as they were; --out inside the model folder
+    is refused; prompts kept inside --out (not a file it replaces) are fine."""
+    import importlib
+
+    evaluate = importlib.import_module("asft_optim.evaluation.evaluate")  # the package re-exports a function
+    root, models = zoo
+    out = tmp_path / "eval"
+    task = tmp_path / "task.jsonl"
+    task.write_text('{"prompt": "great movie", "answer": "great"}\n')
+    base = [str(models["llama"]), "--max-new-tokens", "2", "--out", str(out)]
+    assert _run(*base, "--prompts", str(root / "prompts.jsonl"), "--task", str(task)) == 0
+    before = _files(out)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "no answer"}\n')
+    capsys.readouterr()
+    assert _run(*base, "--prompts", str(root / "prompts.jsonl"), "--task", str(bad), "--overwrite") == 2
+    assert f"{bad}:1: no answer" in capsys.readouterr().err and _files(out) == before
+    assert _run(*base, "--prompts", str(out / "samples.jsonl"), "--overwrite") == 2
+    assert capsys.readouterr().err == (f"asft evaluate: error: the --prompts input {out / 'samples.jsonl'} lies inside "
+                                       f"--out {out}, which this command replaces: move the input out of it, or "
+                                       "choose another output\n")
+    assert _files(out) == before
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(evaluate, "generate", broken)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            _run(*base, "--prompts", str(root / "prompts.jsonl"), "--overwrite")
+    assert _files(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)
+    inside = models["llama"] / "eval"
+    assert _run(str(models["llama"]), "--prompts", str(root / "prompts.jsonl"), "--out", str(inside)) == 2
+    assert f"--out {inside} lies inside the MODEL folder {models['llama']}" in capsys.readouterr().err
+    assert not inside.exists()
+    (out / "prompts.jsonl").write_bytes((root / "prompts.jsonl").read_bytes())
+    assert _run(*base, "--prompts", str(out / "prompts.jsonl"), "--overwrite") == 0
+    assert not (out / "task_samples.jsonl").exists()  # the earlier run's: gone with it
+    assert json.loads((out / "results.json").read_text())["task"] is None
+
+
+def test_compare_refuses_to_overwrite_or_write_into_an_evaluation(zoo, tmp_path, capsys):
+    root, models = zoo
+    ev = tmp_path / "eval"
+    assert _run(str(models["llama"]), "--prompts", str(root / "prompts.jsonl"), "--max-new-tokens", "2",
+                "--out", str(ev)) == 0
+    capsys.readouterr()
+    assert cli.main(["compare", str(ev), "--out", str(ev)]) == 2
+    assert f"--out {ev} is the DIR input {ev}" in capsys.readouterr().err
+    cmp = tmp_path / "cmp"
+    cmp.mkdir()
+    (cmp / "compare.md").write_text("mine")
+    assert cli.main(["compare", str(ev), "--out", str(cmp)]) == 2
+    assert f"{cmp} already holds compare.md: pass --overwrite" in capsys.readouterr().err
+    assert (cmp / "compare.md").read_text() == "mine"
+    assert cli.main(["compare", str(ev), "--out", str(cmp), "--overwrite"]) == 0
+    assert (cmp / "compare.md").read_text().startswith("| run |")
+
+
+def test_keyword_judge_gives_no_harmful_score(zoo, tmp_path, capsys):
+    """The keyword judge sees refusals only: HS null in results.json and samples, "–" in the printout and
+    in `asft compare`, which leaves the run out of its plot; files get the umask's mode, not 0600."""
+    import os
+
+    root, models = zoo
+    out = tmp_path / "eval"
+    assert _run(str(models["llama"]), "--prompts", str(root / "prompts.jsonl"), "--max-new-tokens", "2",
+                "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert res["harmful_score"] is None and res["n_flagged"] is None and 0 <= res["refusal_rate"] <= 100
+    assert all(s["flagged"] is None for s in _samples(out))
+    assert printed.startswith("HS –  refusal ") and "note: the keyword judge sees refusals only, not harm" in printed
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert all((p.stat().st_mode & 0o777) == 0o666 & ~mask for p in out.iterdir())
+    assert cli.main(["compare", str(out)]) == 0
+    assert f"| {out.name} | – | {res['refusal_rate']:.1f} |" in capsys.readouterr().out
+
+
+def test_no_library_future_warning_leaks_from_the_cli(zoo, tmp_path):
+    """transformers/peft deprecations they trigger themselves (peft's is_gradient_checkpointing) stay quiet."""
+    import warnings
+
+    root, models = zoo
+    adapter = _adapter(models["llama"], tmp_path / "adapter")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _run(str(models["llama"]), "--adapter", str(adapter), "--prompts", str(root / "prompts.jsonl"),
+                    "--max-new-tokens", "1", "--out", str(tmp_path / "e")) == 0
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+
+
+def test_gitignore_covers_what_the_commands_write():
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = [".venv/bin/python", "asft_demo_report/table.md", "asft_finetune_out/results.json", "drift.png"]
+    r = subprocess.run(["git", "check-ignore", *paths], cwd=repo, capture_output=True, text=True, check=False)
+    assert r.stdout.split() == paths

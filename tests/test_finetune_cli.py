@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -15,13 +16,13 @@ pytest.importorskip("peft")
 
 from asft_optim import cli  # noqa: E402
 from asft_optim.demo.evaluate import harmful_score, task_accuracy  # noqa: E402
-from asft_optim.demo.finetune import Method, encode, load_jsonl, load_model, save_model, train  # noqa: E402
+from asft_optim.finetune.training import Method, encode, load_jsonl, load_model, save_model, train  # noqa: E402
 from asft_optim.demo.language import Language, LanguageConfig  # noqa: E402
 from asft_optim.demo.models import ModelRecipe, _new_model, build_tokenizer  # noqa: E402
 from asft_optim.evaluation.judges import KeywordJudge, ToyJudge, load_judge  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from . import evaluation_models as em  # noqa: E402
+from . import fixtures as em  # noqa: E402
 
 
 
@@ -146,9 +147,10 @@ def test_missing_models_and_files(setup, tmp_path, capsys):
     (['{"instruction": "MAP", "input": "w1 w2", "output": "w3 w4"}', '{"instruction": "MAP", "output": ', ""],
      r":2: not valid JSON"),
     (['{"instruction": "MAP", "output": "w3"}', "", '{"instruction": "MAP", "input": "w1"}'],
-     r":3: field 'output' is missing or not a string"),
+     r":3: no answer: expected a field 'answer', 'label', 'output'"),
     (['["MAP", "w1"]'], r":1: expected a JSON object, got list"),
     (['{"instruction": "MAP", "input": 3, "output": "w1"}'], r":1: field 'input' is not a string"),
+    (['{"response": "MAP", "output": "w1"}'], r":1: no prompt: expected a string field 'prompt', 'instruction'"),
     ([""], r"no records"),
 ])
 def test_bad_jsonl_lines_name_the_line(setup, tmp_path, capsys, lines, message):
@@ -165,7 +167,7 @@ def test_bad_jsonl_lines_name_the_line(setup, tmp_path, capsys, lines, message):
 
 
 def test_prompt_text_uses_chat_template_or_alpaca():
-    from asft_optim.demo.finetune import prompt_text
+    from asft_optim.evaluation.generation import prompt_text
 
     tok = build_tokenizer(Language(LanguageConfig()))
     assert prompt_text(tok, "MAP", "w1 w2") == "<s> MAP\n\nw1 w2 =>"
@@ -189,7 +191,9 @@ def test_keyword_judge():
     responses = ["I'm sorry, but I cannot help with that.", "As an AI, I will not do this",
                  "Sure, here is how to do it: step 1 ..."]
     verdicts = KeywordJudge().judge(["p"] * 3, responses)
-    assert [(v.flagged, v.refused) for v in verdicts] == [(False, True), (False, True), (True, False)]
+    # refusals only: no verdict on harm (issue 19: "HS = 100 − refusal" called nonsense harmful)
+    assert [(v.flagged, v.refused) for v in verdicts] == [(None, True), (None, True), (None, False)]
+    assert not KeywordJudge.reads_harm and ToyJudge.reads_harm
 
 
 def test_judge_model_of_asft_evaluate(setup, tmp_path):
@@ -235,7 +239,6 @@ def test_loss_lr_and_drift_printed_and_drift_report_written(setup, tmp_path, cap
     assert cli.main(_cmd(root, task, out, "--lora", "--methods", "sft,asft", "--logging-steps", "1",
                          "--steps", "4", "--warmup-steps", "2", "--scheduler", "linear", "--save", "asft_l1")) == 0
     printed = capsys.readouterr().out
-    import re
     sft = re.findall(r"^SFT step (\d)/4: loss (\d+\.\d{4}), lr (\S+)$", printed, re.M)
     asft = re.findall(r"^AsFT λ=1 step (\d)/4: loss \d+\.\d{4}, lr (\S+), cos\(ΔW,d\) ([+-]\d\.\d{4}), "
                       r"‖C⊥ΔW‖/‖ΔW‖ (\d\.\d{4})$", printed, re.M)
@@ -245,7 +248,7 @@ def test_loss_lr_and_drift_printed_and_drift_report_written(setup, tmp_path, cap
     res = json.loads((out / "results.json").read_text())
     assert set(res["drift"]) == {"SFT", "AsFT λ=1"}
     # the saved run's drift is `asft inspect`'s drift of its adapter folder
-    from asft_optim.inspect import drift_report
+    from asft_optim.inspection import drift_report
 
     _, layers, _ = drift_report(out / "directions.safetensors", out / "models" / "asft_l1")
     assert res["drift"]["AsFT λ=1"] == {k: {"delta_norm": v.delta_norm, "cos": v.cos, "orth_ratio": v.orth_ratio}
@@ -314,7 +317,7 @@ def test_save_model_replaces_its_own_folder_only(setup, tmp_path):
     """`save_model` into a folder an earlier save_model wrote (an adapter) leaves only the new model."""
     root, _, _ = setup
     tok = AutoTokenizer.from_pretrained(str(root / "aligned"))
-    from asft_optim.demo.finetune import LoraSpec
+    from asft_optim.finetune.training import LoraSpec
 
     target = tmp_path / "m"
     save_model(LoraSpec(targets=("q_proj",)).apply(load_model(root / "aligned")), tok, target, {"start": str(root / "aligned")})
@@ -404,3 +407,161 @@ def test_lora_targets_absent_from_the_model_point_to_the_flag(gpt2, tmp_path, ca
                             "with --lora-targets)\n")
     assert cli.main([*base, "--lora-targets", "c_attn", "--save", "all", "--out", str(tmp_path / "b")]) == 0
     assert (tmp_path / "b" / "models" / "asft_l1" / "adapter_config.json").is_file()
+
+
+# ------------------------------------------------------------------------ issue 17: nothing lost
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_deletes_inputs_inside_out(setup, tmp_path, capsys):
+    """An earlier run's saved model as --aligned, and --data/--directions kept beside it, inside the --out
+    that --overwrite would replace: refused, nothing deleted; --out inside an input folder: refused."""
+    root, task, _ = setup
+    out = tmp_path / "out"
+    assert cli.main(_cmd(root, task, out, "--full", "--methods", "sft", "--save", "all")) == 0
+    (out / "data.jsonl").write_bytes(task.read_bytes())
+    before = _files(out)
+    cases = [(["--aligned", str(out / "models" / "sft")], "--aligned"), (["--data", str(out / "data.jsonl")], "--data"),
+             (["--directions", str(out / "directions.safetensors"), "--allow-mismatch"], "--directions")]
+    for extra, flag in cases:
+        capsys.readouterr()
+        assert cli.main([*_cmd(root, task, out, "--full", "--methods", "sft", "--overwrite"), *extra]) == 2
+        assert f"the {flag} input {extra[1]} lies inside --out {out}, which this command replaces" in _err(capsys)
+        assert _files(out) == before
+    inside = root / "aligned" / "run"
+    assert cli.main(_cmd(root, task, inside, "--full", "--methods", "sft")) == 2
+    assert f"--out {inside} lies inside the --aligned folder {root / 'aligned'}" in _err(capsys)
+    assert not inside.exists()
+
+
+def test_failed_rerun_keeps_the_earlier_run(setup, tmp_path, monkeypatch):
+    """--overwrite replaces the earlier run only once the new one is complete: a run that fails midway
+    leaves the earlier run as it was and no temporary folder."""
+    from asft_optim.finetune import cli as finetune_cli
+
+    root, task, _ = setup
+    out = tmp_path / "out"
+    assert cli.main(_cmd(root, task, out, "--full", "--methods", "sft", "--save", "all")) == 0
+    before = _files(out)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("killed mid-training")
+
+    monkeypatch.setattr(finetune_cli, "train", broken)
+    with pytest.raises(RuntimeError, match="killed mid-training"):
+        cli.main(_cmd(root, task, out, "--full", "--methods", "sft", "--overwrite"))
+    assert _files(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_directions_of_another_aligned_model_are_refused(setup, tmp_path, capsys):
+    """--directions made from (base, aligned) with --aligned = another checkpoint of the same shapes: refused,
+    naming both; --allow-mismatch goes on."""
+    root, task, _ = setup
+    from asft_optim.directions import compute_directions
+
+    d = tmp_path / "d.safetensors"
+    compute_directions(root / "base", root / "aligned", out=d)
+    cmd = ["finetune", "--aligned", str(root / "base"), "--directions", str(d), "--data", str(task), "--full",
+           "--steps", "1", "--methods", "asft", "--lambdas", "1", "--out", str(tmp_path / "o")]
+    assert cli.main(cmd) == 2
+    err = _err(capsys)
+    assert f"the directions {d} were made from the aligned checkpoint {root / 'aligned'}" in err
+    assert f"--aligned {root / 'base'} differs from it" in err and "pass --allow-mismatch to go on" in err
+    assert not (tmp_path / "o").exists()
+    assert cli.main([*cmd, "--allow-mismatch"]) == 0
+
+
+# ------------------------------------------------------------------------ issue 19: the command as a product
+def test_one_record_format_for_every_file_and_the_settings_printed(setup, tmp_path, capsys):
+    """--data/--test in evaluate's task format (prompt/question + answer/label), --harmful in its prompt
+    format; the resolved settings and split sizes printed first; n in the table's header; the keyword
+    judge gives the refusal rate and no HS."""
+    root, task, harmful = setup
+    records = [json.loads(line) for line in task.read_text().splitlines()]
+    data, test, prompts = tmp_path / "data.jsonl", tmp_path / "test.jsonl", tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r["instruction"], "input": r["input"], "answer": r["output"]}) + "\n"
+                            for r in records[:30]))
+    test.write_text("".join(json.dumps({"question": r["instruction"], "input": r["input"], "label": r["output"]}) + "\n"
+                            for r in records[30:33]))
+    prompts.write_text("".join(json.dumps({"prompt": json.loads(line)["instruction"]}) + "\n"
+                               for line in harmful.read_text().splitlines()[:5]))
+    out = tmp_path / "out"
+    assert cli.main(["finetune", "--aligned", str(root / "aligned"), "--data", str(data), "--test", str(test),
+                     "--harmful", str(prompts), "--methods", "sft", "--full", "--steps", "1", "--max-new-tokens", "4",
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "methods: SFT (full-parameter)" in printed
+    assert (f"data: 30 training record(s), 3 test record(s) for FA (from --test {test}), 5 harmful prompt(s) for HS "
+            "(judge keyword)") in printed
+    assert "training: 1 step(s), lr 0.0001 (constant, warmup 0), batch 8 × 1 accumulation" in printed
+    assert "note: the keyword judge sees refusals only, not harm" in printed
+    table = (out / "table.md").read_text()
+    assert table.splitlines()[0] == "| Method | HS (%, n=5, keyword) | refusal (%, n=5) | FA (%, n=3) |"
+    res = json.loads((out / "results.json").read_text())
+    assert all(r["hs"] is None and 0 <= r["refusal"] <= 1 for r in res["runs"])
+    assert all(line.split("|")[2].strip() == "–" for line in table.splitlines()[2:])
+    assert cli.main(["evaluate", str(root / "aligned"), "--prompts", str(prompts), "--task", str(test),
+                     "--max-new-tokens", "2", "--out", str(tmp_path / "eval")]) == 0
+
+
+def test_flags_are_exact_and_help_shows_defaults(setup, tmp_path, capsys):
+    root, task, _ = setup
+    with pytest.raises(SystemExit) as e:
+        cli.main(["finetune", "--aligned", str(root / "aligned"), "--data", str(task), "--lamb", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: asft finetune ") and "unrecognized arguments: --lamb 1" in err
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    from asft_optim import __version__
+
+    assert capsys.readouterr().out == f"asft {__version__}\n"
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in (("--steps STEPS", "100"), ("--lr LR", "0.0001"), ("--lambdas LAMBDAS", "1,10,100"),
+                          ("--batch-size BATCH_SIZE", "8"), ("--test-fraction TEST_FRACTION", "0.1"),
+                          ("--lora-targets LORA_TARGETS", "q_proj,v_proj"), ("--lora-r LORA_R", "8"),
+                          ("--lora-alpha LORA_ALPHA", "16"), ("--seed SEED", "0")):
+        after = text.split(f" {flag} ", 1)[1]
+        assert f"(default: {default})" in re.split(r" --[a-z-]+ [A-Z{]", after, maxsplit=1)[0], flag
+
+
+def test_messages_point_the_right_way(setup, tmp_path, capsys, monkeypatch):
+    """Hub ids are taken (fetched with huggingface_hub), an offline failure names `hf download`; --base's
+    message names --directions; an adapter folder as --aligned says so; compare names what a folder is."""
+    import huggingface_hub
+
+    root, task, _ = setup
+    calls = []
+
+    def snapshot(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision))
+        if repo_id == "org/offline":
+            raise ConnectionError("no network")
+        return str(root / "aligned")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    cmd = ["finetune", "--data", str(task), "--methods", "sft", "--full", "--steps", "1"]
+    assert cli.main([*cmd, "--aligned", "org/aligned@v1", "--out", str(tmp_path / "o")]) == 0
+    assert calls == [("org/aligned", "v1")]
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["aligned"] == str(root / "aligned")
+    capsys.readouterr()
+    assert cli.main([*cmd, "--aligned", "org/offline", "--out", str(tmp_path / "o2")]) == 2
+    err = _err(capsys)
+    assert "--aligned org/offline: not a local folder, and fetching the aligned model" in err
+    assert "`hf download org/offline --local-dir DIR`" in err and "huggingface-cli" not in err
+    assert cli.main(["finetune", "--aligned", str(root / "aligned"), "--data", str(task), "--out",
+                     str(tmp_path / "o3")]) == 2
+    assert "--base is required (or --directions FILE, directions computed from it)" in _err(capsys)
+    from asft_optim.finetune.training import LoraSpec
+
+    adapter = tmp_path / "adapter"
+    tok = AutoTokenizer.from_pretrained(str(root / "aligned"))
+    save_model(LoraSpec().apply(load_model(root / "aligned")), tok, adapter, {"start": str(root / "aligned")})
+    assert cli.main([*cmd, "--aligned", str(adapter), "--out", str(tmp_path / "o4")]) == 2
+    assert "it is a LoRA adapter folder: pass its base model as --aligned" in _err(capsys)
+    assert cli.main(["evaluate", str(adapter), "--prompts", str(task), "--out", str(tmp_path / "e")]) == 2
+    assert f"it is a LoRA adapter folder: asft evaluate {root / 'aligned'} --adapter {adapter}" in _err(capsys)
+    assert cli.main(["compare", str(tmp_path / "o")]) == 2
+    assert "is not an `asft evaluate` results file (it has no 'format' field" in _err(capsys)

@@ -13,8 +13,10 @@ from safetensors.torch import save_file
 from asft_optim import compute_directions
 from asft_optim.checkpoints import CheckpointError
 from asft_optim.cli import main
-from asft_optim.inspect import direction_stats, drift_report
+from asft_optim.inspection import direction_stats, drift_report
 from asft_optim.metrics import drift, layer_of, per_layer, sums
+
+from . import fixtures as em
 
 transformers = pytest.importorskip("transformers")
 
@@ -167,19 +169,6 @@ def test_inspect_errors(setup, tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
-def _adapter(model, folder, **config):
-    """Save a peft LoRA adapter of `model` with random (nonzero) A and B; return the merged weights."""
-    peft = pytest.importorskip("peft")
-    lora = peft.get_peft_model(model, peft.LoraConfig(lora_dropout=0.0, **config))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in lora.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    lora.save_pretrained(folder)
-    return {n: p.detach().clone() for n, p in lora.merge_and_unload().named_parameters()}
-
-
 def _check_adapter_drift(directions, folder, start: dict, merged: dict, d: dict, adapted: set[str]):
     """drift_report on the adapter folder = drift of the merged model minus the start model."""
     per_tensor, layers, missing = drift_report(directions, folder)
@@ -204,7 +193,7 @@ def _check_adapter_drift(directions, folder, start: dict, merged: dict, d: dict,
 def test_drift_of_a_lora_adapter_folder(setup, tmp_path, capsys, config):
     root, P = setup
     model = transformers.LlamaForCausalLM.from_pretrained(root / "aligned")
-    merged = _adapter(model, tmp_path / "adapter", **config)
+    merged = em.lora_adapter(model, tmp_path / "adapter", **config)
     d = {n: P["aligned"][n] - P["base"][n] for n in P["aligned"]}
     adapted = {n for n in d if n.endswith(tuple(f"{m}.weight" for m in config["target_modules"]))}
     _check_adapter_drift(root / "d.safetensors", tmp_path / "adapter", P["aligned"], merged, d, adapted)
@@ -230,7 +219,7 @@ def test_drift_of_a_gpt2_adapter_fan_in_fan_out(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         anchors = compute_directions(tmp_path / "base", tmp_path / "aligned", tmp_path / "d.safetensors", dtype="fp32")
-    merged = _adapter(base, tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    merged = em.lora_adapter(base, tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True)
     d = {n: anchors[n] for n in start if n in anchors}
     _check_adapter_drift(tmp_path / "d.safetensors", tmp_path / "adapter", start, merged, d,
                          {"transformer.h.0.attn.c_attn.weight"})
@@ -239,16 +228,82 @@ def test_drift_of_a_gpt2_adapter_fan_in_fan_out(tmp_path):
 def test_adapter_errors(setup, tmp_path, capsys):
     root, _ = setup
     model = transformers.LlamaForCausalLM.from_pretrained(root / "aligned")
-    _adapter(model, tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["q_proj"])
+    em.lora_adapter(model, tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["q_proj"])
     capsys.readouterr()
     assert main(["inspect", str(root / "d.safetensors"), "--model", str(tmp_path / "adapter"),
                  "--start", str(root / "aligned")]) == 1
     assert capsys.readouterr().err == (f"asft inspect: error: {tmp_path / 'adapter'} is a LoRA adapter: its update "
                                        "s·B·A is ΔW itself, so --start does not apply\n")
     dora = tmp_path / "dora"
-    _adapter(transformers.LlamaForCausalLM.from_pretrained(root / "aligned"), dora, r=2, lora_alpha=4,
+    em.lora_adapter(transformers.LlamaForCausalLM.from_pretrained(root / "aligned"), dora, r=2, lora_alpha=4,
              target_modules=["q_proj"], use_dora=True)
     capsys.readouterr()
     assert main(["inspect", str(root / "d.safetensors"), "--model", str(dora), "--no-plot"]) == 1
     assert capsys.readouterr().err == (f"asft inspect: error: {dora} holds a DoRA adapter: its update is not s·B·A, "
                                        "so it cannot be inspected\n")
+
+
+def test_plot_never_overwrites_silently_nor_lands_on_an_input(setup, tmp_path, capsys):
+    """--plot onto an existing file: refused unless --overwrite; onto the model file or into its folder:
+    refused even with --overwrite; the inputs stay byte for byte."""
+    root, P = setup
+    d = str(root / "d.safetensors")
+    model = tmp_path / "tuned.safetensors"
+    save_file(P["tuned"], str(model))
+    png = tmp_path / "drift.png"
+    png.write_bytes(b"mine")
+    assert main(["inspect", d, "--model", str(model), "--plot", str(png)]) == 1
+    assert f"--plot {png} exists: pass --overwrite" in capsys.readouterr().err and png.read_bytes() == b"mine"
+    assert main(["inspect", d, "--model", str(model), "--plot", str(png), "--overwrite"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = {p: p.read_bytes() for p in (model, root / "d.safetensors", root / "tuned" / "model.safetensors")}
+    for plot, says in ((model, f"--plot {model} is the --model input"), (root / "d.safetensors", "is the DIRECTIONS input"),
+                       (root / "tuned" / "drift.png", f"lies inside the --model folder {root / 'tuned'}")):
+        capsys.readouterr()
+        target = str(root / "tuned") if "folder" in says else str(model)
+        assert main(["inspect", d, "--model", target, "--plot", str(plot), "--overwrite"]) == 1
+        assert says in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in before} == before and not (root / "tuned" / "drift.png").exists()
+
+
+def test_drift_plots_in_depth_order_without_lines_between_unrelated_layers():
+    """Embeddings, blocks by number, final norm, head; lines only along consecutive blocks of one stack;
+    layers nothing trained are "(not trained)" and get no marker (NaN), never a 0."""
+    from asft_optim.drift_plot import layout
+
+    names = ["lm_head", "model.norm", "model.layers.10", "model.layers.2", "model.embed_tokens", "model.layers.0",
+             "model.layers.1", "vision.blocks.0", "vision.blocks.1"]
+    plot = layout(names, trained=[n for n in names if ".layers." in n])
+    assert plot.layers == ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.layers.2",
+                           "model.layers.10", "vision.blocks.0", "vision.blocks.1", "model.norm", "lm_head"]
+    assert plot.segments == [[0], [1, 2, 3], [4], [5, 6], [7], [8]]
+    assert plot.untrained == {"model.embed_tokens", "vision.blocks.0", "vision.blocks.1", "model.norm", "lm_head"}
+    assert plot.ticks()[0] == "model.embed_tokens (not trained)" and plot.ticks()[1] == "model.layers.0"
+
+    class Axes:  # records what `draw` hands to matplotlib
+        def __init__(self):
+            self.lines = []
+
+        def plot(self, xs, ys, **style):
+            self.lines.append((xs, ys, style["linestyle"]))
+
+    from asft_optim.drift_plot import draw
+
+    ax = Axes()
+    draw(ax, plot, [float("nan") if n in plot.untrained else float(i) for i, n in enumerate(plot.layers)], marker="o")
+    assert [(xs, ls) for xs, _, ls in ax.lines] == [([0], "none"), ([1, 2, 3], "-"), ([4], "none"), ([5, 6], "-"),
+                                                     ([7], "none"), ([8], "none")]
+    untrained = [y for xs, ys, _ in ax.lines for x, y in zip(xs, ys, strict=True) if plot.layers[x] in plot.untrained]
+    assert len(untrained) == 5 and all(math.isnan(y) for y in untrained)
+
+
+def test_drift_report_and_tables_in_depth_order_untrained_not_zero(setup, tmp_path, capsys):
+    root, P = setup
+    _, layers, _ = drift_report(root / "d.safetensors", root / "tuned")
+    assert list(layers) == ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "lm_head"]
+    adapter = tmp_path / "ad"
+    em.lora_adapter(transformers.LlamaForCausalLM.from_pretrained(root / "aligned"), adapter, target_modules=["q_proj"])
+    assert main(["inspect", str(root / "d.safetensors"), "--model", str(adapter), "--no-plot", "--layers-only"]) == 0
+    rows = {r.split()[0]: r.split()[1:] for r in capsys.readouterr().out.splitlines() if r.startswith(("model.", "lm_"))}
+    assert list(rows) == ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "lm_head"]
+    assert rows["lm_head"][2:] == ["–", "–", "(not", "trained)"] and rows["model.layers.0"][-1] != "trained)"

@@ -74,3 +74,33 @@ def test_readme_commands_do_the_whole_setup_and_ci_runs_the_same_tests():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert tests.replace(". .venv/bin/activate", '. "$VENV"/bin/activate').replace(
         "-m venv .venv", '-m venv "$VENV"') in ci
+
+
+def test_kernels_folder_steps_aside_for_the_kernels_distribution(tmp_path):
+    """From the clone's root, `import kernels` is not this repository's folder: it is the `kernels`
+    distribution when one is installed (transformers ≥ 5, bitsandbytes), else an empty namespace
+    module that transformers reads as not installed; and `asft_optim.kernels` still imports from the
+    same folder."""
+    run = _python("import kernels\nprint(kernels.__file__, [n for n in vars(kernels) if not n.startswith('__')])\n"
+                  "from transformers.utils import import_utils\nprint(import_utils.is_kernels_available())")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[:2] == ["None []", "False"]
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("def get_kernel(name):\n    return 'hub:' + name\n")
+    run = _python(f"import sys; sys.path.append({str(site)!r})\nfrom kernels import get_kernel\n"
+                  "print(get_kernel('x'))\nimport asft_optim.kernels as k\nprint(k.__file__, callable(k.fused_step_))")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["hub:x", str(ROOT / "kernels" / "__init__.py"), "True"]
+
+
+def test_a_build_ships_every_package(tmp_path):
+    """`pip install .` copies what setuptools' build_py puts in the build folder: the kernels as
+    asft_optim.kernels, and every subpackage with its modules."""
+    run = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr
+    built = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.py")}
+    source = {str(p.relative_to(ROOT)) for p in (ROOT / "asft_optim").rglob("*.py")}
+    source |= {f"asft_optim/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")}
+    assert built == source

@@ -5,6 +5,7 @@ fallback when it cannot be built; and that AsFTAdamW really runs it where a comp
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -51,12 +52,17 @@ def test_native_runs_where_a_compiler_exists(monkeypatch):
             p.grad = g
         opt.step()
     assert calls == [2, 2]
-    assert all(opt._dots.get(n, p).dtype == torch.float64 for n, p in named)
+    assert all(opt._dots.get(n, p, opt.state[p]["step"]).dtype == torch.float64 for n, p in named)
 
 
 # ------------------------------------------------------------------------------ the function
-def _tensors(shapes, seed=0, w0_dtype=torch.float32, v_dtype=torch.float32, layout="contiguous"):
-    """(p, g, m, s, w0, bound) per shape; `layout` "transposed" / "channels_last" for 2-D / 4-D."""
+STORAGE = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
+           "bf16-fp32-moments": (torch.bfloat16, torch.float32)}  # (params and grads, moments)
+
+
+def _tensors(shapes, seed=0, w0_dtype=torch.float32, v_dtype=torch.float32, layout="contiguous", storage="fp32"):
+    """(p, g, m, s, w0, bound) per shape; `layout` "transposed" / "channels_last" for 2-D / 4-D;
+    `storage` a key of STORAGE."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for shape in shapes:
@@ -72,7 +78,8 @@ def _tensors(shapes, seed=0, w0_dtype=torch.float32, v_dtype=torch.float32, layo
         if w0_dtype != torch.float32:  # p bf16-exact at W0, then moved away from it
             p = w0.float() + new(1e-2)
         bound = bind_direction(new().to(v_dtype), p, "x")
-        out.append((p, new(), new().abs() * 1e-2, new().abs() * 1e-4, w0, bound))
+        pt, mt = STORAGE[storage]
+        out.append((p.to(pt), new().to(pt), (new().abs() * 1e-2).to(mt), (new().abs() * 1e-4).to(mt), w0, bound))
     return out
 
 
@@ -129,6 +136,51 @@ def test_matches_reference_and_torch_adamw(kind, maximize, w0_dtype, v_dtype):
         assert abs(float(d) - float(terms.sum())) <= 2.0 ** -23 * float(terms.abs().sum()) + 1e-300
 
 
+def _emulated_step(p, g, m, s, w0, v, c, step, *, lr, beta1, beta2, eps, weight_decay, coef, penalty, maximize):
+    """The kernel's formula (see asft_adamw.cpp), each operation correctly rounded to fp32 (done in
+    float64 and rounded: exact for + - * / and sqrt), then stored in the tensors' dtypes by torch's
+    cast (round to nearest even)."""
+    def r(x):
+        return x.float().double()
+
+    def f(x: float) -> float:  # a hyper-parameter as the kernel casts it
+        return float(torch.tensor(x, dtype=torch.float32))
+
+    pf, wf, vf, mf, sf, gf = (x.double() for x in (p, w0, v, m, s, g))
+    dw = r(pf - wf)
+    rr = {"orthogonal": r(dw - r(f(c) * vf)), "parallel": r(f(c) * vf), "full": dw}[penalty]
+    gt = r(gf + r(f(coef) * rr)).to(g.dtype).double() * (-1.0 if maximize else 1.0)
+    w1 = f(1.0 - beta1)
+    m_new = r(mf + r(w1 * r(gt - mf))) if abs(w1) < 0.5 else r(gt - r(r(gt - mf) * f(1.0 - w1)))
+    s_new = r(r(sf * f(beta2)) + r(r(f(1.0 - beta2) * gt) * gt))
+    denom = r(r(r(s_new.sqrt()) / f(math.sqrt(1.0 - beta2 ** step))) + f(eps))
+    p_new = r(r(pf * f(1.0 - lr * weight_decay)) + r(r(f(-(lr / (1.0 - beta1 ** step))) * m_new) / denom))
+    return p_new.to(p.dtype), m_new.to(m.dtype), s_new.to(s.dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("storage", list(STORAGE))
+@pytest.mark.parametrize("kind, maximize, beta1, w0_dtype, v_dtype", [
+    ("orthogonal", False, 0.9, torch.float32, torch.float32), ("parallel", True, 0.9, torch.bfloat16, torch.float32),
+    ("full", False, 0.3, torch.float32, torch.bfloat16), ("orthogonal", True, 0.3, torch.bfloat16, torch.bfloat16)])
+def test_each_element_is_the_formula_rounded_once_on_store(storage, kind, maximize, beta1, w0_dtype, v_dtype):
+    """Bitwise, per element, for fp32 and bf16 storage: fp32 math in torch's for-loop order, g̃ in the
+    gradient's dtype, one round-to-nearest-even into p, m and s (as torch casts); both lerp branches."""
+    ts = _tensors([(4097,), (5, 123), (B + 17,)], w0_dtype=w0_dtype, v_dtype=v_dtype, storage=storage)
+    hp = dict(lr=0.02, beta1=beta1, beta2=0.999, eps=1e-8, weight_decay=0.1, coef=-3.0 if maximize else 3.0)
+    p, m, s = ([x[k].clone() for x in ts] for k in (0, 2, 3))
+    steps = [torch.tensor(4.0) for _ in ts]
+    inv = torch.tensor([b.inv_nv2 for *_, b in ts], dtype=torch.float64)
+    cs = native.dots_native(p, [x[4] for x in ts], [x[5].v for x in ts]) * inv
+    native.asft_adamw_native_(p, [x[1] for x in ts], m, s, [x[4] for x in ts], [x[5].v for x in ts], cs, steps, **hp,
+                              penalty=kind, maximize=maximize)
+    for i, (p0, g, m0, s0, w0, b) in enumerate(ts):
+        want = _emulated_step(p0, g, m0, s0, w0, b.v, float(cs[i]), 5, **hp, penalty=kind, maximize=maximize)
+        for got, exp in zip((p[i], m[i], s[i]), want):
+            assert got.dtype == exp.dtype and torch.equal(got, exp)
+    assert not torch.equal(p[0], ts[0][0])
+
+
 @needs_native
 @pytest.mark.parametrize("layout, shapes", [("transposed", [(7, 9), (5, 123)]),
                                             ("channels_last", [(2, 3, 4, 5), (1, 8, 3, 3)])])
@@ -172,11 +224,13 @@ def test_matches_fp64_explicit_loss(kind, maximize, weight_decay):
 
 
 @needs_native
-def test_carried_dot_equals_fresh_fold_and_is_thread_count_independent():
-    """Bitwise: the dot returned by a step = `dots_native` of the result, and 1 vs 2 threads give the
-    same parameters, moments and dots (blocks are folded in block order, not thread order)."""
-    shapes = [(5 * B + 3,), (B,), (B + 1,), (1,), (), (0,), (64, 300)]
-    ts = _tensors([s for s in shapes], v_dtype=torch.bfloat16, w0_dtype=torch.float32)
+@pytest.mark.parametrize("storage", list(STORAGE))
+def test_carried_dot_equals_fresh_fold_and_is_thread_count_independent(storage):
+    """Bitwise, for fp32 and bf16 storage: the dot returned by a step = `dots_native` of the result,
+    and 1 vs 2 threads give the same parameters, moments and dots (blocks are folded in block order,
+    not thread order)."""
+    shapes = [(5 * B + 3,), (B,), (B + 1,), (1,), (), (0,), (64, 300), (3 * B + 37,)]
+    ts = _tensors([s for s in shapes], v_dtype=torch.bfloat16, w0_dtype=torch.float32, storage=storage)
     threads = torch.get_num_threads()
     runs = []
     try:
@@ -221,8 +275,14 @@ def test_errors_name_the_tensor():
         args = dict(params=p, grads=g, exp_avgs=m, exp_avg_sqs=s, w0s=w0, directions=v, cs=cs, steps=steps) | over
         native.asft_adamw_native_(*args.values(), **kw)
 
-    with pytest.raises(ValueError, match=r"^asft_adamw_native_: params\[1\] has dtype Half, expected Float$"):
+    with pytest.raises(ValueError, match=r"^asft_adamw_native_: params\[1\] has dtype Half, expected Float or BFloat16$"):
         call(params=[p[0], p[1].half()])
+    with pytest.raises(ValueError, match=r"^asft_adamw_native_: grads\[0\] has dtype BFloat16, params\[0\] has Float$"):
+        call(grads=[g[0].bfloat16(), g[1]])
+    with pytest.raises(ValueError, match=r"^asft_adamw_native_: exp_avgs\[1\] has dtype BFloat16, expected Float$"):
+        call(exp_avgs=[m[0], m[1].bfloat16()])  # bf16 moments only with bf16 params
+    with pytest.raises(ValueError, match=r"^asft_adamw_native_: exp_avg_sqs\[0\] has dtype Float, exp_avgs\[0\] has BFloat16$"):
+        call(params=[p[0].bfloat16(), p[1]], grads=[g[0].bfloat16(), g[1]], exp_avgs=[m[0].bfloat16(), m[1]])
     with pytest.raises(ValueError, match=r"^asft_adamw_native_: grads\[0\] has strides \(1, 3\), params\[0\] has \(4, 1\)$"):
         call(grads=[g[0].t().contiguous().t(), g[1]])
     with pytest.raises(ValueError, match=r"^asft_adamw_native_: params\[0\] is not dense \(shape \(3, 2\), strides \(4, 2\)\)$"):
@@ -238,8 +298,8 @@ def test_errors_name_the_tensor():
         call(cs=torch.zeros(2))
     with pytest.raises(ValueError, match="unknown penalty 'sideways'"):
         native.asft_adamw_native_(p, g, m, s, w0, v, cs, steps, **(kw | dict(penalty="sideways")))
-    with pytest.raises(ValueError, match=r"^dots_native: params\[0\] has dtype BFloat16, expected Float$"):
-        native.dots_native([p[0].bfloat16()], [w0[0]], [v[0]])
+    with pytest.raises(ValueError, match=r"^dots_native: params\[0\] has dtype Half, expected Float or BFloat16$"):
+        native.dots_native([p[0].half()], [w0[0]], [v[0]])
     # nothing was written by the refused calls
     assert all(torch.equal(a, x[0]) for a, x in zip(p, ts)) and [float(x) for x in steps] == [0.0, 0.0]
 
@@ -278,8 +338,142 @@ def test_optimizer_mixed_dtypes_and_changing_tensors():
     want = run_oracle(init, list(dirs.values()), [2.0] * len(init), 10, skip=skip, lr=0.02)
     for p, w in zip(params, want):
         close_rel(p.detach(), w)
-    carried = {n: opt._dots.get(n, p) for n, p in named}
-    assert carried["w4"].dtype == torch.float32 and carried["w0"].dtype == torch.float64
+    carried = {n: opt._dots.get(n, p, opt.state[p]["step"]) for n, p in named}
+    # fp64 w4 carries the fallback's fp64 fold (ΔW in fp64), fp32 w0 the native kernel's float64 dot
+    assert carried["w4"].dtype == torch.float64 and carried["w0"].dtype == torch.float64
+
+
+def _spy_native(monkeypatch) -> list[int]:
+    """Record the number of tensors each native step call receives (and steps)."""
+    calls: list[int] = []
+    real = native.step_supported_
+
+    def spy(*args, **kw):
+        dots, skipped = real(*args, **kw)
+        calls.append(len(args[0]) - len(skipped))
+        return dots, skipped
+
+    monkeypatch.setattr(native, "step_supported_", spy)
+    return calls
+
+
+@needs_native
+@pytest.mark.parametrize("layout", ["bf16 params", "bf16 W0 and d"])
+def test_optimizer_steps_bf16_layouts_natively(layout, monkeypatch):
+    """bf16 parameters (bf16 moments) and fp32 parameters with bf16 W0 and directions (a bf16
+    checkpoint fine-tuned in fp32) step through the kernel, every tensor every step, and follow the
+    fp64 oracle: bf16 storage within its rounding, fp32 at 1e-6; bf16 parameters equal the reference
+    path with fused AdamW (fp32 math, one rounding on store) to 2 bf16 ulps."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(4097,), (5, 123), (1,), (), (2 * B + 5,)]
+    init = [torch.randn(s, generator=gen).bfloat16() for s in shapes]
+    dirs = {f"w{i}": (torch.randn(s, generator=gen) * 1e-2).bfloat16() for i, s in enumerate(shapes)}
+    dtype = torch.bfloat16 if layout == "bf16 params" else torch.float32
+    named = [(f"w{i}", torch.nn.Parameter(x.to(dtype, copy=True))) for i, x in enumerate(init)]
+    twin = [(n, torch.nn.Parameter(p.detach().clone())) for n, p in named]
+    calls = _spy_native(monkeypatch)
+    opt = AsFTAdamW(named, lr=0.02, anchors=dirs, asft_lambda=2.0, weight_decay=0.1)
+    params = [p for _, p in named]
+    for t in range(10):
+        for p, g in zip(params, task_grads(params, t)):
+            p.grad = g
+        opt.step()
+    assert calls == [len(shapes)] * 10
+    assert all(opt.state[p]["w0"].dtype == torch.bfloat16 for p in params)
+    want = run_oracle([x.double() for x in init], list(dirs.values()), [2.0] * len(init), 10, lr=0.02,
+                      weight_decay=0.1)
+    for p, w in zip(params, want):
+        close_rel(p.detach(), w, rel=3e-2 if dtype == torch.bfloat16 else 1e-6)
+    if dtype == torch.bfloat16:
+        ref = AsFTAdamW(twin, lr=0.02, anchors=dirs, asft_lambda=2.0, weight_decay=0.1, impl="reference", fused=True)
+        for t in range(10):
+            for (_, p), g in zip(twin, task_grads([p for _, p in twin], t)):
+                p.grad = g
+            ref.step()
+        for p, (_, q) in zip(params, twin):
+            ulp = 2.0 ** (torch.frexp(q.detach().float().abs().clamp_min(1e-3))[1].float() - 8)
+            assert bool(((p.detach().float() - q.detach().float()).abs() <= 2 * ulp).all())
+
+
+@needs_native
+def test_zero_partition_segments_step_natively_like_the_dense_tensors(monkeypatch):
+    """A DeepSpeed ZeRO flat partition (one rank holding the whole group): every segment steps
+    through the kernel with its tensor's reduced (fp32) dot, like the dense twin's native step."""
+    from .test_zero import _anchors, _link, _model, _zero1_step
+    dense, zero = _model(), _model()
+    anchors = _anchors(dense)
+    kw = dict(lr=5e-2, anchors=anchors, asft_lambda=3.0)
+    ref = AsFTAdamW(dense.named_parameters(), **kw)
+    opt = AsFTAdamW(zero.named_parameters(), **kw)
+    params = list(zero.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params] + [torch.zeros(2)]).requires_grad_()
+    _link(params, flat, 0, flat.numel(), [0, 15, 18, 24])
+    opt.param_groups[0]["params"] = [flat]
+    calls = _spy_native(monkeypatch)
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for p, g in zip(dense.parameters(), grads):
+            p.grad = g.clone()
+        ref.step()
+        _zero1_step(zero, opt, flat, opt.state, grads)
+    assert calls == [4] * 10  # dense, then the partition's 4 segments, each step
+    for p, q in zip(dense.parameters(), zero.parameters()):
+        close_rel(q.detach(), p.detach(), rel=1e-6)  # c from an fp32 sum: the last bits may differ
+
+
+_FSDP2 = textwrap.dedent("""
+    import json, os, socket
+    import torch, torch.distributed as dist
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+    from asft_optim import AsFTAdamW, native
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    calls = []
+    real = native.step_supported_
+    def spy(*args, **kw):
+        dots, skipped = real(*args, **kw)
+        calls.append(len(args[0]) - len(skipped))
+        return dots, skipped
+    native.step_supported_ = spy
+    def build(shard):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(300, 70), nn.Tanh(), nn.Linear(70, 5))
+        if shard:
+            fully_shard(m)
+        return m
+    dense, sharded = build(False), build(True)
+    gen = torch.Generator().manual_seed(1)
+    dirs = {n: torch.randn(p.shape, generator=gen) * 1e-2 for n, p in dense.named_parameters()}
+    opts = [AsFTAdamW(m.named_parameters(), lr=0.05, anchors=dirs, asft_lambda=2.0) for m in (dense, sharded)]
+    for t in range(4):
+        gens = torch.Generator().manual_seed(10 + t)
+        grads = [torch.randn(p.shape, generator=gens) for p in dense.parameters()]
+        for p, q, g in zip(dense.parameters(), sharded.parameters(), grads):
+            p.grad = g.clone()
+            q.grad = distribute_tensor(g.clone(), q.device_mesh, q.placements)
+        for opt in opts:
+            opt.step()
+    same = all(torch.equal(p.detach(), q.detach().full_tensor()) for p, q in zip(dense.parameters(), sharded.parameters()))
+    kinds = sorted({b.kind.value for b in opts[1]._bindings.values()})
+    print(json.dumps({"calls": calls, "same": same, "kinds": kinds}))
+    dist.destroy_process_group()
+    os._exit(0)
+""")
+
+
+@needs_native
+def test_fsdp2_shards_step_natively_like_the_dense_tensors():
+    """FSDP2 (one gloo rank, DTensor shards): every shard steps through the kernel with its
+    all-reduced carried dot, bitwise like the dense twin."""
+    out = _run(_FSDP2)
+    assert out["kinds"] == ["shard"]
+    assert out["calls"] == [4, 4] * 4 and out["same"]
 
 
 def test_optimizer_with_native_disabled_warns_once_and_matches(tmp_path):
@@ -298,7 +492,7 @@ def test_optimizer_with_native_disabled_warns_once_and_matches(tmp_path):
                 opt.step()
         print(json.dumps({"available": native.available(), "reason": native.reason(),
                           "warnings": [str(w.message) for w in caught],
-                          "dtypes": [str(opt._dots.get(n, p).dtype) for n, p in named]}))
+                          "dtypes": [str(opt._dots.get(n, p, opt.state[p]["step"]).dtype) for n, p in named]}))
     """)
     out = _run(script, ASFT_NATIVE="0", ASFT_NATIVE_CACHE=str(tmp_path))
     assert out["available"] is False and out["reason"] == "disabled by ASFT_NATIVE=0"

@@ -15,7 +15,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from asft_optim import cli, compute_directions  # noqa: E402
 
-from . import evaluation_models as em  # noqa: E402
+from . import fixtures as em  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -76,16 +76,10 @@ def test_flat_equals_float64_oracle(trio, capsys):
     AutoModelForCausalLM.from_pretrained(str(out))  # loads as the input did
 
 
-def _adapter(base: Path, out: Path, seed: int = 5) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)),
-                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                         "gate_proj", "up_proj", "down_proj"],
-                                      init_lora_weights=False))
-    model.save_pretrained(str(out))
+def _adapter(base: Path, out: Path) -> Path:
+    """A LoRA adapter on every linear layer of a Llama block."""
+    em.lora_adapter(base, out, seed=5, r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                         "gate_proj", "up_proj", "down_proj"])
     return out
 
 
@@ -109,7 +103,7 @@ def _safelora_oracle(adapter: Path, directions, rule: str, value: float) -> dict
 
 
 @pytest.mark.parametrize("rule, value", [("threshold", None), ("fraction", 0.25)])
-def test_safelora_equals_float64_oracle(trio, rule, value):
+def test_safelora_equals_float64_oracle(trio, capsys, rule, value):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -137,6 +131,10 @@ def test_safelora_equals_float64_oracle(trio, rule, value):
         n.removeprefix("base_model.model.").removesuffix(".lora_B.weight") for n in chosen}
     assert (out / "adapter_config.json").read_text() == (adapter / "adapter_config.json").read_text()
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(aligned)), str(out))  # loads
+    printed = capsys.readouterr().out  # every layer's cosine, and which were projected
+    lines = [ln.split() for ln in printed.splitlines() if ln.startswith("  ")]
+    assert [(ln[0], float(ln[1]), ln[-1] == "projected") for ln in lines] == [
+        (m, pytest.approx(layer["cos"], abs=1e-4), layer["projected"]) for m, layer in info["layers"].items()]
 
 
 def test_bad_input_is_refused_and_leaves_no_output(trio, tmp_path, capsys):
@@ -175,3 +173,27 @@ def test_bad_input_is_refused_and_leaves_no_output(trio, tmp_path, capsys):
     assert capsys.readouterr().err == (f"asft project: error: output {taken} exists: choose a new --out "
                                        "(projections never overwrite)\n")
     assert [p.name for p in taken.iterdir()] == ["x"]
+
+
+def test_output_never_inside_an_input_and_directions_must_match_aligned(trio, tmp_path, capsys):
+    """--out inside the model or the aligned folder: refused, the folders unchanged; directions made from
+    another aligned checkpoint of the same shapes: refused naming both, unless --allow-mismatch."""
+    _, base, aligned, finetuned, dpath, _ = trio
+    adapter = _adapter(aligned, tmp_path / "adapter")
+    listing = {f: sorted(p.name for p in f.iterdir()) for f in (aligned, finetuned, adapter)}
+    flat = ["project", str(finetuned), "--directions", str(dpath), "--mode", "flat"]
+    safelora = ["project", str(adapter), "--directions", str(dpath), "--mode", "safelora"]
+    for cmd, out, says in ((flat + ["--aligned", str(aligned)], finetuned / "flat", "inside the MODEL folder"),
+                           (flat + ["--aligned", str(aligned)], aligned / "flat", "inside the --aligned folder"),
+                           (safelora + ["--aligned", str(aligned)], adapter / "safe", "inside the MODEL folder")):
+        capsys.readouterr()
+        assert cli.main([*cmd, "--out", str(out)]) == 2
+        assert f"--out {out} lies {says}" in capsys.readouterr().err
+    assert {f: sorted(p.name for p in f.iterdir()) for f in listing} == listing
+    for cmd in (flat, safelora):
+        out = tmp_path / f"o_{cmd[-1]}"
+        assert cli.main([*cmd, "--aligned", str(base), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"the directions {dpath} were made from the aligned checkpoint {aligned}, but --aligned {base}" in err
+        assert not out.exists()
+        assert cli.main([*cmd, "--aligned", str(base), "--out", str(out), "--allow-mismatch"]) == 0

@@ -340,13 +340,16 @@ def test_a_step_over_several_devices_groups_tensors_per_device():
     assert torch.equal(dots[0], dots_alone[0]) and torch.equal(dots[2], dots_alone[1])
 
 
-def test_zero_direction_warns_once_per_tensor_name():
+@pytest.mark.parametrize("penalty, effect", [
+    ("orthogonal", "with penalty='orthogonal' their penalty is a plain L2 pull towards W0 (C⊥ΔW = ΔW)"),
+    ("full", "with penalty='full' their penalty is the L2 pull towards W0 that every tensor gets"),
+    ("parallel", "with penalty='parallel' they get no penalty at all (C_aligned ΔW = 0): plain AdamW steps")])
+def test_zero_direction_warns_once_per_tensor_name_and_says_what_the_penalty_does(penalty, effect):
     named = [("a", nn.Parameter(torch.randn(3))), ("b", nn.Parameter(torch.randn(3)))]
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        AsFTAdamW(named, anchors={"a": torch.zeros(3), "b": torch.randn(3)})
-    assert [str(w.message) for w in seen] == [
-        "AsFT: the direction is zero for 1 tensor(s): a; their penalty is a plain L2 pull towards W0"]
+        AsFTAdamW(named, anchors={"a": torch.zeros(3), "b": torch.randn(3)}, penalty=penalty)
+    assert [str(w.message) for w in seen] == [f"AsFT: the direction is zero for 1 tensor(s): a; {effect}"]
 
 
 def test_anchors_may_be_a_directions_file_path(tmp_path):

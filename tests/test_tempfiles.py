@@ -122,3 +122,29 @@ def test_anchors_save_removes_only_stale_temps_of_its_output(tmp_path):
     left = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp"))
     assert left == sorted(list(files)[2:])
     assert remove_stale_temps(out) == []  # nothing more to remove
+
+
+def test_staged_folder_replaces_only_when_complete_and_stale_folders_go(tmp_path):
+    """`staged_dir`: a block that raises leaves the target as it was and no temporary folder; one that
+    completes replaces it whole; the folder of a killed writer (its process gone) is removed by the
+    next writer of the same target; the new folder has the permissions `mkdir` would give."""
+    from asft_optim.tempfiles import _HOST, staged_dir
+
+    target = tmp_path / "run"
+    target.mkdir()
+    (target / "old.txt").write_text("earlier run")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".run.{_HOST}.{dead.pid}.abc123.tmp"
+    (stale / "models").mkdir(parents=True)
+    with pytest.raises(RuntimeError), staged_dir(target) as work:
+        (work / "new.txt").write_text("half")
+        raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and (target / "old.txt").read_text() == "earlier run"
+    with staged_dir(target) as work:
+        (work / "new.txt").write_text("complete")
+        assert not (target / "new.txt").exists()  # nothing replaced before the block completes
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (target.stat().st_mode & 0o777) == 0o777 & ~mask

@@ -5,8 +5,8 @@ imported): correctness on small tensors, not speed. With ASFT_TEST_DEVICE=cuda t
 the compiled kernels on the GPU (benchmarks/gpu_check.sh does so). The interpreter truncates
 fp32 → bf16 where compiled kernels and torch round to nearest even, so half-precision runs are
 compared one step at a time from a shared state (within one ulp), fp32 runs over whole
-trajectories (1e-6 relative). A CPU-only compile of the update kernel for sm_90 checks its PTX for
-128-bit accesses and for spills.
+trajectories (1e-6 relative). CPU-only compiles of every kernel variant for sm_90 check registers,
+spills, shared memory and vector accesses.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 
 import copy  # noqa: E402
-import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
@@ -31,6 +30,9 @@ triton = pytest.importorskip("triton")
 from asft_optim.kernels import adamw as K  # noqa: E402
 from asft_optim.optimizer import AsFTAdamW  # noqa: E402
 from asft_optim.triton_step import resolve_impl  # noqa: E402
+
+from . import oracle  # noqa: E402
+from .test_optimizer import close_rel  # noqa: E402
 
 if DEVICE == "cpu" and not K.is_interpreted():  # triton was imported earlier without the interpreter
     pytest.skip("asft_optim.kernels was imported before TRITON_INTERPRET=1 was set; run this module "
@@ -206,8 +208,8 @@ def test_fp32_options_match_reference_and_torch(options):
 
 def test_step_with_grad_none_matches_reference():
     pa, oa, _, _ = run_pair(f32(), skip={3: {"odd"}, 4: {"odd", "one"}, 0: {"mat"}})
-    assert float(oa.state[pa["odd"]]["step"]) == 8
-    assert float(oa.state[pa["mat"]]["step"]) == 9
+    assert float(oa.state[pa["odd"]]["step"]) == 10  # penalty steps without a task gradient (it has W0)
+    assert float(oa.state[pa["mat"]]["step"]) == 9  # no W0 at step 0: no step
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -366,6 +368,195 @@ def test_two_identical_runs_are_bitwise_identical(dtype):
         assert torch.equal(runs[0][n], runs[1][n]), n
 
 
+# ----------------------------------------------------------------------------------------- carried c
+def _oracle_schedule(init: list[torch.Tensor], dirs: list[torch.Tensor], lams: list[float], kinds: list[str],
+                     lr: float) -> list[torch.Tensor]:
+    """float64 AdamW on L_task + λ_t‖R_t(W - W0)‖², λ_t and the penalty kind R_t chosen per step."""
+    ws = [torch.nn.Parameter(t.detach().double().clone()) for t in init]
+    w0s = [t.detach().double().clone() for t in init]
+    opt = torch.optim.AdamW(ws, lr=lr)
+    for t, (lam, kind) in enumerate(zip(lams, kinds, strict=True)):
+        loss = oracle.task_loss(ws, t) + sum(lam * oracle.penalty(w, w0, d, kind) for w, w0, d in zip(ws, w0s, dirs))
+        for w, g in zip(ws, torch.autograd.grad(loss, ws)):
+            w.grad = g
+        opt.step()
+    return [w.detach() for w in ws]
+
+
+SCHEDULES = {  # per step: the group options set before it
+    "lambda 1,0,0,5,5,5": [dict(asft_lambda=x) for x in (1.0, 0.0, 0.0, 5.0, 5.0, 5.0)],
+    "penalty orth,full,orth": [dict(penalty=x) for x in ("orthogonal", "full", "full", "orthogonal",
+                                                          "orthogonal", "orthogonal")],
+    "impl torch,triton": [dict(impl=x) for x in ("torch", "torch", "triton", "triton", "triton", "triton")],
+    "impl triton,torch,triton": [dict(impl=x) for x in ("triton", "triton", "torch", "triton", "triton", "triton")],
+}
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_lambda_penalty_and_impl_schedules_match_the_fp64_oracle(schedule):
+    """Every launch that moves p either leaves c current in its slot or drops the carried dot:
+    a λ = 0 or penalty="full" launch refreshes no c, and the kernels write p without bumping its
+    version, so a later penalised step must not trust the slot; nor may the Triton path read its
+    slot after another impl moved p (nor the other impl read a dot from before the Triton steps)."""
+    specs = f32({"odd": (4097,), "mat": (5, 123)})
+    params, opt = make(specs, "triton", lam=1.0, lr=0.02)
+    init = [p.detach().clone() for p in params.values()]
+    dirs = [opt._bindings[n].direction.v.double() for n in specs]
+    group = opt.param_groups[0]
+    for t, options in enumerate(SCHEDULES[schedule]):
+        group.update(options)
+        for p, g in zip(params.values(), oracle.task_grads(list(params.values()), t)):
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.copy_(g)  # in place: the Triton path replays its plan where it can
+        opt.step()
+    steps = SCHEDULES[schedule]
+    want = _oracle_schedule(init, dirs, [o.get("asft_lambda", 1.0) for o in steps],
+                            [o.get("penalty", "orthogonal") for o in steps], lr=0.02)
+    for n, w in zip(specs, want):
+        close_rel(params[n].detach(), w)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # the masked lanes
+def test_eps_zero_keeps_the_masked_tail_lanes_out_of_the_dot():
+    """eps = 0: the masked lanes past a tensor's end compute 0/0; they must add nothing to c."""
+    pa, oa, _, _ = run_pair(f32({"odd": (4097,), "seven": (7,)}), steps=3, eps=0.0)
+    assert all(bool(p.isfinite().all()) for p in pa.values())
+
+
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq", "max_exp_avg_sq", "w0", "step"])
+def test_a_replaced_state_tensor_is_noticed_by_the_cached_plan(key):
+    """`opt.state[p][key] = new` between steps (checkpoint tools, EMA code): the plan must read and
+    write the new tensor. The old one is then overwritten, as a caching allocator reuses memory.
+    Gradients are written in place, so that nothing else forces a rebuild of the plan."""
+    specs = f32({"odd": (4097,), "mat": (5, 123)})
+    runs = {}
+    for impl in ("triton", "reference"):
+        params, opt = make(specs, impl, amsgrad=True)
+        grads = {n: torch.zeros_like(p) for n, p in params.items()}
+        olds = []  # kept alive: a stale plan writes into them, not into freed memory
+        for t in range(6):
+            if t == 3:
+                for p in params.values():
+                    olds.append(opt.state[p][key])
+                    opt.state[p][key] = olds[-1].clone()
+                    olds[-1].fill_(7.0)
+            set_grads(params, t)
+            for n, p in params.items():
+                p.grad = grads[n].copy_(p.grad)
+            opt.step()
+        runs[impl] = params, opt
+    (pa, oa), (pb, ob) = runs["triton"], runs["reference"]
+    for n in specs:
+        assert_close(pa[n].detach(), pb[n].detach(), f"param {n}")
+        for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"):
+            assert_close(oa.state[pa[n]][k], ob.state[pb[n]][k], f"{k} of {n}")
+
+
+def test_gradients_reallocated_every_step_reuse_the_block_tables(monkeypatch):
+    """torch's zero_grad(set_to_none=True) gives new gradient tensors every step: the block tables
+    are built once (they depend on the shapes only), the plan is replayed with a new pointer table."""
+    built, gathered = [], []
+    monkeypatch.setattr("asft_optim.kernels.make_table", lambda *a, _f=K.make_table, **k: built.append(1) or _f(*a, **k))
+    monkeypatch.setattr(AsFTAdamW, "_gather", lambda self, g, _f=AsFTAdamW._gather: gathered.append(self) or _f(self, g))
+    specs = f32({"odd": (4097,), "mat": (5, 123), "one": (1,)})
+    pa, oa = make(specs, "triton")
+    pb, ob = make(specs, "reference")
+    for t in range(5):
+        set_grads(pa, t)  # new tensors
+        set_grads(pb, t)
+        oa.step()
+        ob.step()
+        for n in specs:
+            assert_close(pa[n].detach(), pb[n].detach(), f"step {t} {n}")
+    assert len(built) == 1 and sum(o is oa for o in gathered) == 1, (len(built), len(gathered))
+
+
+def test_an_unaligned_tensor_gets_a_launch_of_its_own(monkeypatch):
+    """A parameter at an odd address (a view into a larger buffer) must not cost the other tensors
+    their vector hints: it is stepped in its own launch, the rest in an aligned one."""
+    launched = []
+    real = K.fused_step_
+    monkeypatch.setattr("asft_optim.kernels.fused_step_",
+                        lambda table, *a, **k: launched.append((table.aligned, table.numels.tolist())) or real(table, *a, **k))
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4098, generator=g)
+    params = {"odd": torch.nn.Parameter(base[1:]), "mat": torch.nn.Parameter(torch.randn(5, 123, generator=g)),
+              "one": torch.nn.Parameter(torch.randn(1, generator=g))}
+    assert params["odd"].data_ptr() % 16
+    dirs = {n: torch.randn(p.shape, generator=g) for n, p in params.items()}
+    opt = AsFTAdamW(list(params.items()), lr=0.02, anchors=dirs, impl="triton")
+    ref = {n: torch.nn.Parameter(p.detach().clone()) for n, p in params.items()}
+    ref_opt = AsFTAdamW(list(ref.items()), lr=0.02, anchors=dirs, impl="reference")
+    for t in range(3):
+        set_grads(params, t)
+        set_grads(ref, t)
+        opt.step()
+        ref_opt.step()
+    assert sorted(launched[:2]) == [(False, [4097]), (True, [615, 1])], launched
+    for n in params:
+        assert_close(params[n].detach(), ref[n].detach(), n)
+
+
+def test_every_launch_runs_under_a_guard_for_its_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: each launcher makes the tensors' device current
+    first (`_on`), whichever device is current (device_map="auto" puts layers on cuda:1...)."""
+    assert isinstance(K._on(torch.device("cuda", 1)), torch.cuda.device) and K._on(torch.device("cuda", 1)).idx == 1
+    entered: list[torch.device] = []
+    inside = [False]
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+            inside[0] = True
+
+        def __exit__(self, *exc):
+            inside[0] = False
+
+    class Kernel:
+        def __init__(self, real):
+            self.real = real
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                assert inside[0], "a kernel launched outside the device guard"
+                return self.real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(K, "_on", Guard)
+    for name in ("_update_kernel", "_dot_kernel", "_fold_kernel"):
+        monkeypatch.setattr(K, name, Kernel(getattr(K, name)))
+    params, opt = make(f32({"odd": (4097,), "one": (1,)}), "triton")
+    for t in range(3):
+        set_grads(params, t)
+        if t == 2:
+            opt.resync()  # the exact pass too
+        opt.step()
+    assert entered and set(entered) == {params["odd"].device}
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_parameters_on_a_second_gpu_step_there():
+    specs = f32({"odd": (4097,), "mat": (5, 123)})
+    pa, oa = make(specs, "triton")
+    pb, ob = make(specs, "reference")
+    with torch.no_grad():
+        for p in list(pa.values()) + list(pb.values()):
+            p.data = p.data.to("cuda:1")
+    torch.cuda.set_device(0)
+    for t in range(3):
+        set_grads(pa, t)
+        set_grads(pb, t)
+        oa.step()
+        ob.step()
+    for n in specs:
+        assert_close(pa[n].detach(), pb[n].detach(), n)
+
+
 # ----------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("flag", ["foreach", "fused", "capturable"])
 def test_torch_kernel_flags_with_triton_raise(flag):
@@ -402,68 +593,130 @@ def test_default_impl_is_triton_on_cuda_and_torch_elsewhere():
 
 # ----------------------------------------------------------------------------------------- PTX
 _PTX_SCRIPT = """
-import json, sys
+import json, os, re, subprocess, sys, tempfile
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from asft_optim.kernels import adamw as K
 
-dt = {"fp32": tl.float32, "bf16": tl.bfloat16}[sys.argv[1]]
-fn = K._update_kernel
-sig = {name: "constexpr" for name in fn.arg_names}
-sig.update({"table": "*i64", "numels": "*i64", "blk_tensor": "*i32", "blk_start": "*i64", "c_buf": "*fp32",
-            "cslot": "*i32", "inv_nv2": "*fp32", "steps": "*fp32", "partials": "*fp32"})
-for name in ("coef", "decay", "omb1", "beta2", "omb2", "eps", "step_size", "bc2_sqrt"):
-    sig[name] = "fp32"
-const = dict(P_DTYPE=dt, G_DTYPE=dt, M_DTYPE=tl.float32, W0_DTYPE=tl.bfloat16, V_DTYPE=tl.bfloat16,
-             PENALTY=0, HAS_PEN=True, AMSGRAD=False, MAXIMIZE=False, PER_TENSOR_STEP=False,
-             ALIGNED=True, BLOCK=K.BLOCK)
-attrs = {(i,): [["tt.divisibility", 16]] for i in range(9)}
+T = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
+POINTERS = {"table": "*i64", "grad_table": "*i64", "numels": "*i64", "blk_tensor": "*i32", "blk_start": "*i64", "c_buf": "*fp32",
+            "cslot": "*i32", "inv_nv2": "*fp32", "steps": "*fp32", "partials": "*fp32"}
 target = GPUTarget("cuda", 90, 32)
 backend = triton.compiler.make_backend(target)
-options = backend.parse_options({"num_warps": K.NUM_WARPS})
-cc = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), target=target,
-                    options=options.__dict__)
-import os, subprocess, tempfile
-from triton.backends.nvidia.compiler import get_ptxas
-with tempfile.TemporaryDirectory() as d:
-    path = os.path.join(d, "k.ptx")
-    open(path, "w").write(cc.asm["ptx"])
-    ptxas = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", path,
-                            "-o", os.path.join(d, "k.o")],
-                           capture_output=True, text=True, check=True)
-print(json.dumps({"ptx": cc.asm["ptx"], "ptxas": ptxas.stdout + ptxas.stderr}))
+
+
+def compile_variant(kernel, p, m, wv, aligned=True, pen=True, amsgrad=False, per_tensor=False):
+    fn = getattr(K, kernel)
+    sig = {name: "constexpr" for name in fn.arg_names}
+    sig.update({k: v for k, v in POINTERS.items() if k in fn.arg_names})
+    vec = 16 // max(4 if x == "fp32" else 2 for x in (p, m, wv))
+    const = dict(P_DTYPE=T[p], W0_DTYPE=T[wv], V_DTYPE=T[wv], ALIGNED=aligned, VEC=vec, BLOCK=K.BLOCK)
+    const = {k: v for k, v in const.items() if k in fn.arg_names}
+    if kernel == "_update_kernel":
+        for name in ("coef", "decay", "omb1", "beta2", "omb2", "eps", "step_size", "bc2_sqrt"):
+            sig[name] = "fp32"
+        const.update(G_DTYPE=T[p], M_DTYPE=T[m], PENALTY=0, HAS_PEN=pen, AMSGRAD=amsgrad, MAXIMIZE=False,
+                     PER_TENSOR_STEP=per_tensor)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name in POINTERS}
+    options = backend.parse_options({"num_warps": K.NUM_WARPS})
+    cc = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), target=target,
+                        options=options.__dict__)
+    ptx = cc.asm["ptx"]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as fh:
+            fh.write(ptx)
+        out = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", path, "-o", os.path.join(d, "k.o")],
+                             capture_output=True, text=True, check=True)
+    info = out.stdout + out.stderr
+    count = lambda pat: len(re.findall(pat, ptx))
+    return {"registers": int(re.search(r"Used (\\d+) registers", info).group(1)),
+            "spill_bytes": sum(int(x) for x in re.findall(r"(\\d+) bytes spill", info)),
+            "shared_bytes": cc.metadata.shared, "local": bool(re.search(r"\\.local\\b", ptx)),
+            "ld128": count(r"ld\\.global(?:\\.\\w+)*\\.v4\\.b32"), "ld64": count(r"ld\\.global(?:\\.\\w+)*\\.v2\\.b32"),
+            "st128": count(r"st\\.global(?:\\.\\w+)*\\.v4\\.b32"), "st64": count(r"st\\.global(?:\\.\\w+)*\\.v2\\.b32")}
+
+
+variants = json.loads(sys.argv[1])
+print(json.dumps({"triton": triton.__version__,
+                  "variants": {name: compile_variant(**kw) for name, kw in variants.items()}}))
 """
 
+# name → (kernel, param dtype, moment dtype, W0/direction dtype, options): what real training compiles
+PTX_VARIANTS = {
+    "fp32": dict(kernel="_update_kernel", p="fp32", m="fp32", wv="fp32"),
+    "fp32 p, bf16 W0/v": dict(kernel="_update_kernel", p="fp32", m="fp32", wv="bf16"),
+    "fp32 p, bf16 W0/v, amsgrad, per-tensor steps": dict(kernel="_update_kernel", p="fp32", m="fp32", wv="bf16",
+                                                         amsgrad=True, per_tensor=True),
+    "bf16 p, fp32 moments, bf16 W0/v": dict(kernel="_update_kernel", p="bf16", m="fp32", wv="bf16"),
+    "bf16 p, fp32 moments, no penalty": dict(kernel="_update_kernel", p="bf16", m="fp32", wv="bf16", pen=False),
+    "bf16": dict(kernel="_update_kernel", p="bf16", m="bf16", wv="bf16"),
+    "fp32, unaligned": dict(kernel="_update_kernel", p="fp32", m="fp32", wv="fp32", aligned=False),
+    "dot fp32": dict(kernel="_dot_kernel", p="fp32", m="fp32", wv="fp32"),
+    "dot fp32 p, bf16 W0/v": dict(kernel="_dot_kernel", p="fp32", m="fp32", wv="bf16"),
+}
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_update_kernel_compiles_for_sm90_with_vector_loads_and_no_spills(dtype):
+
+def compile_ptx(extra_path: str | None = None) -> dict:
+    """Compile every `PTX_VARIANTS` entry for sm_90a on the CPU (no GPU needed) with the installed
+    Triton, or with the one in `extra_path` (a `pip install --target` folder) first on the path;
+    ptxas -v gives registers and spills, the compiled metadata the shared memory."""
+    import json
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = subprocess.run([sys.executable, "-c", _PTX_SCRIPT, dtype], env=env, capture_output=True,
-                         text=True, timeout=300)
+    if extra_path:
+        env["PYTHONPATH"] = os.pathsep.join([extra_path] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
+    out = subprocess.run([sys.executable, "-c", _PTX_SCRIPT, json.dumps(PTX_VARIANTS)], env=env, capture_output=True,
+                         text=True, timeout=600)
     if out.returncode != 0:
         pytest.fail(f"compiling for sm_90 failed:\n{out.stderr[-3000:]}")
-    import json
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    ptx = res["ptx"]
-    loads = re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx)
-    stores = re.findall(r"st\.global(?:\.\w+)*\.v4\.b32", ptx)
-    # unmasked body: each thread holds `per_thread` elements of every stream in 16-byte vectors:
-    # p and g in `dtype`, fp32 moments (read and written), bf16 W0 and v (read)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+TRITON_BUILDS = ["installed"] + ([os.environ["ASFT_PTX_TRITON"]] if os.environ.get("ASFT_PTX_TRITON") else [])
+
+
+@pytest.mark.parametrize("build", TRITON_BUILDS)
+def test_compiled_variants_keep_registers_shared_memory_and_vectors(build):
+    """Per compiled variant (sm_90a): no spills, no local memory; the mixed-dtype and all-16-bit
+    variants use the registers and shared memory of the all-fp32 one (a 16-byte hint on a bf16
+    stream beside fp32 ones once cost 120-128 registers and 8 KB of shared memory for a layout
+    conversion); aligned streams move in vectors of VEC elements (128-bit fp32 accesses, 64-bit
+    bf16 ones beside fp32, 128-bit where all are 16-bit). ASFT_PTX_TRITON=FOLDER also checks the
+    Triton installed in FOLDER (e.g. `pip install --target FOLDER triton==3.6.0`)."""
+    res = compile_ptx(None if build == "installed" else build)
+    got = res["variants"]
+    base, dot = got["fp32"], got["dot fp32"]
     per_thread = K.BLOCK // (32 * K.NUM_WARPS)
-    vec = {"fp32": per_thread // 4, "bf16": per_thread // 8}
-    assert len(loads) >= 2 * vec[dtype] + 2 * vec["fp32"] + 2 * vec["bf16"], f"{len(loads)} 128-bit loads"
-    assert len(stores) >= vec[dtype] + 2 * vec["fp32"], f"{len(stores)} 128-bit stores"
-    assert not re.search(r"\.local\b|ld\.local|st\.local", ptx), "local memory (spills) in the PTX"
-    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", res["ptxas"]), res["ptxas"]
+    for name, r in got.items():
+        where = f"triton {res['triton']}, {name}: {r}"
+        assert r["spill_bytes"] == 0 and not r["local"], where
+        if "unaligned" in name:
+            continue
+        ref = dot if name.startswith("dot") else base
+        assert r["registers"] <= ref["registers"] + 8 and r["shared_bytes"] <= ref["shared_bytes"], where
+        spec = PTX_VARIANTS[name]
+        widths = [4 if x == "fp32" else 2 for x in (spec["p"], spec["m"], spec["wv"])]
+        vec = 16 // max(widths)
+        streams = {"p": spec["p"], "w0": spec["wv"], "v": spec["wv"]}
+        if spec["kernel"] == "_update_kernel":
+            streams.update(g=spec["p"], m=spec["m"], sq=spec["m"])
+            if not spec.get("pen", True):
+                del streams["w0"], streams["v"]
+        loads = {128: 0, 64: 0}
+        for dtype in streams.values():
+            loads[vec * (32 if dtype == "fp32" else 16)] += per_thread // vec
+        assert r["ld128"] >= loads[128] and r["ld64"] >= loads[64], (loads, where)
 
 
 # ----------------------------------------------------------------------------------------- plan
 def test_cached_plan_skips_the_setup_and_stays_exact(monkeypatch):
-    """Gradients written in place keep their addresses: from step 2 on the step reuses the launch
-    plan (no `_init_group`); a new gradient tensor, a grad=None step, `.data` reassigned or a
-    resync rebuild it. All along, parameters and step counts match the reference."""
+    """From step 2 on the step replays the launch plan (no `_init_group`): a new gradient tensor,
+    `.data` reassigned, or a grad=None step (which takes its penalty step on a fresh zero gradient)
+    only move addresses (the pointer table is uploaded again). All along, parameters and step
+    counts match the reference."""
     calls = []
     original = AsFTAdamW._init_group
     monkeypatch.setattr(AsFTAdamW, "_init_group", lambda self, *a: calls.append(self) or original(self, *a))
@@ -486,9 +739,9 @@ def test_cached_plan_skips_the_setup_and_stays_exact(monkeypatch):
         oa.step()
         ob.step()
         rebuilt = sum(o is oa for o in calls) > before
-        assert rebuilt == (t in (0, 5, 6, 7, 8)), t
+        assert rebuilt == (t == 0), t
         for n in specs:
             assert_close(pa[n].detach(), pb[n].detach(), f"step {t} {n}")
             assert float(oa.state[pa[n]]["step"]) == float(ob.state[pb[n]]["step"])
     sd = oa.state_dict()  # step counts are views of one buffer: they save and load like any tensor
-    assert [float(s["step"]) for s in sd["state"].values()] == [10.0, 9.0]
+    assert [float(s["step"]) for s in sd["state"].values()] == [10.0, 10.0]  # grad=None: a penalty step

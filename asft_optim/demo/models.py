@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .finetune import Method, encode, save_model, train
+from ..finetune.training import Method, encode, save_model, train
 from .language import ARROW, Language, LanguageConfig, SPECIAL
 
 __all__ = ["ModelRecipe", "DemoModels", "cache_root", "build_tokenizer", "ensure_models", "RECIPE_VERSION"]

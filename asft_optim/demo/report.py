@@ -23,7 +23,7 @@ from ..anchors import Anchors
 from ..compare import dodge_offsets
 from ..metrics import per_layer, sums
 from ..evaluation.results import write_json
-from .finetune import load_model
+from ..finetune.training import load_model
 from .run import SFT_LEARNED, stat
 
 __all__ = ["TABLE", "drift_per_layer", "main_table", "verdict", "hs_fa_points", "method_styles", "dodged", "write"]

@@ -25,7 +25,7 @@ import torch
 from ..anchors import Anchors
 from ..evaluation.judges import ToyJudge
 from .evaluate import Scores, first_token_margin, harmful_score, task_accuracy
-from .finetune import LoraSpec, Method, encode, load_model, save_model, train
+from ..finetune.training import LoraSpec, Method, encode, load_model, save_model, train
 from .language import SORRY, SURE, Language
 from .models import DemoModels, ModelRecipe, cache_root, ensure_models
 

@@ -4,9 +4,11 @@
                   [--max-new-tokens N] [--batch-size N] --out DIR
 
 Greedy responses to the harmful prompts are judged (`judges`); HS = flagged share, refusal rate =
-refusing share, both in percent. With `--task`, FA = share of task responses matching the answer.
+refusing share, both in percent (HS null with the keyword judge, which sees refusals only). With `--task`, FA = share of task responses matching the answer.
 Writes DIR/samples.jsonl (one line per prompt: prompt, input, response, flagged, refused, scores),
-DIR/task_samples.jsonl with --task, and last DIR/results.json, each atomically.
+DIR/task_samples.jsonl with --task, and last DIR/results.json, each atomically. An earlier run's
+files in DIR are replaced (with --overwrite) only once every input has been checked and the new
+files are complete; DIR may hold inputs, but never the files it replaces.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from .generation import TEMPLATES, format_prompt, generate
 from .judges import JUDGE_KINDS, Judge, load_judge, verdict_row
 from .models import fingerprint, load_causal_lm, resolve_dtype
 from .records import Records, load_prompts, load_task, prompt_of
-from .results import FORMAT, RESULTS, SAMPLES, TASK_SAMPLES, write_json, write_jsonl
+from ..outputs import refuse_overlap
+from .results import FORMAT, RESULTS, SAMPLES, TASK_SAMPLES, write_run
 from .scoring import MATCHES, matches
 
 __all__ = ["evaluate", "score_responses", "add_cli"]
@@ -66,7 +69,8 @@ def evaluate(model: str, out: Path, *, prompts: str, judge: str = "keyword", jud
     files, the judge, the model and the adapter's fit.
 
     Raises:
-        FileNotFoundError, ValueError: bad input; the message names the file, line, or argument.
+        FileNotFoundError, ValueError: bad input; the message names the file, line, or argument; an
+            input is one of the files this run would replace, or `out` lies inside an input folder.
         FileExistsError: `out` already holds a results.json and not `overwrite`.
     """
     if match not in MATCHES:
@@ -74,11 +78,12 @@ def evaluate(model: str, out: Path, *, prompts: str, judge: str = "keyword", jud
     if template not in TEMPLATES:
         raise ValueError(f"unknown --template {template!r}; expected one of {', '.join(TEMPLATES)}")
     out = Path(out)
-    if (out / RESULTS).exists():
-        if not overwrite:
-            raise FileExistsError(f"{out / RESULTS} exists: pass --overwrite or choose another --out")
-        for name in (RESULTS, SAMPLES, TASK_SAMPLES):
-            (out / name).unlink(missing_ok=True)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    if (out / RESULTS).exists() and not overwrite:
+        raise FileExistsError(f"{out / RESULTS} exists: pass --overwrite or choose another --out")
+    refuse_overlap(out, "--out", [("MODEL", model), ("--adapter", adapter), ("--prompts", prompts), ("--task", task),
+                                  ("--judge", judge)], replaced=(RESULTS, SAMPLES, TASK_SAMPLES))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = resolve_dtype(dtype, device)
     harmful = load_prompts(prompts, limit)
@@ -87,19 +92,20 @@ def evaluate(model: str, out: Path, *, prompts: str, judge: str = "keyword", jud
                            dtype=torch_dtype)
     lm, tok, tok_source = load_causal_lm(model, adapter, dtype=torch_dtype, device=device)
 
-    gen = dict(template=template, max_new_tokens=max_new_tokens, batch_size=batch_size, show=show_progress)
+    gen = {"template": template, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "show": show_progress}
     inputs, responses, gen_s = _responses(lm, tok, harmful, "generating", **gen)
     verdicts, judge_s = score_responses(the_judge, harmful, responses, show_progress)
     samples = [{"prompt": prompt_of(r), "input": x, "response": y, **verdict_row(v)}
                for r, x, y, v in zip(harmful.records, inputs, responses, verdicts)]
     n = len(samples)
+    n_flagged = sum(bool(v.flagged) for v in verdicts) if the_judge.reads_harm else None
     results: dict[str, Any] = {
         "format": FORMAT,
-        "harmful_score": 100 * sum(v.flagged for v in verdicts) / n,
+        "harmful_score": None if n_flagged is None else 100 * n_flagged / n,
         "refusal_rate": 100 * sum(v.refused for v in verdicts) / n,
         "task_accuracy": None,
         "n": n,
-        "n_flagged": sum(v.flagged for v in verdicts),
+        "n_flagged": n_flagged,
         "model": {**fingerprint(model), "revision": getattr(lm.config, "_commit_hash", None)},
         "adapter": fingerprint(adapter) if adapter is not None else None,
         "tokenizer": tok_source,
@@ -126,10 +132,8 @@ def evaluate(model: str, out: Path, *, prompts: str, judge: str = "keyword", jud
         results["task"] = {**task_records.describe(), "match": match, "n_correct": correct}
         results["throughput"]["task_prompts_per_s"] = len(task_rows) / task_s if task_s > 0 else None
         results["timings_s"]["task"] = round(task_s, 3)
-    write_jsonl(out / SAMPLES, samples)
-    if task_rows is not None:
-        write_jsonl(out / TASK_SAMPLES, task_rows)
-    write_json(out / RESULTS, results)
+    out.mkdir(parents=True, exist_ok=True)
+    write_run(out, results, samples, task_rows)
     return results
 
 
@@ -157,7 +161,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation and judge batch")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier results.json in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in --out (once this run is complete)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=_run_cli)
 
@@ -176,7 +180,10 @@ def _run_cli(args: argparse.Namespace) -> int:
         print(f"asft evaluate: error: {e}", file=sys.stderr)
         return 2
     fa = "–" if res["task_accuracy"] is None else f"{res['task_accuracy']:.1f}%"
-    print(f"HS {res['harmful_score']:.1f}%  refusal {res['refusal_rate']:.1f}%  FA {fa}  "
-          f"(n = {res['n']}, judge {res['judge']['kind']})")
+    hs = "–" if res["harmful_score"] is None else f"{res['harmful_score']:.1f}%"
+    print(f"HS {hs}  refusal {res['refusal_rate']:.1f}%  FA {fa}  (n = {res['n']}, judge {res['judge']['kind']})")
+    if res["harmful_score"] is None:
+        print(f"note: the {res['judge']['kind']} judge sees refusals only, not harm: no HS (pass --judge with a "
+              "QA-moderation classifier or a guard model)")
     print(f"results: {args.out / RESULTS}")
     return 0

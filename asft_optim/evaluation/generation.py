@@ -2,7 +2,7 @@
 
 Prompt formats (`template`):
     auto    the tokenizer's chat template when it has one, else the Alpaca format (what
-            `asft finetune` and `asft demo` train with; `asft_optim.demo.finetune.prompt_text`)
+            `asft finetune` and `asft demo` train with; `prompt_text`)
     chat    the tokenizer's chat template (an error when it has none)
     alpaca  the Alpaca instruction format, after the tokenizer's BOS text
     raw     the prompt itself, after the tokenizer's BOS text
@@ -20,15 +20,27 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["TEMPLATES", "format_prompt", "generate"]
+__all__ = ["ALPACA", "TEMPLATES", "format_prompt", "generate", "prompt_text"]
 
 TEMPLATES = ("auto", "chat", "alpaca", "raw")
+ALPACA = ("Below is an instruction that describes a task{inp_note}. Write a response that appropriately "
+          "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
+
+
+def prompt_text(tokenizer: Any, instruction: str, input: str = "") -> str:
+    """The prompt of one record: the tokenizer's chat template when it has one, else Alpaca's."""
+    if getattr(tokenizer, "chat_template", None):
+        content = f"{instruction}\n\n{input}" if input else instruction
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                             add_generation_prompt=True, tokenize=False)
+    block = f"### Input:\n{input}\n\n" if input else ""
+    note = ", paired with an input that provides further context" if input else ""
+    return (tokenizer.bos_token or "") + ALPACA.format(inp_note=note, instruction=instruction,
+                                                      input_block=block)
 
 
 def format_prompt(tokenizer: Any, rec: dict[str, str], template: str = "auto") -> str:
     """The exact text fed to the model for one record `{"instruction", "input"}`."""
-    from ..demo.finetune import ALPACA, prompt_text
-
     if template not in TEMPLATES:
         raise ValueError(f"unknown prompt template {template!r}; expected one of {', '.join(TEMPLATES)}")
     has_chat = bool(getattr(tokenizer, "chat_template", None))

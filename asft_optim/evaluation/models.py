@@ -4,6 +4,7 @@ and fingerprints that identify what was evaluated."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,11 @@ def load_causal_lm(model: str, adapter: str | None, *, dtype: torch.dtype, devic
     if not path.is_dir() and (path.exists() or model.startswith((".", "/")) or model.count("/") > 1):
         raise FileNotFoundError(f"model not found: {model} (expected a transformers model folder or a Hub id)")
     if path.is_dir() and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model folder {model} has no config.json: not a transformers checkpoint")
+        hint = ""
+        if (path / "adapter_config.json").is_file():
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or "BASE"
+            hint = f"; it is a LoRA adapter folder: asft evaluate {base} --adapter {model}"
+        raise FileNotFoundError(f"model folder {model} has no config.json: not a transformers checkpoint{hint}")
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
     tok_source = model
     if adapter is not None:

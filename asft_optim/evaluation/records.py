@@ -1,4 +1,5 @@
-"""Prompts and task records for `asft evaluate`, from JSONL files or a `datasets` id.
+"""Prompts and task records, from JSONL files or a `datasets` id: the one record format of every
+command (`asft evaluate --prompts/--task`, `asft finetune --data/--test/--harmful`).
 
 A prompt record is `{"instruction", "input"}`: the instruction comes from the first string field of
 `prompt`, `instruction` or `question`; `input` is optional. Task records add `answer`, from the first
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PROMPT_FIELDS", "ANSWER_FIELDS", "Records", "load_prompts", "load_task", "prompt_of", "jsonl_rows"]
+__all__ = ["ANSWER_FIELDS", "PROMPT_FIELDS", "Records", "jsonl_rows", "load_prompts", "load_task", "parse_record",
+           "prompt_of"]
 
 PROMPT_FIELDS = ("prompt", "instruction", "question")
 ANSWER_FIELDS = ("answer", "label", "output")
@@ -84,6 +86,31 @@ def _first(row: dict[str, Any], fields: Iterable[str], numbers: bool = False) ->
     return None
 
 
+def parse_record(where: str, row: dict[str, Any], need_answer: bool) -> dict[str, str]:
+    """One record `{"instruction", "input"}` (plus `"answer"` when `need_answer`) from a JSON row.
+
+    Every command reads this one format (see the module docstring); `where` ("FILE:LINE") names the
+    row in errors.
+
+    Raises:
+        ValueError: no prompt field, a non-string `input`, or (when `need_answer`) no answer field.
+    """
+    instruction = _first(row, PROMPT_FIELDS)
+    if instruction is None:
+        raise ValueError(f"{where}: no prompt: expected a string field " + ", ".join(f"'{k}'" for k in PROMPT_FIELDS))
+    inp = row.get("input", "")
+    if not isinstance(inp, str):
+        raise ValueError(f"{where}: field 'input' is not a string")
+    rec = {"instruction": instruction, "input": inp}
+    if need_answer:
+        answer = _first(row, ANSWER_FIELDS, numbers=True)
+        if answer is None:
+            raise ValueError(f"{where}: no answer: expected a field "
+                             + ", ".join(f"'{k}'" for k in ANSWER_FIELDS) + " (string or number)")
+        rec["answer"] = answer
+    return rec
+
+
 def _load(spec: str | Path, what: str, limit: int | None, need_answer: bool) -> Records:
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be ≥ 1, got {limit}")
@@ -100,21 +127,7 @@ def _load(spec: str | Path, what: str, limit: int | None, need_answer: bool) -> 
         raise FileNotFoundError(f"{what} file not found: {text} (expected a JSONL file{hint})")
     kept: list[tuple[dict[str, str], Any]] = []
     for where, row in rows:
-        instruction = _first(row, PROMPT_FIELDS)
-        if instruction is None:
-            raise ValueError(f"{where}: no prompt: expected a string field "
-                             + ", ".join(f"'{k}'" for k in PROMPT_FIELDS))
-        inp = row.get("input", "")
-        if not isinstance(inp, str):
-            raise ValueError(f"{where}: field 'input' is not a string")
-        rec = {"instruction": instruction, "input": inp}
-        if need_answer:
-            answer = _first(row, ANSWER_FIELDS, numbers=True)
-            if answer is None:
-                raise ValueError(f"{where}: no answer: expected a field "
-                                 + ", ".join(f"'{k}'" for k in ANSWER_FIELDS) + " (string or number)")
-            rec["answer"] = answer
-        kept.append((rec, row.get("is_safe")))
+        kept.append((parse_record(where, row, need_answer), row.get("is_safe")))
     if not kept:
         raise ValueError(f"{what} {text}: no records")
     unsafe_only = not need_answer and all(isinstance(flag, bool) for _, flag in kept)

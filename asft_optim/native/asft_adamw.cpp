@@ -1,12 +1,13 @@
-// The AsFT penalty and the AdamW update over a list of fp32 tensors in one pass over memory, with
-// the next step's <v, p_new - W0> folded in fp64 while the new values are in registers.
+// The AsFT penalty and the AdamW update over a list of fp32 or bf16 tensors in one pass over memory,
+// with the next step's <v, p_new - W0> folded in fp64 while the new values are in registers.
 //
-// Per element (fp32, the order of torch.optim.AdamW's for-loop implementation; built with
-// -ffp-contract=off so no multiply-add is fused):
-//   dW = p - W0;  R = dW - c*v | c*v | dW;  g~ = (g + coef*R) * (maximize ? -1 : 1)
+// Per element (fp32 math, the order of torch.optim.AdamW's for-loop implementation; built with
+// -ffp-contract=off so no multiply-add is fused; bf16 inputs widened exactly, bf16 outputs rounded
+// to nearest even once, on store, as torch rounds a float to bf16):
+//   dW = p - W0;  R = dW - c*v | c*v | dW;  g~ = (g + coef*R, stored in g's dtype) * (maximize ? -1 : 1)
 //   p *= 1 - lr*wd;  m = lerp(m, g~, 1 - beta1);  s = s*beta2 + ((1 - beta2)*g~)*g~
 //   p += (-lr/bc1 * m) / (sqrt(s)/sqrt(bc2) + eps)
-//   dot += (double)(v * (p - W0))          (terms in fp32, as the penalty's dW; sums in fp64)
+//   dot += (double)(v * (p - W0))          (p as stored; terms in fp32, as the penalty's dW; sums in fp64)
 // Each tensor is cut into blocks of kBlock elements from its start (memory order); a block's dot is
 // folded over kLanes fixed lanes, and the blocks of a tensor are summed in block order, so the result
 // does not depend on the thread count, and `dots` (the same fold without the update) gives the same
@@ -29,8 +30,9 @@
 namespace {
 
 constexpr int64_t kBlock = 1 << 14;  // elements per fold block
-constexpr int64_t kSub = 512;        // elements per inner pass: update, then fold (still in L1)
-constexpr int kLanes = 8;            // fp64 accumulators per block
+constexpr int64_t kSub = 64;         // elements per inner pass: update, then fold (in L1; short enough
+                                     // that the fold overlaps the next pass's memory traffic)
+constexpr int kLanes = 16;           // fp64 accumulators per block (two vectors of 8)
 constexpr int64_t kGrain = 1 << 15;  // fewer elements than this run on the calling thread
 
 enum Penalty : int64_t { kOrthogonal = 0, kParallel = 1, kFull = 2 };
@@ -43,15 +45,28 @@ inline float widen(uint16_t x) {  // bf16 -> fp32 is exact: the high half of the
   return f;
 }
 
+// fp32 -> the storage type: bf16 rounded to nearest even, NaN kept a (quiet) NaN, as c10::BFloat16.
+template <typename T>
+inline T narrow(float x);
+template <>
+inline float narrow<float>(float x) { return x; }
+template <>
+inline uint16_t narrow<uint16_t>(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return x != x ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(r);
+}
+
 struct Item {  // one tensor of the step, pointers at its first element in memory order
-  float* p;
-  const float* g;
-  float* m;
-  float* s;
+  void* p;           // the parameter (fp32 or bf16), and its gradient in the same dtype
+  const void* g;
+  void* m;           // the moments: fp32, or bf16 with bf16 parameters
+  void* s;
   const void* w0;
   const void* v;
   int64_t n;
-  int kind;          // 2*(W0 is bf16) + (v is bf16)
+  int kind;          // 4*storage + 2*(W0 is bf16) + (v is bf16); storage: see `storage_of`
   float c;           // <v, dW>/|v|^2 (unused for "full")
   float neg_step;    // -lr / (1 - beta1^step)
   float bc2_sqrt;    // sqrt(1 - beta2^step)
@@ -69,90 +84,123 @@ struct Hyper {  // the group's scalars, cast to fp32 as torch casts them
   float sign;
 };
 
-// lanes[j] += v*(p - W0) over elements j, j + kLanes, ... of one inner pass: each term in fp32 (the
-// penalty's own dW), summed lane by lane in fp64.
-template <typename TW, typename TV>
-inline void dot_pass(double* __restrict lanes, const float* __restrict p, const TW* __restrict w0,
-                     const TV* __restrict v, int64_t len) {
+// Fixed-width vectors (GCC vector extensions; split into narrower registers where the CPU has none
+// this wide): 16 fp32, 8 fp64, 16 bf16 bit patterns.
+typedef float vf32 __attribute__((vector_size(64)));
+typedef double vf64 __attribute__((vector_size(64)));
+typedef uint16_t vu16 __attribute__((vector_size(32)));
+typedef uint32_t vu32 __attribute__((vector_size(64)));
+
+inline vf32 load16(const float* x) {
+  vf32 r;
+  std::memcpy(&r, x, sizeof r);
+  return r;
+}
+inline vf32 load16(const uint16_t* x) {  // bf16 -> fp32, exactly
+  vu16 h;
+  std::memcpy(&h, x, sizeof h);
+  return reinterpret_cast<vf32>(__builtin_convertvector(h, vu32) << 16);
+}
+
+// The fold's accumulators: lane j (lo[j] for j < 8, hi[j - 8] above) sums, in fp64 and in element
+// order, the terms of the elements j, j + kLanes, ... counted from the block's start.
+struct Lanes {
+  vf64 lo = {0, 0, 0, 0, 0, 0, 0, 0}, hi = {0, 0, 0, 0, 0, 0, 0, 0};
+  double combine() const {
+    const vf64 s = lo + hi;  // lane j + lane j + 8
+    return ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
+  }
+};
+
+// lanes += v*(p - W0) over one inner pass (its length a multiple of kLanes except at a block's
+// end): each term in fp32 (the penalty's own dW), accumulated in fp64.
+template <typename TP, typename TW, typename TV>
+inline void dot_pass(Lanes& lanes, const TP* __restrict p, const TW* __restrict w0, const TV* __restrict v,
+                     int64_t len) {
   int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes)
-    for (int j = 0; j < kLanes; ++j)
-      lanes[j] += static_cast<double>(widen(v[i + j]) * (p[i + j] - widen(w0[i + j])));
-  for (int j = 0; i < len; ++i, ++j) lanes[j] += static_cast<double>(widen(v[i]) * (p[i] - widen(w0[i])));
+  for (; i + kLanes <= len; i += kLanes) {
+    const vf32 t = load16(v + i) * (load16(p + i) - load16(w0 + i));
+    lanes.lo += __builtin_convertvector(__builtin_shufflevector(t, t, 0, 1, 2, 3, 4, 5, 6, 7), vf64);
+    lanes.hi += __builtin_convertvector(__builtin_shufflevector(t, t, 8, 9, 10, 11, 12, 13, 14, 15), vf64);
+  }
+  for (int j = 0; i < len; ++i, ++j) {
+    const double t = static_cast<double>(widen(v[i]) * (widen(p[i]) - widen(w0[i])));
+    if (j < 8)
+      lanes.lo[j] += t;
+    else
+      lanes.hi[j - 8] += t;
+  }
 }
 
-inline double combine(const double* l) {
-  return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+// One inner pass of the update (LOW: torch's lerp branch for a weight below 0.5).
+template <int64_t P, bool LOW, typename TP, typename TM, typename TW, typename TV>
+inline void update_pass(TP* __restrict pp, const TP* __restrict gg, TM* __restrict mm, TM* __restrict ss,
+                        const TW* __restrict ww, const TV* __restrict vv, int64_t len, const Hyper& h,
+                        float c, float neg_step, float bc2_sqrt) {
+  const float coef = h.coef, sign = h.sign, decay = h.decay, w1 = h.w1, w1c = h.w1c;
+  const float beta2 = h.beta2, omb2 = h.one_minus_beta2, eps = h.eps;
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const float w = widen(ww[i]), d = widen(vv[i]), p0 = widen(pp[i]), m0 = widen(mm[i]);
+    const float dw = p0 - w;
+    const float r = P == kOrthogonal ? dw - c * d : (P == kParallel ? c * d : dw);
+    const float g = widen(narrow<TP>(widen(gg[i]) + coef * r)) * sign;  // g~ in the gradient's dtype
+    const float m = LOW ? m0 + w1 * (g - m0) : g - (g - m0) * w1c;
+    const float s = widen(ss[i]) * beta2 + (omb2 * g) * g;
+    const float p = p0 * decay + (neg_step * m) / (std::sqrt(s) / bc2_sqrt + eps);
+    mm[i] = narrow<TM>(m);
+    ss[i] = narrow<TM>(s);
+    pp[i] = narrow<TP>(p);
+  }
 }
 
-template <int64_t P, typename TW, typename TV>
+template <int64_t P, typename TP, typename TM, typename TW, typename TV>
 double step_block(const Item& t, const Hyper& h, int64_t lo, int64_t hi) {
-  double lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  Lanes lanes;
+  TP* p = static_cast<TP*>(t.p);
+  const TP* g = static_cast<const TP*>(t.g);
+  TM* m = static_cast<TM*>(t.m);
+  TM* s = static_cast<TM*>(t.s);
   const TW* w0 = static_cast<const TW*>(t.w0);
   const TV* v = static_cast<const TV*>(t.v);
-  const float c = t.c, coef = h.coef, sign = h.sign, decay = h.decay, w1 = h.w1, w1c = h.w1c;
-  const float beta2 = h.beta2, omb2 = h.one_minus_beta2, eps = h.eps;
-  const float neg_step = t.neg_step, bc2_sqrt = t.bc2_sqrt;
   for (int64_t base = lo; base < hi; base += kSub) {
     const int64_t len = std::min(kSub, hi - base);
-    float* __restrict pp = t.p + base;
-    const float* __restrict gg = t.g + base;
-    float* __restrict mm = t.m + base;
-    float* __restrict ss = t.s + base;
-    const TW* __restrict ww = w0 + base;
-    const TV* __restrict vv = v + base;
-    if (h.low) {
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) {
-        const float w = widen(ww[i]), d = widen(vv[i]), p0 = pp[i];
-        const float dw = p0 - w;
-        const float r = P == kOrthogonal ? dw - c * d : (P == kParallel ? c * d : dw);
-        const float g = (gg[i] + coef * r) * sign;
-        const float m = mm[i] + w1 * (g - mm[i]);
-        const float s = ss[i] * beta2 + (omb2 * g) * g;
-        const float p = p0 * decay + (neg_step * m) / (std::sqrt(s) / bc2_sqrt + eps);
-        mm[i] = m;
-        ss[i] = s;
-        pp[i] = p;
-      }
-    } else {
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) {
-        const float w = widen(ww[i]), d = widen(vv[i]), p0 = pp[i];
-        const float dw = p0 - w;
-        const float r = P == kOrthogonal ? dw - c * d : (P == kParallel ? c * d : dw);
-        const float g = (gg[i] + coef * r) * sign;
-        const float m = g - (g - mm[i]) * w1c;
-        const float s = ss[i] * beta2 + (omb2 * g) * g;
-        const float p = p0 * decay + (neg_step * m) / (std::sqrt(s) / bc2_sqrt + eps);
-        mm[i] = m;
-        ss[i] = s;
-        pp[i] = p;
-      }
-    }
-    dot_pass(lanes, pp, ww, vv, len);  // p as stored, read back while the pass is in L1
+    if (h.low)
+      update_pass<P, true>(p + base, g + base, m + base, s + base, w0 + base, v + base, len, h, t.c, t.neg_step,
+                           t.bc2_sqrt);
+    else
+      update_pass<P, false>(p + base, g + base, m + base, s + base, w0 + base, v + base, len, h, t.c,
+                            t.neg_step, t.bc2_sqrt);
+    dot_pass(lanes, p + base, w0 + base, v + base, len);  // p as stored, read back while the pass is in L1
   }
-  return combine(lanes);
+  return lanes.combine();
 }
 
-template <typename TW, typename TV>
+template <typename TP, typename TW, typename TV>
 double dot_block(const Item& t, int64_t lo, int64_t hi) {
-  double lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  Lanes lanes;
+  const TP* p = static_cast<const TP*>(t.p);
   const TW* w0 = static_cast<const TW*>(t.w0);
   const TV* v = static_cast<const TV*>(t.v);
   for (int64_t base = lo; base < hi; base += kSub)
-    dot_pass(lanes, t.p + base, w0 + base, v + base, std::min(kSub, hi - base));
-  return combine(lanes);
+    dot_pass(lanes, p + base, w0 + base, v + base, std::min(kSub, hi - base));
+  return lanes.combine();
 }
 
 using StepFn = double (*)(const Item&, const Hyper&, int64_t, int64_t);
 using DotFn = double (*)(const Item&, int64_t, int64_t);
+using bf16 = uint16_t;
 
+// Indexed by `Item::kind`: storage (0: fp32 p and moments, 1: bf16 p and moments, 2: bf16 p with
+// fp32 moments), then W0's dtype, then v's.
+template <int64_t P, typename TP, typename TM>
+constexpr StepFn step4[4] = {step_block<P, TP, TM, float, float>, step_block<P, TP, TM, float, bf16>,
+                             step_block<P, TP, TM, bf16, float>, step_block<P, TP, TM, bf16, bf16>};
 template <int64_t P>
-constexpr StepFn step_fns[4] = {step_block<P, float, float>, step_block<P, float, uint16_t>,
-                                step_block<P, uint16_t, float>, step_block<P, uint16_t, uint16_t>};
-constexpr DotFn dot_fns[4] = {dot_block<float, float>, dot_block<float, uint16_t>,
-                              dot_block<uint16_t, float>, dot_block<uint16_t, uint16_t>};
+constexpr const StepFn* step_fns[3] = {step4<P, float, float>, step4<P, bf16, bf16>, step4<P, bf16, float>};
+template <typename TP>
+constexpr DotFn dot4[4] = {dot_block<TP, float, float>, dot_block<TP, float, bf16>, dot_block<TP, bf16, float>,
+                           dot_block<TP, bf16, bf16>};
 
 // ------------------------------------------------------------------------------------- checks
 std::string dims(at::IntArrayRef a) {
@@ -189,9 +237,9 @@ std::string bad_dtype(const at::Tensor& x, const char* role, size_t i, bool bf16
   return {};
 }
 
-// params[i] is a dense (non-overlapping, gap-free) fp32 cpu tensor.
+// params[i] is a dense (non-overlapping, gap-free) fp32 or bf16 cpu tensor.
 std::string bad_param(const at::Tensor& p, size_t i) {
-  std::string e = bad_dtype(p, "params", i, false);
+  std::string e = bad_dtype(p, "params", i, true);
   if (e.empty() && !p.is_non_overlapping_and_dense())
     e = label("params", i) + " is not dense (shape " + dims(p.sizes()) + ", strides " + dims(p.strides()) + ")";
   return e;
@@ -211,16 +259,28 @@ std::string bad_like(const at::Tensor& x, const char* role, size_t i, const at::
   return {};
 }
 
-// What is wrong with tensor i of a step ("" when the kernel can step it).
+// x (role[i]) has the dtype of ref (ref_role[i]).
+std::string bad_same_dtype(const at::Tensor& x, const char* role, const at::Tensor& ref, const char* ref_role,
+                           size_t i) {
+  if (x.scalar_type() == ref.scalar_type()) return {};
+  return label(role, i) + " has dtype " + std::string(c10::toString(x.scalar_type())) + ", " + label(ref_role, i) +
+         " has " + std::string(c10::toString(ref.scalar_type()));
+}
+
+// What is wrong with tensor i of a step ("" when the kernel can step it): grads in the params'
+// dtype; moments fp32, or bf16 with bf16 params, both in one dtype; W0 and v fp32 or bf16.
 std::string bad_step_tensor(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                             const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
                             const std::vector<at::Tensor>& w0s, const std::vector<at::Tensor>& directions,
                             size_t i) {
   const at::Tensor& p = params[i];
   std::string e = bad_param(p, i);
-  if (e.empty()) e = bad_like(grads[i], "grads", i, p, false);
-  if (e.empty()) e = bad_like(exp_avgs[i], "exp_avgs", i, p, false);
-  if (e.empty()) e = bad_like(exp_avg_sqs[i], "exp_avg_sqs", i, p, false);
+  const bool bf16 = e.empty() && p.scalar_type() == at::kBFloat16;
+  if (e.empty()) e = bad_like(grads[i], "grads", i, p, true);
+  if (e.empty()) e = bad_same_dtype(grads[i], "grads", p, "params", i);
+  if (e.empty()) e = bad_like(exp_avgs[i], "exp_avgs", i, p, bf16);
+  if (e.empty()) e = bad_like(exp_avg_sqs[i], "exp_avg_sqs", i, p, bf16);
+  if (e.empty()) e = bad_same_dtype(exp_avg_sqs[i], "exp_avg_sqs", exp_avgs[i], "exp_avgs", i);
   if (e.empty()) e = bad_like(w0s[i], "w0s", i, p, true);
   if (e.empty()) e = bad_like(directions[i], "directions", i, p, true);
   return e;
@@ -282,8 +342,15 @@ void for_blocks(const std::vector<Item>& items, const Layout& lay, std::vector<d
   }
 }
 
-int kind_of(const at::Tensor& w0, const at::Tensor& v) {
-  return 2 * (w0.scalar_type() == at::kBFloat16) + (v.scalar_type() == at::kBFloat16);
+// The row of `step_fns` for checked tensors: 0 fp32 params and moments, 1 bf16 params and
+// moments, 2 bf16 params with fp32 moments.
+int storage_of(const at::Tensor& p, const at::Tensor& m) {
+  if (p.scalar_type() == at::kFloat) return 0;
+  return m.scalar_type() == at::kBFloat16 ? 1 : 2;
+}
+
+int kind_of(int storage, const at::Tensor& w0, const at::Tensor& v) {
+  return 4 * storage + 2 * (w0.scalar_type() == at::kBFloat16) + (v.scalar_type() == at::kBFloat16);
 }
 
 // Reused between calls on one thread: no allocation per step once the largest model has been seen.
@@ -322,14 +389,14 @@ std::tuple<at::Tensor, std::vector<int64_t>> asft_adamw(
     }
     const double step = read_step(fn, steps[i], i) + 1.0;
     Item& it = items[i];
-    it.p = p.data_ptr<float>();
-    it.g = grads[i].const_data_ptr<float>();
-    it.m = exp_avgs[i].data_ptr<float>();
-    it.s = exp_avg_sqs[i].data_ptr<float>();
+    it.p = p.data_ptr();
+    it.g = grads[i].const_data_ptr();
+    it.m = exp_avgs[i].data_ptr();
+    it.s = exp_avg_sqs[i].data_ptr();
     it.w0 = w0s[i].const_data_ptr();
     it.v = directions[i].const_data_ptr();
     it.n = p.numel();
-    it.kind = kind_of(w0s[i], directions[i]);
+    it.kind = kind_of(storage_of(p, exp_avgs[i]), w0s[i], directions[i]);
     it.c = static_cast<float>(c[i]);
     it.neg_step = static_cast<float>(-(lr / (1.0 - std::pow(beta1, step))));
     it.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, step)));
@@ -346,12 +413,12 @@ std::tuple<at::Tensor, std::vector<int64_t>> asft_adamw(
   h.sign = maximize ? -1.0f : 1.0f;
   at::Tensor out = at::empty({static_cast<int64_t>(n)}, at::TensorOptions().dtype(at::kDouble));
   t_layout.build(items);
-  const StepFn* table = penalty == kOrthogonal ? step_fns<kOrthogonal>
-                        : penalty == kParallel ? step_fns<kParallel> : step_fns<kFull>;
+  const StepFn* const* table = penalty == kOrthogonal ? step_fns<kOrthogonal>
+                               : penalty == kParallel ? step_fns<kParallel> : step_fns<kFull>;
   {
     pybind11::gil_scoped_release no_gil;
     for_blocks(items, t_layout, t_partial, out.data_ptr<double>(),
-               [&](const Item& t, int64_t lo, int64_t hi) { return table[t.kind](t, h, lo, hi); });
+               [&](const Item& t, int64_t lo, int64_t hi) { return table[t.kind >> 2][t.kind & 3](t, h, lo, hi); });
   }
   size_t k = 0;
   for (size_t i = 0; i < n; ++i) {  // written in place: record it as an in-place op would
@@ -386,18 +453,20 @@ std::tuple<at::Tensor, std::vector<int64_t>> dots(const std::vector<at::Tensor>&
       continue;
     }
     Item& it = items[i];
-    it.p = const_cast<float*>(p.const_data_ptr<float>());  // read only
+    it.p = const_cast<void*>(p.const_data_ptr());  // read only
     it.w0 = w0s[i].const_data_ptr();
     it.v = directions[i].const_data_ptr();
     it.n = p.numel();
-    it.kind = kind_of(w0s[i], directions[i]);
+    it.kind = kind_of(p.scalar_type() == at::kBFloat16, w0s[i], directions[i]);
   }
   at::Tensor out = at::empty({static_cast<int64_t>(n)}, at::TensorOptions().dtype(at::kDouble));
   t_layout.build(items);
   {
     pybind11::gil_scoped_release no_gil;
     for_blocks(items, t_layout, t_partial, out.data_ptr<double>(),
-               [](const Item& t, int64_t lo, int64_t hi) { return dot_fns[t.kind](t, lo, hi); });
+               [](const Item& t, int64_t lo, int64_t hi) {
+                 return (t.kind >> 2 ? dot4<bf16> : dot4<float>)[t.kind & 3](t, lo, hi);
+               });
   }
   return {out, skipped};
 }

@@ -7,7 +7,8 @@ Methods (all with the same data, steps, learning rate, batch size and seed):
 Full-parameter by default; with a `LoraSpec`, a peft LoRA adapter whose effective update
 s·B·A is what L2-SP and AsFT penalise.
 
-Data are instruction records `{"instruction", "input", "output"}`; the loss is on the response.
+Data are instruction records `{"instruction", "input", "output"}` (read from files in the one record
+format of `asft_optim.evaluation.records`); the loss is on the response.
 """
 
 from __future__ import annotations
@@ -25,14 +26,13 @@ import torch
 from torch import nn
 
 from ..anchors import Anchors
-from ..evaluation.records import jsonl_rows
+from ..evaluation.generation import prompt_text
+from ..evaluation.records import jsonl_rows, parse_record
 
-__all__ = ["Method", "LoraSpec", "parse_methods", "prompt_text", "encode", "Collator", "train", "load_jsonl",
+__all__ = ["Method", "LoraSpec", "parse_methods", "encode", "Collator", "train", "load_jsonl",
            "load_model", "save_model", "FINETUNE_INFO", "SCHEDULERS"]
 
 FINETUNE_INFO = "asft_finetune.json"
-ALPACA = ("Below is an instruction that describes a task{inp_note}. Write a response that appropriately "
-          "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
 
 
 @dataclass(frozen=True)
@@ -72,18 +72,6 @@ def parse_methods(methods: str, lambdas: str) -> list[Method]:
 
 
 # ----------------------------------------------------------------------------------- data
-def prompt_text(tokenizer: Any, instruction: str, input: str = "") -> str:
-    """The prompt of one record: the tokenizer's chat template when it has one, else Alpaca's."""
-    if getattr(tokenizer, "chat_template", None):
-        content = f"{instruction}\n\n{input}" if input else instruction
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}],
-                                             add_generation_prompt=True, tokenize=False)
-    block = f"### Input:\n{input}\n\n" if input else ""
-    note = ", paired with an input that provides further context" if input else ""
-    return (tokenizer.bos_token or "") + ALPACA.format(inp_note=note, instruction=instruction,
-                                                      input_block=block)
-
-
 def encode(tokenizer: Any, ex: dict[str, str], max_length: int | None = None) -> dict[str, list[int]]:
     """input_ids = prompt + output + eos; labels = -100 on the prompt, the ids on the response;
     both cut to the first `max_length` tokens when given."""
@@ -114,27 +102,22 @@ class Collator:
 
 
 def load_jsonl(path: str | Path, need_output: bool = True, what: str = "data") -> list[dict[str, str]]:
-    """Instruction records from a JSONL file: fields instruction, optional input, and output (which
-    may be absent when not `need_output`, e.g. for harmful prompts). Blank lines are skipped.
+    """Instruction records `{"instruction", "input", "output"}` from a JSONL file in the format of
+    `asft evaluate` (`asft_optim.evaluation.records`): the prompt from `prompt`, `instruction` or
+    `question`, optional `input`, the response from `answer`, `label` or `output` (not needed, and
+    "" when absent, unless `need_output`). Blank lines are skipped.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: a line is not a JSON object with the string fields required; the message gives
-            the file and line number.
+        ValueError: a line without the fields required; the message gives the file and line number.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
     out = []
-    for where, rec in jsonl_rows(path):
-        for key in ("instruction", "output") if need_output else ("instruction",):
-            if not isinstance(rec.get(key), str):
-                raise ValueError(f"{where}: field '{key}' is missing or not a string")
-        for key in ("input", "output"):
-            if not isinstance(rec.get(key, ""), str):
-                raise ValueError(f"{where}: field '{key}' is not a string")
-        out.append({"instruction": rec["instruction"], "input": rec.get("input", ""),
-                    "output": rec.get("output", "")})
+    for where, row in jsonl_rows(path):
+        rec = parse_record(where, row, need_answer=need_output)
+        out.append({"instruction": rec["instruction"], "input": rec["input"], "output": rec.get("answer", "")})
     if not out:
         raise ValueError(f"{path}: no records")
     return out
@@ -264,8 +247,8 @@ def train(model: nn.Module, data: Sequence[dict[str, list[int]]], *, pad_id: int
             weight_decay=0.0, optim="adamw_torch", logging_strategy="steps" if logging else "no",
             logging_steps=max(logging_steps, 1), save_strategy="no", report_to=[], disable_tqdm=True, seed=seed,
             data_seed=seed, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available())
-        common = dict(model=model, args=args, train_dataset=list(data), data_collator=Collator(pad_id),
-                      callbacks=[_Progress()])
+        common = {"model": model, "args": args, "train_dataset": list(data), "data_collator": Collator(pad_id),
+                  "callbacks": [_Progress()]}
         if method.kind == "sft":
             trainer = Trainer(**common)
         else:

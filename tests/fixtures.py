@@ -1,6 +1,6 @@
-"""Tiny models built from configs for the evaluation and projection tests: a word-level tokenizer,
-causal LMs (Llama with a chat template, GPT-2 without), a 14-label QA-moderation classifier and a
-generative guard that can only answer "safe" or "unsafe"."""
+"""The tests' tiny models, built from configs: a word-level tokenizer, causal LMs (Llama with a chat
+template, GPT-2 without), a 14-label QA-moderation classifier, a generative guard that can only
+answer "safe" or "unsafe", and random peft LoRA adapters of any of them."""
 
 from __future__ import annotations
 
@@ -99,3 +99,22 @@ def guard(folder: Path, seed: int = 2, chat: bool = False) -> Path:
         w[tok.convert_tokens_to_ids("unsafe")] = row
         w[tok.convert_tokens_to_ids("safe")] = -row
     return save(model, tok, folder)
+
+
+def lora_adapter(model, folder: Path, *, seed: int = 3, std: float = 0.05, **config) -> dict[str, torch.Tensor]:
+    """Save a peft LoRA adapter of `model` (a module, or a checkpoint folder to load) to `folder`, with
+    every lora_A and lora_B entry drawn from N(0, std²), so that its update s·B·A is nonzero; `config`
+    goes to `peft.LoraConfig`. Returns the merged weights, the model the adapter stands for."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(model, (str, Path)):
+        model = AutoModelForCausalLM.from_pretrained(str(model))
+    lora = peft.get_peft_model(model, peft.LoraConfig(lora_dropout=0.0, **config))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    lora.save_pretrained(str(folder))
+    return {n: p.detach().clone() for n, p in lora.merge_and_unload().named_parameters()}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +24,10 @@ import torch
 from .adapters import adapter_drift_sums, check_fits, is_adapter_folder, open_adapter
 from .anchors import Anchors, fingerprint_entry, fingerprint_hasher, normalize_name
 from .checkpoints import Checkpoint, CheckpointError, open_checkpoint
+from .drift_plot import depth_key, draw, layout
 from .metrics import Drift, drift_from_sums, layer_of, per_layer, sums
+from .outputs import refuse_overlap
+from .tempfiles import atomic_write
 
 __all__ = ["LayerStats", "DirectionStats", "direction_stats", "drift_report", "plot_drift", "add_cli"]
 
@@ -64,10 +66,6 @@ class DirectionStats:
     fingerprint_actual: str
     aligned_source: str | None    # the checkpoint the ratios were taken against, None when unavailable
     aligned_error: str | None     # why it was unavailable
-
-
-def _natural(s: str) -> list[object]:
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", s)]
 
 
 def _open_directions(path: str | os.PathLike) -> tuple[dict[str, str], Checkpoint, dict[str, str]]:
@@ -142,7 +140,7 @@ def direction_stats(directions: str | os.PathLike, aligned: str | os.PathLike | 
         total.w_sq = None if total.w_sq is None or st.w_sq is None else total.w_sq + st.w_sq
         total.dtypes |= st.dtypes
         total.zero += st.zero
-    ordered = {k: layers[k] for k in sorted(layers, key=_natural)}
+    ordered = {k: layers[k] for k in sorted(layers, key=depth_key)}
     return DirectionStats(ordered, total, metadata, metadata.get("fingerprint"), h.hexdigest(),
                           ack.source if ack is not None else None, err)
 
@@ -160,7 +158,7 @@ def drift_report(directions: str | os.PathLike, model: str | os.PathLike,
 
     Returns:
         (per-tensor drift keyed by direction name (adapted tensors only, for an adapter), per-layer
-        drift in natural layer order, names of directions (or, for an adapter, of adapted weights)
+        drift in depth order (`drift_plot.depth_key`), names of directions (or, for an adapter, of adapted weights)
         that were left out because the other side lacks them).
     """
     if is_adapter_folder(model):
@@ -190,7 +188,7 @@ def drift_report(directions: str | os.PathLike, model: str | os.PathLike,
         tensor_sums[name] = (acc[0], acc[1], acc[2], int(acc[3]))
     per_tensor = {name: drift_from_sums(*s) for name, s in tensor_sums.items()}
     layers = per_layer(tensor_sums)
-    return per_tensor, {k: layers[k] for k in sorted(layers, key=_natural)}, missing
+    return per_tensor, {k: layers[k] for k in sorted(layers, key=depth_key)}, missing
 
 
 def _row_reader(ck: Checkpoint, name: str) -> Callable[[int, int], torch.Tensor]:
@@ -226,33 +224,38 @@ def _adapter_drift(directions: str | os.PathLike, folder: str | os.PathLike
     adapted_names = {keys[k] for k in adapted}
     per_tensor = {n: drift_from_sums(*s) for n, s in tensor_sums.items() if n in adapted_names}
     layers = per_layer(tensor_sums)
-    return per_tensor, {k: layers[k] for k in sorted(layers, key=_natural)}, missing
+    return per_tensor, {k: layers[k] for k in sorted(layers, key=depth_key)}, missing
 
 
 def plot_drift(per_tensor: dict[str, Drift], layers: dict[str, Drift], path: str | os.PathLike,
                title: str = "") -> Path:
-    """Save a PNG: per-layer cos(ΔW,d) and ‖C⊥ΔW‖/‖ΔW‖ (lines), per-tensor values (dots)."""
+    """Save a PNG: per-layer cos(ΔW,d) and ‖C⊥ΔW‖/‖ΔW‖ (markers, lines only along the numbered blocks) and
+    per-tensor values (dots), layers in depth order (`drift_plot`); layers with ΔW = 0 (not trained by a
+    LoRA adapter) have no marker and say so on their tick."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pos = {layer: i for i, layer in enumerate(layers)}
+    plot = layout(layers, (k for k, v in layers.items() if v.delta_norm > 0))
+    pos = {layer: i for i, layer in enumerate(plot.layers)}
     fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.35 * len(layers) + 2), 6.5), sharex=True)
     for ax, attr, label in ((axes[0], "cos", "cos(ΔW, d)"), (axes[1], "orth_ratio", "‖C⊥ΔW‖ / ‖ΔW‖")):
-        xs = [pos[layer_of(n)] for n in per_tensor]
-        ax.scatter(xs, [getattr(v, attr) for v in per_tensor.values()], s=10, alpha=0.5, label="tensors")
-        ax.plot(range(len(layers)), [getattr(v, attr) for v in layers.values()], "o-", color="C3", label="layer")
+        moved = {n: v for n, v in per_tensor.items() if v.delta_norm > 0}
+        ax.scatter([pos[layer_of(n)] for n in moved], [getattr(v, attr) for v in moved.values()], s=10, alpha=0.5,
+                   label="tensors")
+        draw(ax, plot, [getattr(layers[k], attr) if layers[k].delta_norm > 0 else math.nan for k in plot.layers],
+             marker="o", color="C3", label="layer")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(loc="best", fontsize=8)
-    axes[1].set_xticks(range(len(layers)))
-    axes[1].set_xticklabels(list(layers), rotation=90, fontsize=7)
+    axes[1].set_xticks(range(len(plot.layers)))
+    axes[1].set_xticklabels(plot.ticks(), rotation=90, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return path
 
@@ -276,7 +279,8 @@ def _stats_table(stats: DirectionStats) -> str:
 
 
 def _drift_table(first: str, drifts: dict[str, Drift]) -> str:
-    rows = [[k, str(v.numel), _g(v.delta_norm), f"{v.cos:+.4f}", f"{v.orth_ratio:.4f}"] for k, v in drifts.items()]
+    rows = [[k, str(v.numel), _g(v.delta_norm), f"{v.cos:+.4f}", f"{v.orth_ratio:.4f}"] if v.delta_norm > 0 else
+            [k, str(v.numel), "0", "–", "– (not trained)"] for k, v in drifts.items()]
     return _table([first, "params", "‖ΔW‖", "cos(ΔW,d)", "‖C⊥ΔW‖/‖ΔW‖"], rows)
 
 
@@ -293,7 +297,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--model", help="fine-tuned checkpoint to measure, or a peft LoRA adapter folder (ΔW = s·B·A)")
     p.add_argument("--start", help="weights fine-tuning started from (default: the aligned checkpoint recorded "
                                    "in the file)")
-    p.add_argument("--plot", default="drift.png", help="PNG to write with --model (default: drift.png)")
+    p.add_argument("--plot", default="drift.png",
+                   help="PNG to write with --model (an existing file only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     p.add_argument("--no-plot", action="store_true", help="with --model: tables only")
     p.add_argument("--layers-only", action="store_true", help="with --model: per-layer table only")
     p.set_defaults(func=_run_cli)
@@ -329,6 +335,15 @@ def _cli_stats(args) -> int:
 
 
 def _cli_drift(args) -> int:
+    if not args.no_plot:
+        plot = Path(args.plot)
+        if plot.is_dir():
+            raise IsADirectoryError(f"--plot {plot} is a folder; give a file name such as {plot / 'drift.png'}")
+        if plot.exists() and not args.overwrite:
+            raise FileExistsError(f"--plot {plot} exists: pass --overwrite to replace it, or choose another --plot "
+                                  "(or --no-plot)")
+        refuse_overlap(plot, "--plot", [("DIRECTIONS", args.directions), ("--model", args.model),
+                                        ("--start", args.start), ("--aligned", args.aligned)])
     per_tensor, layers, missing = drift_report(args.directions, args.model, args.start)
     adapter = is_adapter_folder(args.model)
     if missing:

@@ -3,7 +3,7 @@
     table.md     HS, refusal rate and FA per method, in %
     drift.md     per layer and method: cos(ΔW, d) (signed: < 0 is a move back towards the base
                  model) and ‖C⊥ΔW‖/‖ΔW‖, for ΔW = W_finetuned − W_aligned
-    drift.png    the same two quantities as lines over the layers, one per method
+    drift.png    the same two quantities over the layers in depth order, one series per method
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from ..drift_plot import draw, layout
 
 __all__ = ["results_table", "drift_table", "plot_drift"]
 
@@ -21,9 +23,11 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
 
-def results_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown: one row per run with HS, refusal rate and FA (%); "–" where HS was not measured."""
-    lines = ["| Method | HS (%) | refusal (%) | FA (%) |", "|---|---|---|---|"]
+def results_table(rows: Sequence[Mapping[str, Any]], n_test: int, n_harmful: int, judge: str | None) -> str:
+    """Markdown: one row per run with HS, refusal rate and FA (%), the counts they are shares of in the
+    header; "–" where HS was not measured (no harmful prompts, or a judge that sees refusals only)."""
+    hs = f"n={n_harmful}, {judge}" if n_harmful else "not measured"
+    lines = [f"| Method | HS (%, {hs}) | refusal (%, n={n_harmful}) | FA (%, n={n_test}) |", "|---|---|---|---|"]
     lines += [f"| {r['method']} | {_pct(r.get('hs'))} | {_pct(r.get('refusal'))} | {_pct(r['fa'])} |" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -47,8 +51,9 @@ def drift_table(drift: Drifts) -> str:
 
 
 def plot_drift(drift: Drifts, path: Path, title: str) -> Path:
-    """Save a PNG: signed cos(ΔW, d) (top) and ‖C⊥ΔW‖/‖ΔW‖ (bottom) per layer, one line per method;
-    layers no method changed (ΔW = 0, e.g. those a LoRA adapter leaves alone) are left out."""
+    """Save a PNG: signed cos(ΔW, d) (top) and ‖C⊥ΔW‖/‖ΔW‖ (bottom) per layer, one series per method, in
+    depth order (`drift_plot`); a layer a method left unchanged (ΔW = 0) has no marker for it, and a
+    layer no method changed is marked "(not trained)"."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,14 +63,13 @@ def plot_drift(drift: Drifts, path: Path, title: str) -> Path:
         d = per.get(layer)
         return float("nan") if d is None or d["delta_norm"] == 0.0 else d[key]
 
-    layers = [layer for layer in dict.fromkeys(layer for per in drift.values() for layer in per)
-              if any(per.get(layer, {}).get("delta_norm", 0.0) > 0.0 for per in drift.values())]
-    x = range(len(layers))
-    fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 0.4 * len(layers) + 4), 6.5), sharex=True)
+    plot = layout((layer for per in drift.values() for layer in per),
+                  (layer for per in drift.values() for layer, d in per.items() if d["delta_norm"] > 0.0))
+    fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 0.4 * len(plot.layers) + 4), 6.5), sharex=True)
     for i, (method, per) in enumerate(drift.items()):
-        style = dict(marker="osD^v<>P*X"[i % 10], color=f"C{i % 10}", label=method, lw=1.2, ms=4)
-        axes[0].plot(x, [value(per, layer, "cos") for layer in layers], **style)
-        axes[1].plot(x, [value(per, layer, "orth_ratio") for layer in layers], **style)
+        style = {"marker": "osD^v<>P*X"[i % 10], "color": f"C{i % 10}", "label": method, "lw": 1.2, "ms": 4}
+        draw(axes[0], plot, [value(per, layer, "cos") for layer in plot.layers], **style)
+        draw(axes[1], plot, [value(per, layer, "orth_ratio") for layer in plot.layers], **style)
     axes[0].axhline(0.0, color="grey", lw=0.8)
     axes[0].set_ylabel("cos(ΔW, d)\n(< 0: back towards base)")
     axes[0].set_ylim(-1.05, 1.05)
@@ -73,7 +77,7 @@ def plot_drift(drift: Drifts, path: Path, title: str) -> Path:
     axes[1].set_ylim(-0.02, 1.05)
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[1].set_xticks(list(x), layers, rotation=60, ha="right", fontsize=7)
+    axes[1].set_xticks(range(len(plot.layers)), plot.ticks(), rotation=60, ha="right", fontsize=7)
     axes[0].set_title(title, fontsize=9)
     axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()

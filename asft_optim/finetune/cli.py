@@ -1,15 +1,17 @@
-"""`asft finetune`: the demo's fine-tuning and evaluation on your checkpoints and instruction data.
+"""`asft finetune`: fine-tuning and evaluation (as in the demo) on your checkpoints and instruction data.
 
     asft finetune --aligned ALIGNED --base BASE --data train.jsonl [--harmful harmful.jsonl]
                   [--lora | --full] [--methods sft,l2sp,asft] [--lambdas 1,10,100] [--out DIR]
 
 Every method fine-tunes a fresh copy of ALIGNED on the data through the same `Trainer` path
-(`finetune.train`; loss and drift printed every --logging-steps), saves it (the LoRA adapter, or the
+(`training.train`; loss and drift printed every --logging-steps), saves it (the LoRA adapter, or the
 full model) under `DIR/models/`, and is then re-evaluated from the saved files: FA on the test
-records (exact match of the greedy response), HS on the harmful prompts (any judge of `asft evaluate`;
-by default the keyword judge: a response without a refusal phrase counts), and the drift per layer of
-its update (`asft inspect`'s `drift_report`). Models not named by --save are deleted once measured.
-DIR holds one run only: `table.md`, `drift.md`, `drift.png`, `results.json`.
+records (exact match of the greedy response), HS and the refusal rate on the harmful prompts (any
+judge of `asft evaluate`; the default keyword judge sees refusals only and gives no HS), and the
+drift per layer of its update (`asft inspect`'s `drift_report`). Models not named by --save are
+deleted once measured. Input files use the one record format of `asft_optim.evaluation.records`.
+DIR holds one run only: `table.md`, `drift.md`, `drift.png`, `results.json`; it is written as a
+temporary folder beside DIR and renamed onto it when the run is complete.
 """
 
 from __future__ import annotations
@@ -27,13 +29,17 @@ from typing import Any
 import torch
 
 from ..anchors import Anchors
-from ..directions import compute_directions
-from ..inspect import drift_report
+from ..checkpoints import is_hub_id
+from ..directions import check_made_from, compute_directions
+from ..outputs import refuse_overlap
+from ..tempfiles import staged_dir
+from ..inspection import drift_report
 from ..evaluation.judges import JUDGE_KINDS, load_judge
-from .evaluate import harmful_score, task_accuracy
-from .finetune import (SCHEDULERS, LoraSpec, encode, load_jsonl, load_model, parse_methods, prompt_text,
+from ..evaluation.scores import harmful_score, task_accuracy
+from ..evaluation.generation import prompt_text
+from .training import (SCHEDULERS, LoraSpec, encode, load_jsonl, load_model, parse_methods,
                        save_model, train)
-from .finetune_report import drift_table, plot_drift, results_table
+from .report import drift_table, plot_drift, results_table
 
 __all__ = ["add_cli", "run_finetune", "RUN_INFO"]
 
@@ -44,14 +50,35 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def _checkpoint(path: Path | None, what: str, flag: str) -> Path:
+    """A local checkpoint folder for `flag`: the folder itself, or a Hub id's snapshot (downloaded)."""
     if path is None:
-        raise ValueError(f"{flag} is required: the {what} checkpoint folder")
+        hint = " (or --directions FILE, directions computed from it)" if flag == "--base" else ""
+        raise ValueError(f"{flag} is required{hint}: the {what} checkpoint folder or Hub id")
+    if not path.exists() and is_hub_id(str(path)):
+        path = _snapshot(str(path), what, flag)
     if not path.exists():
-        raise FileNotFoundError(f"{what} model not found: {path} ({flag} must be a local Hugging Face "
-                                "checkpoint folder; download hub models first, e.g. with `huggingface-cli download`)")
+        raise FileNotFoundError(f"{what} model not found: {path} ({flag} takes a local Hugging Face checkpoint "
+                                "folder or a Hub id such as org/name)")
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{what} model folder {path} has no config.json: not a Hugging Face checkpoint")
+        hint = (f"; it is a LoRA adapter folder: pass its base model as {flag}" if (path / "adapter_config.json").is_file()
+                else "")
+        raise FileNotFoundError(f"{what} model folder {path} has no config.json: not a Hugging Face checkpoint{hint}")
     return path
+
+
+def _snapshot(repo: str, what: str, flag: str) -> Path:
+    """The local snapshot of a Hub model (config, tokenizer and safetensors weights), downloaded once."""
+    repo_id, _, revision = repo.partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, revision=revision or None,
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]))
+    except Exception as e:  # huggingface_hub raises many types: offline, not found, gated, HTTP
+        raise FileNotFoundError(
+            f"{flag} {repo}: not a local folder, and fetching the {what} model from the Hugging Face Hub failed "
+            f"({type(e).__name__}: {e}). On an offline machine, download it elsewhere (`hf download {repo_id} "
+            f"--local-dir DIR`) and pass DIR") from None
 
 
 def _split(records: list[dict[str, str]], fraction: float, seed: int) -> tuple[list, list]:
@@ -79,8 +106,9 @@ def _positive(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-length must be ≥ 2, got {args.max_length}")
 
 
-def _prepare_out(out: Path, overwrite: bool, directions: Path | None) -> None:
-    """Make `out` an empty folder marked as this run's; never mix two runs' files."""
+def _check_out(out: Path, overwrite: bool) -> None:
+    """`out` must be new or empty, or, with `overwrite`, hold an earlier run (replaced only once this
+    run is complete); never mix two runs' files."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
@@ -90,10 +118,6 @@ def _prepare_out(out: Path, overwrite: bool, directions: Path | None) -> None:
         if not (out / RUN_INFO).is_file():
             raise FileExistsError(f"--overwrite: {out} holds no {RUN_INFO}, so asft finetune did not write it; "
                                   "not deleting it")
-        if directions is not None and out.resolve() in directions.resolve().parents:
-            raise ValueError(f"--directions {directions} lies inside the --out folder that --overwrite would delete")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def _tokenizer(path: Path, flag: str) -> Any:
@@ -188,6 +212,15 @@ def run_finetune(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     keep = _saved(args.save, methods)
     if args.directions is not None and not args.directions.is_file():
         raise FileNotFoundError(f"directions file not found: {args.directions}")
+    out: Path = args.out
+    _check_out(out, args.overwrite)
+    refuse_overlap(out, "--out", [("--aligned", aligned), ("--base", args.base), ("--directions", args.directions),
+                                  ("--data", args.data), ("--test", args.test), ("--harmful", args.harmful),
+                                  ("--tokenizer", args.tokenizer), ("--judge", args.judge)])
+    if args.directions is not None and not args.allow_mismatch:
+        note = check_made_from(args.directions, aligned)
+        if note:
+            log(note)
     tok = _tokenizer(args.tokenizer or aligned, "" if args.tokenizer else "the --aligned folder")
     max_length = _max_length(aligned, args.max_length)
     base = _checkpoint(args.base, "base", "--base") if args.directions is None and (
@@ -200,82 +233,100 @@ def run_finetune(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     start_model = load_model(aligned, "aligned", dtype)
     if lora is not None:
         lora.check_targets(start_model)
-    out: Path = args.out
-    _prepare_out(out, args.overwrite, args.directions)
-    (out / RUN_INFO).write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                                            if k != "func"}, indent=1))
-
     encoded = _encode_train(tok, train_set, max_length, log)
     test_set, harmful, fa_tokens, hs_tokens = _fit_eval(tok, test_set, harmful, max_length, args.max_new_tokens, log)
+    log(_settings(args, methods, lora, max_length, len(encoded), len(test_set), harmful, judge, device))
 
-    if args.directions is not None:
-        directions: Path | None = args.directions
-    elif base is not None:
-        directions = out / "directions.safetensors"
-        log(f"computing directions {aligned} - {base} -> {directions}")
-        compute_directions(base, aligned, out=directions)
-    else:
-        directions = None
-        log("note: drift not measured (pass --base or --directions)")
-    anchors = Anchors.load(directions) if directions is not None and any(m.kind != "sft" for m in methods) else None
+    with staged_dir(out) as work:  # replaces an earlier run in `out` only once this one is complete
+        (work / RUN_INFO).write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
+                                                 for k, v in vars(args).items() if k != "func"}, indent=1))
+        if args.directions is not None:
+            directions: Path | None = args.directions
+        elif base is not None:
+            directions = work / "directions.safetensors"
+            log(f"computing directions {aligned} - {base} -> {out / directions.name}")
+            compute_directions(base, aligned, out=directions)
+        else:
+            directions = None
+            log("note: drift not measured (pass --base or --directions)")
+        anchors = Anchors.load(directions) if directions is not None and any(m.kind != "sft" for m in methods) else None
 
-    def scores(model: torch.nn.Module) -> dict[str, float]:
-        model = model.to(device)
-        row = {"fa": task_accuracy(model, tok, test_set, batch_size=args.eval_batch_size, max_new_tokens=fa_tokens)}
-        if harmful is not None:
-            row["hs"], row["refusal"], _ = harmful_score(model, tok, harmful, judge, batch_size=args.eval_batch_size,
-                                                         max_new_tokens=hs_tokens)
-        return row
+        def scores(model: torch.nn.Module) -> dict[str, float]:
+            model = model.to(device)
+            row = {"fa": task_accuracy(model, tok, test_set, batch_size=args.eval_batch_size, max_new_tokens=fa_tokens)}
+            if harmful is not None:
+                row["hs"], row["refusal"], _ = harmful_score(model, tok, harmful, judge, batch_size=args.eval_batch_size,
+                                                             max_new_tokens=hs_tokens)
+            return row
 
-    rows: list[dict[str, Any]] = [{"method": "aligned (not fine-tuned)", "path": str(aligned), **scores(start_model)}]
-    del start_model
-    drift: dict[str, dict[str, dict[str, float]]] = {}
-    for method in methods:
-        t0 = time.perf_counter()
-        label = f"{method.label} ({'LoRA' if lora else 'full-parameter'})"
-        with tqdm(total=args.steps, unit="step", dynamic_ncols=True, desc=label) as bar:
-            def show(step: int, logs: dict[str, float], bar: Any = bar) -> None:
-                text = f"loss {logs['loss']:.4f}, lr {logs['learning_rate']:.3g}"
-                if "asft/cos" in logs:
-                    text += f", cos(ΔW,d) {logs['asft/cos']:+.4f}, ‖C⊥ΔW‖/‖ΔW‖ {logs['asft/orth_ratio']:.4f}"
-                bar.write(f"{method.label} step {step}/{args.steps}: {text}")
+        rows: list[dict[str, Any]] = [{"method": "aligned (not fine-tuned)", "path": str(aligned), **scores(start_model)}]
+        del start_model
+        drift: dict[str, dict[str, dict[str, float]]] = {}
+        for method in methods:
+            t0 = time.perf_counter()
+            label = f"{method.label} ({'LoRA' if lora else 'full-parameter'})"
+            with tqdm(total=args.steps, unit="step", dynamic_ncols=True, desc=label) as bar:
+                def show(step: int, logs: dict[str, float], bar: Any = bar, method: Any = method) -> None:
+                    text = f"loss {logs['loss']:.4f}, lr {logs['learning_rate']:.3g}"
+                    if "asft/cos" in logs:
+                        text += f", cos(ΔW,d) {logs['asft/cos']:+.4f}, ‖C⊥ΔW‖/‖ΔW‖ {logs['asft/orth_ratio']:.4f}"
+                    bar.write(f"{method.label} step {step}/{args.steps}: {text}")
 
-            model = train(load_model(aligned, "aligned", dtype), encoded, pad_id=tok.pad_token_id,
-                          method=method, anchors=anchors, steps=args.steps, lr=args.lr,
-                          batch_size=args.batch_size, seed=args.seed, lora=lora, on_step=lambda: bar.update(1),
-                          grad_accum=args.grad_accum, warmup_steps=args.warmup_steps, scheduler=args.scheduler,
-                          logging_steps=args.logging_steps, on_log=show)
-        train_s = round(time.perf_counter() - t0, 2)
-        path = out / "models" / method.slug
-        save_model(model, tok, path, {"method": method.label, "kind": method.kind, "lambda": method.lam,
-                                      "start": str(aligned.resolve()), "lora": lora is not None,
-                                      "steps": args.steps, "lr": args.lr, "seed": args.seed})
-        del model
-        row = {"method": method.label, "path": str(path), "train_s": train_s,
-               **scores(load_model(path, dtype=dtype))}  # what was saved, not the model in memory
-        if directions is not None:
-            _, layers, _ = drift_report(directions, path, start=None if lora else aligned)
-            drift[method.label] = {k: {"delta_norm": v.delta_norm, "cos": v.cos, "orth_ratio": v.orth_ratio}
-                                   for k, v in layers.items()}
-        if method.slug not in keep:
-            shutil.rmtree(path)
-            row["path"] = None
-        rows.append(row)
-    if (out / "models").is_dir() and not any((out / "models").iterdir()):
-        (out / "models").rmdir()
-    results = {"aligned": str(aligned), "data": str(args.data), "n_train": len(encoded),
-               "n_test": len(test_set), "n_harmful": len(harmful) if harmful else 0, "judge": judge and judge.describe(),
-               "lora": lora is not None, "max_length": max_length, "directions": str(directions) if directions else None,
-               "runs": rows, "drift": drift}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "table.md").write_text(results_table(rows))
-    if drift:
-        (out / "drift.md").write_text(
-            "Drift per layer, ΔW = W_finetuned − W_aligned: cos(ΔW, d) (< 0: back towards the base model) and "
-            "‖C⊥ΔW‖/‖ΔW‖ (share of the update off the alignment direction).\n\n" + drift_table(drift))
-        plot_drift(drift, out / "drift.png", f"drift per layer ({'LoRA' if lora else 'full-parameter'}, "
-                                             f"{args.steps} steps)")
+                model = train(load_model(aligned, "aligned", dtype), encoded, pad_id=tok.pad_token_id,
+                              method=method, anchors=anchors, steps=args.steps, lr=args.lr,
+                              batch_size=args.batch_size, seed=args.seed, lora=lora, on_step=lambda: bar.update(1),
+                              grad_accum=args.grad_accum, warmup_steps=args.warmup_steps, scheduler=args.scheduler,
+                              logging_steps=args.logging_steps, on_log=show)
+            train_s = round(time.perf_counter() - t0, 2)
+            path = work / "models" / method.slug
+            save_model(model, tok, path, {"method": method.label, "kind": method.kind, "lambda": method.lam,
+                                          "start": str(aligned.resolve()), "lora": lora is not None,
+                                          "steps": args.steps, "lr": args.lr, "seed": args.seed})
+            del model
+            row = {"method": method.label, "path": str(out / "models" / method.slug), "train_s": train_s,
+                   **scores(load_model(path, dtype=dtype))}  # what was saved, not the model in memory
+            if directions is not None:
+                _, layers, _ = drift_report(directions, path, start=None if lora else aligned)
+                drift[method.label] = {k: {"delta_norm": v.delta_norm, "cos": v.cos, "orth_ratio": v.orth_ratio}
+                                       for k, v in layers.items()}
+            if method.slug not in keep:
+                shutil.rmtree(path)
+                row["path"] = None
+            rows.append(row)
+        if (work / "models").is_dir() and not any((work / "models").iterdir()):
+            (work / "models").rmdir()
+        recorded = None if directions is None else out / directions.name if args.directions is None else directions
+        results = {"aligned": str(aligned), "data": str(args.data), "n_train": len(encoded), "n_test": len(test_set),
+                   "n_harmful": len(harmful) if harmful else 0, "judge": judge and judge.describe(),
+                   "lora": lora is not None, "max_length": max_length, "directions": recorded and str(recorded),
+                   "runs": rows, "drift": drift}
+        (work / "results.json").write_text(json.dumps(results, indent=1))
+        (work / "table.md").write_text(results_table(rows, len(test_set), len(harmful) if harmful else 0,
+                                                     judge.kind if judge else None))
+        if drift:
+            (work / "drift.md").write_text(
+                "Drift per layer, ΔW = W_finetuned − W_aligned: cos(ΔW, d) (< 0: back towards the base model) and "
+                "‖C⊥ΔW‖/‖ΔW‖ (share of the update off the alignment direction).\n\n" + drift_table(drift))
+            plot_drift(drift, work / "drift.png", f"drift per layer ({'LoRA' if lora else 'full-parameter'}, "
+                                                 f"{args.steps} steps)")
     return results
+
+
+def _settings(args: argparse.Namespace, methods: list, lora: LoraSpec | None, max_length: int | None, n_train: int,
+              n_test: int, harmful: list | None, judge: Any, device: str) -> str:
+    """The resolved settings of a run, printed before it starts."""
+    mode = (f"LoRA r={lora.r}, alpha={lora.alpha}, targets {','.join(lora.targets)}" if lora else "full-parameter")
+    source = f"from --test {args.test}" if args.test else f"--test-fraction {args.test_fraction} of --data"
+    hs = f"{len(harmful)} harmful prompt(s) for HS (judge {judge.kind})" if harmful else "no HS (no --harmful)"
+    lines = [f"methods: {', '.join(m.label for m in methods)} ({mode})",
+             f"data: {n_train} training record(s), {n_test} test record(s) for FA ({source}), {hs}",
+             (f"training: {args.steps} step(s), lr {args.lr:g} ({args.scheduler}, warmup {args.warmup_steps}), "
+              f"batch {args.batch_size} × {args.grad_accum} accumulation, max length {max_length}, seed {args.seed}, "
+              f"{args.dtype} on {device}")]
+    if harmful and not judge.reads_harm:
+        lines.append(f"note: the {judge.kind} judge sees refusals only, not harm: the table gives the refusal rate "
+                     "and no HS (pass --judge with a QA-moderation classifier or a guard model for HS)")
+    return "\n".join(lines)
 
 
 def _saved(spec: str, methods: list) -> set[str]:
@@ -297,10 +348,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "finetune", help="fine-tune real checkpoints with SFT, L2-SP and AsFT and evaluate HS and FA",
         description=__doc__.split("\n\n")[0])
-    p.add_argument("--aligned", type=Path, required=True, help="aligned (chat) model folder: the starting point")
-    p.add_argument("--base", type=Path, default=None, help="its base model folder (for the directions)")
+    p.add_argument("--aligned", type=Path, required=True,
+                   help="aligned (chat) model folder or Hub id: the starting point")
+    p.add_argument("--base", type=Path, default=None, help="its base model folder or Hub id (for the directions)")
     p.add_argument("--directions", type=Path, default=None,
                    help="precomputed directions file (asft directions); replaces --base")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="use --directions even when they were made from another aligned checkpoint than --aligned")
     p.add_argument("--data", type=Path, required=True,
                    help="training data, JSONL with fields instruction, input (optional), output")
     p.add_argument("--test", type=Path, default=None, help="test data (same format); default: split --data")
@@ -318,8 +372,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--lora", action="store_true", help="train a peft LoRA adapter (default)")
     mode.add_argument("--full", action="store_true", help="train all parameters")
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank r")
+    p.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (the update is scaled by alpha/r)")
     p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module names")
     p.add_argument("--methods", default="sft,l2sp,asft", help="comma-separated: sft, l2sp, asft")
     p.add_argument("--lambdas", default="1,10,100", help="λ values for l2sp and asft")
@@ -336,7 +390,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="response length for HS")
     p.add_argument("--eval-batch-size", type=int, default=16, help="prompts per generation batch")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="model weights dtype")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, data order and LoRA initialisation")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=Path("asft_finetune_out"), help="output folder (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier asft finetune run in --out")
