@@ -396,7 +396,8 @@ def test_verdict_is_computed_from_the_table():
     assert lines[0].startswith("At p = 0 every fine-tuned row (3) has refusal 0% on every seed")
     assert "SFT with harmful data: HS 100.0% at p = 0.2." in lines
     cmp = next(x for x in lines if x.startswith("p = 0.2, rows that keep the task (FA ≥ 90.0%"))
-    assert "AsFT does not beat L2-SP (the seeds' HS ranges overlap)" in cmp and "best AsFT AsFT λ=0.1 (HS 45.0" in cmp
+    assert "AsFT does not beat L2-SP (the seeds' HS ranges overlap)" in cmp
+    assert "the best AsFT row is AsFT λ=0.1 (HS 45.0" in cmp
     # the flat row lowers HS but loses the task (FA 50% < 90%): not the safest row that keeps it
     assert "p = 0.2: the lowest HS among rows that keep the task: AsFT λ=0.1 (HS 45.0 (30.0–55.0)" in " ".join(lines)
     assert lines[-1].startswith("3 of 21 figures vary by more than 10 points between seeds (L2-SP λ=0.1 p=0.2 hs, "

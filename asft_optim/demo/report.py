@@ -151,7 +151,7 @@ def verdict(results: dict[str, Any]) -> list[str]:
                 how = "L2-SP beats AsFT (lower HS on every seed)"
             else:
                 how = "AsFT does not beat L2-SP (the seeds' HS ranges overlap)"
-            lines.append(f"{head} {how}: best AsFT {_fmt(a)}, best L2-SP {_fmt(l2)}.")
+            lines.append(f"{head} {how}: the best AsFT row is {_fmt(a)}, the best L2-SP row {_fmt(l2)}.")
         safest = min(kept, key=lambda r: r["hs"]["mean"], default=None)
         if safest is not None:
             lines.append(f"p = {p:g}: the lowest HS among rows that keep the task: {_fmt(safest)}.")
