@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -27,7 +27,7 @@ from .zero import lora_refusal, original_shape
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
-__all__ = ["Kind", "Binding", "bind_group", "anchor_key", "zero_binding"]
+__all__ = ["Kind", "Binding", "bind_group", "anchor_key", "zero_binding", "changed_since_binding"]
 
 
 class Kind(str, enum.Enum):
@@ -180,3 +180,18 @@ def bind_shards(named: list[tuple[str, Tensor]], anchors: Anchors, lora: LoraLay
     keys = [anchor_key(n, lora) for n, _ in named]
     bounds = _dist.bind_sharded(anchors, [(k, cast("DTensor", p)) for k, (_, p) in zip(keys, named)])
     return {name: Binding(name, Kind.SHARD, key, bound) for (name, _), key, bound in zip(named, keys, bounds)}
+
+
+def changed_since_binding(bindings: Mapping[str, Binding], names: Iterable[str], params: Iterable[Tensor]
+                          ) -> tuple[list[tuple[str, Tensor]], list[tuple[str, Tensor]]]:
+    """What a param group's (names, params) need re-bound: (parameters without a binding that now have a
+    gradient, dense or shard parameters whose DTensor-ness changed: FSDP2 or accelerate swapped them)."""
+    new, moved = [], []
+    for name, p in zip(names, params):
+        b = bindings.get(name)
+        if b is None:
+            if p.grad is not None:
+                new.append((name, p))
+        elif b.kind in (Kind.DENSE, Kind.SHARD) and (b.kind is Kind.SHARD) != _dist.is_dtensor(p):
+            moved.append((name, p))
+    return new, moved

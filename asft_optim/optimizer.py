@@ -35,7 +35,7 @@ from torch.optim.adam import adam
 
 from . import distributed as _dist
 from .anchors import Anchors, as_anchors, normalize_name
-from .binding import Binding, Kind, anchor_key, bind_group, bind_shards
+from .binding import Binding, Kind, anchor_key, bind_group, bind_shards, changed_since_binding
 from .dot_cache import DotCache
 from .functional import PENALTIES, BoundDirection, GroupTensors, StepTensors, asft_adamw, storage_w0
 from .lora import PROJECTIONS, LoraLayout, lora_layout, pairs_penalty_grads
@@ -235,14 +235,8 @@ class AsFTAdamW(torch.optim.AdamW):
             if owned[-1]:
                 continue
             _dist.check_not_flattened(group, index)
-            new = []
-            for name, p in zip(names, params):
-                b = self._bindings.get(name)
-                if b is None:
-                    if p.grad is not None:
-                        new.append((name, p))
-                elif b.kind in (Kind.DENSE, Kind.SHARD) and (b.kind is Kind.SHARD) != _dist.is_dtensor(p):
-                    reshard.append((name, p))
+            new, moved = changed_since_binding(self._bindings, names, params)
+            reshard += moved
             if new:
                 bound = bind_group(new, self.anchors, self._lora, self._lora_bound, projection=group["projection"],
                                    penalised=group["asft_lambda"] > 0, penalty=group["penalty"])

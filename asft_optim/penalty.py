@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from . import distributed as _dist
 from .anchors import Anchors, as_anchors, normalize_name
-from .binding import Binding, Kind, bind_group, bind_shards
+from .binding import Binding, Kind, bind_group, bind_shards, changed_since_binding
 from .functional import (
     PENALTIES,
     BoundDirection,
@@ -241,14 +241,8 @@ class AsFTPenalty:
                     f"AsFT: param group {index} holds {len(params)} tensor(s) but {len(names)} parameter name(s): "
                     "its parameters were replaced after attach (DeepSpeed ZeRO flattens them into partitions, which "
                     "attach does not follow: use AsFTAdamW as ZeRO's client optimizer)")
-            new = []
-            for name, p in zip(names, params):
-                b = self._bindings.get(name)
-                if b is None:
-                    if p.grad is not None:
-                        new.append((name, p))
-                elif b.kind in (Kind.DENSE, Kind.SHARD) and (b.kind is Kind.SHARD) != _dist.is_dtensor(p):
-                    reshard.append((name, p))
+            new, moved = changed_since_binding(self._bindings, names, params)
+            reshard += moved
             if new:
                 self._bind(group, index, new, " (they gained gradients after attach)")
         if reshard:
