@@ -70,6 +70,39 @@ class DotCache:
         # (built in C loops: this runs at every native step, for every tensor)
         self._entries.update(zip(names, zip(repeat(dots), count(), map(_VERSION, params), steps, map(_VERSION, steps))))
 
+    def put_held(self, names: list[str], params: list[Tensor], steps: list[Tensor],
+                 versions: tuple[int, ...] | None = None, step_version: int | None = None) -> None:
+        """`put(names[i], params[i], steps[i], None)` for every i (the Triton path's c slots hold
+        them), in C loops: this runs at every Triton step, for every tensor. versions: the params'
+        version counters, where the caller read them after the last write to any of them;
+        step_version: the version of every step tensor, where they share one counter (views of one
+        tensor); each is read here when not given."""
+        if any(issubclass(t, DTensor) for t in set(map(type, params))):
+            for name, p, s in zip(names, params, steps):
+                self.put(name, p, s, None)
+            return
+        self._entries.update(zip(names, zip(repeat(None), repeat(-1),
+                                            map(_VERSION, params) if versions is None else versions, steps,
+                                            map(_VERSION, steps) if step_version is None else repeat(step_version))))
+
+    def all_held(self, names: list[str], params: list[Tensor], steps: list[Tensor],
+                 step_version: int | None = None) -> tuple[int, ...] | None:
+        """The version counters of `params` if `held(n, p, s)` for every (n, p, s) of the zipped
+        lists, else None; in C loops. step_version: as for `put_held`."""
+        entries = list(map(self._entries.get, names))
+        if None in entries:
+            return None
+        versions = tuple(map(_VERSION, params))
+        if not entries:
+            return versions
+        dots, _, put_versions, stamped, step_versions = zip(*entries)
+        held = (all(map(operator.is_, dots, repeat(None))) and put_versions == versions
+                and all(map(operator.is_, stamped, steps))
+                and (step_versions == tuple(map(_VERSION, steps)) if step_version is None
+                     else step_versions.count(step_version) == len(step_versions))
+                and not any(issubclass(t, DTensor) for t in set(map(type, params))))
+        return versions if held else None
+
     def valid(self, name: str, p: Tensor, step: Tensor) -> bool:
         """Whether the carried dot (or the slot held elsewhere) of `p` may be used."""
         e = self._entries.get(name)

@@ -309,12 +309,16 @@ class LaunchTable:
     def upload(self, grads: list[int], others: list[int]) -> None:
         """Replace the addresses in the tables where they differ (`split_pointers`' layout; the
         caller has checked that the tensors have the shapes, strides, dtypes and device this table
-        was built for) and recompute `aligned`."""
+        was built for) and recompute `aligned`. For a CUDA table the addresses go through pinned
+        host memory (torch's caching host allocator keeps the block until the copy has run), so
+        that the copy is queued without waiting for the stream."""
+        pin = self.pointers.is_cuda
         if grads != self.host_grads:
-            self.grad_pointers.copy_(torch.tensor(grads, dtype=torch.int64), non_blocking=True)
+            self.grad_pointers.copy_(torch.tensor(grads, dtype=torch.int64, pin_memory=pin), non_blocking=True)
             self.host_grads, self.grads_aligned = grads, all_aligned(grads)
         if others != self.host_others:
-            self.pointers.copy_(torch.tensor(others, dtype=torch.int64).view(self.pointers.shape), non_blocking=True)
+            self.pointers.copy_(torch.tensor(others, dtype=torch.int64, pin_memory=pin).view(self.pointers.shape),
+                                non_blocking=True)
             self.host_others, self.others_aligned = others, all_aligned(others)
 
     @property
@@ -464,7 +468,7 @@ def fused_step_(table: LaunchTable, c_buf: Tensor, steps: list[float], *, lr: fl
     def corrections(step: float) -> tuple[float, float]:
         return lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step)
 
-    uniform = all(s == steps[0] for s in steps)
+    uniform = steps.count(steps[0]) == len(steps)
     step_size, bc2_sqrt = corrections(steps[0])
     per_tensor = table.partials  # placeholder pointer; not read when the steps are uniform
     if not uniform:
