@@ -75,7 +75,6 @@ def resolve_impl(group: dict[str, Any], has_lora: bool) -> str:
 
 
 _GRAD = operator.attrgetter("grad")
-_V = operator.attrgetter("v")
 _PTR = Tensor.data_ptr
 _STRIDE = Tensor.stride
 _IS_CUDA = operator.attrgetter("is_cuda")
@@ -88,7 +87,8 @@ class Launch:
     names, bound directions (None when not penalised), the (shape, strides) every role has, the
     parameters and their step tensors (`state[p]["step"]`, views into the group's step buffer).
 
-    keys: the state entries the launch reads, "step" first (`state_keys`). seen: what the last
+    keys: the state entries the launch reads, "step" first (`state_keys`). strides: p's strides
+    (every role's). directions: the bound directions, [] when not penalised. seen: what the last
     replay verified, (table.host_grads, table.host_others, gradient addresses, other addresses in
     role-major order: T parameters, T exp_avg, ..., T directions); empty before the first replay.
     """
@@ -101,12 +101,14 @@ class Launch:
     layouts: list[tuple[torch.Size, tuple[int, ...]]]
     params: list[Tensor]
     steps: list[Tensor]
-    keys: Callable[[dict[str, Any]], tuple[Tensor, ...]]
+    keys: Callable[[Any], tuple[Tensor, ...]]
     strides: list[tuple[int, ...]] = field(init=False)
+    directions: list[BoundDirection] = field(init=False)
     seen: tuple = ()
 
     def __post_init__(self) -> None:
         self.strides = [stride for _, stride in self.layouts]
+        self.directions = [b for b in self.bounds if b is not None]  # all of them, or none
 
 
 class Plan(NamedTuple):
@@ -122,7 +124,7 @@ class Plan(NamedTuple):
     launches: list[Launch]
 
 
-def state_keys(amsgrad: bool, penalised: bool) -> Callable[[dict[str, Any]], tuple[Tensor, ...]]:
+def state_keys(amsgrad: bool, penalised: bool) -> Callable[[Any], tuple[Tensor, ...]]:
     """The state entries a launch reads from each `state[p]`, as one getter: "step", the moments,
     then "w0" when penalised (`OTHER_ROLES` order)."""
     return operator.itemgetter("step", "exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if amsgrad else ()),
@@ -203,14 +205,13 @@ def _replay(group: dict[str, Any], plan: Plan, cs: Any, state: Mapping[Tensor, A
                 held.append((launch, versions))
             gs = list(map(grads.__getitem__, launch.positions))
             gaddrs = list(map(_PTR, gs))
-            penalised = launch.penalty is not None
-            oaddrs = list(map(_PTR, chain(launch.params, *cols[1:], [b.v for b in launch.bounds] if penalised else ())))
+            oaddrs = list(map(_PTR, chain(launch.params, *cols[1:], [d.v for d in launch.directions])))
             table, seen = launch.table, launch.seen
             same = bool(seen) and seen[1] is table.host_others and oaddrs == seen[3]
             if same and seen[0] is table.host_grads and gaddrs == seen[2]:
                 continue
             # (new gradients alone, as every step of zero_grad(set_to_none=True) gives: others as held)
-            others = table.host_others if same else _row_major(oaddrs, len(gs), amsgrad, penalised)
+            others = table.host_others if same else _row_major(oaddrs, len(gs), amsgrad, launch.penalty is not None)
             if (gaddrs != table.host_grads or others != table.host_others) and not _fits(
                     launch, gs, gaddrs, others, state, amsgrad):
                 return False
