@@ -444,7 +444,8 @@ class AsFTAdamW(torch.optim.AdamW):
 
     # ------------------------------------------------------------------------------- LoRA
     def _lora_in_group(self, group: dict[str, Any]) -> bool:
-        return any(self._bindings.get(n, _PLAIN).kind in (Kind.LORA_A, Kind.LORA_B) for n in group["param_names"])
+        # (LoRA bindings exist only with a LoRA layout: no scan at every step without one)
+        return self._lora is not None and any(self._bindings.get(n, _PLAIN).kind in (Kind.LORA_A, Kind.LORA_B) for n in group["param_names"])
 
     def _check_one_adapter_per_module(self) -> None:
         """Refuse two LoRA adapters of one module that both have a task gradient in a penalised
