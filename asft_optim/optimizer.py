@@ -409,7 +409,7 @@ class AsFTAdamW(torch.optim.AdamW):
         never carried, see `dot_cache`), in one all-reduce with the Triton path's shard c partials
         (`TritonCache.shard_partials`). None at a shard's first step (no W0 yet: ΔW = 0 on every
         shard) nor for a zero direction (c = 0)."""
-        if not any(b.kind is Kind.SHARD for b in self._bindings.values()):
+        if Kind.SHARD not in map(_KIND, self._bindings.values()):  # (a C loop: this runs at every step)
             return {}  # no DTensor parameters
         shards = []
         for group, impl in zip(self.param_groups, impls):
@@ -445,7 +445,8 @@ class AsFTAdamW(torch.optim.AdamW):
     # ------------------------------------------------------------------------------- LoRA
     def _lora_in_group(self, group: dict[str, Any]) -> bool:
         # (LoRA bindings exist only with a LoRA layout: no scan at every step without one)
-        return self._lora is not None and any(self._bindings.get(n, _PLAIN).kind in (Kind.LORA_A, Kind.LORA_B) for n in group["param_names"])
+        return self._lora is not None and any(self._bindings.get(n, _PLAIN).kind in (Kind.LORA_A, Kind.LORA_B)
+                                              for n in group["param_names"])
 
     def _check_one_adapter_per_module(self) -> None:
         """Refuse two LoRA adapters of one module that both have a task gradient in a penalised
@@ -658,6 +659,7 @@ class AsFTAdamW(torch.optim.AdamW):
 
 _PLAIN = Binding("", Kind.PLAIN)
 _GRAD = operator.attrgetter("grad")
+_KIND = operator.attrgetter("kind")
 
 
 def _check_unique_names(groups: list[dict[str, Any]]) -> None:
