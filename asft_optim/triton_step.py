@@ -83,7 +83,8 @@ _IS_CUDA = operator.attrgetter("is_cuda")
 @dataclass(eq=False)
 class Launch:
     """One kernel launch of a plan: its table (shared with `TritonCache.tables`), the penalty it
-    applies (None: plain AdamW), whether it carries c, and its tensors: positions in the group,
+    applies (None: plain AdamW), whether it carries c, and its tensors: positions in the group
+    (increasing),
     names, bound directions (None when not penalised), the (shape, strides) every role has, the
     parameters and their step tensors (`state[p]["step"]`, views into the group's step buffer).
 
@@ -169,7 +170,8 @@ def _launch(cs: Any, launch: Launch, steps: list[float], hyper: dict[str, Any]) 
     from .kernels import fused_step_
     table = launch.table
     c_buf = cs.buffers[table.device] if launch.penalty is not None else table.partials
-    fused_step_(table, c_buf, list(map(steps.__getitem__, launch.positions)), penalty=launch.penalty, **hyper)
+    mine = steps if len(launch.positions) == len(steps) else list(map(steps.__getitem__, launch.positions))
+    fused_step_(table, c_buf, mine, penalty=launch.penalty, **hyper)
 
 
 def _replay(group: dict[str, Any], plan: Plan, cs: Any, state: Mapping[Tensor, Any], dots: DotCache) -> bool:
@@ -203,7 +205,7 @@ def _replay(group: dict[str, Any], plan: Plan, cs: Any, state: Mapping[Tensor, A
                 if versions is None:
                     return False
                 held.append((launch, versions))
-            gs = list(map(grads.__getitem__, launch.positions))
+            gs = grads if len(launch.positions) == len(grads) else list(map(grads.__getitem__, launch.positions))
             gaddrs = list(map(_PTR, gs))
             oaddrs = list(map(_PTR, chain(launch.params, *cols[1:], [d.v for d in launch.directions])))
             table, seen = launch.table, launch.seen
