@@ -84,9 +84,9 @@ _IS_CUDA = operator.attrgetter("is_cuda")
 class Launch:
     """One kernel launch of a plan: its table (shared with `TritonCache.tables`), the penalty it
     applies (None: plain AdamW), whether it carries c, and its tensors: positions in the group
-    (increasing),
-    names, bound directions (None when not penalised), the (shape, strides) every role has, the
-    parameters and their step tensors (`state[p]["step"]`, views into the group's step buffer).
+    (increasing), names, bound directions (None when not penalised), the (shape, strides) every
+    role has, the parameters and their step tensors (`state[p]["step"]`, views into the group's
+    step buffer).
 
     keys: the state entries the launch reads, "step" first (`state_keys`). strides: p's strides
     (every role's). directions: the bound directions, [] when not penalised. seen: what the last
