@@ -30,13 +30,19 @@ from . import native
 
 __all__ = ["BoundDirection", "bind_direction", "penalty_reference", "penalised_grads_reference",
            "partial_dots", "asft_adamw", "asft_adamw_", "GroupTensors", "StepTensors", "PENALTIES", "Penalty",
-           "dense_flat", "rescaled"]
+           "dense_flat", "rescaled", "penalty_coef"]
 
 Penalty = Literal["orthogonal", "parallel", "full"]
 PENALTIES: tuple[str, ...] = ("orthogonal", "parallel", "full")
 
 CHUNK = 1 << 19  # elements per piece of the fused torch path: few enough calls, pieces stay in L3
 FOLD_BLOCK = 1 << 14  # elements per block of a dot's fixed-order fold (below ATen's parallel grain of 2**15)
+
+
+def penalty_coef(asft_lambda: float, maximize: bool) -> float:
+    """coef = ±2λ, the factor of R in g̃ = g + coef·R: negative under `maximize` (AdamW negates the
+    whole gradient there, and the penalty is always minimised)."""
+    return (-2.0 if maximize else 2.0) * asft_lambda
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -23,7 +23,7 @@ from torch import Tensor
 from . import distributed as _dist
 from .binding import Binding, Kind
 from .dot_cache import DotCache
-from .functional import BoundDirection, GroupTensors, dense_flat, partial_dots, storage_w0
+from .functional import BoundDirection, GroupTensors, dense_flat, partial_dots, penalty_coef, storage_w0
 
 if TYPE_CHECKING:
     from .kernels import Row
@@ -104,7 +104,7 @@ def _hyper(group: dict[str, Any]) -> dict[str, Any]:
     lr, (beta1, beta2) = group["lr"], group["betas"]
     return dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
                 weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
-                coef=(-2.0 if group["maximize"] else 2.0) * group["asft_lambda"])
+                coef=penalty_coef(group["asft_lambda"], group["maximize"]))
 
 
 def _increment_steps(buf: Tensor, positions: Tensor | None) -> list[float]:
