@@ -19,7 +19,6 @@ Where the state lives (data flow: anchors → bindings → optimizer state → i
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import operator
 import os
@@ -28,15 +27,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim.adam import adam
 
-from . import distributed as _dist
 from .anchors import Anchors, as_anchors
 from .binding import Binding, Kind, anchor_key
-from .functional import PENALTIES, GroupTensors, StepTensors, asft_adamw, penalty_coef
+from .functional import PENALTIES, StepTensors
 from .lora import PROJECTIONS, LoraLayout, check_one_adapter_per_module, lora_layout, pairs_penalty_grads
 from .metrics import Drift, DriftSums, drift_from_sums
 from .records import GroupKeys, ParamRecords, take_w0
+from .torch_step import adam_kwargs, global_shard_dots, penalty_only_grads, torch_group_step
 from .triton_step import TritonCache, resolve_impl, triton_group_step
 from .zero import lora_refusal, step_zero_group
 
@@ -216,11 +214,12 @@ class AsFTAdamW(torch.optim.AdamW):
         self._w0_checked[id(group)] = (group, list(state_steps))
         return has_complex
 
-    def _gather(self, group: dict[str, Any]) -> GroupTensors:
+    def _gather(self, group: dict[str, Any]) -> StepTensors:
+        """The tensors of a group's parameters that have gradients (lazy state and W0 made now)."""
         names = [n for n, p in zip(group["param_names"], group["params"]) if p.grad is not None]
         lists: list[list[Tensor]] = [[], [], [], [], [], []]
-        has_complex = self._init_group(group, *lists)
-        return GroupTensors(names, *lists, has_complex)
+        self._init_group(group, *lists)
+        return StepTensors(*lists, [], [], [], names)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -241,10 +240,10 @@ class AsFTAdamW(torch.optim.AdamW):
             if impl == "zero" and records.has_lora(group["param_names"]):
                 raise NotImplementedError(lora_refusal("1/2"))
         check_one_adapter_per_module(records.lora, self.param_groups)
-        filled = self._penalty_only_grads(impls)
+        filled = penalty_only_grads(self.param_groups, impls, records, self.state)
         try:
             lora_grads = pairs_penalty_grads(records.lora, self.param_groups, records.bindings, self.state)
-            shard_dots = self._shard_dots(impls)
+            shard_dots = global_shard_dots(self.param_groups, impls, records, self.state, self._triton)
             for index, (group, impl) in enumerate(zip(self.param_groups, impls)):
                 if impl == "zero":
                     self._zero_group_step(group)
@@ -252,119 +251,16 @@ class AsFTAdamW(torch.optim.AdamW):
                 if impl == "triton":
                     triton_group_step(index, group, self._triton, state=self.state, bindings=records.bindings,
                                       dots=records.dots, gather=functools.partial(self._gather, group),
-                                      torch_step=functools.partial(self._torch_group_step, group, "torch",
-                                                                   lora_grads={}, shard_dots={}))
+                                      torch_step=functools.partial(torch_group_step, group, "torch", records=records,
+                                                                   state=self.state, lora_grads={}, shard_dots={}))
                     continue
                 t = self._gather(group)
                 if t.params:
-                    self._torch_group_step(group, impl, t, lora_grads, shard_dots)
+                    torch_group_step(group, impl, t, records, self.state, lora_grads, shard_dots)
         finally:
             for p in filled:
                 p.grad = None
         return loss
-
-    def _penalty_only_grads(self, impls: list[str]) -> list[Tensor]:
-        """Give a zero task gradient to every penalised parameter whose gradient is None but which
-        has W0 (it stepped before): on the explicit loss L_task + λ‖R(ΔW)‖² its gradient is the
-        penalty's, whatever the task did (an unused branch, an MoE expert, `zero_grad()`'s None).
-        λ = 0 groups, parameters without a direction and frozen ones keep torch's rule (no
-        gradient, no step). Returns the parameters given a gradient (set back to None after the step).
-        """
-        filled = []
-        for group, impl in zip(self.param_groups, impls):
-            if impl == "zero" or group["asft_lambda"] == 0 or not any(map(operator.is_, map(_GRAD, group["params"]),
-                                                                       itertools.repeat(None))):
-                continue  # (a cheap first look: most steps every parameter has a gradient)
-            for name, p in zip(group["param_names"], group["params"]):
-                if p.grad is not None or not p.requires_grad:
-                    continue
-                st = self.state.get(p)
-                if self.records.anchored(name) and st and "w0" in st:
-                    p.grad = torch.zeros_like(p)
-                    filled.append(p)
-        return filled
-
-    def _torch_group_step(self, group: dict[str, Any], impl: str, t: GroupTensors,
-                          lora_grads: Mapping[str, Tensor], shard_dots: Mapping[str, Tensor]) -> None:
-        """impl="torch"/"reference" for one group: anchored dense/shard tensors through
-        `functional.asft_adamw`, the rest (LoRA adapters with their penalty gradient, plain) through
-        torch's `adam`."""
-        kwargs = adam_kwargs(group, t.has_complex)
-        lam = group["asft_lambda"]
-        bindings = self.records.bindings
-        take = [lam > 0 and bindings[n].kind in (Kind.DENSE, Kind.SHARD) for n in t.names]
-        if any(take):
-            self._penalised_step(group, impl, [x for x, k in zip(t.names, take) if k],
-                                 [[x for x, k in zip(xs, take) if k] for xs in t[1:7]], kwargs, shard_dots)
-        rest = [[x for x, k in zip(xs, take) if not k] for xs in t[:7]]
-        if not rest[1]:
-            return
-        names, params, grads = rest[0], rest[1], list(rest[2])
-        for i, name in enumerate(names):
-            extra = lora_grads.get(name)
-            if extra is not None:
-                grads[i] = (grads[i].to(extra.dtype) + extra).to(grads[i].dtype)
-        adam(params, grads, *rest[3:7], **kwargs)
-
-    def _penalised_step(self, group: dict[str, Any], impl: str, names: list[str], lists: list[list[Tensor]],
-                        kwargs: dict[str, Any], shard_dots: Mapping[str, Tensor]) -> None:
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = lists
-        bindings = [self.records.bindings[n] for n in names]
-        cache = self.records.dots
-        state = self.state
-        if any(b.kind is Kind.SHARD for b in bindings):
-            locals_ = [_dist.local(p) for p in params]
-            dirs = [b.direction_on(q.device) for b, q in zip(bindings, locals_)]
-            w0s = [_dist.local(state[p]["w0"]) for p in params]
-            dots: list[Tensor | None] = []
-            for n, p, q, s in zip(names, params, locals_, state_steps):
-                dots.append(shard_dots.get(n, torch.zeros((), device=q.device)) if _dist.is_dtensor(p)
-                            else cache.get(n, p, s) if impl == "torch" else None)
-            tensors = StepTensors(locals_, [_dist.local(g) for g in grads], [_dist.local(x) for x in exp_avgs],
-                                  [_dist.local(x) for x in exp_avg_sqs], [_dist.local(x) for x in max_exp_avg_sqs],
-                                  state_steps, w0s, dirs, dots)
-        else:  # plain tensors (the common case, kept cheap per tensor)
-            locals_ = params
-            dirs = [b.direction_on(p.device) for b, p in zip(bindings, params)]
-            dots = (cache.get_vector(names, params, state_steps) if impl == "torch" and params[0].device.type == "cpu"
-                    else None)
-            if dots is None:
-                dots = ([cache.get(n, p, s) for n, p, s in zip(names, params, state_steps)] if impl == "torch"
-                        else [None] * len(params))
-            tensors = StepTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                                  [state[p]["w0"] for p in params], dirs, dots)
-        coef = penalty_coef(group["asft_lambda"], group["maximize"])
-        new = asft_adamw(tensors, coef=coef, penalty=group["penalty"], impl=impl, **kwargs)
-        if isinstance(new, Tensor):  # the native kernel stepped them all: one float64 vector
-            cache.put_vector(names, params, state_steps, new)
-        elif new is not None:  # (a DTensor's dot is not carried: `put` drops it)
-            for n, p, s, d in zip(names, params, state_steps, new):
-                cache.put(n, p, s, d)
-
-    def _shard_dots(self, impls: list[str]) -> dict[str, Tensor]:
-        """Global ⟨v, ΔW⟩ of every DTensor parameter the torch paths penalise this step
-        (`distributed.shard_dots`: exact from the local shards at every step, a DTensor's dot is
-        never carried, see `dot_cache`), in one all-reduce with the Triton path's shard c partials
-        (`TritonCache.shard_partials`). None at a shard's first step (no W0 yet: ΔW = 0 on every
-        shard) nor for a zero direction (c = 0)."""
-        bindings = self.records.bindings
-        if not any(b.kind is Kind.SHARD for b in bindings.values()):
-            return {}  # no DTensor parameters
-        shards = []
-        for group, impl in zip(self.param_groups, impls):
-            if group["asft_lambda"] == 0 or group["penalty"] == "full" or impl == "triton":
-                continue
-            for name, p in zip(group["param_names"], group["params"]):
-                b = bindings.get(name)
-                st = self.state.get(p)
-                if (p.grad is None or b is None or b.kind is not Kind.SHARD or not st or "w0" not in st
-                        or b.direction.is_zero):  # c = 0: no dot needed
-                    continue
-                shards.append((name, p, st["w0"], b.direction_on(_dist.local(p).device)))
-        triton = self._triton.shard_partials(self.param_groups, bindings, self.state)
-        dots, summed = _dist.shard_dots(shards, [(p, c) for _, p, c in triton])
-        self._triton.set_shard_c(triton, summed)
-        return dots
 
     # ------------------------------------------------------------------------------- ZeRO
     def _zero_group_step(self, group: dict[str, Any]) -> None:
@@ -539,16 +435,6 @@ def _check_unique_names(groups: list[dict[str, Any]]) -> None:
                 "directions, W0 checks and carried dots are keyed by name; give every parameter a unique "
                 "name, e.g. prefix each model's or submodule's names")
         seen.add(name)
-
-
-def adam_kwargs(group: dict[str, Any], has_complex: bool = False) -> dict[str, Any]:
-    """Keyword arguments of torch's functional `adam` for one group (decoupled decay: AdamW)."""
-    beta1, beta2 = group["betas"]
-    return dict(foreach=group["foreach"], capturable=group["capturable"], differentiable=False,
-                fused=group["fused"], grad_scale=None, found_inf=None, has_complex=has_complex,
-                decoupled_weight_decay=True, amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2,
-                lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
-                maximize=group["maximize"])
 
 
 def _check_triton_dtypes(bindings: Mapping[str, Binding], group: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ from torch import Tensor
 from . import distributed as _dist
 from .binding import Binding, Kind
 from .dot_cache import DotCache
-from .functional import BoundDirection, GroupTensors, dense_flat, partial_dots, penalty_coef, storage_w0
+from .functional import BoundDirection, StepTensors, dense_flat, partial_dots, penalty_coef, storage_w0
 
 if TYPE_CHECKING:
     from .kernels import Row
@@ -285,8 +285,8 @@ class TritonCache:
 
 
 def triton_group_step(group_index: int, group: dict[str, Any], cache: TritonCache, *, state: dict[Tensor, Any],
-                      bindings: Mapping[str, Binding], dots: DotCache, gather: Callable[[], GroupTensors],
-                      torch_step: Callable[[GroupTensors], None]) -> None:
+                      bindings: Mapping[str, Binding], dots: DotCache, gather: Callable[[], StepTensors],
+                      torch_step: Callable[[StepTensors], None]) -> None:
     """One group's step with the fused Triton kernels: one update (+ one fold) launch per
     (device, dtypes, penalised, aligned) subset; an exact c pass first where c is not current.
 
@@ -331,7 +331,7 @@ def triton_group_step(group_index: int, group: dict[str, Any], cache: TritonCach
         bounds.append(bound)
     walk = [_walkable(r) for r in rows]
     if not all(walk):  # layouts the kernels cannot walk: the torch path, exactly
-        torch_step(GroupTensors(*[[x for x, w in zip(xs, walk) if not w] for xs in t[:7]], t.has_complex))
+        torch_step(t.select([i for i, w in enumerate(walk) if not w]))
     # state["step"] of every walked parameter is a view into one buffer per group: one add per step
     all_positions = [j for j, p in enumerate(group["params"]) if p.grad is not None]
     keep = [i for i, w in enumerate(walk) if w]
