@@ -29,9 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from .anchors import Anchors, as_anchors
-from .binding import Binding, Kind, anchor_key
+from .binding import Binding, Kind, check_unique_names, model_param_groups
 from .functional import PENALTIES, StepTensors
-from .lora import PROJECTIONS, LoraLayout, check_one_adapter_per_module, lora_layout, pairs_penalty_grads
+from .lora import PROJECTIONS, LoraLayout, check_one_adapter_per_module, pairs_penalty_grads
 from .metrics import Drift, DriftSums, drift_from_sums
 from .records import GroupKeys, ParamRecords, take_w0
 from .torch_step import adam_kwargs, global_shard_dots, penalty_only_grads, torch_group_step
@@ -183,7 +183,7 @@ class AsFTAdamW(torch.optim.AdamW):
                              "(with the transformers Trainer, use asft_optim.integrations.AsFTTrainer, or "
                              "build the optimizer with AsFTAdamW.from_model(model, anchors=...) and pass "
                              "optimizers=(optimizer, None))")
-        _check_unique_names(self.param_groups)
+        check_unique_names(self.param_groups)
         group["asft_anchors"] = self.anchors.fingerprint
         triton = group["impl"] == "triton"
         bindings = self.records.bind(group, zip(group["param_names"], group["params"]),
@@ -270,11 +270,7 @@ class AsFTAdamW(torch.optim.AdamW):
             raise ValueError("impl='triton' does not step DeepSpeed ZeRO partitions: build the optimizer "
                              "with impl=None or impl='torch'")
         records = self.records
-        for name in group["param_names"]:  # their direction slices live with the partitions now
-            b = records.bindings.get(name)
-            if b is not None and b.kind is Kind.DENSE:
-                records.bindings[name] = Binding(name, Kind.ZERO, b.key)
-                records.dots.drop(name)
+        records.rebind_as_zero(group["param_names"])
         step_zero_group(group, records.zero, self.state, records.dots, records.anchors,
                         functools.partial(torch.optim.Adam._init_group, self), adam_kwargs(group))
 
@@ -321,32 +317,7 @@ class AsFTAdamW(torch.optim.AdamW):
             raise TypeError("from_model reads the parameters and the LoRA layout from the model; do not "
                             "pass params= or lora=")
         anchors = as_anchors(anchors)
-        layout = lora_layout(model)
-        no_decay = set(no_weight_decay)
-        groups: dict[tuple[bool, bool], list[tuple[str, Tensor]]] = {}
-        anchored = 0
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            has_dir = name in layout.by_param or anchor_key(name, layout) in anchors
-            anchored += has_dir
-            plain_bias = name.endswith(".bias") and not has_dir
-            groups.setdefault((name in no_decay, plain_bias), []).append((name, p))
-        if not groups:
-            raise ValueError("from_model: the model has no trainable parameters")
-        if not anchored:
-            raise ValueError(f"from_model: none of the model's trainable parameters has a direction in "
-                             f"{anchors!r} (e.g. '{next(iter(groups.values()))[0][0]}'); check that the "
-                             "directions were computed for this model")
-        param_groups = []
-        for (nd, plain_bias), named in sorted(groups.items()):
-            group: dict[str, Any] = {"params": named}
-            if nd:
-                group["weight_decay"] = 0.0
-            if plain_bias:
-                group["asft_lambda"] = 0.0
-            param_groups.append(group)
-        lora = layout if (layout.pairs or layout.aliases) else None
+        param_groups, lora = model_param_groups(model, anchors, no_weight_decay)
         return cls(param_groups, anchors=anchors, lora=lora, **kwargs)
 
     # ------------------------------------------------------------------------------- state
@@ -420,21 +391,6 @@ class AsFTAdamW(torch.optim.AdamW):
         return self.records.drift_sums(self.param_groups, self.state, by="key")
 
 _GRAD = operator.attrgetter("grad")
-
-
-def _check_unique_names(groups: list[dict[str, Any]]) -> None:
-    """Refuse a parameter name that the last group repeats (within it or from an earlier group),
-    removing that group: bindings, W0 checks and carried dots are keyed by name."""
-    seen = {n for g in groups[:-1] for n in g["param_names"]}
-    for name in groups[-1]["param_names"]:
-        if name in seen:
-            groups.pop()
-            raise ValueError(
-                f"the parameter name '{name}' appears twice in AsFTAdamW's param groups (two models' "
-                "named_parameters() in one optimizer, or groups built from submodules' named_parameters()?): "
-                "directions, W0 checks and carried dots are keyed by name; give every parameter a unique "
-                "name, e.g. prefix each model's or submodule's names")
-        seen.add(name)
 
 
 def _check_triton_dtypes(bindings: Mapping[str, Binding], group: dict[str, Any]) -> None:

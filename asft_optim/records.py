@@ -209,6 +209,15 @@ class ParamRecords:
         self.bindings.update(bind_group([(n, p) for n, p in moved if not _dist.is_dtensor(p)], self.anchors,
                                         self.lora, self.lora_bound, projection="vector", penalised=False))
 
+    def rebind_as_zero(self, names: Iterable[str]) -> None:
+        """Rebind the dense parameters `names` as ZERO: DeepSpeed ZeRO replaced their group's tensors by
+        flat partitions, which hold their direction slices and dots from now on."""
+        for name in names:
+            b = self.bindings.get(name)
+            if b is not None and b.kind is Kind.DENSE:
+                self.bindings[name] = Binding(name, Kind.ZERO, b.key)
+                self.dots.drop(name)
+
     # ------------------------------------------------------------------------------- resume
     def check_resume(self, ours: Sequence[Mapping[str, Any]], saved: Sequence[Mapping[str, Any]]) -> None:
         """Refuse saved param groups made with other anchors, λ, penalty or projection than `ours`,

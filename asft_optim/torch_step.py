@@ -119,7 +119,10 @@ def _penalised_step(group: Mapping[str, Any], impl: str, t: StepTensors, records
         cache.put_vector(names, params, state_steps, new)
     elif new is not None:  # (a DTensor's dot is not carried: `put` drops it)
         for n, p, s, d in zip(names, params, state_steps, new):
-            cache.put(n, p, s, d)
+            if d is None:
+                cache.drop(n)
+            else:
+                cache.put(n, p, s, d)
 
 
 def global_shard_dots(groups: Sequence[Mapping[str, Any]], impls: Sequence[str], records: ParamRecords,

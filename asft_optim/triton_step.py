@@ -183,7 +183,7 @@ def _replay(group: dict[str, Any], plan: Plan, cs: Any, state: Mapping[Tensor, A
         _launch(cs, launch, steps, hyper)
         if launch.needs_c:  # the slots hold c of the new p, stamped with the new step
             for j, name in zip(launch.positions, launch.names):
-                dots.put(name, params[j], views[j], None)
+                dots.put_slot(name, params[j], views[j])
     return True
 
 
@@ -388,7 +388,7 @@ def triton_group_step(group_index: int, group: dict[str, Any], cache: TritonCach
         launches.append(launch)
         if launch.needs_c:
             for i in idx:
-                dots.put(t.names[i], t.params[i], state[t.params[i]]["step"], None)
+                dots.put_slot(t.names[i], t.params[i], state[t.params[i]]["step"])
     if all(walk) and not copied and not any(_dist.is_dtensor(p) for p in t.params):
         views = {j: state[group["params"][j]]["step"] for j in positions}
         cache.plans[group_index] = Plan(options, [p.grad is not None for p in group["params"]], buf,

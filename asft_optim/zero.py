@@ -325,7 +325,7 @@ class ZeroTensors:
         for i, q in enumerate(self.partitions):
             if i not in w0s or not q.segments:
                 continue
-            carried = [cache.get(s.name, q.flat, steps[i]) for s in q.segments]
+            carried = [cache.get_partial(s.name, q.flat, steps[i]) for s in q.segments]
             if any(c is None for c in carried):
                 w0 = w0s[i]
                 partial = exact_dots([q.flat[s.start: s.start + s.numel] for s in q.segments],
@@ -505,7 +505,7 @@ def step_zero_group(group: dict[str, Any], zero: ZeroTensors, state: dict[Tensor
                              coef=penalty_coef(group["asft_lambda"], group["maximize"]), penalty=group["penalty"],
                              impl=group["impl"] or "torch", **adam_kwargs)
         for seg, d in zip(part.segments, new or ()):
-            dots.put(seg.name, flat, st["step"], d)
+            dots.put_partial(seg.name, flat, st["step"], d)
 
 
 def load_config(config: Mapping[str, Any] | str | Any) -> Mapping[str, Any]:
