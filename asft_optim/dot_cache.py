@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import operator
+from collections.abc import Sequence
 from itertools import count, repeat
 
 from torch import Tensor
@@ -92,7 +93,8 @@ class DotCache:
         else:
             self._entries[name] = (held, dot, -1, p._version, step, step._version)
 
-    def put_vector(self, names: list[str], params: list[Tensor], steps: list[Tensor], dots: Tensor) -> None:
+    def put_vector(self, names: Sequence[str], params: Sequence[Tensor], steps: Sequence[Tensor], dots: Tensor
+                   ) -> None:
         """Record dots[i] for names[i] (a vector of len(names) dots, right after the update)."""
         if not len(names) == len(params) == len(steps) == len(dots):
             raise ValueError(f"put_vector: {len(names)} names, {len(params)} parameters, {len(steps)} steps, "
@@ -127,7 +129,7 @@ class DotCache:
         e = self._stamped(name, flat, step)
         return e[1] if e is not None and e[0] is Held.ZERO_PARTIAL else None
 
-    def get_vector(self, names: list[str], params: list[Tensor], steps: list[Tensor]) -> Tensor | None:
+    def get_vector(self, names: Sequence[str], params: Sequence[Tensor], steps: Sequence[Tensor]) -> Tensor | None:
         """The vector given to `put_vector` if it holds exactly these names in this order, all still
         valid (the checks of `get`; a DTensor is never in a vector entry); else None (ask `get`
         per name)."""

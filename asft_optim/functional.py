@@ -256,7 +256,8 @@ def asft_adamw(t: StepTensors, *, coef: float, penalty: Penalty, impl: str,
             for k, j in enumerate(stale):
                 dots[j] = fresh[k].to(acc_dtype(sub.params[j].dtype))
         carried = asft_adamw_(sub.params, sub.grads, sub.exp_avgs, sub.exp_avg_sqs, sub.max_exp_avg_sqs,
-                              sub.state_steps, sub.w0s, sub.directions, dots, coef=coef, penalty=penalty,
+                              sub.state_steps, sub.w0s, sub.directions, cast(list[Tensor], dots),  # (all filled)
+                              coef=coef, penalty=penalty,
                               **adam_kwargs)
         for i, d in zip(idx, carried):
             out[i] = d

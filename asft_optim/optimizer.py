@@ -217,9 +217,9 @@ class AsFTAdamW(torch.optim.AdamW):
     def _gather(self, group: dict[str, Any]) -> StepTensors:
         """The tensors of a group's parameters that have gradients (lazy state and W0 made now)."""
         names = [n for n, p in zip(group["param_names"], group["params"]) if p.grad is not None]
-        lists: list[list[Tensor]] = [[], [], [], [], [], []]
-        self._init_group(group, *lists)
-        return StepTensors(*lists, [], [], [], names)
+        t = StepTensors([], [], [], [], [], [], [], [], [], names)
+        self._init_group(group, t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, t.max_exp_avg_sqs, t.state_steps)
+        return t
 
     @torch.no_grad()
     def step(self, closure=None):

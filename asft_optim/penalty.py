@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,7 @@ from .binding import Binding, Kind
 from .functional import (
     PENALTIES,
     BoundDirection,
+    Penalty,
     _penalised_piece,
     dense_flat,
     exact_dots,
@@ -329,7 +330,7 @@ class AsFTPenalty:
         if opt.state is not self._state_ref:
             self._after_load()
         self._refresh()
-        dense: list[tuple[str, Tensor, Tensor, Binding, float, str]] = []
+        dense: list[tuple[str, Tensor, Tensor, Binding, float, Penalty]] = []
         lora: dict[str, tuple[dict[str, Any], Tensor, Tensor | None]] = {}
         for index, group in enumerate(opt.param_groups):
             _check_options(group, index)
@@ -370,14 +371,14 @@ class AsFTPenalty:
             self._pending[name] = (p, w0)
         return None  # ΔW = 0 at this step
 
-    def _dense_grads(self, rows: list[tuple[str, Tensor, Tensor, Binding, float, str]]) -> None:
+    def _dense_grads(self, rows: list[tuple[str, Tensor, Tensor, Binding, float, Penalty]]) -> None:
         """Dense tensors and FSDP2 shards: exact ⟨v, ΔW⟩ (one all-reduce of the shards' partial dots),
         then grad += coef·R: small fp32 CPU tensors together with foreach ops, the rest piece by piece."""
         locals_ = [_dist.local(p) for _, p, _, _, _, _ in rows]
         w0s = [_dist.local(w0) for _, _, w0, _, _, _ in rows]
         dirs = [b.direction_on(q.device) for (_, _, _, b, _, _), q in zip(rows, locals_)]
-        grads = [_dist.local(p.grad) for _, p, _, _, _, _ in rows]
-        need = [i for i, (_, _, _, b, _, pen) in enumerate(rows) if pen != "full" and not b.direction.is_zero]
+        grads = [_dist.local(cast(Tensor, p.grad)) for _, p, _, _, _, _ in rows]  # (every row has a gradient)
+        need = [i for i, (_, _, _, _, _, pen) in enumerate(rows) if pen != "full" and not dirs[i].is_zero]
         dots: dict[int, Tensor] = {}
         if need:
             by_device: dict[torch.device, list[int]] = {}
@@ -387,7 +388,7 @@ class AsFTPenalty:
                 vec = exact_dots([locals_[i] for i in idx], [w0s[i] for i in idx], [dirs[i] for i in idx])
                 vec = _dist.all_reduce_dots([rows[i][1] for i in idx], vec)
                 dots.update(zip(idx, vec.unbind()))
-        batched: dict[tuple[float, str], list[int]] = {}
+        batched: dict[tuple[float, Penalty], list[int]] = {}
         for i, (_, _, _, _, coef, pen) in enumerate(rows):
             if _foreach_ok(grads[i], locals_[i], w0s[i], dirs[i].v):
                 batched.setdefault((coef, pen), []).append(i)
@@ -470,7 +471,7 @@ def add_penalty_foreach_(grads: list[Tensor], params: list[Tensor], w0s: list[Te
 
 @torch.no_grad()
 def add_penalty_(grad: Tensor, p: Tensor, w0: Tensor, bound: BoundDirection, dot: Tensor | None, coef: float,
-                 penalty: str, piece: int = _PIECE) -> None:
+                 penalty: Penalty, piece: int = _PIECE) -> None:
     """grad ← grad + coef·R in place (see `functional`), in fp32 per piece of `piece` elements (no
     whole-tensor temporary) when grad, p, W0 and v share one dense layout, else with whole-tensor
     fp32 temporaries.
@@ -484,11 +485,11 @@ def add_penalty_(grad: Tensor, p: Tensor, w0: Tensor, bound: BoundDirection, dot
         r = penalty_reference(p, w0, bound, penalty, dot if dot is not None else torch.zeros((), device=p.device))
         grad.copy_((grad.float() + coef * r).to(grad.dtype))
         return
-    fg, fp, fw0, fv = flats
+    fg, fp, fw0, fv = cast(list[Tensor], flats)
     n = fp.numel()
     t = torch.empty(min(n, piece), device=p.device, dtype=torch.float32)
     for lo in range(0, n, piece):
         hi = min(n, lo + piece)
-        g = fg[lo:hi]  # type: ignore[index]
-        _penalised_piece(g, g, fp[lo:hi], fw0[lo:hi], fv[lo:hi], t[: hi - lo], c, coef, penalty)  # type: ignore[index]
+        g = fg[lo:hi]
+        _penalised_piece(g, g, fp[lo:hi], fw0[lo:hi], fv[lo:hi], t[: hi - lo], c, coef, penalty)
 

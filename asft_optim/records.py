@@ -24,7 +24,7 @@ import operator
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -37,6 +37,9 @@ from .functional import BoundDirection, storage_w0
 from .lora import LoraLayout, pairs_drift_sums
 from .metrics import DriftSums, sums
 from .zero import ZeroTensors, partition_w0s
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["GroupKeys", "ParamRecords", "take_w0", "stepped_drift_sums"]
 
@@ -71,7 +74,7 @@ def take_w0(p: Tensor) -> Tensor:
     """W0 of `p` as it is now: a copy in bf16 where exact (`functional.storage_w0`), or for a DTensor
     a copy of its local shard sharded like p."""
     if _dist.is_dtensor(p):
-        return _dist.snapshot_w0(p)
+        return _dist.snapshot_w0(cast("DTensor", p))
     return storage_w0(p.detach().clone(memory_format=torch.preserve_format))
 
 
@@ -284,7 +287,7 @@ class ParamRecords:
         out = stepped_drift_sums(self.stepped(groups, state), self.bindings, self.lora, where, by)
         if self.zero.partitions:  # collective once any partition is bound
             zero = self.zero.drift_sums(partition_w0s(self.zero, state))
-            out.update({(n if by == "name" else self.bindings[n].key): s for n, s in zero.items()})
+            out.update({(n if by == "name" else _key(self.bindings[n])): s for n, s in zero.items()})
         return out
 
 

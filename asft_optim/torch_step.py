@@ -125,7 +125,7 @@ def _penalised_step(group: Mapping[str, Any], impl: str, t: StepTensors, records
                 cache.put(n, p, s, d)
 
 
-def global_shard_dots(groups: Sequence[Mapping[str, Any]], impls: Sequence[str], records: ParamRecords,
+def global_shard_dots(groups: list[dict[str, Any]], impls: Sequence[str], records: ParamRecords,
                state: Mapping[Tensor, Any], triton: TritonCache) -> dict[str, Tensor]:
     """Global ⟨v, ΔW⟩ of every DTensor parameter the torch paths penalise this step
     (`distributed.shard_dots`: exact from the local shards at every step, a DTensor's dot is
@@ -147,7 +147,7 @@ def global_shard_dots(groups: Sequence[Mapping[str, Any]], impls: Sequence[str],
             bound = b.direction_on(_dist.local(p).device)
             if not bound.is_zero:  # (c = 0: no dot needed)
                 shards.append((name, p, st["w0"], bound))
-    partials = triton.shard_partials(list(groups), bindings, state)
+    partials = triton.shard_partials(groups, bindings, state)
     dots, summed = _dist.shard_dots(shards, [(p, c) for _, p, c in partials])
     triton.set_shard_c(partials, summed)
     return dots
