@@ -33,7 +33,7 @@ from .binding import Binding, Kind, check_unique_names, model_param_groups
 from .functional import PENALTIES, StepTensors
 from .lora import PROJECTIONS, LoraLayout, check_one_adapter_per_module, pairs_penalty_grads
 from .metrics import Drift, DriftSums, drift_from_sums
-from .records import GroupKeys, ParamRecords, take_w0
+from .records import GroupKeys, ParamRecords
 from .torch_step import adam_kwargs, global_shard_dots, penalty_only_grads, torch_group_step
 from .triton_step import TritonCache, resolve_impl, triton_group_step
 from .zero import lora_refusal, step_zero_group
@@ -125,8 +125,6 @@ class AsFTAdamW(torch.optim.AdamW):
                                "projection": projection}
         self.records = ParamRecords(anchors, lora, allow_unanchored=allow_unanchored, keys=KEYS)
         self._triton = TritonCache()
-        # id(group) → (group, its state "step" tensors when every anchored one was seen to hold W0)
-        self._w0_checked: dict[int, tuple[dict[str, Any], list[Tensor]]] = {}
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          foreach=foreach, capturable=capturable, differentiable=differentiable,
                          fused=fused)
@@ -202,16 +200,7 @@ class AsFTAdamW(torch.optim.AdamW):
                                    "please consider SparseAdam instead")
         has_complex = super()._init_group(group, params_with_grad, grads, exp_avgs, exp_avg_sqs,
                                           max_exp_avg_sqs, state_steps)
-        # The same "step" tensors as at the last check: the same state dicts, which held W0 then.
-        seen = self._w0_checked.get(id(group))
-        if (seen is not None and seen[0] is group and len(seen[1]) == len(state_steps)
-                and all(map(operator.is_, seen[1], state_steps))):
-            return has_complex
-        anchored = self.records.anchored
-        for name, p in zip(group["param_names"], group["params"]):
-            if p.grad is not None and anchored(name) and "w0" not in self.state[p]:
-                self.state[p]["w0"] = take_w0(p)
-        self._w0_checked[id(group)] = (group, list(state_steps))
+        self.records.take_missing_w0(group, self.state, state_steps)
         return has_complex
 
     def _gather(self, group: dict[str, Any]) -> StepTensors:
@@ -345,7 +334,6 @@ class AsFTAdamW(torch.optim.AdamW):
         own = [{k: g[k] for k in ASFT_KEYS + ("param_names",)} for g in self.param_groups]
         super().load_state_dict(state_dict)
         self.records.forget_checks()  # new group dicts: the records of the old ones would only hold them
-        self._w0_checked.clear()
         for group, keep in zip(self.param_groups, own):
             group.update(keep)
         self.records.restore_w0(self.param_groups, self.state, penalised_only=False,
@@ -361,7 +349,7 @@ class AsFTAdamW(torch.optim.AdamW):
             self.records.bindings.update(d.pop("_bindings", {}))
             self.records.lora_bound.update(d.pop("_lora_bound", {}))
         self.__dict__.setdefault("_triton", TritonCache())
-        self.__dict__.setdefault("_w0_checked", {})
+        self.__dict__.pop("_w0_checked", None)
         for group in self.param_groups:
             group.setdefault("asft_lambda", 1.0)
             group.setdefault("penalty", "orthogonal")

@@ -102,14 +102,16 @@ class ParamRecords:
         self.dots = DotCache()
         self.zero = ZeroTensors()
         self._checked: dict[int, _Checked] = {}  # group index → its last full check by `refresh`
+        # id(group) → (group, its state "step" tensors when every anchored one was seen to hold W0)
+        self._w0_checked: dict[int, tuple[Mapping[str, Any], list[Tensor]]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled without the per-step caches (carried dots, ZeRO partitions, refresh checks)."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("dots", "zero", "_checked")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("dots", "zero", "_checked", "_w0_checked")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.dots, self.zero, self._checked = DotCache(), ZeroTensors(), {}
+        self.dots, self.zero, self._checked, self._w0_checked = DotCache(), ZeroTensors(), {}, {}
 
     def binding(self, name: str) -> Binding | None:
         """The binding of the parameter named `name`, or None (frozen, or not in a group)."""
@@ -191,8 +193,26 @@ class ParamRecords:
         return owned
 
     def forget_checks(self) -> None:
-        """Check every group in full at the next `refresh` (its group dicts were replaced: a load)."""
+        """Check every group in full at the next `refresh` and `take_missing_w0` (its group dicts were
+        replaced: a load)."""
         self._checked.clear()
+        self._w0_checked.clear()
+
+    def take_missing_w0(self, group: Mapping[str, Any], state: Mapping[Tensor, Any], state_steps: list[Tensor]
+                        ) -> None:
+        """Snapshot W0 (`take_w0`) into `state[p][keys.w0]` for every anchored parameter of `group` that
+        has a gradient and no W0 yet (its first step). Skipped while `state_steps` (the group's "step"
+        tensors, after the host's lazy state init) are those of the last call: the same state dicts,
+        which held W0 then."""
+        seen = self._w0_checked.get(id(group))
+        if (seen is not None and seen[0] is group and len(seen[1]) == len(state_steps)
+                and all(map(operator.is_, seen[1], state_steps))):
+            return
+        key = self.keys.w0
+        for name, p in zip(group[self.keys.names], group["params"]):
+            if p.grad is not None and self.anchored(name) and key not in state[p]:
+                state[p][key] = take_w0(p)
+        self._w0_checked[id(group)] = (group, list(state_steps))
 
     def rebind_changed(self, group: Mapping[str, Any], **wording: str) -> list[tuple[str, Tensor]]:
         """Bind the group's parameters that gained a gradient since it was bound (`bind`, with
