@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -263,7 +262,7 @@ class AsFTAdamW(torch.optim.AdamW):
         step_zero_group(group, records.zero, self.state, records.dots, records.anchors,
                         functools.partial(torch.optim.Adam._init_group, self), adam_kwargs(group))
 
-    # ------------------------------------------------------------------------------- LoRA
+    # ------------------------------------------------------------------------------- building
     @classmethod
     def from_model(cls, model: nn.Module, *, anchors: Anchors | Mapping[str, Tensor] | str | os.PathLike,
                    no_weight_decay: Iterable[str] = (), **kwargs: Any) -> AsFTAdamW:
@@ -377,8 +376,6 @@ class AsFTAdamW(torch.optim.AdamW):
         copies as the original module, FSDP2 shards as the whole tensor. Feed to
         `metrics.per_layer`. Collective under FSDP2 and DeepSpeed ZeRO."""
         return self.records.drift_sums(self.param_groups, self.state, by="key")
-
-_GRAD = operator.attrgetter("grad")
 
 
 def _check_triton_dtypes(bindings: Mapping[str, Binding], group: dict[str, Any]) -> None:
