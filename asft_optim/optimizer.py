@@ -148,6 +148,10 @@ class AsFTAdamW(torch.optim.AdamW):
         """Whether trainable parameters without a direction take plain AdamW steps (else an error)."""
         return self.records.allow_unanchored
 
+    @allow_unanchored.setter
+    def allow_unanchored(self, value: bool) -> None:
+        self.records.allow_unanchored = value
+
     @property
     def lora_layout(self) -> LoraLayout | None:
         """The model's LoRA layout (pairs, scaling, `modules_to_save` aliases), or None."""

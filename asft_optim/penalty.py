@@ -197,6 +197,10 @@ class AsFTPenalty:
         """Whether trainable parameters without a direction step without a penalty (else an error)."""
         return self.records.allow_unanchored
 
+    @allow_unanchored.setter
+    def allow_unanchored(self, value: bool) -> None:
+        self.records.allow_unanchored = value
+
     # ------------------------------------------------------------------------------- groups
     def _adopt(self, group: dict[str, Any], index: int) -> None:
         """Give a param group its AsFT keys and names, and bind its parameters."""
