@@ -44,3 +44,19 @@ def test_entries_lapse_when_the_parameter_or_its_step_moves_or_on_invalidate():
     assert cache.get("b", t["q"], torch.zeros(())) is None  # another step tensor (a replaced state)
     cache.invalidate()  # a load or resync()
     assert cache.get("b", t["q"], t["qstep"]) is None
+
+
+def test_a_stamp_carries_the_rule_to_values_kept_outside_the_cache():
+    """ZeRO partitions keep their global dots with a `Stamp`: the same rule, checked by the cache."""
+    cache, flat, step = DotCache(), torch.zeros(4), torch.zeros(())
+    stamp = cache.stamp(flat, step)
+    assert cache.holds(stamp, flat, step) and not cache.holds(None, flat, step)
+    assert not cache.holds(stamp, flat, torch.zeros(()))  # another step tensor
+    flat.add_(1)
+    assert not cache.holds(stamp, flat, step)
+    stamp = cache.stamp(flat, step)
+    step.add_(1)
+    assert not cache.holds(stamp, flat, step)
+    stamp = cache.stamp(flat, step)
+    cache.invalidate()
+    assert not cache.holds(stamp, flat, step)
