@@ -234,7 +234,8 @@ class AsFTAdamW(torch.optim.AdamW):
         check_one_adapter_per_module(records.lora, self.param_groups)
         filled = penalty_only_grads(self.param_groups, impls, records, self.state)
         try:
-            lora_grads = pairs_penalty_grads(records.lora, self.param_groups, records.bindings, self.state)
+            lora_grads = pairs_penalty_grads(records.lora_pairs(self.param_groups, also=("impl",)), records.bindings,
+                                             self.state)
             shard_dots = global_shard_dots(self.param_groups, impls, records, self.state, self._triton)
             for index, (group, impl) in enumerate(zip(self.param_groups, impls)):
                 if impl == "zero":

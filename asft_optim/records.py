@@ -34,7 +34,7 @@ from .anchors import Anchors, normalize_name
 from .binding import Binding, Kind, bind_group, bind_shards, changed_since_binding
 from .dot_cache import DotCache
 from .functional import BoundDirection, storage_w0
-from .lora import LoraLayout, pairs_drift_sums
+from .lora import LoraLayout, LoraPair, pairs_drift_sums
 from .metrics import DriftSums, sums
 from .zero import ZeroTensors, partition_w0s
 
@@ -151,6 +151,37 @@ class ParamRecords:
             check(bound)
         self.bindings.update(bound)
         return bound
+
+    def lora_pairs(self, groups: Iterable[Mapping[str, Any]], also: tuple[str, ...] = ()
+                   ) -> list[tuple[LoraPair, Mapping[str, Any], Tensor, Tensor]]:
+        """(pair, its group, A, B) of every LoRA pair of the layout whose adapters are in `groups`.
+
+        Raises ValueError naming the module when only one of A and B is in the groups, or when they
+        are in groups with different λ, penalty, projection, maximize or `also` options.
+        """
+        if self.lora is None or not self.lora.pairs:
+            return []
+        where = {}
+        for g in groups:
+            for n, p in zip(g.get(self.keys.names, ()), g["params"]):
+                b = self.bindings.get(n)
+                if b is not None and b.pair is not None:
+                    where[n] = (g, p)
+        out = []
+        for pair in self.lora.pairs:
+            wa, wb = where.get(pair.a_name), where.get(pair.b_name)
+            if wa is None and wb is None:
+                continue
+            if wa is None or wb is None:
+                raise ValueError(f"LoRA module '{pair.module}' (adapter '{pair.adapter}'): only lora_"
+                                 f"{'A' if wb is None else 'B'} is in this optimizer; AsFT needs both")
+            (group, a), (group_b, b) = wa, wb
+            for key in (LAMBDA_KEY, self.keys.penalty, self.keys.projection, "maximize", *also):
+                if group.get(key) != group_b.get(key):
+                    raise ValueError(f"LoRA module '{pair.module}': lora_A and lora_B are in param groups with "
+                                     f"different {key} ({group.get(key)!r} and {group_b.get(key)!r})")
+            out.append((pair, group, a, b))
+        return out
 
     def has_lora(self, names: Iterable[str]) -> bool:
         """Whether any of the parameters named `names` is a LoRA adapter."""
