@@ -23,7 +23,7 @@ from __future__ import annotations
 import operator
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
@@ -67,6 +67,7 @@ class GroupKeys(NamedTuple):
 
 
 LAMBDA_KEY = "asft_lambda"
+_PLAIN_STEPS = "to give these parameters plain AdamW steps"  # what allow_unanchored=True does (AsFTAdamW)
 ANCHORS_KEY = "asft_anchors"
 
 
@@ -124,8 +125,8 @@ class ParamRecords:
 
     # ------------------------------------------------------------------------------- binding
     def bind(self, group: Mapping[str, Any], named: Iterable[tuple[str, Tensor]], *, where: str = "",
-             when: str = "", instead: str = "to give these parameters plain AdamW steps",
-             check: Any = None) -> dict[str, Binding]:
+             when: str = "", instead: str = _PLAIN_STEPS,
+             check: Callable[[Mapping[str, Binding]], None] | None = None) -> dict[str, Binding]:
         """Bind the trainable parameters `named` of `group` (`binding.bind_group`; collective for
         DTensors) and keep their bindings.
 
@@ -245,13 +246,14 @@ class ParamRecords:
                 state[p][key] = take_w0(p)
         self._w0_checked[id(group)] = (group, list(state_steps))
 
-    def rebind_changed(self, group: Mapping[str, Any], **wording: str) -> list[tuple[str, Tensor]]:
-        """Bind the group's parameters that gained a gradient since it was bound (`bind`, with
-        `wording`); return its dense or shard parameters whose DTensor-ness changed (for
+    def rebind_changed(self, group: Mapping[str, Any], *, where: str = "", when: str,
+                       instead: str = _PLAIN_STEPS) -> list[tuple[str, Tensor]]:
+        """Bind the group's parameters that gained a gradient since it was bound (`bind`, with its
+        wording); return its dense or shard parameters whose DTensor-ness changed (for
         `rebind_moved`, once for all groups)."""
         new, moved = changed_since_binding(self.bindings, group[self.keys.names], group["params"])
         if new:
-            self.bind(group, new, **wording)
+            self.bind(group, new, where=where, when=when, instead=instead)
         return moved
 
     def rebind_moved(self, moved: Sequence[tuple[str, Tensor]]) -> None:
