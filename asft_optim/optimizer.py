@@ -12,6 +12,9 @@ Where the state lives (data flow: anchors → bindings → optimizer state → i
   direction, LoRA pair); the carried ⟨v, ΔW⟩ (`dot_cache.DotCache`, one validity rule for every
   impl); DeepSpeed ZeRO's flat partitions (`zero.ZeroTensors`; W0 in `self.state[partition]["w0"]`).
 - `self.triton_cache`: the Triton launch cache (`triton_step.TritonCache`: c slots, tables, plans).
+- The step: `records.refresh` binds what changed, then per group one implementation over a
+  `functional.StepTensors`: `torch_step.torch_group_step` (native kernel / chunked torch /
+  reference), `triton_step.triton_group_step`, or `zero.step_zero_group` for ZeRO partitions.
 - Param groups: torch's options plus asft_lambda, penalty, projection, impl and the anchors
   fingerprint. These are the optimizer's own: a checkpoint never changes them.
 """
