@@ -5,12 +5,12 @@ update) and `AsFTPenalty` (`attach`: the penalty added to any optimizer's gradie
 
 - `bindings`: one `binding.Binding` per parameter name (kind, direction key, bound direction, LoRA
   pair), made when a group is bound and remade when a parameter gains a gradient or is swapped for
-  a DTensor (`rebind_changed`, `rebind_moved`);
-- the LoRA pairs' bound base-weight directions (A and B of a pair share one);
+  a DTensor (`rebind_changed`, `rebind_moved`; `refresh` does both for every group of AsFTAdamW);
+- the LoRA pairs (`lora`, `lora_pairs`) and their bound base-weight directions (A and B share one);
 - `dots`: the carried ⟨v, ΔW⟩ with their one validity rule (`dot_cache`);
 - `zero`: DeepSpeed ZeRO's flat partitions of ZERO parameters and their global dots (`zero`);
 
-and does what both users do with them: W0 snapshots (`take_w0`; W0 itself lives in the host
+and does what both users do with them: W0 snapshots (`take_w0`, `take_missing_w0`; W0 lives in the host
 optimizer's `state[p][keys.w0]`, saved by its `state_dict`), the resume checks (`check_resume`:
 other anchors, λ, penalty, projection or names are refused), W0's storage dtype after a load
 (`restore_w0`) and the drift sums (`drift_sums`). The two users name their group keys differently
