@@ -12,6 +12,9 @@ Where the state lives (data flow: anchors → bindings → optimizer state → i
   direction, LoRA pair); the carried ⟨v, ΔW⟩ (`dot_cache.DotCache`, one validity rule for every
   impl); DeepSpeed ZeRO's flat partitions (`zero.ZeroTensors`; W0 in `self.state[partition]["w0"]`).
 - `self.triton_cache`: the Triton launch cache (`triton_step.TritonCache`: c slots, tables, plans).
+- The step: `records.refresh` binds what changed, then per group one implementation over a
+  `functional.StepTensors`: `torch_step.torch_group_step` (native kernel / chunked torch /
+  reference), `triton_step.triton_group_step`, or `zero.step_zero_group` for ZeRO partitions.
 - Param groups: torch's options plus asft_lambda, penalty, projection, impl and the anchors
   fingerprint. These are the optimizer's own: a checkpoint never changes them.
 """
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -149,6 +151,10 @@ class AsFTAdamW(torch.optim.AdamW):
         """Whether trainable parameters without a direction take plain AdamW steps (else an error)."""
         return self.records.allow_unanchored
 
+    @allow_unanchored.setter
+    def allow_unanchored(self, value: bool) -> None:
+        self.records.allow_unanchored = value
+
     @property
     def lora_layout(self) -> LoraLayout | None:
         """The model's LoRA layout (pairs, scaling, `modules_to_save` aliases), or None."""
@@ -231,7 +237,8 @@ class AsFTAdamW(torch.optim.AdamW):
         check_one_adapter_per_module(records.lora, self.param_groups)
         filled = penalty_only_grads(self.param_groups, impls, records, self.state)
         try:
-            lora_grads = pairs_penalty_grads(records.lora, self.param_groups, records.bindings, self.state)
+            lora_grads = pairs_penalty_grads(records.lora_pairs(self.param_groups, also=("impl",)), records.bindings,
+                                             self.state)
             shard_dots = global_shard_dots(self.param_groups, impls, records, self.state, self._triton)
             for index, (group, impl) in enumerate(zip(self.param_groups, impls)):
                 if impl == "zero":
@@ -263,7 +270,7 @@ class AsFTAdamW(torch.optim.AdamW):
         step_zero_group(group, records.zero, self.state, records.dots, records.anchors,
                         functools.partial(torch.optim.Adam._init_group, self), adam_kwargs(group))
 
-    # ------------------------------------------------------------------------------- LoRA
+    # ------------------------------------------------------------------------------- building
     @classmethod
     def from_model(cls, model: nn.Module, *, anchors: Anchors | Mapping[str, Tensor] | str | os.PathLike,
                    no_weight_decay: Iterable[str] = (), **kwargs: Any) -> AsFTAdamW:
@@ -377,8 +384,6 @@ class AsFTAdamW(torch.optim.AdamW):
         copies as the original module, FSDP2 shards as the whole tensor. Feed to
         `metrics.per_layer`. Collective under FSDP2 and DeepSpeed ZeRO."""
         return self.records.drift_sums(self.param_groups, self.state, by="key")
-
-_GRAD = operator.attrgetter("grad")
 
 
 def _check_triton_dtypes(bindings: Mapping[str, Binding], group: dict[str, Any]) -> None:

@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.optim.adam import adam
 
 from .anchors import Anchors
-from .dot_cache import DotCache
+from .dot_cache import DotCache, Stamp
 from .functional import (
     BoundDirection,
     StepTensors,
@@ -159,18 +159,8 @@ class Partition:
     bounds: list[BoundDirection]
     index: list[int]
     v: Tensor
-    dots: Tensor | None = None      # per segment the global ⟨v, ΔW⟩, valid while `dots_stamp` holds
-    dots_stamp: tuple | None = None  # (flat._version, its "step" tensor, the step's version, the epoch)
-
-    def stamp(self, step: Tensor, epoch: int) -> tuple:
-        """The stamp `dots` gets now: the `DotCache` rule for the flat partition (its version, its
-        state "step" tensor, that tensor's version, the optimizer's load/resync epoch)."""
-        return (self.flat._version, step, step._version, epoch)
-
-    def dots_valid(self, step: Tensor, epoch: int) -> bool:
-        s = self.dots_stamp
-        return (self.dots is not None and s is not None and s[0] == self.flat._version and s[1] is step
-                and s[2] == step._version and s[3] == epoch)
+    dots: Tensor | None = None  # per segment the global ⟨v, ΔW⟩, valid while `dots_stamp` holds
+    dots_stamp: Stamp | None = None  # the `DotCache` rule for `flat` and its step, when `dots` were made
 
     def gaps(self) -> list[tuple[int, int]]:
         """(start, stop) of the partition's ranges outside every segment."""
@@ -221,19 +211,19 @@ class ZeroTensors:
         return (any(p is not None and is_zero_param(p) for p in originals)
                 and not any(p is q for p in group["params"] for q in originals))
 
-    def partition(self, flat: Tensor, group_names: Sequence[str], anchors: Anchors, step: Tensor, epoch: int,
+    def partition(self, flat: Tensor, group_names: Sequence[str], anchors: Anchors, step: Tensor, cache: DotCache,
                   w0: Tensor | None = None) -> Partition:
         """The `Partition` of `flat`, bound on first sight (collective over the data-parallel group:
         a MAX and a SUM all-reduce). `w0`: the partition's W0 if it has one already (a resumed run):
         its global dots are then summed in the binding's SUM all-reduce. `step`: the partition's
-        state "step" tensor, `epoch`: the optimizer's `DotCache.epoch` (they stamp those dots)."""
+        state "step" tensor, `cache`: the carried dots (`step` and `cache` stamp those dots)."""
         for part in self.partitions:
             if part.flat is flat:
                 return part
         named = [(n, p) for n in group_names if (p := self.param(n)) is not None]
         part = self._bind(flat, named, anchors, w0)
         if w0 is not None:
-            part.dots_stamp = part.stamp(step, epoch)
+            part.dots_stamp = cache.stamp(flat, step)
         self.partitions.append(part)
         return part
 
@@ -310,7 +300,7 @@ class ZeroTensors:
                     cache: DotCache) -> Tensor:
         """Per segment of `part` the global ⟨v, ΔW⟩ (fp32, shape (len(segments),)).
 
-        Valid dots (`Partition.dots_valid`: the `DotCache` rule) are returned as they are.
+        Valid dots (`Partition.dots_stamp` holds: the `DotCache` rule) are returned as they are.
         Otherwise the partial dots of every partition that has a W0 (`w0s`, `steps`: position in
         `self.partitions` → W0, state "step" tensor) are summed over ranks in one all-reduce of one
         fp32 per tensor: the partials `cache` carries from our last update where valid, else recomputed
@@ -319,7 +309,7 @@ class ZeroTensors:
         same decision (the same updates bump the same version counters).
         """
         at = next(i for i, q in enumerate(self.partitions) if q is part)
-        if part.dots_valid(steps[at], cache.epoch):
+        if part.dots is not None and cache.holds(part.dots_stamp, part.flat, steps[at]):
             return part.dots
         vec = torch.zeros(len(self.names), dtype=torch.float32, device=self._comm_device(part.flat))
         for i, q in enumerate(self.partitions):
@@ -337,7 +327,7 @@ class ZeroTensors:
         for i, q in enumerate(self.partitions):
             if i in w0s:
                 q.dots = vec[q.index].to(q.flat.device)
-                q.dots_stamp = q.stamp(steps[i], cache.epoch)
+                q.dots_stamp = cache.stamp(q.flat, steps[i])
         return part.dots
 
     # ------------------------------------------------------------------------------- drift
@@ -488,7 +478,7 @@ def step_zero_group(group: dict[str, Any], zero: ZeroTensors, state: dict[Tensor
             adam(*lists, **adam_kwargs)
             continue
         st = state[flat]
-        part = zero.partition(flat, group["param_names"], anchors, st["step"], dots.epoch, st.get("w0"))
+        part = zero.partition(flat, group["param_names"], anchors, st["step"], dots, st.get("w0"))
         if "w0" not in st:
             st["w0"] = storage_w0(flat.detach().clone())
             part_dots = torch.zeros(len(part.segments), device=flat.device)
