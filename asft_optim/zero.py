@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.optim.adam import adam
 
 from .anchors import Anchors
-from .dot_cache import DotCache
+from .dot_cache import DotCache, Stamp
 from .functional import (
     BoundDirection,
     StepTensors,
@@ -46,6 +46,7 @@ from .functional import (
     direction_dtype,
     exact_dots,
     partial_dots,
+    penalty_coef,
     storage_w0,
     times_pow2,
 )
@@ -158,18 +159,8 @@ class Partition:
     bounds: list[BoundDirection]
     index: list[int]
     v: Tensor
-    dots: Tensor | None = None      # per segment the global ⟨v, ΔW⟩, valid while `dots_stamp` holds
-    dots_stamp: tuple | None = None  # (flat._version, its "step" tensor, the step's version, the epoch)
-
-    def stamp(self, step: Tensor, epoch: int) -> tuple:
-        """The stamp `dots` gets now: the `DotCache` rule for the flat partition (its version, its
-        state "step" tensor, that tensor's version, the optimizer's load/resync epoch)."""
-        return (self.flat._version, step, step._version, epoch)
-
-    def dots_valid(self, step: Tensor, epoch: int) -> bool:
-        s = self.dots_stamp
-        return (self.dots is not None and s is not None and s[0] == self.flat._version and s[1] is step
-                and s[2] == step._version and s[3] == epoch)
+    dots: Tensor | None = None  # per segment the global ⟨v, ΔW⟩, valid while `dots_stamp` holds
+    dots_stamp: Stamp | None = None  # the `DotCache` rule for `flat` and its step, when `dots` were made
 
     def gaps(self) -> list[tuple[int, int]]:
         """(start, stop) of the partition's ranges outside every segment."""
@@ -220,19 +211,19 @@ class ZeroTensors:
         return (any(p is not None and is_zero_param(p) for p in originals)
                 and not any(p is q for p in group["params"] for q in originals))
 
-    def partition(self, flat: Tensor, group_names: Sequence[str], anchors: Anchors, step: Tensor, epoch: int,
+    def partition(self, flat: Tensor, group_names: Sequence[str], anchors: Anchors, step: Tensor, cache: DotCache,
                   w0: Tensor | None = None) -> Partition:
         """The `Partition` of `flat`, bound on first sight (collective over the data-parallel group:
         a MAX and a SUM all-reduce). `w0`: the partition's W0 if it has one already (a resumed run):
         its global dots are then summed in the binding's SUM all-reduce. `step`: the partition's
-        state "step" tensor, `epoch`: the optimizer's `DotCache.epoch` (they stamp those dots)."""
+        state "step" tensor, `cache`: the carried dots (`step` and `cache` stamp those dots)."""
         for part in self.partitions:
             if part.flat is flat:
                 return part
         named = [(n, p) for n in group_names if (p := self.param(n)) is not None]
         part = self._bind(flat, named, anchors, w0)
         if w0 is not None:
-            part.dots_stamp = part.stamp(step, epoch)
+            part.dots_stamp = cache.stamp(flat, step)
         self.partitions.append(part)
         return part
 
@@ -309,7 +300,7 @@ class ZeroTensors:
                     cache: DotCache) -> Tensor:
         """Per segment of `part` the global ⟨v, ΔW⟩ (fp32, shape (len(segments),)).
 
-        Valid dots (`Partition.dots_valid`: the `DotCache` rule) are returned as they are.
+        Valid dots (`Partition.dots_stamp` holds: the `DotCache` rule) are returned as they are.
         Otherwise the partial dots of every partition that has a W0 (`w0s`, `steps`: position in
         `self.partitions` → W0, state "step" tensor) are summed over ranks in one all-reduce of one
         fp32 per tensor: the partials `cache` carries from our last update where valid, else recomputed
@@ -318,13 +309,13 @@ class ZeroTensors:
         same decision (the same updates bump the same version counters).
         """
         at = next(i for i, q in enumerate(self.partitions) if q is part)
-        if part.dots_valid(steps[at], cache.epoch):
+        if part.dots is not None and cache.holds(part.dots_stamp, part.flat, steps[at]):
             return part.dots
         vec = torch.zeros(len(self.names), dtype=torch.float32, device=self._comm_device(part.flat))
         for i, q in enumerate(self.partitions):
             if i not in w0s or not q.segments:
                 continue
-            carried = [cache.get(s.name, q.flat, steps[i]) for s in q.segments]
+            carried = [cache.get_partial(s.name, q.flat, steps[i]) for s in q.segments]
             if any(c is None for c in carried):
                 w0 = w0s[i]
                 partial = exact_dots([q.flat[s.start: s.start + s.numel] for s in q.segments],
@@ -336,7 +327,7 @@ class ZeroTensors:
         for i, q in enumerate(self.partitions):
             if i in w0s:
                 q.dots = vec[q.index].to(q.flat.device)
-                q.dots_stamp = q.stamp(steps[i], cache.epoch)
+                q.dots_stamp = cache.stamp(q.flat, steps[i])
         return part.dots
 
     # ------------------------------------------------------------------------------- drift
@@ -487,7 +478,7 @@ def step_zero_group(group: dict[str, Any], zero: ZeroTensors, state: dict[Tensor
             adam(*lists, **adam_kwargs)
             continue
         st = state[flat]
-        part = zero.partition(flat, group["param_names"], anchors, st["step"], dots.epoch, st.get("w0"))
+        part = zero.partition(flat, group["param_names"], anchors, st["step"], dots, st.get("w0"))
         if "w0" not in st:
             st["w0"] = storage_w0(flat.detach().clone())
             part_dots = torch.zeros(len(part.segments), device=flat.device)
@@ -500,11 +491,11 @@ def step_zero_group(group: dict[str, Any], zero: ZeroTensors, state: dict[Tensor
             adam(*lists, **adam_kwargs)
             continue
         new = step_partition(part, flat.grad, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq"),
-                             st["step"], st["w0"], part_dots, coef=(-2.0 if group["maximize"] else 2.0)
-                             * group["asft_lambda"], penalty=group["penalty"], impl=group["impl"] or "torch",
-                             **adam_kwargs)
+                             st["step"], st["w0"], part_dots,
+                             coef=penalty_coef(group["asft_lambda"], group["maximize"]), penalty=group["penalty"],
+                             impl=group["impl"] or "torch", **adam_kwargs)
         for seg, d in zip(part.segments, new or ()):
-            dots.put(seg.name, flat, st["step"], d)
+            dots.put_partial(seg.name, flat, st["step"], d)
 
 
 def load_config(config: Mapping[str, Any] | str | Any) -> Mapping[str, Any]:
@@ -524,7 +515,8 @@ def check_client(optimizer: torch.optim.Optimizer, config: Mapping[str, Any]) ->
         raise ValueError("DeepSpeed ZeRO flattens a client optimizer's parameters into partitions, which "
                          "asft_optim.attach does not follow: use AsFTAdamW as the client optimizer")
     groups = getattr(optimizer, "param_groups", [])
-    lora = hasattr(optimizer, "_lora_in_group") and any(optimizer._lora_in_group(g) for g in groups)
+    records = getattr(optimizer, "records", None)  # AsFTAdamW's `records.ParamRecords`
+    lora = records is not None and any(records.has_lora(g.get("param_names", ())) for g in groups)
     check_config(config, has_lora=lora)
     stage = _get(config, "zero_optimization", "stage") or 0
     if stage and any(g.get("impl") == "triton" for g in groups):

@@ -319,11 +319,12 @@ class TestAdapters:
 
 
 class TestHeldInBatches:
-    """`DotCache.all_held` / `put_held` (the Triton replay's batched checks) agree with `held` /
-    `put` one name at a time, after every change that makes a held slot stale."""
+    """`DotCache.all_held` / `put_slots` (the Triton replay's batched checks) agree with `held` /
+    `put_slot` one name at a time, after every change that makes a held slot stale (another kind of
+    entry put for a name included)."""
 
-    CHANGES = ["none", "p_written", "step_written", "step_replaced", "dot_put", "dropped", "invalidated",
-               "other_view_written"]
+    CHANGES = ["none", "p_written", "step_written", "step_replaced", "dot_put", "partial_put", "vector_put",
+               "dropped", "invalidated", "other_view_written"]
 
     @pytest.mark.parametrize("change", CHANGES)
     @pytest.mark.parametrize("given", [False, True])
@@ -336,9 +337,9 @@ class TestHeldInBatches:
         assert dots.all_held(names, params, steps) is None  # nothing put yet
         buf.add_(1)
         if given:  # the versions as the Triton replay passes them
-            dots.put_held(names, params, steps, tuple(p._version for p in params), buf._version)
+            dots.put_slots(names, params, steps, tuple(p._version for p in params), buf._version)
         else:
-            dots.put_held(names, params, steps)
+            dots.put_slots(names, params, steps)
         if change == "p_written":
             params[1].mul_(2)
         elif change == "step_written":
@@ -349,6 +350,10 @@ class TestHeldInBatches:
             steps[0] = steps[0].clone()
         elif change == "dot_put":
             dots.put("b", params[1], steps[1], torch.tensor(0.5))
+        elif change == "partial_put":
+            dots.put_partial("b", params[1], steps[1], torch.tensor(0.5))
+        elif change == "vector_put":
+            dots.put_vector(["a"], params[:1], steps[:1], torch.tensor([0.5], dtype=torch.float64))
         elif change == "dropped":
             dots.drop("c")
         elif change == "invalidated":
