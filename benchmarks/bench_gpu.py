@@ -550,14 +550,14 @@ class _Stub:
 
 def host_time(rep: Report, label: str, shapes, device, steps: int) -> None:
     """Host time of AsFTAdamW(impl="triton").step() with the kernels stubbed out (`_Stub`), fp32
-    parameters, bf16 W0 and d, gradients (modes): "realloc", new tensors from `torch.empty_like`
+    parameters, bf16 W0 and d. Gradients (modes): "realloc", new tensors from `torch.empty_like`
     before every step; "realloc_cached", new tensor objects before every step at the addresses of
     one of two preallocated sets in turn, as a caching allocator (CUDA's) serves them: on a CPU
     this leaves out the allocator's mmap/munmap of every gradient, which "realloc" pays between
-    the steps and which slows the step after it (caches, TLB); "inplace", the same tensors. Nothing is ever
-    written to the parameters, gradients, moments or W0 (a CPU commits no memory for them); the
-    directions are views of one zero buffer (binding copies them: 2 bytes per parameter); the
-    optimizer state is pre-filled as after a first step."""
+    the steps and which slows the step after it (caches, TLB); "inplace", the same tensors.
+    Nothing is ever written to the parameters, gradients, moments or W0 (a CPU commits no memory
+    for them); the directions are views of one zero buffer (binding copies them: 2 bytes per
+    parameter); the optimizer state is pre-filled as after a first step."""
     n_params = sum(math.prod(s) for s in shapes.values())
     blocks = sum(math.ceil(math.prod(s) / K.BLOCK) for s in shapes.values())
     saved = {k: getattr(K, k) for k in ("_update_kernel", "_dot_kernel", "_fold_kernel")}
@@ -597,10 +597,6 @@ def host_time(rep: Report, label: str, shapes, device, steps: int) -> None:
             rep.record("bench", f"host/{label}/{mode}", f"  host time per step, {label} ({len(shapes)} tensors, "
                        f"{blocks} blocks), gradients {mode}: {res['median_ms']:.3f} ms (p20 {q[0]:.3f}, p80 "
                        f"{q[-1]:.3f}; first step {first:.1f} ms; load {res['load_avg_1min']:.1f})", **res)
-            if mode == "realloc_cached":
-                for p in params.values():
-                    p.grad = None
-                del cached
     finally:
         for k, v in saved.items():
             setattr(K, k, v)

@@ -326,7 +326,7 @@ class LaunchTable:
 
 
 def _host_int64(values: list[int], pin: bool) -> Tensor:
-    """`values` as an int64 CPU tensor (through a C array: a third of `torch.tensor`'s time), in
+    """`values` as an int64 CPU tensor (through a C array: a quarter of `torch.tensor`'s time), in
     pinned memory when `pin`: a non-blocking copy from there is queued without waiting for the
     stream, and torch's caching host allocator keeps the block until the copy has run."""
     t = torch.frombuffer(array.array("q", values), dtype=torch.int64)
