@@ -241,6 +241,15 @@ inline void store(uint16_t* x, __m512 v, __mmask16 k) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(x), h);
 }
 
+// Software prefetch (into L1) of every stream kAhead elements ahead: the hardware prefetchers alone
+// keep too few of the six streams' lines in flight for one core (measured, 1 thread, 20 x 2.5M fp32:
+// 1.27-1.37x torch's fused AdamW without, 1.14-1.16x with; 1 KB ahead or into L2 only: less gain).
+constexpr int64_t kAhead = 512;
+template <typename... T>
+inline void prefetch(int64_t i, const T*... x) {
+  (_mm_prefetch(reinterpret_cast<const char*>(x + i), _MM_HINT_T0), ...);
+}
+
 struct Acc {  // the fold's 16 fp64 lanes: lo = lanes 0-7, hi = lanes 8-15
   __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
   template <bool TAIL>
@@ -299,8 +308,10 @@ double step_range(const Item& t, const Hyper& h, int64_t lo, int64_t hi) {
   const Consts K(t, h);
   Acc acc;
   int64_t i = lo;
-  for (; i + 16 <= hi; i += 16)
+  for (; i + 16 <= hi; i += 16) {
+    prefetch(i + kAhead, p, g, m, s, w0, v);
     step16<P, LOW, false>(p + i, g + i, m + i, s + i, w0 + i, v + i, 0xFFFF, K, acc);
+  }
   if (i < hi)
     step16<P, LOW, true>(p + i, g + i, m + i, s + i, w0 + i, v + i, static_cast<__mmask16>((1u << (hi - i)) - 1), K,
                          acc);
@@ -319,8 +330,10 @@ double dot_block(const Item& t, int64_t lo, int64_t hi) {
   const TV* v = static_cast<const TV*>(t.v);
   Acc acc;
   int64_t i = lo;
-  for (; i + 16 <= hi; i += 16)
+  for (; i + 16 <= hi; i += 16) {
+    prefetch(i + kAhead, p, w0, v);
     acc.add<false>(load<false>(v + i, 0xFFFF) * (load<false>(p + i, 0xFFFF) - load<false>(w0 + i, 0xFFFF)), 0xFFFF);
+  }
   if (i < hi) {
     const auto k = static_cast<__mmask16>((1u << (hi - i)) - 1);
     acc.add<true>(load<true>(v + i, k) * (load<true>(p + i, k) - load<true>(w0 + i, k)), k);
