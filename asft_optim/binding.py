@@ -1,4 +1,6 @@
-"""What `AsFTAdamW` knows about each parameter beyond torch's `state[p]`: one `Binding` per name.
+"""What AsFT knows about each parameter beyond the optimizer's `state[p]`: one `Binding` per name
+(kept by `records.ParamRecords`, for `AsFTAdamW` and `attach` alike), and how a model's parameters
+are named and grouped for it (`model_param_groups`, `check_unique_names`).
 
 A binding is made when the parameter's group is added (`bind_group`) and read by every path
 (torch, reference, Triton, shards, LoRA, resume, drift). It records the parameter's kind, the
@@ -13,21 +15,22 @@ import enum
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import distributed as _dist
 from .anchors import Anchors, normalize_name
 from .functional import BoundDirection, bind_direction
-from .lora import LoraLayout, LoraPair, bind_lora_direction, is_lora_name
+from .lora import LoraLayout, LoraPair, bind_lora_direction, is_lora_name, lora_layout
 from .zero import lora_refusal, original_shape
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
-__all__ = ["Kind", "Binding", "bind_group", "anchor_key", "zero_binding", "changed_since_binding"]
+__all__ = ["Kind", "Binding", "bind_group", "anchor_key", "zero_binding", "changed_since_binding",
+           "model_param_groups", "check_unique_names"]
 
 
 class Kind(str, enum.Enum):
@@ -195,3 +198,55 @@ def changed_since_binding(bindings: Mapping[str, Binding], names: Iterable[str],
         elif b.kind in (Kind.DENSE, Kind.SHARD) and (b.kind is Kind.SHARD) != _dist.is_dtensor(p):
             moved.append((name, p))
     return new, moved
+
+
+def model_param_groups(model: nn.Module, anchors: Anchors, no_weight_decay: Iterable[str] = ()
+                       ) -> tuple[list[dict[str, Any]], LoraLayout | None]:
+    """`AsFTAdamW.from_model`'s param groups of a model's trainable parameters (see its parameter
+    policy) and its LoRA layout (None without LoRA pairs or `modules_to_save` copies).
+
+    Up to four groups, keyed by (in `no_weight_decay`: weight_decay=0, a bias without a direction:
+    asft_lambda=0), each of (name, parameter) pairs. Raises ValueError when nothing is trainable or
+    no trainable parameter has a direction.
+    """
+    layout = lora_layout(model)
+    no_decay = set(no_weight_decay)
+    groups: dict[tuple[bool, bool], list[tuple[str, Tensor]]] = {}
+    anchored = 0
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        has_dir = name in layout.by_param or anchor_key(name, layout) in anchors
+        anchored += has_dir
+        plain_bias = name.endswith(".bias") and not has_dir
+        groups.setdefault((name in no_decay, plain_bias), []).append((name, p))
+    if not groups:
+        raise ValueError("from_model: the model has no trainable parameters")
+    if not anchored:
+        raise ValueError(f"from_model: none of the model's trainable parameters has a direction in "
+                         f"{anchors!r} (e.g. '{next(iter(groups.values()))[0][0]}'); check that the "
+                         "directions were computed for this model")
+    param_groups = []
+    for (nd, plain_bias), named in sorted(groups.items()):
+        group: dict[str, Any] = {"params": named}
+        if nd:
+            group["weight_decay"] = 0.0
+        if plain_bias:
+            group["asft_lambda"] = 0.0
+        param_groups.append(group)
+    return param_groups, (layout if (layout.pairs or layout.aliases) else None)
+
+
+def check_unique_names(groups: list[dict[str, Any]]) -> None:
+    """Refuse a parameter name that the last group repeats (within it or from an earlier group),
+    removing that group: bindings, W0 checks and carried dots are keyed by name."""
+    seen = {n for g in groups[:-1] for n in g["param_names"]}
+    for name in groups[-1]["param_names"]:
+        if name in seen:
+            groups.pop()
+            raise ValueError(
+                f"the parameter name '{name}' appears twice in AsFTAdamW's param groups (two models' "
+                "named_parameters() in one optimizer, or groups built from submodules' named_parameters()?): "
+                "directions, W0 checks and carried dots are keyed by name; give every parameter a unique "
+                "name, e.g. prefix each model's or submodule's names")
+        seen.add(name)

@@ -24,41 +24,77 @@ every step (one read of the local p, W0 and v, summed over ranks in the step's o
 
 from __future__ import annotations
 
+import enum
 import operator
+from collections.abc import Sequence
 from itertools import count, repeat
 
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-__all__ = ["DotCache"]
+__all__ = ["DotCache", "Held"]
 
 _VERSION = operator.attrgetter("_version")
 
 
+class Held(enum.Enum):
+    """What a `DotCache` entry holds (each entry has exactly one meaning)."""
+    DOT = "dot"                    # ⟨v, p − W0⟩ of a whole tensor, 0-d (the torch path's; `put`)
+    VECTOR = "vector"              # entry i of the native kernel's float64 vector of dots (`put_vector`)
+    TRITON_SLOT = "triton_slot"    # c is valid in the Triton path's c slot, not here (`put_slot`)
+    ZERO_PARTIAL = "zero_partial"  # this rank's partial dot of a ZeRO segment, summed over ranks (`put_partial`)
+
+
+# An entry: (what it holds, the dot or vector or None, the index in the vector (-1 otherwise), p's version,
+# the step tensor, its version), a plain tuple: `put_vector` builds T of them in C loops at every native step.
+_Entry = tuple[Held, Tensor | None, int, int, Tensor, int]
+
+
 class DotCache:
-    """Name → (dot or None, the version stamps of the parameter and its step tensor after the update).
+    """Name → a carried dot (`Held` says which kind) and the version stamps of its parameter and step
+    tensor right after the update that made it.
 
     `p` is always the parameter as the optimizer's param group holds it (never a DTensor's local
-    shard) and `step` its `state["step"]` tensor. A None value means "valid, but held elsewhere"
-    (the Triton path's c slots). The native CPU kernel returns one float64 vector per group;
-    `put_vector` keeps it whole, so that the next step gets it back with `get_vector` without
-    splitting and restacking T tensors.
+    shard; a ZeRO segment's flat partition) and `step` its `state["step"]` tensor. The native CPU kernel
+    returns one float64 vector per group; `put_vector` keeps it whole, so that the next step gets it
+    back with `get_vector` without splitting and restacking T tensors. Each getter returns only its
+    own kind: `get` whole-tensor dots (`DOT`, `VECTOR`), `held` Triton slots, `get_partial` ZeRO
+    partials.
     """
 
     def __init__(self) -> None:
-        # name → (a 0-d dot, or a vector holding it; its index in the vector, -1 for a 0-d dot;
-        #         p's version; the step tensor; its version)
-        self._entries: dict[str, tuple[Tensor | None, int, int, Tensor, int]] = {}
+        self._entries: dict[str, _Entry] = {}
         self.epoch = 0
 
-    def put(self, name: str, p: Tensor, step: Tensor, dot: Tensor | None) -> None:
-        """Record the dot of `p` as it is now (call after the update wrote p and advanced `step`)."""
+    def _stamped(self, name: str, p: Tensor, step: Tensor) -> _Entry | None:
+        """The entry of `name` if it is valid for `p` and `step` now (the module's rule), else None."""
+        e = self._entries.get(name)
+        if e is None or e[3] != p._version or e[4] is not step or e[5] != step._version or isinstance(p, DTensor):
+            return None
+        return e
+
+    def put(self, name: str, p: Tensor, step: Tensor, dot: Tensor) -> None:
+        """Record the 0-d dot of `p` as it is now (call after the update wrote p and advanced `step`);
+        a DTensor's is dropped instead."""
+        self._put(name, p, step, Held.DOT, dot)
+
+    def put_slot(self, name: str, p: Tensor, step: Tensor) -> None:
+        """Record that `p`'s current c is in the Triton path's c slot (right after the update)."""
+        self._put(name, p, step, Held.TRITON_SLOT, None)
+
+    def put_partial(self, name: str, flat: Tensor, step: Tensor, dot: Tensor) -> None:
+        """Record this rank's partial dot (0-d) of the ZeRO segment of tensor `name` in the partition
+        `flat` (right after the update)."""
+        self._put(name, flat, step, Held.ZERO_PARTIAL, dot)
+
+    def _put(self, name: str, p: Tensor, step: Tensor, held: Held, dot: Tensor | None) -> None:
         if isinstance(p, DTensor):
             self._entries.pop(name, None)
         else:
-            self._entries[name] = (dot, -1, p._version, step, step._version)
+            self._entries[name] = (held, dot, -1, p._version, step, step._version)
 
-    def put_vector(self, names: list[str], params: list[Tensor], steps: list[Tensor], dots: Tensor) -> None:
+    def put_vector(self, names: Sequence[str], params: Sequence[Tensor], steps: Sequence[Tensor], dots: Tensor
+                   ) -> None:
         """Record dots[i] for names[i] (a vector of len(names) dots, right after the update)."""
         if not len(names) == len(params) == len(steps) == len(dots):
             raise ValueError(f"put_vector: {len(names)} names, {len(params)} parameters, {len(steps)} steps, "
@@ -68,38 +104,45 @@ class DotCache:
                 self.put(name, p, s, dots[i])
             return
         # (built in C loops: this runs at every native step, for every tensor)
-        self._entries.update(zip(names, zip(repeat(dots), count(), map(_VERSION, params), steps, map(_VERSION, steps))))
-
-    def valid(self, name: str, p: Tensor, step: Tensor) -> bool:
-        """Whether the carried dot (or the slot held elsewhere) of `p` may be used."""
-        e = self._entries.get(name)
-        return (e is not None and e[2] == p._version and e[3] is step and e[4] == step._version
-                and not isinstance(p, DTensor))
+        self._entries.update(zip(names, zip(repeat(Held.VECTOR), repeat(dots), count(), map(_VERSION, params), steps,
+                                            map(_VERSION, steps))))
 
     def held(self, name: str, p: Tensor, step: Tensor) -> bool:
-        """Whether `p`'s current dot is valid and held elsewhere (put with None: a Triton c slot)."""
-        return self.valid(name, p, step) and self._entries[name][0] is None
+        """Whether `p`'s current c is valid in the Triton path's c slot."""
+        e = self._stamped(name, p, step)
+        return e is not None and e[0] is Held.TRITON_SLOT
 
     def get(self, name: str, p: Tensor, step: Tensor) -> Tensor | None:
-        """The carried dot of `p` (0-d, on p's device), or None when it must be recomputed."""
-        e = self._entries.get(name)
-        if (e is None or e[0] is None or e[2] != p._version or e[3] is not step or e[4] != step._version
-                or isinstance(p, DTensor) or e[0].device != p.device):
+        """The carried dot of the whole tensor `p` (0-d, on p's device), or None when it must be
+        recomputed."""
+        e = self._stamped(name, p, step)
+        if e is None or e[0] is Held.TRITON_SLOT or e[0] is Held.ZERO_PARTIAL:
             return None
-        return e[0] if e[1] < 0 else e[0][e[1]]
+        dot = e[1]
+        assert dot is not None  # DOT and VECTOR entries hold a tensor
+        if dot.device != p.device:
+            return None
+        return dot if e[0] is Held.DOT else dot[e[2]]
 
-    def get_vector(self, names: list[str], params: list[Tensor], steps: list[Tensor]) -> Tensor | None:
+    def get_partial(self, name: str, flat: Tensor, step: Tensor) -> Tensor | None:
+        """This rank's carried partial dot of tensor `name`'s segment in the partition `flat`, or None."""
+        e = self._stamped(name, flat, step)
+        return e[1] if e is not None and e[0] is Held.ZERO_PARTIAL else None
+
+    def get_vector(self, names: Sequence[str], params: Sequence[Tensor], steps: Sequence[Tensor]) -> Tensor | None:
         """The vector given to `put_vector` if it holds exactly these names in this order, all still
-        valid (the checks of `valid`; a DTensor is never in a vector entry); else None (ask `get`
+        valid (the checks of `get`; a DTensor is never in a vector entry); else None (ask `get`
         per name)."""
         first = self._entries.get(names[0]) if names else None
-        if first is None or first[1] != 0 or first[0] is None or first[0].dim() != 1 or len(first[0]) != len(names):
+        if first is None or first[0] is not Held.VECTOR or first[2] != 0:
             return None
-        vec = first[0]
+        vec = first[1]
+        if vec is None or len(vec) != len(names):
+            return None
         get = self._entries.get
         for i, (name, p, s) in enumerate(zip(names, params, steps)):
             e = get(name)
-            if e is None or e[0] is not vec or e[1] != i or e[2] != p._version or e[3] is not s or e[4] != s._version:
+            if e is None or e[1] is not vec or e[2] != i or e[3] != p._version or e[4] is not s or e[5] != s._version:
                 return None
         return vec
 

@@ -20,7 +20,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, cast
+from typing import Literal, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -29,14 +29,20 @@ from torch.optim.adam import adam
 from . import native
 
 __all__ = ["BoundDirection", "bind_direction", "penalty_reference", "penalised_grads_reference",
-           "partial_dots", "asft_adamw", "asft_adamw_", "GroupTensors", "StepTensors", "PENALTIES", "Penalty",
-           "dense_flat", "rescaled"]
+           "partial_dots", "asft_adamw", "asft_adamw_", "StepTensors", "PENALTIES", "Penalty",
+           "dense_flat", "rescaled", "penalty_coef"]
 
 Penalty = Literal["orthogonal", "parallel", "full"]
 PENALTIES: tuple[str, ...] = ("orthogonal", "parallel", "full")
 
 CHUNK = 1 << 19  # elements per piece of the fused torch path: few enough calls, pieces stay in L3
 FOLD_BLOCK = 1 << 14  # elements per block of a dot's fixed-order fold (below ATen's parallel grain of 2**15)
+
+
+def penalty_coef(asft_lambda: float, maximize: bool) -> float:
+    """coef = ±2λ, the factor of R in g̃ = g + coef·R: negative under `maximize` (AdamW negates the
+    whole gradient there, and the penalty is always minimised)."""
+    return (-2.0 if maximize else 2.0) * asft_lambda
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -156,28 +162,19 @@ def penalised_grads_reference(grads: list[Tensor], params: list[Tensor], w0s: li
             for g, p, w0, b, dot in zip(grads, params, w0s, bounds, dots, strict=True)]
 
 
-class GroupTensors(NamedTuple):
-    """The tensor lists of one param group's parameters that have gradients (lazy state created)."""
-    names: list[str]
-    params: list[Tensor]
-    grads: list[Tensor]
-    exp_avgs: list[Tensor]
-    exp_avg_sqs: list[Tensor]
-    max_exp_avg_sqs: list[Tensor]   # empty without amsgrad
-    state_steps: list[Tensor]
-    has_complex: bool
-
-
 class StepTensors(NamedTuple):
-    """One step's tensor lists, entry i for one (local) tensor; all plain tensors.
+    """One step's tensor lists, entry i for one tensor: the input of every implementation (torch,
+    native, Triton, ZeRO partitions).
 
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs (empty without amsgrad), state_steps: as
-    for torch's functional `adam`. w0s: W0 per tensor. directions: the bound direction per tensor.
-    dots: per tensor ⟨v, p - W0⟩ at the current p, or None to compute it here exactly; or one float64
-    vector of all of them (the native kernel's previous result, kept whole). A dot carried from the
-    previous step was made by the fold of the implementation that stepped the tensor: float64 from
-    the native kernel, `acc_dtype(p.dtype)` from `asft_adamw_`; a shard's is the all-reduced sum of
-    those.
+    for torch's functional `adam` (plain tensors: a DTensor's local shard, where an implementation
+    steps it). w0s: W0 per tensor. directions: the bound direction per tensor. dots: per tensor
+    ⟨v, p - W0⟩ at the current p, or None to compute it here exactly; or one float64 vector of all
+    of them (the native kernel's previous result, kept whole). A dot carried from the previous step
+    was made by the fold of the implementation that stepped the tensor: float64 from the native
+    kernel, `acc_dtype(p.dtype)` from `asft_adamw_`; a shard's is the all-reduced sum of those.
+    w0s, directions and dots are empty while a group's tensors are gathered, before the penalised
+    ones are chosen. names: the parameter names (empty where there are none: ZeRO segments).
     """
     params: list[Tensor]
     grads: list[Tensor]
@@ -188,6 +185,11 @@ class StepTensors(NamedTuple):
     w0s: list[Tensor]
     directions: list[BoundDirection]
     dots: list[Tensor | None] | Tensor
+    names: Sequence[str] = ()
+
+    def select(self, idx: Sequence[int]) -> StepTensors:
+        """Entries `idx` of every list, in that order (empty lists stay empty)."""
+        return StepTensors(*[[xs[i] for i in idx] if len(xs) else xs for xs in self])  # type: ignore[arg-type]
 
 
 @torch.no_grad()
@@ -240,19 +242,23 @@ def asft_adamw(t: StepTensors, *, coef: float, penalty: Penalty, impl: str,
     for i in rest:
         by_device.setdefault(t.params[i].device, []).append(i)
     for idx in by_device.values():
-        sub: list[list[Any]] = [[] if k == 4 and not amsgrad else [xs[i] for i in idx] for k, xs in enumerate(t)]
-        dots = sub[8]
+        sub = t.select(idx)
+        if not amsgrad:
+            sub = sub._replace(max_exp_avg_sqs=[])
         # a carried dot at least as precise as this path's own (a native float64 dot for fp32 p) is
         # used cast; a less precise one (fp32 for an fp64 p) is recomputed
-        stale = [j for j, d in enumerate(dots)
-                 if d is None or (acc_dtype(sub[0][j].dtype) == torch.float64 and d.dtype != torch.float64)]
-        dots = [d if d is None else d.to(acc_dtype(p.dtype)) for d, p in zip(dots, sub[0])]
+        stale = [j for j, d in enumerate(sub.dots)
+                 if d is None or (acc_dtype(sub.params[j].dtype) == torch.float64 and d.dtype != torch.float64)]
+        dots = [d if d is None else d.to(acc_dtype(p.dtype)) for d, p in zip(sub.dots, sub.params)]
         if stale:
-            fresh = partial_dots([sub[0][j] for j in stale], [sub[6][j] for j in stale], [sub[7][j] for j in stale])
+            fresh = partial_dots([sub.params[j] for j in stale], [sub.w0s[j] for j in stale],
+                                 [sub.directions[j] for j in stale])
             for k, j in enumerate(stale):
-                dots[j] = fresh[k].to(acc_dtype(sub[0][j].dtype))
-        carried = asft_adamw_(sub[0], sub[1], sub[2], sub[3], sub[4], sub[5], sub[6], sub[7], dots, coef=coef,
-                              penalty=penalty, **adam_kwargs)
+                dots[j] = fresh[k].to(acc_dtype(sub.params[j].dtype))
+        carried = asft_adamw_(sub.params, sub.grads, sub.exp_avgs, sub.exp_avg_sqs, sub.max_exp_avg_sqs,
+                              sub.state_steps, sub.w0s, sub.directions, cast(list[Tensor], dots),  # (all filled)
+                              coef=coef, penalty=penalty,
+                              **adam_kwargs)
         for i, d in zip(idx, carried):
             out[i] = d
     return out
@@ -292,8 +298,7 @@ def _native_step(t: StepTensors, coef: float, penalty: Penalty, kw: dict
     tensor, the indices of `t` left for the other path)."""
     idx = [i for i, p in enumerate(t.params) if p.device.type == "cpu"]
     other = [i for i, p in enumerate(t.params) if p.device.type != "cpu"]
-    sel = t if not other else StepTensors(*([] if k == 4 else [xs[i] for i in idx]  # type: ignore[arg-type]
-                                            for k, xs in enumerate(t)))
+    sel = t if not other else t.select(idx)
     dots = list(sel.dots)
     stale = [j for j, d in enumerate(dots) if d is None]
     if stale:  # a tensor the fold cannot read gets 0 here and is skipped by the step's own check

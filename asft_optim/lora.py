@@ -40,13 +40,13 @@ import torch
 from torch import Tensor, nn
 
 from .anchors import Anchors, normalize_name
-from .functional import PENALTIES, BoundDirection, bind_direction
+from .functional import PENALTIES, BoundDirection, bind_direction, penalty_coef
 from .metrics import DriftSums
 
 __all__ = ["PROJECTIONS", "LoraPair", "LoraLayout", "lora_layout", "pair_lora_names", "is_lora_name",
            "base_weight_shape", "bind_lora_direction", "lora_penalty_grads", "lora_penalty_grads_reference",
            "pairs_penalty_grads", "pairs_drift_sums",
-           "lora_drift_sums"]
+           "lora_drift_sums", "check_one_adapter_per_module"]
 
 PROJECTIONS: tuple[str, ...] = ("vector", "reference")
 
@@ -375,7 +375,7 @@ def pairs_penalty_grads(layout: LoraLayout | None, param_groups: list[dict[str, 
                                  f"different {key} ({group[key]!r} and {group_b[key]!r})")
         if group["asft_lambda"] == 0:
             continue
-        coef = (-2.0 if group["maximize"] else 2.0) * group["asft_lambda"]
+        coef = penalty_coef(group["asft_lambda"], group["maximize"])
         fn = lora_penalty_grads_reference if group["impl"] == "reference" else lora_penalty_grads
         a0 = state[a]["w0"] if "w0" in state.get(a, {}) else a
         b0 = state[b]["w0"] if "w0" in state.get(b, {}) else b
@@ -386,6 +386,30 @@ def pairs_penalty_grads(layout: LoraLayout | None, param_groups: list[dict[str, 
         if b.grad is not None:
             out[pair.b_name] = g_b
     return out
+
+
+def check_one_adapter_per_module(layout: LoraLayout | None, param_groups: list[dict[str, Any]]) -> None:
+    """Refuse two LoRA adapters of one module that both have a task gradient in a penalised group
+    this step (peft `set_adapter([...])`): the base weight moves by the sum of their updates, and
+    the penalty of each adapter's own s·B·A would leave out the cross terms."""
+    if layout is None or len({p.module for p in layout.pairs}) == len(layout.pairs):
+        return
+    where = {n: (g, p) for g in param_groups for n, p in zip(g["param_names"], g["params"])}
+    training: dict[str, list[str]] = {}
+    for pair in layout.pairs:
+        for name in (pair.a_name, pair.b_name):
+            group, p = where.get(name, (None, None))
+            if p is not None and p.grad is not None and group["asft_lambda"] > 0:
+                training.setdefault(pair.module, []).append(pair.adapter)
+                break
+    for module, adapters in training.items():
+        if len(adapters) > 1:
+            raise NotImplementedError(
+                f"LoRA module '{module}': adapters {', '.join(repr(a) for a in adapters)} all have gradients "
+                "in this step. The base weight then moves by the sum of their updates, while AsFTAdamW "
+                "penalises each adapter's own s·B·A (the cross terms would be left out). Train one adapter "
+                "per module at a time (peft: model.set_adapter('name')), or put the other adapters in a "
+                "param group with asft_lambda=0")
 
 
 @torch.no_grad()

@@ -14,9 +14,9 @@ Where the state lives (the same places as for `AsFTAdamW`, inside the host optim
   group dicts before `attach` to differ per group), `asft_anchors` (the anchors fingerprint) and
   `asft_param_names` (the names that bind directions, from `model`). Saved with the groups; a
   checkpoint made with other anchors, λ, penalty, projection or names is refused.
-- the `AsFTPenalty` handle: one `binding.Binding` per name (kind, direction key, bound direction,
-  LoRA pair). ⟨v, ΔW⟩ is computed exactly at every step (one read of p, W0 and v per tensor), so no
-  dot is carried between steps.
+- the `AsFTPenalty` handle's `records` (`records.ParamRecords`, the same owner `AsFTAdamW` holds):
+  one `binding.Binding` per name (kind, direction key, bound direction, LoRA pair). ⟨v, ΔW⟩ is
+  computed exactly at every step (one read of p, W0 and v per tensor), so no dot is carried.
 
 bitsandbytes' optimizers override `load_state_dict` without torch's hooks: a load is noticed at
 the next step (the optimizer's `state` dict is a new object after any `load_state_dict`), and the
@@ -26,42 +26,42 @@ resume checks run then.
 from __future__ import annotations
 
 import os
-import warnings
 import weakref
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from . import distributed as _dist
-from .anchors import Anchors, as_anchors, normalize_name
-from .binding import Binding, Kind, bind_group, bind_shards, changed_since_binding
+from .anchors import Anchors, as_anchors
+from .binding import Binding, Kind
 from .functional import (
     PENALTIES,
     BoundDirection,
+    Penalty,
     _penalised_piece,
     dense_flat,
     exact_dots,
+    penalty_coef,
     penalty_reference,
-    storage_w0,
 )
-from .lora import PROJECTIONS, LoraLayout, lora_layout, lora_penalty_grads, pairs_drift_sums
-from .metrics import Drift, DriftSums, drift_from_sums, sums
+from .lora import PROJECTIONS, lora_layout, lora_penalty_grads
+from .metrics import Drift, DriftSums, drift_from_sums
+from .records import ANCHORS_KEY, GroupKeys, ParamRecords, take_w0
 
-__all__ = ["AsFTPenalty", "attach", "attached", "stepped_drift_sums", "W0_KEY"]
+__all__ = ["AsFTPenalty", "attach", "attached", "W0_KEY"]
 
 W0_KEY = "asft_w0"
 NAMES_KEY = "asft_param_names"
-ANCHORS_KEY = "asft_anchors"
+# attach's keys: prefixed, so that they cannot clash with the host optimizer's own
+KEYS = GroupKeys(names=NAMES_KEY, penalty="asft_penalty", projection="asft_projection", w0=W0_KEY)
 # per group option → the attach() argument that gives its default
 OPTION_KEYS: dict[str, str] = {"asft_lambda": "asft_lambda", "asft_penalty": "penalty",
                                "asft_projection": "projection"}
-_RESUME_CHECKED = ((ANCHORS_KEY, "anchors (fingerprint)"), ("asft_lambda", "asft_lambda"),
-                   ("asft_penalty", "penalty"), ("asft_projection", "projection"))
+_UNANCHORED = "to step these parameters without a penalty"
 _PIECE = 1 << 19  # elements per piece of the gradient update: pieces stay in cache
 _REGISTRY: weakref.WeakKeyDictionary[torch.optim.Optimizer, AsFTPenalty] = weakref.WeakKeyDictionary()
-_PLAIN = Binding("", Kind.PLAIN)
 
 
 def attach(optimizer: torch.optim.Optimizer, model: nn.Module, *,
@@ -146,7 +146,7 @@ class AsFTPenalty:
 
     Made by `attach`. Attributes:
         optimizer: the host optimizer (its class unchanged).
-        anchors: the directions.
+        records: what AsFT knows per parameter (`records.ParamRecords`: bindings, LoRA pairs).
         lambda_scale: multiplies every group's λ at the next steps (1.0; the Trainer's
             `lambda_per_micro_batch` sets it around a step without touching the saved λ).
     """
@@ -154,25 +154,23 @@ class AsFTPenalty:
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, anchors: Anchors, *,
                  defaults: dict[str, Any], allow_unanchored: bool) -> None:
         self.optimizer = optimizer
-        self.anchors = anchors
-        self.allow_unanchored = allow_unanchored
         self.lambda_scale = 1.0
         self._defaults = defaults
         self._model = weakref.ref(model)
         layout = lora_layout(model)
-        self._lora: LoraLayout | None = layout if (layout.pairs or layout.aliases) else None
-        self._bindings: dict[str, Binding] = {}
-        self._lora_bound: dict[str, BoundDirection] = {}
+        self.records = ParamRecords(anchors, layout if (layout.pairs or layout.aliases) else None,
+                                    allow_unanchored=allow_unanchored, keys=KEYS)
         self._pending: dict[str, tuple[Tensor, Tensor]] = {}  # name → (param, W0) until its state exists
         self._record: list[dict[str, Any]] = []  # each group's own keys, as of the last step
         try:
             for index, group in enumerate(optimizer.param_groups):
                 self._adopt(group, index)
-            if not any(b.anchored for b in self._bindings.values()):
+            bindings = self.records.bindings
+            if not any(b.anchored for b in bindings.values()):
                 known = ", ".join(f"'{n}'" for n in list(anchors)[:3])
                 raise ValueError(
-                    f"attach: none of the optimizer's {len(self._bindings)} trainable parameter(s) has a direction "
-                    f"(e.g. '{next(iter(self._bindings), '')}'; the anchors hold {len(anchors)} tensors, e.g. "
+                    f"attach: none of the optimizer's {len(bindings)} trainable parameter(s) has a direction "
+                    f"(e.g. '{next(iter(bindings), '')}'; the anchors hold {len(anchors)} tensors, e.g. "
                     f"{known}). Check the names, or do not attach")
         except Exception:
             self._strip_groups()  # a failed attach leaves the optimizer as it was
@@ -188,6 +186,16 @@ class AsFTPenalty:
                        optimizer.register_load_state_dict_pre_hook(self._pre_load),
                        optimizer.register_load_state_dict_post_hook(self._post_load)]
         _REGISTRY[optimizer] = self
+
+    @property
+    def anchors(self) -> Anchors:
+        """The directions."""
+        return self.records.anchors
+
+    @property
+    def allow_unanchored(self) -> bool:
+        """Whether trainable parameters without a direction step without a penalty (else an error)."""
+        return self.records.allow_unanchored
 
     # ------------------------------------------------------------------------------- groups
     def _adopt(self, group: dict[str, Any], index: int) -> None:
@@ -211,21 +219,8 @@ class AsFTPenalty:
                                  "wrappers replace its parameters)")
             group_names.append(name)
         group[NAMES_KEY] = group_names
-        self._bind(group, index, list(zip(group_names, group["params"])), "")
-
-    def _bind(self, group: dict[str, Any], index: int, named: list[tuple[str, Tensor]], when: str) -> None:
-        bound = bind_group(named, self.anchors, self._lora, self._lora_bound, projection=group["asft_projection"],
-                           penalised=group["asft_lambda"] > 0)
-        missing = [b.name for b in bound.values() if b.kind is Kind.PLAIN]
-        if missing and not self.allow_unanchored and group["asft_lambda"] > 0:
-            shown = ", ".join(f"'{n}'" for n in missing[:20])
-            more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
-            known = ", ".join(f"'{n}'" for n in list(self.anchors)[:3])
-            raise ValueError(
-                f"no direction for {len(missing)} trainable parameter(s) of param group {index}{when}: {shown}{more}. "
-                f"The anchors hold {len(self.anchors)} tensors (e.g. {known}). Check the names, or pass "
-                "allow_unanchored=True to step these parameters without a penalty")
-        self._bindings.update(bound)
+        self.records.bind(group, zip(group_names, group["params"]), where=f" of param group {index}",
+                          instead=_UNANCHORED)
 
     def _refresh(self) -> None:
         """Adopt groups added after attach; bind parameters that became trainable; rebind parameters
@@ -241,17 +236,10 @@ class AsFTPenalty:
                     f"AsFT: param group {index} holds {len(params)} tensor(s) but {len(names)} parameter name(s): "
                     "its parameters were replaced after attach (DeepSpeed ZeRO flattens them into partitions, which "
                     "attach does not follow: use AsFTAdamW as ZeRO's client optimizer)")
-            new, moved = changed_since_binding(self._bindings, names, params)
-            reshard += moved
-            if new:
-                self._bind(group, index, new, " (they gained gradients after attach)")
+            reshard += self.records.rebind_changed(group, where=f" of param group {index}",
+                                                   when=" (they gained gradients after attach)", instead=_UNANCHORED)
         if reshard:
-            self._bindings.update(bind_shards([(n, p) for n, p in reshard if _dist.is_dtensor(p)], self.anchors,
-                                              self._lora))
-            for name, p in reshard:
-                if not _dist.is_dtensor(p):
-                    self._bindings.update(bind_group([(name, p)], self.anchors, self._lora, self._lora_bound,
-                                                     projection="vector", penalised=False))
+            self.records.rebind_moved(reshard)
 
     def _record_groups(self) -> None:
         self._record = [{k: g[k] for k in (*OPTION_KEYS, ANCHORS_KEY, NAMES_KEY)} for g in self.optimizer.param_groups]
@@ -259,17 +247,7 @@ class AsFTPenalty:
     # ------------------------------------------------------------------------------- resume
     def _check_saved_groups(self, saved: list[dict[str, Any]]) -> None:
         """Refuse groups of a checkpoint made with other anchors, λ, penalty, projection or names."""
-        for i, (ours, sg) in enumerate(zip(self._record, saved)):
-            for key, what in _RESUME_CHECKED:
-                if key in sg and sg[key] != ours[key]:
-                    raise ValueError(f"cannot resume: param group {i} of the checkpoint was made with {what} "
-                                     f"{sg[key]!r}, this optimizer has {ours[key]!r}")
-            theirs = sg.get(NAMES_KEY)
-            if theirs is not None and len(theirs) == len(ours[NAMES_KEY]):
-                for mine, other in zip(ours[NAMES_KEY], theirs):
-                    if normalize_name(mine) != normalize_name(other):
-                        raise ValueError(f"cannot resume: param group {i} of the checkpoint names a parameter "
-                                         f"'{other}' where this optimizer has '{mine}'")
+        self.records.check_resume(self._record, saved)
 
     def _pre_load(self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
         self._record_groups()
@@ -286,21 +264,8 @@ class AsFTPenalty:
         for group, own in zip(groups, self._record):
             group.update(own)
         self._pending.clear()
-        no_w0 = []
-        for group in groups:
-            for name, p in zip(group[NAMES_KEY], group["params"]):
-                st = self.optimizer.state.get(p)
-                if not st:
-                    continue
-                if W0_KEY in st:
-                    if not _dist.is_dtensor(st[W0_KEY]):  # the load cast it to p's dtype
-                        st[W0_KEY] = storage_w0(st[W0_KEY])
-                elif self._bindings.get(name, _PLAIN).anchored and group["asft_lambda"] > 0:
-                    no_w0.append(name)
-        if no_w0:
-            warnings.warn(f"AsFT: the checkpoint holds optimizer state but no W0 for {len(no_w0)} anchored "
-                          f"parameter(s) (e.g. '{no_w0[0]}'; saved without attach?): W0 is taken at their first "
-                          "step after this load, so ΔW counts from there", stacklevel=3)
+        self.records.restore_w0(groups, self.optimizer.state, penalised_only=True, hint="saved without attach?",
+                                stacklevel=3)
         self._state_ref = self.optimizer.state
 
     def resync(self) -> None:
@@ -365,14 +330,14 @@ class AsFTPenalty:
         if opt.state is not self._state_ref:
             self._after_load()
         self._refresh()
-        dense: list[tuple[str, Tensor, Tensor, Binding, float, str]] = []
+        dense: list[tuple[str, Tensor, Tensor, Binding, float, Penalty]] = []
         lora: dict[str, tuple[dict[str, Any], Tensor, Tensor | None]] = {}
         for index, group in enumerate(opt.param_groups):
             _check_options(group, index)
             lam = group["asft_lambda"] * self.lambda_scale
-            coef = (-2.0 if group.get("maximize", False) else 2.0) * lam
+            coef = penalty_coef(lam, group.get("maximize", False))
             for name, p in zip(group[NAMES_KEY], group["params"]):
-                b = self._bindings.get(name)
+                b = self.records.binding(name)
                 if b is None or not b.anchored:
                     continue
                 w0 = self._w0(name, p, snapshot)
@@ -399,22 +364,21 @@ class AsFTPenalty:
             return pending[1]
         if p.grad is None or not snapshot:
             return None
-        w0 = (_dist.snapshot_w0(p) if _dist.is_dtensor(p) else
-              storage_w0(p.detach().clone(memory_format=torch.preserve_format)))
+        w0 = take_w0(p)
         if st:  # the optimizer has state for p already (attached mid-run): W0 goes in now
             st[W0_KEY] = w0
         else:
             self._pending[name] = (p, w0)
         return None  # ΔW = 0 at this step
 
-    def _dense_grads(self, rows: list[tuple[str, Tensor, Tensor, Binding, float, str]]) -> None:
+    def _dense_grads(self, rows: list[tuple[str, Tensor, Tensor, Binding, float, Penalty]]) -> None:
         """Dense tensors and FSDP2 shards: exact ⟨v, ΔW⟩ (one all-reduce of the shards' partial dots),
         then grad += coef·R: small fp32 CPU tensors together with foreach ops, the rest piece by piece."""
         locals_ = [_dist.local(p) for _, p, _, _, _, _ in rows]
         w0s = [_dist.local(w0) for _, _, w0, _, _, _ in rows]
         dirs = [b.direction_on(q.device) for (_, _, _, b, _, _), q in zip(rows, locals_)]
-        grads = [_dist.local(p.grad) for _, p, _, _, _, _ in rows]
-        need = [i for i, (_, _, _, b, _, pen) in enumerate(rows) if pen != "full" and not b.direction.is_zero]
+        grads = [_dist.local(cast(Tensor, p.grad)) for _, p, _, _, _, _ in rows]  # (every row has a gradient)
+        need = [i for i, (_, _, _, _, _, pen) in enumerate(rows) if pen != "full" and not dirs[i].is_zero]
         dots: dict[int, Tensor] = {}
         if need:
             by_device: dict[torch.device, list[int]] = {}
@@ -424,7 +388,7 @@ class AsFTPenalty:
                 vec = exact_dots([locals_[i] for i in idx], [w0s[i] for i in idx], [dirs[i] for i in idx])
                 vec = _dist.all_reduce_dots([rows[i][1] for i in idx], vec)
                 dots.update(zip(idx, vec.unbind()))
-        batched: dict[tuple[float, str], list[int]] = {}
+        batched: dict[tuple[float, Penalty], list[int]] = {}
         for i, (_, _, _, _, coef, pen) in enumerate(rows):
             if _foreach_ok(grads[i], locals_[i], w0s[i], dirs[i].v):
                 batched.setdefault((coef, pen), []).append(i)
@@ -438,8 +402,8 @@ class AsFTPenalty:
     def _lora_grads(self, found: dict[str, tuple[dict[str, Any], Tensor, Tensor | None]]) -> None:
         """Each LoRA pair's penalty gradients from the pre-step A and B (A0, B0 = W0, or the current
         values before their first step)."""
-        assert self._lora is not None
-        for pair in self._lora.pairs:
+        assert self.records.lora is not None
+        for pair in self.records.lora.pairs:
             wa, wb = found.get(pair.a_name), found.get(pair.b_name)
             if wa is None and wb is None:
                 continue
@@ -454,9 +418,9 @@ class AsFTPenalty:
             lam = group["asft_lambda"] * self.lambda_scale
             if lam == 0 or (a0 is None and b0 is None):
                 continue  # ΔW = 0 before the pair's first step
-            coef = (-2.0 if group.get("maximize", False) else 2.0) * lam
+            coef = penalty_coef(lam, group.get("maximize", False))
             g_a, g_b = lora_penalty_grads(a.detach(), b.detach(), a if a0 is None else a0, b if b0 is None else b0,
-                                          self._bindings[pair.a_name].direction_on(a.device), pair, coef,
+                                          self.records.bindings[pair.a_name].direction_on(a.device), pair, coef,
                                           group["asft_penalty"], group["asft_projection"])
             for p, g in ((a, g_a), (b, g_b)):
                 if p.grad is None:
@@ -465,60 +429,19 @@ class AsFTPenalty:
                     p.grad.add_(g)
 
     # ------------------------------------------------------------------------------- drift
-    def _stepped(self) -> Iterable[tuple[Binding, Tensor, Tensor]]:
-        """(binding, parameter, W0) of every anchored parameter that has a W0 in the optimizer state."""
-        for group in self.optimizer.param_groups:
-            for name, p in zip(group.get(NAMES_KEY, ()), group["params"]):
-                b = self._bindings.get(name)
-                st = self.optimizer.state.get(p)
-                if b is not None and b.anchored and st and W0_KEY in st:
-                    yield b, p, st[W0_KEY]
-
     @torch.no_grad()
     def drift_sums(self) -> dict[str, DriftSums]:
         """(‖ΔW‖², ‖d‖², ⟨ΔW, d⟩, numel) in float64 per anchored tensor that has stepped, keyed by its
         direction's name (LoRA pairs as their base weight, `name@adapter` when several adapters of
         one module train). Collective under FSDP2."""
-        return self._sums(by="key")
+        return self.records.drift_sums(self.optimizer.param_groups, self.optimizer.state, by="key")
 
     @torch.no_grad()
     def drift(self) -> dict[str, Drift]:
         """Per-tensor drift (‖ΔW‖, cos(ΔW, d), ‖C⊥ΔW‖/‖ΔW‖) by parameter name (LoRA pairs by their base
         weight's name). Collective under FSDP2."""
-        return {name: drift_from_sums(*s) for name, s in self._sums(by="name").items()}
-
-    def _sums(self, by: str) -> dict[str, DriftSums]:
-        where = {n: p for g in self.optimizer.param_groups for n, p in zip(g.get(NAMES_KEY, ()), g["params"])}
-        return stepped_drift_sums(self._stepped(), self._bindings, self._lora, where, by)
-
-
-@torch.no_grad()
-def stepped_drift_sums(stepped: Iterable[tuple[Binding, Tensor, Tensor]], bindings: Mapping[str, Binding],
-                       lora: LoraLayout | None, where: Mapping[str, Tensor], by: str) -> dict[str, DriftSums]:
-    """Drift sums of stepped anchored parameters, for `AsFTPenalty` and `AsFTAdamW` alike.
-
-    stepped: (binding, parameter, W0) per parameter that has a W0: whole tensors directly, DTensor
-    shards summed over ranks (`distributed.shard_drift_sums`; collective when any is a DTensor),
-    LoRA adapters as their pair's effective update (`lora.pairs_drift_sums`; `bindings` and
-    `where`: every parameter's binding and tensor by name). Keyed by the direction's key (by="key") or the parameter
-    name (by="name"); LoRA pairs by their base weight either way.
-    """
-    out: dict[str, DriftSums] = {}
-    shards: list[tuple[Binding, Tensor, Tensor]] = []
-    lora_w0: dict[str, Tensor] = {}
-    for b, p, w0 in stepped:
-        if b.kind in (Kind.LORA_A, Kind.LORA_B):
-            lora_w0[b.name] = w0
-        elif b.kind is Kind.SHARD:
-            shards.append((b, p, w0))
-        else:
-            bound = b.direction_on(p.device)
-            xx, uu, xu, n = sums(p.detach().double() - w0.double(), bound.v)
-            out[b.name if by == "name" else b.key] = DriftSums(xx, uu * bound.scale ** 2, xu * bound.scale, n)
-    summed = _dist.shard_drift_sums([(p, w0, b.direction_on(_dist.local(p).device)) for b, p, w0 in shards])
-    out.update({(b.name if by == "name" else b.key): s for (b, _, _), s in zip(shards, summed)})
-    out.update(pairs_drift_sums(lora, where, lora_w0, bindings))
-    return out
+        by_name = self.records.drift_sums(self.optimizer.param_groups, self.optimizer.state, by="name")
+        return {name: drift_from_sums(*s) for name, s in by_name.items()}
 
 
 _FOREACH_MAX = 1 << 13  # elements: smaller fp32 CPU tensors take `add_penalty_foreach_` together
@@ -548,7 +471,7 @@ def add_penalty_foreach_(grads: list[Tensor], params: list[Tensor], w0s: list[Te
 
 @torch.no_grad()
 def add_penalty_(grad: Tensor, p: Tensor, w0: Tensor, bound: BoundDirection, dot: Tensor | None, coef: float,
-                 penalty: str, piece: int = _PIECE) -> None:
+                 penalty: Penalty, piece: int = _PIECE) -> None:
     """grad ← grad + coef·R in place (see `functional`), in fp32 per piece of `piece` elements (no
     whole-tensor temporary) when grad, p, W0 and v share one dense layout, else with whole-tensor
     fp32 temporaries.
@@ -562,11 +485,11 @@ def add_penalty_(grad: Tensor, p: Tensor, w0: Tensor, bound: BoundDirection, dot
         r = penalty_reference(p, w0, bound, penalty, dot if dot is not None else torch.zeros((), device=p.device))
         grad.copy_((grad.float() + coef * r).to(grad.dtype))
         return
-    fg, fp, fw0, fv = flats
+    fg, fp, fw0, fv = cast(list[Tensor], flats)
     n = fp.numel()
     t = torch.empty(min(n, piece), device=p.device, dtype=torch.float32)
     for lo in range(0, n, piece):
         hi = min(n, lo + piece)
-        g = fg[lo:hi]  # type: ignore[index]
-        _penalised_piece(g, g, fp[lo:hi], fw0[lo:hi], fv[lo:hi], t[: hi - lo], c, coef, penalty)  # type: ignore[index]
+        g = fg[lo:hi]
+        _penalised_piece(g, g, fp[lo:hi], fw0[lo:hi], fv[lo:hi], t[: hi - lo], c, coef, penalty)
 

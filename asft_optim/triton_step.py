@@ -23,7 +23,7 @@ from torch import Tensor
 from . import distributed as _dist
 from .binding import Binding, Kind
 from .dot_cache import DotCache
-from .functional import BoundDirection, GroupTensors, dense_flat, partial_dots, storage_w0
+from .functional import BoundDirection, StepTensors, dense_flat, partial_dots, penalty_coef, storage_w0
 
 if TYPE_CHECKING:
     from .kernels import Row
@@ -104,7 +104,7 @@ def _hyper(group: dict[str, Any]) -> dict[str, Any]:
     lr, (beta1, beta2) = group["lr"], group["betas"]
     return dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
                 weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
-                coef=(-2.0 if group["maximize"] else 2.0) * group["asft_lambda"])
+                coef=penalty_coef(group["asft_lambda"], group["maximize"]))
 
 
 def _increment_steps(buf: Tensor, positions: Tensor | None) -> list[float]:
@@ -183,7 +183,7 @@ def _replay(group: dict[str, Any], plan: Plan, cs: Any, state: Mapping[Tensor, A
         _launch(cs, launch, steps, hyper)
         if launch.needs_c:  # the slots hold c of the new p, stamped with the new step
             for j, name in zip(launch.positions, launch.names):
-                dots.put(name, params[j], views[j], None)
+                dots.put_slot(name, params[j], views[j])
     return True
 
 
@@ -285,8 +285,8 @@ class TritonCache:
 
 
 def triton_group_step(group_index: int, group: dict[str, Any], cache: TritonCache, *, state: dict[Tensor, Any],
-                      bindings: Mapping[str, Binding], dots: DotCache, gather: Callable[[], GroupTensors],
-                      torch_step: Callable[[GroupTensors], None]) -> None:
+                      bindings: Mapping[str, Binding], dots: DotCache, gather: Callable[[], StepTensors],
+                      torch_step: Callable[[StepTensors], None]) -> None:
     """One group's step with the fused Triton kernels: one update (+ one fold) launch per
     (device, dtypes, penalised, aligned) subset; an exact c pass first where c is not current.
 
@@ -331,7 +331,7 @@ def triton_group_step(group_index: int, group: dict[str, Any], cache: TritonCach
         bounds.append(bound)
     walk = [_walkable(r) for r in rows]
     if not all(walk):  # layouts the kernels cannot walk: the torch path, exactly
-        torch_step(GroupTensors(*[[x for x, w in zip(xs, walk) if not w] for xs in t[:7]], t.has_complex))
+        torch_step(t.select([i for i, w in enumerate(walk) if not w]))
     # state["step"] of every walked parameter is a view into one buffer per group: one add per step
     all_positions = [j for j, p in enumerate(group["params"]) if p.grad is not None]
     keep = [i for i, w in enumerate(walk) if w]
@@ -388,7 +388,7 @@ def triton_group_step(group_index: int, group: dict[str, Any], cache: TritonCach
         launches.append(launch)
         if launch.needs_c:
             for i in idx:
-                dots.put(t.names[i], t.params[i], state[t.params[i]]["step"], None)
+                dots.put_slot(t.names[i], t.params[i], state[t.params[i]]["step"])
     if all(walk) and not copied and not any(_dist.is_dtensor(p) for p in t.params):
         views = {j: state[group["params"][j]]["step"] for j in positions}
         cache.plans[group_index] = Plan(options, [p.grad is not None for p in group["params"]], buf,

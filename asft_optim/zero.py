@@ -46,6 +46,7 @@ from .functional import (
     direction_dtype,
     exact_dots,
     partial_dots,
+    penalty_coef,
     storage_w0,
     times_pow2,
 )
@@ -324,7 +325,7 @@ class ZeroTensors:
         for i, q in enumerate(self.partitions):
             if i not in w0s or not q.segments:
                 continue
-            carried = [cache.get(s.name, q.flat, steps[i]) for s in q.segments]
+            carried = [cache.get_partial(s.name, q.flat, steps[i]) for s in q.segments]
             if any(c is None for c in carried):
                 w0 = w0s[i]
                 partial = exact_dots([q.flat[s.start: s.start + s.numel] for s in q.segments],
@@ -500,11 +501,11 @@ def step_zero_group(group: dict[str, Any], zero: ZeroTensors, state: dict[Tensor
             adam(*lists, **adam_kwargs)
             continue
         new = step_partition(part, flat.grad, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq"),
-                             st["step"], st["w0"], part_dots, coef=(-2.0 if group["maximize"] else 2.0)
-                             * group["asft_lambda"], penalty=group["penalty"], impl=group["impl"] or "torch",
-                             **adam_kwargs)
+                             st["step"], st["w0"], part_dots,
+                             coef=penalty_coef(group["asft_lambda"], group["maximize"]), penalty=group["penalty"],
+                             impl=group["impl"] or "torch", **adam_kwargs)
         for seg, d in zip(part.segments, new or ()):
-            dots.put(seg.name, flat, st["step"], d)
+            dots.put_partial(seg.name, flat, st["step"], d)
 
 
 def load_config(config: Mapping[str, Any] | str | Any) -> Mapping[str, Any]:
@@ -524,7 +525,8 @@ def check_client(optimizer: torch.optim.Optimizer, config: Mapping[str, Any]) ->
         raise ValueError("DeepSpeed ZeRO flattens a client optimizer's parameters into partitions, which "
                          "asft_optim.attach does not follow: use AsFTAdamW as the client optimizer")
     groups = getattr(optimizer, "param_groups", [])
-    lora = hasattr(optimizer, "_lora_in_group") and any(optimizer._lora_in_group(g) for g in groups)
+    records = getattr(optimizer, "records", None)  # AsFTAdamW's `records.ParamRecords`
+    lora = records is not None and any(records.has_lora(g.get("param_names", ())) for g in groups)
     check_config(config, has_lora=lora)
     stage = _get(config, "zero_optimization", "stage") or 0
     if stage and any(g.get("impl") == "triton" for g in groups):

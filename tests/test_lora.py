@@ -263,7 +263,7 @@ def test_modules_to_save_bias_and_inactive_adapter():
     trainable = _lora_params(model)
     assert not any(".default." in n for n in trainable)
     opt = AsFTAdamW.from_model(model, anchors=anchors, lr=1e-2)
-    layout = opt._lora
+    layout = opt.lora_layout
     assert [p.adapter for p in layout.pairs] == ["second"]
     head_w = "base_model.model.head.modules_to_save.second.weight"
     assert layout.aliases[head_w] == "head.weight"
@@ -298,7 +298,7 @@ def test_lora_drift_matches_materialised():
     model, anchors = gpt2_model(r=4)
     _randomise_lora(model)
     opt = _run_asft(model, anchors, "conv1d", 3, lr=1e-2)
-    (pair,) = opt._lora.pairs
+    (pair,) = opt.lora_layout.pairs
     module = model.get_submodule(pair.module)
     p = _lora_params(model)
     a, b = p[pair.a_name], p[pair.b_name]

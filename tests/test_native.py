@@ -52,7 +52,7 @@ def test_native_runs_where_a_compiler_exists(monkeypatch):
             p.grad = g
         opt.step()
     assert calls == [2, 2]
-    assert all(opt._dots.get(n, p, opt.state[p]["step"]).dtype == torch.float64 for n, p in named)
+    assert all(opt.records.dots.get(n, p, opt.state[p]["step"]).dtype == torch.float64 for n, p in named)
 
 
 # ------------------------------------------------------------------------------ the function
@@ -392,7 +392,7 @@ def test_optimizer_mixed_dtypes_and_changing_tensors():
     want = run_oracle(init, list(dirs.values()), [2.0] * len(init), 10, skip=skip, lr=0.02)
     for p, w in zip(params, want):
         close_rel(p.detach(), w)
-    carried = {n: opt._dots.get(n, p, opt.state[p]["step"]) for n, p in named}
+    carried = {n: opt.records.dots.get(n, p, opt.state[p]["step"]) for n, p in named}
     # fp64 w4 carries the fallback's fp64 fold (ΔW in fp64), fp32 w0 the native kernel's float64 dot
     assert carried["w4"].dtype == torch.float64 and carried["w0"].dtype == torch.float64
 
@@ -515,7 +515,7 @@ _FSDP2 = textwrap.dedent("""
             opt.step()
     same = all(torch.equal(p.detach(), q.detach().full_tensor())
                for p, q in zip(dense.parameters(), sharded.parameters()))
-    kinds = sorted({b.kind.value for b in opts[1]._bindings.values()})
+    kinds = sorted({b.kind.value for b in opts[1].records.bindings.values()})
     print(json.dumps({"calls": calls, "same": same, "kinds": kinds}))
     dist.destroy_process_group()
     os._exit(0)
@@ -547,7 +547,7 @@ def test_optimizer_with_native_disabled_warns_once_and_matches(tmp_path):
                 opt.step()
         print(json.dumps({"available": native.available(), "reason": native.reason(),
                           "warnings": [str(w.message) for w in caught],
-                          "dtypes": [str(opt._dots.get(n, p, opt.state[p]["step"]).dtype) for n, p in named]}))
+                          "dtypes": [str(opt.records.dots.get(n, p, opt.state[p]["step"]).dtype) for n, p in named]}))
     """)
     out = _run(script, ASFT_NATIVE="0", ASFT_NATIVE_CACHE=str(tmp_path))
     assert out["available"] is False and out["reason"] == "disabled by ASFT_NATIVE=0"
@@ -615,12 +615,12 @@ def test_unchanged_groups_skip_checks_yet_notice_late_gradients_and_swapped_para
         for _, p in named:
             p.grad = torch.randn(p.shape, generator=g)
         opt.step()
-    assert "late" not in opt._bindings and late not in opt.state
+    assert opt.records.binding("late") is None and late not in opt.state
     late.requires_grad_(True)
     late.grad = torch.randn(9, generator=g)
     at_join = late.detach().clone()
     opt.step()
-    assert opt._bindings["late"].anchored and torch.equal(opt.state[late]["w0"], at_join)
+    assert opt.records.binding("late").anchored and torch.equal(opt.state[late]["w0"], at_join)
     new = torch.nn.Parameter(torch.randn(33, generator=g))
     new.grad = torch.randn(33, generator=g)
     opt.param_groups[0]["params"][0] = new

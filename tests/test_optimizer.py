@@ -119,7 +119,7 @@ def test_zero_direction_is_l2_pull_with_warning():
     p = named[2][1]
     w0 = opt.state[p]["w0"].float()
     from asft_optim.functional import penalised_grads_reference  # the obvious formula, as a gradient
-    bound = opt._bindings["layer2.weight"].direction
+    bound = opt.records.binding("layer2.weight").direction
     r = penalised_grads_reference([torch.zeros_like(p)], [p], [opt.state[p]["w0"]], [bound], 2 * 3.0, "orthogonal")[0]
     torch.testing.assert_close(r, 2 * 3.0 * (p.detach() - w0), rtol=1e-6, atol=1e-7)
 
@@ -182,12 +182,12 @@ def test_carried_dot_equals_exact_reduction(flags):
     opt = AsFTAdamW(named, lr=0.02, anchors=dirs, asft_lambda=3.0, **flags)
     run(opt, named, 3)
     params = [p for _, p in named]
-    w0s, bounds = [opt.state[p]["w0"] for p in params], [opt._bindings[n].direction for n, _ in named]
+    w0s, bounds = [opt.state[p]["w0"] for p in params], [opt.records.binding(n).direction for n, _ in named]
     on_native = native.available() and not flags.get("amsgrad")
     exact = native.dots_native(params, w0s, [b.v for b in bounds]) if on_native else partial_dots(params, w0s, bounds)
     for (n, p), e in zip(named, exact):
         # None unless the version counter is unchanged since the step
-        carried = opt._dots.get(n, p, opt.state[p]["step"])
+        carried = opt.records.dots.get(n, p, opt.state[p]["step"])
         assert carried is not None and carried.dtype == (torch.float64 if on_native else torch.float32)
         assert torch.equal(carried, e)
 

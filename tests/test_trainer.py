@@ -91,7 +91,7 @@ def test_trainer_trains_with_asft_and_logs_drift(checkpoints, tmp_path, lora):
     opt = unwrap_asft(trainer.optimizer)
     assert isinstance(opt, AsFTAdamW)
     if lora:
-        assert sorted(p.direction for p in opt._lora.pairs) == sorted(
+        assert sorted(p.direction for p in opt.lora_layout.pairs) == sorted(
             f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in ("q_proj", "v_proj"))
     after = _trainable(model)
     assert all(not torch.equal(before[n], after[n]) for n in after if ".lora_A." in n or not lora)
@@ -178,7 +178,7 @@ def test_accelerate_prepare_and_swapped_parameters(checkpoints):
     plain, _ = run(False, False)
     for prepare, swap in ((True, False), (False, True)):
         got, opt = run(prepare, swap)
-        assert opt is not None and opt._lora is not None
+        assert opt is not None and opt.lora_layout is not None
         for n in plain:
             assert torch.equal(got[n], plain[n]), (prepare, swap, n)
 

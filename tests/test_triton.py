@@ -110,7 +110,7 @@ def expected_step(opt: AsFTAdamW, name: str, p: torch.Tensor, g: torch.Tensor,
     b1, b2 = grp["betas"]
     lr, lam, dt = float(grp["lr"]), grp["asft_lambda"], p.dtype
     p64, g64, w64 = p.double(), g.double(), w0.double()
-    bound = opt._bindings[name].direction
+    bound = opt.records.binding(name).direction
     v = bound.v.double()
     dw = p64 - w64
     c = (v * dw).sum() * bound.inv_nv2
@@ -231,7 +231,7 @@ def test_mixed_dtypes_split_into_one_launch_each():
     specs = {"a": ((300,), torch.float32), "b": ((129,), torch.bfloat16), "c": ((5, 7), torch.float16),
              "d": ((4097,), torch.float32), "e": ((33,), torch.bfloat16)}
     pa, oa, _, _ = run_pair(specs, steps=10, amsgrad=True)
-    keys = {k for (gi, k) in oa._triton.tables}
+    keys = {k for (gi, k) in oa.triton_cache.tables}
     assert sorted(str(k[2]) for k in keys) == ["torch.bfloat16", "torch.float16", "torch.float32"]
     counts = []
     for t in (50, 51):
@@ -264,7 +264,7 @@ def test_tensor_lr_is_supported():
 
 # ----------------------------------------------------------------------------------------- c
 def _c_values(opt: AsFTAdamW, names) -> torch.Tensor:
-    cs = opt._triton.slots
+    cs = opt.triton_cache.slots
     (buf,) = cs.buffers.values()  # one device
     return torch.stack([buf[cs.slot[n]] for n in names]).clone()
 
@@ -279,11 +279,11 @@ def test_one_pass_c_equals_a_fresh_exact_reduction(dtype):
     names = list(specs)
     one_pass = _c_values(oa, names)
     assert bool((one_pass != 0).all())
-    for (_, table) in oa._triton.tables.values():
-        K.exact_c_(table, *oa._triton.slots.buffers.values())
+    for (_, table) in oa.triton_cache.tables.values():
+        K.exact_c_(table, *oa.triton_cache.slots.buffers.values())
     same(_c_values(oa, names), one_pass, "c")
     for n, c in zip(names, one_pass):
-        b = oa._bindings[n].direction
+        b = oa.records.binding(n).direction
         dw = pa[n].detach().double() - oa.state[pa[n]]["w0"].double()
         ref = float((b.v.double() * dw).sum() * b.inv_nv2)
         assert abs(float(c) - ref) <= 1e-5 * max(abs(ref), 1e-3), (n, float(c), ref)
@@ -401,7 +401,7 @@ def test_lambda_penalty_and_impl_schedules_match_the_fp64_oracle(schedule):
     specs = f32({"odd": (4097,), "mat": (5, 123)})
     params, opt = make(specs, "triton", lam=1.0, lr=0.02)
     init = [p.detach().clone() for p in params.values()]
-    dirs = [opt._bindings[n].direction.v.double() for n in specs]
+    dirs = [opt.records.binding(n).direction.v.double() for n in specs]
     group = opt.param_groups[0]
     for t, options in enumerate(SCHEDULES[schedule]):
         group.update(options)

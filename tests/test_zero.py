@@ -93,7 +93,7 @@ def test_a_flat_partition_steps_like_the_dense_tensors(penalty, directions, monk
     for (n, p), q in zip(dense.named_parameters(), zero.parameters()):
         assert torch.equal(p.detach(), q.detach()), n  # one rank: the same folds, bitwise
     assert torch.equal(flat.detach()[-2:], torch.zeros(2))  # padding stays 0
-    assert all(opt._bindings[n].kind is Kind.ZERO for n, _ in zero.named_parameters())
+    assert all(opt.records.binding(n).kind is Kind.ZERO for n, _ in zero.named_parameters())
     for n, d in ref.drift().items():
         assert opt.drift()[n].as_dict() == pytest.approx(d.as_dict(), rel=1e-12)
 
@@ -108,7 +108,7 @@ def test_zero3_parameter_binds_without_reading_its_direction():
     assert a.fingerprint  # the fingerprint reads every tensor once, when first asked for
     a.get_stored = lambda key: reads.append(key) or Anchors.get_stored(a, key)  # type: ignore[method-assign]
     opt = AsFTAdamW(model.named_parameters(), anchors=a)
-    assert opt._bindings["0.weight"].kind is Kind.ZERO and opt._bindings["0.weight"].direction is None
+    assert opt.records.binding("0.weight").kind is Kind.ZERO and opt.records.binding("0.weight").direction is None
     assert "0.weight" not in reads
     w.ds_shape = torch.Size([5, 3])
     with pytest.raises(ValueError, match=r"^direction for '0.weight' has shape \(3, 5\) but the parameter has "
@@ -163,4 +163,4 @@ def test_original_parameters_are_held_weakly():
     opt.param_groups[0]["params"] = [p.detach().clone().requires_grad_() for p in opt.param_groups[0]["params"]]
     del model
     gc.collect()
-    assert old() is None and opt._zero.param("0.weight") is None
+    assert old() is None and opt.records.zero.param("0.weight") is None

@@ -229,7 +229,7 @@ def run_train(out: Path, rank: int) -> dict:
             with deepspeed.zero.Init(config_dict_or_path=config(3)):
                 model = make_model()
             opt = asft(model, anchors)
-            result["zero_init/kinds"] = sorted({b.kind.value for b in opt._bindings.values()})
+            result["zero_init/kinds"] = sorted({b.kind.value for b in opt.records.bindings.values()})
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config(3))
             train(engine, rank, range(STEPS))
             result["zero_init/max_rel"] = max_rel(full_params(model), ref)
