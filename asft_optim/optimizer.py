@@ -267,8 +267,9 @@ class AsFTAdamW(torch.optim.AdamW):
                              "with impl=None or impl='torch'")
         records = self.records
         records.rebind_as_zero(group["param_names"])
-        step_zero_group(group, records.zero, self.state, records.dots, records.anchors,
-                        functools.partial(torch.optim.Adam._init_group, self), adam_kwargs(group))
+        t = StepTensors([], [], [], [], [], [], [], [], [])  # flat partitions: no names, W0 taken by `zero`
+        super()._init_group(group, t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, t.max_exp_avg_sqs, t.state_steps)
+        step_zero_group(group, t, records.zero, records.dots, records.anchors, self.state, adam_kwargs(group))
 
     # ------------------------------------------------------------------------------- building
     @classmethod
