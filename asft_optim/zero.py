@@ -511,8 +511,9 @@ def load_config(config: Mapping[str, Any] | str | Any) -> Mapping[str, Any]:
 
 def check_client(optimizer: torch.optim.Optimizer, config: Mapping[str, Any]) -> None:
     """`check_config` for this client optimizer, and refuse impl="triton" groups (ZeRO partitions
-    step on the PyTorch path), and an optimizer with a penalty from `asft_optim.attach` (its hooks
-    would see ZeRO's flat partitions)."""
+    step on the PyTorch path), impl="native" ones unless ZeRO-Offload puts the partitions on the CPU,
+    and an optimizer with a penalty from `asft_optim.attach` (its hooks would see ZeRO's flat
+    partitions)."""
     if any("asft_param_names" in g for g in getattr(optimizer, "param_groups", [])):  # `asft_optim.attach`'s key
         raise ValueError("DeepSpeed ZeRO flattens a client optimizer's parameters into partitions, which "
                          "asft_optim.attach does not follow: use AsFTAdamW as the client optimizer")
@@ -524,6 +525,11 @@ def check_client(optimizer: torch.optim.Optimizer, config: Mapping[str, Any]) ->
     if stage and any(g.get("impl") == "triton" for g in groups):
         raise ValueError("impl='triton' does not step DeepSpeed ZeRO partitions: build the optimizer "
                          "with impl=None or impl='torch'")
+    if (stage and any(g.get("impl") == "native" for g in groups)
+            and _get(config, "zero_optimization", "offload_optimizer", "device") != "cpu"):
+        raise ValueError("impl='native' steps DeepSpeed ZeRO partitions only on the CPU, under ZeRO-Offload "
+                         '("offload_optimizer": {"device": "cpu"}); build the optimizer with impl=None or '
+                         "impl='torch'")
 
 
 def initialize(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
