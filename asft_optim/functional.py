@@ -66,8 +66,11 @@ class BoundDirection:
     scale: float
 
     @property
-    def is_zero(self) -> bool:
+    def is_null(self) -> bool:
+        """Whether the direction is all zero (no C⊥ to take: R = ΔW, an L2 pull)."""
         return self.inv_nv2 == 0.0
+
+    is_zero = is_null  # the old name (kept: BoundDirection is public)
 
 
 def storage_w0(w: Tensor) -> Tensor:

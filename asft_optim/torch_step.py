@@ -145,7 +145,7 @@ def global_shard_dots(groups: list[dict[str, Any]], impls: Sequence[str], record
             if p.grad is None or b is None or b.kind is not Kind.SHARD or not st or "w0" not in st:
                 continue
             bound = b.direction_on(_dist.local(p).device)
-            if not bound.is_zero:  # (c = 0: no dot needed)
+            if not bound.is_null:  # (c = 0: no dot needed)
                 shards.append((name, p, st["w0"], bound))
     partials = triton.shard_partials(groups, bindings, state)
     dots, summed = _dist.shard_dots(shards, [(p, c) for _, p, c in partials])
