@@ -39,7 +39,7 @@ from .metrics import Drift, DriftSums, drift_from_sums
 from .records import GroupKeys, ParamRecords
 from .torch_step import adam_kwargs, global_shard_dots, penalty_only_grads, torch_group_step
 from .triton_step import TritonCache, resolve_impl, triton_group_step
-from .zero import lora_refusal, step_zero_group
+from .zero import TRITON_REFUSAL, lora_refusal, step_zero_group
 
 __all__ = ["AsFTAdamW", "IMPLS"]
 
@@ -270,8 +270,7 @@ class AsFTAdamW(torch.optim.AdamW):
         """Step a group whose tensors DeepSpeed ZeRO replaced by flat fp32 partitions
         (`zero.step_zero_group`), after rebinding its dense tensors as ZERO."""
         if group["impl"] == "triton":
-            raise ValueError("impl='triton' does not step DeepSpeed ZeRO partitions: build the optimizer "
-                             "with impl=None or impl='torch'")
+            raise ValueError(TRITON_REFUSAL)
         records = self.records
         records.rebind_as_zero(group["param_names"])
         t = StepTensors([], [], [], [], [], [], [], [], [])  # flat partitions: no names, W0 taken by `zero`

@@ -54,7 +54,7 @@ from .metrics import DriftSums
 
 __all__ = ["Segment", "Partition", "ZeroTensors", "is_zero_param", "find_segments", "check_config",
            "check_client", "initialize", "step_partition", "step_zero_group", "partition_w0s",
-           "lora_refusal", "original_shape"]
+           "lora_refusal", "TRITON_REFUSAL", "original_shape"]
 
 def is_zero_param(p: Tensor) -> bool:
     """Whether DeepSpeed ZeRO manages p: a stage-3 partitioned parameter, or a stage-1/2 one that
@@ -404,6 +404,10 @@ def check_config(config: Mapping[str, Any], *, has_lora: bool = False) -> None:
         raise NotImplementedError(lora_refusal(stage))
 
 
+TRITON_REFUSAL = ("impl='triton' does not step DeepSpeed ZeRO partitions: build the optimizer with impl=None "
+                  "or impl='torch'")
+
+
 def lora_refusal(stage: int | str) -> str:
     """Why LoRA adapters cannot be trained under ZeRO with AsFTAdamW."""
     return (f"LoRA adapters under DeepSpeed ZeRO stage {stage} are not supported by AsFTAdamW (the "
@@ -523,8 +527,7 @@ def check_client(optimizer: torch.optim.Optimizer, config: Mapping[str, Any]) ->
     check_config(config, has_lora=lora)
     stage = _get(config, "zero_optimization", "stage") or 0
     if stage and any(g.get("impl") == "triton" for g in groups):
-        raise ValueError("impl='triton' does not step DeepSpeed ZeRO partitions: build the optimizer "
-                         "with impl=None or impl='torch'")
+        raise ValueError(TRITON_REFUSAL)
     if (stage and any(g.get("impl") == "native" for g in groups)
             and _get(config, "zero_optimization", "offload_optimizer", "device") != "cpu"):
         raise ValueError("impl='native' steps DeepSpeed ZeRO partitions only on the CPU, under ZeRO-Offload "
