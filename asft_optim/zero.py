@@ -476,12 +476,13 @@ def step_zero_group(group: Mapping[str, Any], t: StepTensors, zero: ZeroTensors,
     """
     anchored = any(n in zero.keys for n in group["param_names"])
     lam, penalty = group["asft_lambda"], group["penalty"]
+
     def plain(one: StepTensors) -> None:
         adam(one.params, one.grads, one.exp_avgs, one.exp_avg_sqs, one.max_exp_avg_sqs, one.state_steps,
              **adam_kwargs)
 
-    for i, flat in enumerate(t.params):
-        one = t.select([i])
+    for k, flat in enumerate(t.params):
+        one = t.select([k])
         if not anchored:
             plain(one)
             continue
