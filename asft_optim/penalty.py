@@ -382,7 +382,7 @@ class AsFTPenalty:
         w0s = [_dist.local(w0) for _, _, w0, _, _, _ in rows]
         dirs = [b.direction_on(q.device) for (_, _, _, b, _, _), q in zip(rows, locals_)]
         grads = [_dist.local(cast(Tensor, p.grad)) for _, p, _, _, _, _ in rows]  # (every row has a gradient)
-        need = [i for i, (_, _, _, _, _, pen) in enumerate(rows) if pen != "full" and not dirs[i].is_zero]
+        need = [i for i, (_, _, _, _, _, pen) in enumerate(rows) if pen != "full" and not dirs[i].is_null]
         dots: dict[int, Tensor] = {}
         if need:
             by_device: dict[torch.device, list[int]] = {}
@@ -472,7 +472,7 @@ def add_penalty_(grad: Tensor, p: Tensor, w0: Tensor, bound: BoundDirection, dot
     dot: ⟨v, ΔW⟩ (0-d fp32; for a shard the global one), or None where R does not need it (penalty
     "full", a zero direction).
     """
-    c = None if dot is None or penalty == "full" or bound.is_zero else dot * bound.inv_nv2
+    c = None if dot is None or penalty == "full" or bound.is_null else dot * bound.inv_nv2
     flats = [dense_flat(x) for x in (grad, p, w0, bound.v)]
     if any(f is None for f in flats) or not all(x.stride() == p.stride() for x in (grad, w0, bound.v)):
         r = penalty_reference(p, w0, bound, penalty, dot if dot is not None else torch.zeros((), device=p.device))
