@@ -28,11 +28,12 @@ import enum
 import operator
 from collections.abc import Sequence
 from itertools import count, repeat
+from typing import NamedTuple
 
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-__all__ = ["DotCache", "Held"]
+__all__ = ["DotCache", "Held", "Stamp"]
 
 _VERSION = operator.attrgetter("_version")
 
@@ -50,6 +51,15 @@ class Held(enum.Enum):
 _Entry = tuple[Held, Tensor | None, int, int, Tensor, int]
 
 
+class Stamp(NamedTuple):
+    """The module's rule for a value carried outside the cache (a ZeRO partition's global dots): what
+    it was made for. Made by `DotCache.stamp`, checked by `DotCache.holds`."""
+    version: int   # the tensor's version counter
+    step: Tensor   # its state "step" tensor
+    step_version: int
+    epoch: int     # the cache's load/resync epoch
+
+
 class DotCache:
     """Name → a carried dot (`Held` says which kind) and the version stamps of its parameter and step
     tensor right after the update that made it.
@@ -65,6 +75,15 @@ class DotCache:
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
         self.epoch = 0
+
+    def stamp(self, p: Tensor, step: Tensor) -> Stamp:
+        """The stamp of a value made for `p` and `step` as they are now (right after the update)."""
+        return Stamp(p._version, step, step._version, self.epoch)
+
+    def holds(self, stamp: Stamp | None, p: Tensor, step: Tensor) -> bool:
+        """Whether a value stamped `stamp` is still valid for `p` and `step` (the module's rule)."""
+        return (stamp is not None and stamp.version == p._version and stamp.step is step
+                and stamp.step_version == step._version and stamp.epoch == self.epoch and not isinstance(p, DTensor))
 
     def _stamped(self, name: str, p: Tensor, step: Tensor) -> _Entry | None:
         """The entry of `name` if it is valid for `p` and `step` now (the module's rule), else None."""

@@ -252,7 +252,7 @@ def lora_penalty_grads(a: Tensor, b: Tensor, a0: Tensor, b0: Tensor, bound: Boun
     if projection == "reference":
         if penalty != "orthogonal":
             raise ValueError(f"projection='reference' penalises (I - C)·B·A only; got penalty={penalty!r}")
-        if bound.is_zero:
+        if bound.is_null:
             z = b
         else:
             kappa = bound.scale * bound.inv_nv2 ** 0.5  # C = κ·v·vᵀ with v = d/scale
@@ -275,7 +275,7 @@ def lora_penalty_grads(a: Tensor, b: Tensor, a0: Tensor, b0: Tensor, bound: Boun
     if penalty in ("orthogonal", "full"):
         gb.addmm_(left, right @ a.T, alpha=s * s)
         ga.addmm_(b.T @ left, right, alpha=s * s)
-    if penalty != "full" and not bound.is_zero:
+    if penalty != "full" and not bound.is_null:
         p = right.new_empty(left.shape[0], 2 * r)        # P = V·Mᵀ   out×2r
         q = torch.zeros_like(a)                           # Q = Bᵀ·V   r×in
         for lo, hi, blk in _block_rows(v, ffo, ct):       # one pass over v
@@ -324,7 +324,7 @@ def lora_drift_sums(a: Tensor, b: Tensor, a0: Tensor, b0: Tensor, bound: BoundDi
     right = torch.cat([a, a - a0], dim=0)
     xx = s * s * float(((left.T @ left) * (right @ right.T)).sum())
     numel = pair.base_shape[0] * pair.base_shape[1]
-    if bound.is_zero:
+    if bound.is_null:
         return DriftSums(max(xx, 0.0), 0.0, 0.0, numel)
     p = _v_times(bound.v, pair.fan_in_fan_out, right.T.contiguous())
     xu = s * bound.scale * float((left * p).sum())
@@ -340,40 +340,18 @@ class PairBound(Protocol):
     def direction_on(self, device: torch.device) -> BoundDirection: ...
 
 
-def pairs_penalty_grads(layout: LoraLayout | None, param_groups: list[dict[str, Any]],
+def pairs_penalty_grads(pairs: Iterable[tuple[LoraPair, Mapping[str, Any], Tensor, Tensor]],
                         bindings: Mapping[str, PairBound], state: Mapping[Tensor, Any]) -> dict[str, Tensor]:
-    """Penalty gradients (by parameter name) of every LoRA pair of `layout` with a gradient, from the
-    pre-step A and B of `param_groups` (the optimizer's groups: asft_lambda, penalty, projection,
-    maximize, impl per group).
+    """Penalty gradients (by parameter name) of every LoRA pair with a gradient, from the pre-step A
+    and B. pairs: (pair, the AsFTAdamW param group holding both, A, B) per pair
+    (`records.ParamRecords.lora_pairs`; the group's asft_lambda, penalty, projection, maximize, impl).
 
     A0/B0 are each parameter's W0 (`state[p]["w0"]`, snapshot at its first step); before that the
-    parameter has not moved, so its current value is its W0. Raises ValueError naming the module
-    when only one of a pair is in the groups, or A and B are in groups with different options.
+    parameter has not moved, so its current value is its W0.
     """
-    if layout is None or not layout.pairs:
-        return {}
-    where = {}
-    for g in param_groups:
-        for n, p in zip(g["param_names"], g["params"]):
-            b = bindings.get(n)
-            if b is not None and b.pair is not None:
-                where[n] = (g, p)
     out: dict[str, Tensor] = {}
-    for pair in layout.pairs:
-        wa, wb = where.get(pair.a_name), where.get(pair.b_name)
-        if wa is None and wb is None:
-            continue
-        if wa is None or wb is None:
-            raise ValueError(f"LoRA module '{pair.module}' (adapter '{pair.adapter}'): only lora_"
-                             f"{'A' if wb is None else 'B'} is in this optimizer; AsFT needs both")
-        (group, a), (group_b, b) = wa, wb
-        if a.grad is None and b.grad is None:
-            continue
-        for key in ("asft_lambda", "penalty", "projection", "maximize", "impl"):
-            if group[key] != group_b[key]:
-                raise ValueError(f"LoRA module '{pair.module}': lora_A and lora_B are in param groups with "
-                                 f"different {key} ({group[key]!r} and {group_b[key]!r})")
-        if group["asft_lambda"] == 0:
+    for pair, group, a, b in pairs:
+        if (a.grad is None and b.grad is None) or group["asft_lambda"] == 0:
             continue
         coef = penalty_coef(group["asft_lambda"], group["maximize"])
         fn = lora_penalty_grads_reference if group["impl"] == "reference" else lora_penalty_grads

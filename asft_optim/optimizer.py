@@ -12,6 +12,9 @@ Where the state lives (data flow: anchors → bindings → optimizer state → i
   direction, LoRA pair); the carried ⟨v, ΔW⟩ (`dot_cache.DotCache`, one validity rule for every
   impl); DeepSpeed ZeRO's flat partitions (`zero.ZeroTensors`; W0 in `self.state[partition]["w0"]`).
 - `self.triton_cache`: the Triton launch cache (`triton_step.TritonCache`: c slots, tables, plans).
+- The step: `records.refresh` binds what changed, then per group one implementation over a
+  `functional.StepTensors`: `torch_step.torch_group_step` (native kernel / chunked torch /
+  reference), `triton_step.triton_group_step`, or `zero.step_zero_group` for ZeRO partitions.
 - Param groups: torch's options plus asft_lambda, penalty, projection, impl and the anchors
   fingerprint. These are the optimizer's own: a checkpoint never changes them.
 """
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import native
 from .anchors import Anchors, as_anchors
 from .binding import Binding, Kind, check_unique_names, model_param_groups
 from .functional import PENALTIES, StepTensors
@@ -36,11 +39,11 @@ from .metrics import Drift, DriftSums, drift_from_sums
 from .records import GroupKeys, ParamRecords
 from .torch_step import adam_kwargs, global_shard_dots, penalty_only_grads, torch_group_step
 from .triton_step import TritonCache, resolve_impl, triton_group_step
-from .zero import lora_refusal, step_zero_group
+from .zero import TRITON_REFUSAL, lora_refusal, step_zero_group
 
 __all__ = ["AsFTAdamW", "IMPLS"]
 
-IMPLS: tuple[str, ...] = ("torch", "reference", "triton")
+IMPLS: tuple[str, ...] = ("torch", "native", "reference", "triton")
 # The optimizer's own options per param group: kept across load_state_dict, never taken from it.
 ASFT_KEYS: tuple[str, ...] = ("asft_lambda", "penalty", "projection", "impl", "asft_anchors")
 KEYS = GroupKeys(names="param_names", penalty="penalty", projection="projection", w0="w0")
@@ -70,9 +73,13 @@ class AsFTAdamW(torch.optim.AdamW):
         asft_lambda: λ ≥ 0, per group; 0 turns the penalty off for the group.
         penalty: "orthogonal" (AsFT, penalises C⊥ΔW), "parallel" (penalises the part along d: the
             paper's ablation, and AsFT_Alt when d is a harmful direction) or "full" (L2-SP).
-        impl: "torch" (fast PyTorch path; `foreach`/`fused` pick torch's AdamW kernel), "reference"
-            (slow, obvious; the tests' oracle twin), "triton" (fused kernels on CUDA), or None (triton
-            on CUDA when available, else torch).
+        impl: "torch" (on CPU the native kernel where it applies, else the fast PyTorch path, whose
+            `foreach`/`fused` pick torch's AdamW kernel), "native" (the native CPU kernel for every
+            penalised tensor, as torch's `fused=True` is a promise: a tensor it cannot step is an
+            error naming it, as are foreach/fused/capturable/amsgrad and a kernel that does not
+            build), "reference" (slow, obvious; the tests' oracle twin), "triton" (fused kernels on
+            CUDA), or None (triton on CUDA when available, else torch). Whatever the impl, LoRA
+            adapters, λ = 0 groups and parameters without a direction take torch's AdamW.
         allow_unanchored: let trainable parameters without a direction take plain AdamW steps
             instead of raising (at least one parameter must still have a direction).
         projection: "vector" (the paper's Eq. 3, d flattened; the default) or "reference" (the
@@ -149,6 +156,10 @@ class AsFTAdamW(torch.optim.AdamW):
         """Whether trainable parameters without a direction take plain AdamW steps (else an error)."""
         return self.records.allow_unanchored
 
+    @allow_unanchored.setter
+    def allow_unanchored(self, value: bool) -> None:
+        self.records.allow_unanchored = value
+
     @property
     def lora_layout(self) -> LoraLayout | None:
         """The model's LoRA layout (pairs, scaling, `modules_to_save` aliases), or None."""
@@ -175,6 +186,8 @@ class AsFTAdamW(torch.optim.AdamW):
             raise ValueError(f"Invalid impl: {param_group['impl']!r}; expected one of {IMPLS} or None")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if group["impl"] == "native":
+            _check_native_group(group)
         if "param_names" not in group:
             raise ValueError("AsFTAdamW binds directions to parameters by name: pass "
                              "model.named_parameters() or (name, tensor) pairs, not bare tensors "
@@ -231,7 +244,8 @@ class AsFTAdamW(torch.optim.AdamW):
         check_one_adapter_per_module(records.lora, self.param_groups)
         filled = penalty_only_grads(self.param_groups, impls, records, self.state)
         try:
-            lora_grads = pairs_penalty_grads(records.lora, self.param_groups, records.bindings, self.state)
+            lora_grads = pairs_penalty_grads(records.lora_pairs(self.param_groups, also=("impl",)), records.bindings,
+                                             self.state)
             shard_dots = global_shard_dots(self.param_groups, impls, records, self.state, self._triton)
             for index, (group, impl) in enumerate(zip(self.param_groups, impls)):
                 if impl == "zero":
@@ -256,14 +270,14 @@ class AsFTAdamW(torch.optim.AdamW):
         """Step a group whose tensors DeepSpeed ZeRO replaced by flat fp32 partitions
         (`zero.step_zero_group`), after rebinding its dense tensors as ZERO."""
         if group["impl"] == "triton":
-            raise ValueError("impl='triton' does not step DeepSpeed ZeRO partitions: build the optimizer "
-                             "with impl=None or impl='torch'")
+            raise ValueError(TRITON_REFUSAL)
         records = self.records
         records.rebind_as_zero(group["param_names"])
-        step_zero_group(group, records.zero, self.state, records.dots, records.anchors,
-                        functools.partial(torch.optim.Adam._init_group, self), adam_kwargs(group))
+        t = StepTensors([], [], [], [], [], [], [], [], [])  # flat partitions: no names, W0 taken by `zero`
+        super()._init_group(group, t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, t.max_exp_avg_sqs, t.state_steps)
+        step_zero_group(group, t, records.zero, records.dots, records.anchors, self.state, adam_kwargs(group))
 
-    # ------------------------------------------------------------------------------- LoRA
+    # ------------------------------------------------------------------------------- building
     @classmethod
     def from_model(cls, model: nn.Module, *, anchors: Anchors | Mapping[str, Tensor] | str | os.PathLike,
                    no_weight_decay: Iterable[str] = (), **kwargs: Any) -> AsFTAdamW:
@@ -378,8 +392,6 @@ class AsFTAdamW(torch.optim.AdamW):
         `metrics.per_layer`. Collective under FSDP2 and DeepSpeed ZeRO."""
         return self.records.drift_sums(self.param_groups, self.state, by="key")
 
-_GRAD = operator.attrgetter("grad")
-
 
 def _check_triton_dtypes(bindings: Mapping[str, Binding], group: dict[str, Any]) -> None:
     """impl="triton" takes fp32/bf16/fp16 parameters: refuse others when the group is added."""
@@ -389,3 +401,15 @@ def _check_triton_dtypes(bindings: Mapping[str, Binding], group: dict[str, Any])
         if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"impl='triton' supports float32, bfloat16 and float16 parameters; "
                              f"'{b.name}' is {p.dtype} (use impl='torch')")
+
+
+def _check_native_group(group: Mapping[str, Any]) -> None:
+    """impl="native" promises the native kernel: refuse the options it does not implement, and a
+    kernel that cannot be built or loaded here (the tensors are checked at each step)."""
+    for key in ("foreach", "fused", "capturable", "amsgrad"):
+        if group[key]:
+            raise ValueError(f"impl='native' cannot honour {key}=True (the native kernel is its own fused "
+                             f"AdamW); pass {key}={None if key in ('foreach', 'fused') else False} or impl='torch'")
+    if not native.available():
+        raise RuntimeError(f"impl='native': the native CPU kernel is unavailable ({native.reason()}); use "
+                           "impl='torch', which then takes the PyTorch path")

@@ -197,6 +197,10 @@ class AsFTPenalty:
         """Whether trainable parameters without a direction step without a penalty (else an error)."""
         return self.records.allow_unanchored
 
+    @allow_unanchored.setter
+    def allow_unanchored(self, value: bool) -> None:
+        self.records.allow_unanchored = value
+
     # ------------------------------------------------------------------------------- groups
     def _adopt(self, group: dict[str, Any], index: int) -> None:
         """Give a param group its AsFT keys and names, and bind its parameters."""
@@ -331,7 +335,7 @@ class AsFTPenalty:
             self._after_load()
         self._refresh()
         dense: list[tuple[str, Tensor, Tensor, Binding, float, Penalty]] = []
-        lora: dict[str, tuple[dict[str, Any], Tensor, Tensor | None]] = {}
+        lora: dict[str, Tensor | None] = {}  # LoRA adapter → its W0
         for index, group in enumerate(opt.param_groups):
             _check_options(group, index)
             lam = group["asft_lambda"] * self.lambda_scale
@@ -342,7 +346,7 @@ class AsFTPenalty:
                     continue
                 w0 = self._w0(name, p, snapshot)
                 if b.kind in (Kind.LORA_A, Kind.LORA_B):
-                    lora[name] = (group, p, w0)
+                    lora[name] = w0
                     continue
                 if w0 is None or lam == 0:
                     continue  # first step: ΔW = 0
@@ -378,7 +382,7 @@ class AsFTPenalty:
         w0s = [_dist.local(w0) for _, _, w0, _, _, _ in rows]
         dirs = [b.direction_on(q.device) for (_, _, _, b, _, _), q in zip(rows, locals_)]
         grads = [_dist.local(cast(Tensor, p.grad)) for _, p, _, _, _, _ in rows]  # (every row has a gradient)
-        need = [i for i, (_, _, _, _, _, pen) in enumerate(rows) if pen != "full" and not dirs[i].is_zero]
+        need = [i for i, (_, _, _, _, _, pen) in enumerate(rows) if pen != "full" and not dirs[i].is_null]
         dots: dict[int, Tensor] = {}
         if need:
             by_device: dict[torch.device, list[int]] = {}
@@ -399,22 +403,11 @@ class AsFTPenalty:
             add_penalty_foreach_([grads[i] for i in idx], [locals_[i] for i in idx], [w0s[i] for i in idx],
                                  [dirs[i].v for i in idx], cs, coef, pen)
 
-    def _lora_grads(self, found: dict[str, tuple[dict[str, Any], Tensor, Tensor | None]]) -> None:
-        """Each LoRA pair's penalty gradients from the pre-step A and B (A0, B0 = W0, or the current
-        values before their first step)."""
-        assert self.records.lora is not None
-        for pair in self.records.lora.pairs:
-            wa, wb = found.get(pair.a_name), found.get(pair.b_name)
-            if wa is None and wb is None:
-                continue
-            if wa is None or wb is None:
-                raise ValueError(f"LoRA module '{pair.module}' (adapter '{pair.adapter}'): only lora_"
-                                 f"{'A' if wb is None else 'B'} is in this optimizer; AsFT needs both")
-            (group, a, a0), (group_b, b, b0) = wa, wb
-            for key in (*OPTION_KEYS, "maximize"):
-                if group.get(key) != group_b.get(key):
-                    raise ValueError(f"LoRA module '{pair.module}': lora_A and lora_B are in param groups with "
-                                     f"different {key} ({group.get(key)!r} and {group_b.get(key)!r})")
+    def _lora_grads(self, w0s: dict[str, Tensor | None]) -> None:
+        """Each LoRA pair's penalty gradients from the pre-step A and B (A0, B0 = W0: `w0s` by name,
+        None before their first step, when they are the current values)."""
+        for pair, group, a, b in self.records.lora_pairs(self.optimizer.param_groups):
+            a0, b0 = w0s[pair.a_name], w0s[pair.b_name]
             lam = group["asft_lambda"] * self.lambda_scale
             if lam == 0 or (a0 is None and b0 is None):
                 continue  # ΔW = 0 before the pair's first step
@@ -479,7 +472,7 @@ def add_penalty_(grad: Tensor, p: Tensor, w0: Tensor, bound: BoundDirection, dot
     dot: ⟨v, ΔW⟩ (0-d fp32; for a shard the global one), or None where R does not need it (penalty
     "full", a zero direction).
     """
-    c = None if dot is None or penalty == "full" or bound.is_zero else dot * bound.inv_nv2
+    c = None if dot is None or penalty == "full" or bound.is_null else dot * bound.inv_nv2
     flats = [dense_flat(x) for x in (grad, p, w0, bound.v)]
     if any(f is None for f in flats) or not all(x.stride() == p.stride() for x in (grad, w0, bound.v)):
         r = penalty_reference(p, w0, bound, penalty, dot if dot is not None else torch.zeros((), device=p.device))

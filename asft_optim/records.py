@@ -5,12 +5,12 @@ update) and `AsFTPenalty` (`attach`: the penalty added to any optimizer's gradie
 
 - `bindings`: one `binding.Binding` per parameter name (kind, direction key, bound direction, LoRA
   pair), made when a group is bound and remade when a parameter gains a gradient or is swapped for
-  a DTensor (`rebind_changed`, `rebind_moved`);
-- the LoRA pairs' bound base-weight directions (A and B of a pair share one);
+  a DTensor (`rebind_changed`, `rebind_moved`; `refresh` does both for every group of AsFTAdamW);
+- the LoRA pairs (`lora`, `lora_pairs`) and their bound base-weight directions (A and B share one);
 - `dots`: the carried ⟨v, ΔW⟩ with their one validity rule (`dot_cache`);
 - `zero`: DeepSpeed ZeRO's flat partitions of ZERO parameters and their global dots (`zero`);
 
-and does what both users do with them: W0 snapshots (`take_w0`; W0 itself lives in the host
+and does what both users do with them: W0 snapshots (`take_w0`, `take_missing_w0`; W0 lives in the host
 optimizer's `state[p][keys.w0]`, saved by its `state_dict`), the resume checks (`check_resume`:
 other anchors, λ, penalty, projection or names are refused), W0's storage dtype after a load
 (`restore_w0`) and the drift sums (`drift_sums`). The two users name their group keys differently
@@ -23,7 +23,7 @@ from __future__ import annotations
 import operator
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
@@ -34,7 +34,7 @@ from .anchors import Anchors, normalize_name
 from .binding import Binding, Kind, bind_group, bind_shards, changed_since_binding
 from .dot_cache import DotCache
 from .functional import BoundDirection, storage_w0
-from .lora import LoraLayout, pairs_drift_sums
+from .lora import LoraLayout, LoraPair, pairs_drift_sums
 from .metrics import DriftSums, sums
 from .zero import ZeroTensors, partition_w0s
 
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["GroupKeys", "ParamRecords", "take_w0", "stepped_drift_sums"]
 
 
-class _Checked(NamedTuple):
+class _GroupSeen(NamedTuple):
     """What `ParamRecords.refresh` saw in a group at its last full check: its group dict, its
     parameters (weak: a swapped-out parameter is not kept alive), a copy of its names, and the
     indices of its parameters without a binding."""
@@ -67,6 +67,7 @@ class GroupKeys(NamedTuple):
 
 
 LAMBDA_KEY = "asft_lambda"
+_PLAIN_STEPS = "to give these parameters plain AdamW steps"  # what allow_unanchored=True does (AsFTAdamW)
 ANCHORS_KEY = "asft_anchors"
 
 
@@ -101,17 +102,17 @@ class ParamRecords:
         self.lora_bound: dict[str, BoundDirection] = {}  # LoraPair.key → the base weight's direction
         self.dots = DotCache()
         self.zero = ZeroTensors()
-        self._checked: dict[int, _Checked] = {}  # group index → its last full check by `refresh`
+        self._refresh_seen: dict[int, _GroupSeen] = {}  # group index → its last full check by `refresh`
         # id(group) → (group, its state "step" tensors when every anchored one was seen to hold W0)
-        self._w0_checked: dict[int, tuple[Mapping[str, Any], list[Tensor]]] = {}
+        self._w0_seen: dict[int, tuple[Mapping[str, Any], list[Tensor]]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled without the per-step caches (carried dots, ZeRO partitions, refresh checks)."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("dots", "zero", "_checked", "_w0_checked")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("dots", "zero", "_refresh_seen", "_w0_seen")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.dots, self.zero, self._checked, self._w0_checked = DotCache(), ZeroTensors(), {}, {}
+        self.dots, self.zero, self._refresh_seen, self._w0_seen = DotCache(), ZeroTensors(), {}, {}
 
     def binding(self, name: str) -> Binding | None:
         """The binding of the parameter named `name`, or None (frozen, or not in a group)."""
@@ -124,8 +125,8 @@ class ParamRecords:
 
     # ------------------------------------------------------------------------------- binding
     def bind(self, group: Mapping[str, Any], named: Iterable[tuple[str, Tensor]], *, where: str = "",
-             when: str = "", instead: str = "to give these parameters plain AdamW steps",
-             check: Any = None) -> dict[str, Binding]:
+             when: str = "", instead: str = _PLAIN_STEPS,
+             check: Callable[[Mapping[str, Binding]], None] | None = None) -> dict[str, Binding]:
         """Bind the trainable parameters `named` of `group` (`binding.bind_group`; collective for
         DTensors) and keep their bindings.
 
@@ -152,6 +153,37 @@ class ParamRecords:
         self.bindings.update(bound)
         return bound
 
+    def lora_pairs(self, groups: Iterable[Mapping[str, Any]], also: tuple[str, ...] = ()
+                   ) -> list[tuple[LoraPair, Mapping[str, Any], Tensor, Tensor]]:
+        """(pair, its group, A, B) of every LoRA pair of the layout whose adapters are in `groups`.
+
+        Raises ValueError naming the module when only one of A and B is in the groups, or when they
+        are in groups with different λ, penalty, projection, maximize or `also` options.
+        """
+        if self.lora is None or not self.lora.pairs:
+            return []
+        where = {}
+        for g in groups:
+            for n, p in zip(g.get(self.keys.names, ()), g["params"]):
+                b = self.bindings.get(n)
+                if b is not None and b.pair is not None:
+                    where[n] = (g, p)
+        out = []
+        for pair in self.lora.pairs:
+            wa, wb = where.get(pair.a_name), where.get(pair.b_name)
+            if wa is None and wb is None:
+                continue
+            if wa is None or wb is None:
+                raise ValueError(f"LoRA module '{pair.module}' (adapter '{pair.adapter}'): only lora_"
+                                 f"{'A' if wb is None else 'B'} is in this optimizer; AsFT needs both")
+            (group, a), (group_b, b) = wa, wb
+            for key in (LAMBDA_KEY, self.keys.penalty, self.keys.projection, "maximize", *also):
+                if group.get(key) != group_b.get(key):
+                    raise ValueError(f"LoRA module '{pair.module}': lora_A and lora_B are in param groups with "
+                                     f"different {key} ({group.get(key)!r} and {group_b.get(key)!r})")
+            out.append((pair, group, a, b))
+        return out
+
     def has_lora(self, names: Iterable[str]) -> bool:
         """Whether any of the parameters named `names` is a LoRA adapter."""
         bindings = self.bindings
@@ -172,31 +204,31 @@ class ParamRecords:
         names_key = self.keys.names
         for index, group in enumerate(groups):
             params, names = group["params"], group[names_key]
-            seen = self._checked.get(index)
+            seen = self._refresh_seen.get(index)
             if (seen is not None and seen.group is group and len(seen.params) == len(params)
                     and all(map(operator.is_, map(weakref.ref.__call__, seen.params), params))
                     and seen.names == names and all(params[i].grad is None for i in seen.unbound)):
                 owned.append(False)
                 continue
-            self._checked.pop(index, None)
+            self._refresh_seen.pop(index, None)
             owned.append(self.zero.owns(group))
             if owned[-1]:
                 continue
             _dist.check_not_flattened(group, index)
             reshard += self.rebind_changed(group, when=" (they gained gradients after the optimizer was built)")
             if any(p is self.zero.param(n) for n, p in zip(names, params)):
-                self._checked[index] = _Checked(group, [weakref.ref(p) for p in params], list(names),
+                self._refresh_seen[index] = _GroupSeen(group, [weakref.ref(p) for p in params], list(names),
                                                 [i for i, n in enumerate(names) if n not in self.bindings])
         if reshard:
-            self._checked.clear()  # checked again next step, with the new bindings
+            self._refresh_seen.clear()  # checked again next step, with the new bindings
             self.rebind_moved(reshard)
         return owned
 
     def forget_checks(self) -> None:
         """Check every group in full at the next `refresh` and `take_missing_w0` (its group dicts were
         replaced: a load)."""
-        self._checked.clear()
-        self._w0_checked.clear()
+        self._refresh_seen.clear()
+        self._w0_seen.clear()
 
     def take_missing_w0(self, group: Mapping[str, Any], state: Mapping[Tensor, Any], state_steps: list[Tensor]
                         ) -> None:
@@ -204,7 +236,7 @@ class ParamRecords:
         has a gradient and no W0 yet (its first step). Skipped while `state_steps` (the group's "step"
         tensors, after the host's lazy state init) are those of the last call: the same state dicts,
         which held W0 then."""
-        seen = self._w0_checked.get(id(group))
+        seen = self._w0_seen.get(id(group))
         if (seen is not None and seen[0] is group and len(seen[1]) == len(state_steps)
                 and all(map(operator.is_, seen[1], state_steps))):
             return
@@ -212,15 +244,16 @@ class ParamRecords:
         for name, p in zip(group[self.keys.names], group["params"]):
             if p.grad is not None and self.anchored(name) and key not in state[p]:
                 state[p][key] = take_w0(p)
-        self._w0_checked[id(group)] = (group, list(state_steps))
+        self._w0_seen[id(group)] = (group, list(state_steps))
 
-    def rebind_changed(self, group: Mapping[str, Any], **wording: str) -> list[tuple[str, Tensor]]:
-        """Bind the group's parameters that gained a gradient since it was bound (`bind`, with
-        `wording`); return its dense or shard parameters whose DTensor-ness changed (for
+    def rebind_changed(self, group: Mapping[str, Any], *, where: str = "", when: str,
+                       instead: str = _PLAIN_STEPS) -> list[tuple[str, Tensor]]:
+        """Bind the group's parameters that gained a gradient since it was bound (`bind`, with its
+        wording); return its dense or shard parameters whose DTensor-ness changed (for
         `rebind_moved`, once for all groups)."""
         new, moved = changed_since_binding(self.bindings, group[self.keys.names], group["params"])
         if new:
-            self.bind(group, new, **wording)
+            self.bind(group, new, where=where, when=when, instead=instead)
         return moved
 
     def rebind_moved(self, moved: Sequence[tuple[str, Tensor]]) -> None:

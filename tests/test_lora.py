@@ -358,3 +358,27 @@ def test_full_parameter_from_model_without_any_direction():
     model = Tiny()
     with pytest.raises(ValueError, match="none of the model's trainable parameters has a direction"):
         AsFTAdamW.from_model(model, anchors={"unrelated.weight": torch.ones(2)}, allow_unanchored=True)
+
+
+@pytest.mark.parametrize("user", ["AsFTAdamW", "attach"])
+@pytest.mark.parametrize("split", ["groups", "optimizer"])
+def test_a_pair_split_across_groups_or_optimizers_is_refused(user, split):
+    """lora_A and lora_B of a pair must both be stepped by the optimizer, in groups with one set of AsFT
+    options: the penalty lives on their product. Both users of the penalty refuse at the step."""
+    from asft_optim import attach
+    model, anchors = linear_model()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    a = [(n, p) for n, p in named if ".lora_A." in n]
+    b = [(n, p) for n, p in named if ".lora_B." in n]
+    key = "penalty" if user == "AsFTAdamW" else "asft_penalty"
+    groups = [{"params": a}, {"params": b, key: "full"}] if split == "groups" else [{"params": a}]
+    if user == "AsFTAdamW":
+        opt = AsFTAdamW(groups, anchors=anchors, lora=lora_layout(model))
+    else:
+        opt = torch.optim.AdamW([{**g, "params": [p for _, p in g["params"]]} for g in groups])
+        attach(opt, model, anchors=anchors)
+    model(torch.randn(4, IN, dtype=torch.float64)).square().sum().backward()
+    wording = (rf"lora_A and lora_B are in param groups with different {key} \('orthogonal' and 'full'\)"
+               if split == "groups" else r"\(adapter 'default'\): only lora_A is in this optimizer; AsFT needs both")
+    with pytest.raises(ValueError, match=r"LoRA module 'base_model\.model\.proj'.*" + wording):
+        opt.step()
