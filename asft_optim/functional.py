@@ -321,12 +321,20 @@ def _native_step(t: StepTensors, coef: float, penalty: Penalty, kw: dict
 
 def _native_call(t: StepTensors, dots: Tensor, coef: float, penalty: Penalty, kw: dict) -> tuple[Tensor, list[int]]:
     """`native.step_supported_` on all of `t`, the current dots given as one float64 vector."""
+    args, kwargs = _kernel_args(t, dots, coef, penalty, kw)
+    return native.step_supported_(*args, **kwargs)
+
+
+def _kernel_args(t: StepTensors, dots: Tensor, coef: float, penalty: Penalty, kw: dict
+                 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The native kernels' arguments for all of `t`: the current dots (one float64 vector) scaled to
+    the rescaled direction's c, and the AdamW hyper-parameters as floats."""
     inv = torch.tensor([0.0 if penalty == "full" else b.inv_nv2 for b in t.directions], dtype=torch.float64)
-    return native.step_supported_(
-        t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, t.w0s, [b.v for b in t.directions], dots * inv,
-        t.state_steps, lr=float(kw["lr"]), beta1=float(kw["beta1"]), beta2=float(kw["beta2"]),
-        eps=float(kw["eps"]), weight_decay=float(kw["weight_decay"]), coef=coef, penalty=penalty,
-        maximize=kw["maximize"])
+    args = (t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, t.w0s, [b.v for b in t.directions], dots * inv,
+            t.state_steps)
+    kwargs = dict(lr=float(kw["lr"]), beta1=float(kw["beta1"]), beta2=float(kw["beta2"]), eps=float(kw["eps"]),
+                  weight_decay=float(kw["weight_decay"]), coef=coef, penalty=penalty, maximize=kw["maximize"])
+    return args, kwargs
 
 
 def _native_only(t: StepTensors, coef: float, penalty: Penalty, kw: dict) -> Tensor:
@@ -354,11 +362,8 @@ def _native_only(t: StepTensors, coef: float, penalty: Penalty, kw: dict) -> Ten
                                    [t.params[i] for i in missing], [t.w0s[i] for i in missing],
                                    [t.directions[i].v for i in missing]).unbind() if missing else ())
         dots = torch.stack([next(fresh) if d is None else d.to(torch.float64).cpu() for d in t.dots])
-    inv = torch.tensor([0.0 if penalty == "full" else b.inv_nv2 for b in t.directions], dtype=torch.float64)
-    return _named_native(native.asft_adamw_native_, names, t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, t.w0s,
-                         [b.v for b in t.directions], dots * inv, t.state_steps, lr=float(kw["lr"]),
-                         beta1=float(kw["beta1"]), beta2=float(kw["beta2"]), eps=float(kw["eps"]),
-                         weight_decay=float(kw["weight_decay"]), coef=coef, penalty=penalty, maximize=kw["maximize"])
+    args, kwargs = _kernel_args(t, dots, coef, penalty, kw)
+    return _named_native(native.asft_adamw_native_, names, *args, **kwargs)
 
 
 def _named_native(fn: Callable[..., Tensor], names: Sequence[str], *args: Any, **kwargs: Any) -> Tensor:
@@ -479,7 +484,7 @@ def asft_adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         raise ValueError(f"unknown penalty {penalty!r}; expected one of {PENALTIES}")
     amsgrad = adam_kwargs["amsgrad"]
     n = len(params)
-    cs = [None if penalty == "full" or b.is_zero else dot * b.inv_nv2 for b, dot in zip(bounds, dots, strict=True)]
+    cs = [None if penalty == "full" or b.is_null else dot * b.inv_nv2 for b, dot in zip(bounds, dots, strict=True)]
     parts: list[list[Tensor]] = [[] for _ in range(n)]
     flats: list[list[Tensor] | None] = []
     pieces: list[tuple[int, int, int]] = []
