@@ -36,7 +36,7 @@ from .binding import Binding, Kind, check_unique_names, model_param_groups
 from .functional import PENALTIES, StepTensors
 from .lora import PROJECTIONS, LoraLayout, check_one_adapter_per_module, pairs_penalty_grads
 from .metrics import Drift, DriftSums, drift_from_sums
-from .records import GroupKeys, ParamRecords
+from .records import GroupKeys, ParamRecords, RecordsView
 from .torch_step import adam_kwargs, global_shard_dots, penalty_only_grads, torch_group_step
 from .triton_step import TritonCache, resolve_impl, triton_group_step
 from .zero import TRITON_REFUSAL, lora_refusal, step_zero_group
@@ -60,7 +60,7 @@ def _check_number(value: Any, wording: str, tensor_name: str | None = None) -> N
         raise ValueError(f"{wording}: {value}")
 
 
-class AsFTAdamW(torch.optim.AdamW):
+class AsFTAdamW(torch.optim.AdamW, RecordsView):
     r"""AdamW with the AsFT regulariser λ‖C⊥(W - W0)‖² folded into its gradient.
 
     All `torch.optim.AdamW` arguments keep their meaning and defaults. AsFT options (keyword-only):
@@ -145,20 +145,6 @@ class AsFTAdamW(torch.optim.AdamW):
                 f"none of the optimizer's {len(bindings)} trainable parameter(s) has a direction "
                 f"(e.g. '{next(iter(bindings), '')}'; the anchors hold {len(anchors)} tensors, e.g. "
                 f"{known}): AsFT would be plain AdamW. Check the names, or use torch.optim.AdamW")
-
-    @property
-    def anchors(self) -> Anchors:
-        """The directions (`Anchors`)."""
-        return self.records.anchors
-
-    @property
-    def allow_unanchored(self) -> bool:
-        """Whether trainable parameters without a direction take plain AdamW steps (else an error)."""
-        return self.records.allow_unanchored
-
-    @allow_unanchored.setter
-    def allow_unanchored(self, value: bool) -> None:
-        self.records.allow_unanchored = value
 
     @property
     def lora_layout(self) -> LoraLayout | None:

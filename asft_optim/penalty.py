@@ -48,7 +48,7 @@ from .functional import (
 )
 from .lora import PROJECTIONS, lora_layout, lora_penalty_grads
 from .metrics import Drift, DriftSums, drift_from_sums
-from .records import ANCHORS_KEY, GroupKeys, ParamRecords, take_w0
+from .records import ANCHORS_KEY, GroupKeys, ParamRecords, RecordsView, take_w0
 
 __all__ = ["AsFTPenalty", "attach", "attached", "W0_KEY"]
 
@@ -141,7 +141,7 @@ def _check_options(group: Mapping[str, Any], index: int) -> None:
                          f"one of {PROJECTIONS}")
 
 
-class AsFTPenalty:
+class AsFTPenalty(RecordsView):
     """What AsFT knows about the parameters of one optimizer, and the hooks that apply it.
 
     Made by `attach`. Attributes:
@@ -186,20 +186,6 @@ class AsFTPenalty:
                        optimizer.register_load_state_dict_pre_hook(self._pre_load),
                        optimizer.register_load_state_dict_post_hook(self._post_load)]
         _REGISTRY[optimizer] = self
-
-    @property
-    def anchors(self) -> Anchors:
-        """The directions."""
-        return self.records.anchors
-
-    @property
-    def allow_unanchored(self) -> bool:
-        """Whether trainable parameters without a direction step without a penalty (else an error)."""
-        return self.records.allow_unanchored
-
-    @allow_unanchored.setter
-    def allow_unanchored(self, value: bool) -> None:
-        self.records.allow_unanchored = value
 
     # ------------------------------------------------------------------------------- groups
     def _adopt(self, group: dict[str, Any], index: int) -> None:

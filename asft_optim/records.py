@@ -41,7 +41,7 @@ from .zero import ZeroTensors, partition_w0s
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
-__all__ = ["GroupKeys", "ParamRecords", "take_w0", "stepped_drift_sums"]
+__all__ = ["GroupKeys", "ParamRecords", "RecordsView", "take_w0", "stepped_drift_sums"]
 
 
 class _GroupSeen(NamedTuple):
@@ -376,3 +376,24 @@ def stepped_drift_sums(stepped: Iterable[tuple[Binding, Tensor, Tensor]], bindin
 def _key(b: Binding) -> str:
     assert b.key is not None, b.name  # an anchored binding has its direction's key
     return b.key
+
+
+class RecordsView:
+    """What `AsFTAdamW` and `AsFTPenalty` show of their `records` as attributes."""
+
+    records: ParamRecords
+
+    @property
+    def anchors(self) -> Anchors:
+        """The directions (`Anchors`)."""
+        return self.records.anchors
+
+    @property
+    def allow_unanchored(self) -> bool:
+        """Whether trainable parameters without a direction step without a penalty (plain steps of the
+        optimizer) instead of raising."""
+        return self.records.allow_unanchored
+
+    @allow_unanchored.setter
+    def allow_unanchored(self, value: bool) -> None:
+        self.records.allow_unanchored = value
