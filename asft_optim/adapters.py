@@ -21,6 +21,7 @@ import torch
 
 from .anchors import normalize_name
 from .checkpoints import Checkpoint, CheckpointError, open_checkpoint
+from .metrics import DriftSums
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterModule", "Adapter", "is_adapter_folder", "open_adapter",
            "check_fits", "adapter_drift_sums"]
@@ -40,19 +41,25 @@ class AdapterModule:
         scaling: s = lora_alpha/r (lora_alpha/√r with rslora); r is lora_A's row count (so peft's
             `rank_pattern` is honoured), alpha is `alpha_pattern`'s value for the module or `lora_alpha`.
         fan_in_fan_out: the base weight is stored in×out.
-        weight_shape: the base weight's stored shape, (out, in), or (in, out) with fan_in_fan_out.
+        base_shape: the base weight's stored shape, (out, in), or (in, out) with fan_in_fan_out.
+    The fields a `lora.LoraPair` also has (one adapter on one module of a live model) have its names.
     """
     direction: str
     a_name: str
     b_name: str
     scaling: float
     fan_in_fan_out: bool
-    weight_shape: tuple[int, int]
+    base_shape: tuple[int, int]
 
     @property
     def module(self) -> str:
         """The adapted module's path in the base model (`model.layers.0.self_attn.q_proj`)."""
         return self.direction.removesuffix(".weight")
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """`base_shape` (its former name)."""
+        return self.base_shape
 
 
 @dataclass(frozen=True)
@@ -180,25 +187,25 @@ def check_fits(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]], model: s
                 raise ValueError(f"adapter {adapter.folder} does not fit model {model}: it adapts '{m.module}', which "
                                  "the model does not have (an adapter made for another base model?)")
             missing.append(m.direction)
-        elif known[m.direction] != m.weight_shape:
+        elif known[m.direction] != m.base_shape:
             raise ValueError(f"adapter {adapter.folder} does not fit model {model}: '{m.direction}' has shape "
-                             f"{known[m.direction]}, the adapter's update is {m.weight_shape[0]}×{m.weight_shape[1]} "
+                             f"{known[m.direction]}, the adapter's update is {m.base_shape[0]}×{m.base_shape[1]} "
                              "(an adapter made for another base model?)")
     return missing
 
 
 @torch.no_grad()
 def adapter_drift_sums(adapter: Adapter, module: AdapterModule,
-                       read_rows: Callable[[int, int], torch.Tensor]) -> tuple[float, float, float, int]:
+                       read_rows: Callable[[int, int], torch.Tensor]) -> DriftSums:
     """(‖ΔW‖², ‖d‖², ⟨ΔW, d⟩, numel) in float64 for ΔW = s·B·A, without materialising ΔW.
 
     Args:
         read_rows: `read_rows(first, count)` returns rows first:first+count of the direction
-            (count × cols), whose shape is `module.weight_shape` (see `check_fits`).
+            (count × cols), whose shape is `module.base_shape` (see `check_fits`).
     """
     a, b = adapter.read(module.a_name).double(), adapter.read(module.b_name).double()
     left, right = (a.T, b.T) if module.fan_in_fan_out else (b, a)  # stored ΔW = s · left @ right
-    rows, cols = module.weight_shape
+    rows, cols = module.base_shape
     s = module.scaling
     xx = s * s * float(((left.T @ left) * (right @ right.T)).sum())
     uu = xu = 0.0
@@ -207,4 +214,4 @@ def adapter_drift_sums(adapter: Adapter, module: AdapterModule,
         d = read_rows(first, min(step, rows - first)).double()
         uu += float(d.square().sum())
         xu += s * float((left[first:first + d.shape[0]] * (d @ right.T)).sum())
-    return max(xx, 0.0), uu, xu, rows * cols
+    return DriftSums(max(xx, 0.0), uu, xu, rows * cols)

@@ -99,7 +99,7 @@ def bind_group(named: Iterable[tuple[str, Tensor]], anchors: Anchors, lora: Lora
     """
     out: dict[str, Binding] = {}
     shards: list[tuple[str, Tensor]] = []
-    zero: list[str] = []
+    null: list[str] = []  # tensors whose direction is all zero
     for name, p in named:
         if p.is_complex():
             raise ValueError(f"AsFTAdamW does not support complex parameters: '{name}' is {p.dtype}")
@@ -127,8 +127,8 @@ def bind_group(named: Iterable[tuple[str, Tensor]], anchors: Anchors, lora: Lora
             bound = lora_bound.get(pair.key)
             if bound is None:
                 bound = lora_bound[pair.key] = bind_lora_direction(anchors, pair, p.device)
-                if bound.is_zero:
-                    zero.append(f"{pair.module} (LoRA)")
+                if bound.is_null:
+                    null.append(f"{pair.module} (LoRA)")
             out[name] = Binding(name, Kind.LORA_A if which == "A" else Kind.LORA_B, pair.direction, bound, pair)
             continue
         key = anchor_key(name, lora)
@@ -145,14 +145,14 @@ def bind_group(named: Iterable[tuple[str, Tensor]], anchors: Anchors, lora: Lora
         bound = bind_direction(anchors[key], p, key)
         anchors.adopt(key, bound)  # the bound copy becomes the mapping's only copy of d
         out[name] = Binding(name, Kind.DENSE, key, bound)
-        if bound.is_zero:
-            zero.append(name)
+        if bound.is_null:
+            null.append(name)
     sharded = bind_shards(shards, anchors, lora)
-    zero += [n for n, b in sharded.items() if b.direction is not None and b.direction.is_zero]
+    null += [n for n, b in sharded.items() if b.direction is not None and b.direction.is_null]
     out.update(sharded)
-    if zero:
-        warnings.warn(f"AsFT: the direction is zero for {len(zero)} tensor(s): {', '.join(zero[:20])}"
-                      f"{' …' if len(zero) > 20 else ''}; {ZERO_DIRECTION[penalty]}", stacklevel=4)
+    if null:
+        warnings.warn(f"AsFT: the direction is zero for {len(null)} tensor(s): {', '.join(null[:20])}"
+                      f"{' …' if len(null) > 20 else ''}; {ZERO_DIRECTION[penalty]}", stacklevel=4)
     return out
 
 

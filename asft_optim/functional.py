@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -65,8 +66,11 @@ class BoundDirection:
     scale: float
 
     @property
-    def is_zero(self) -> bool:
+    def is_null(self) -> bool:
+        """Whether the direction is all zero (no C⊥ to take: R = ΔW, an L2 pull)."""
         return self.inv_nv2 == 0.0
+
+    is_zero = is_null  # the old name (kept: BoundDirection is public)
 
 
 def storage_w0(w: Tensor) -> Tensor:
@@ -201,7 +205,8 @@ def asft_adamw(t: StepTensors, *, coef: float, penalty: Penalty, impl: str,
     None. impl "torch": per tensor the native single-pass kernel (`native.asft_adamw_native_`) where it
     applies (fp32 or bf16 CPU tensors of one dense layout, fp32/bf16 W0 and v, no amsgrad or
     capturable; any carried dot: a shard's all-reduced one, a ZeRO segment's, the fallback's fp32),
-    else `asft_adamw_` per device as torch's own AdamW groups tensors.
+    else `asft_adamw_` per device as torch's own AdamW groups tensors. impl "native": the native
+    kernel on every tensor, or an error naming the one it cannot step (`_native_only`).
     Returns the carried ⟨v, p_new - W0⟩ per tensor (0-d; float64 from the native kernel, equal bitwise
     to `native.dots_native` of the new p; `acc_dtype(p.dtype)` from `asft_adamw_`, equal to
     `partial_dots`), or
@@ -211,8 +216,10 @@ def asft_adamw(t: StepTensors, *, coef: float, penalty: Penalty, impl: str,
         grads = penalised_grads_reference(t.grads, t.params, t.w0s, t.directions, coef, penalty, t.dots)
         adam(t.params, grads, t.exp_avgs, t.exp_avg_sqs, t.max_exp_avg_sqs, t.state_steps, **adam_kwargs)
         return None
+    if impl == "native":
+        return _native_only(t, coef, penalty, adam_kwargs)
     if impl != "torch":
-        raise ValueError(f"asft_adamw: unknown impl {impl!r}; expected 'torch' or 'reference'")
+        raise ValueError(f"asft_adamw: unknown impl {impl!r}; expected 'torch', 'native' or 'reference'")
     n = len(t.params)
     out: list[Tensor | None]
     if isinstance(t.dots, Tensor):  # carried whole from the native kernel's last step
@@ -314,12 +321,61 @@ def _native_step(t: StepTensors, coef: float, penalty: Penalty, kw: dict
 
 def _native_call(t: StepTensors, dots: Tensor, coef: float, penalty: Penalty, kw: dict) -> tuple[Tensor, list[int]]:
     """`native.step_supported_` on all of `t`, the current dots given as one float64 vector."""
+    args, kwargs = _kernel_args(t, dots, coef, penalty, kw)
+    return native.step_supported_(*args, **kwargs)
+
+
+def _kernel_args(t: StepTensors, dots: Tensor, coef: float, penalty: Penalty, kw: dict
+                 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The native kernels' arguments for all of `t`: the current dots (one float64 vector) scaled to
+    the rescaled direction's c, and the AdamW hyper-parameters as floats."""
     inv = torch.tensor([0.0 if penalty == "full" else b.inv_nv2 for b in t.directions], dtype=torch.float64)
-    return native.step_supported_(
-        t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, t.w0s, [b.v for b in t.directions], dots * inv,
-        t.state_steps, lr=float(kw["lr"]), beta1=float(kw["beta1"]), beta2=float(kw["beta2"]),
-        eps=float(kw["eps"]), weight_decay=float(kw["weight_decay"]), coef=coef, penalty=penalty,
-        maximize=kw["maximize"])
+    args = (t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, t.w0s, [b.v for b in t.directions], dots * inv,
+            t.state_steps)
+    kwargs = dict(lr=float(kw["lr"]), beta1=float(kw["beta1"]), beta2=float(kw["beta2"]), eps=float(kw["eps"]),
+                  weight_decay=float(kw["weight_decay"]), coef=coef, penalty=penalty, maximize=kw["maximize"])
+    return args, kwargs
+
+
+def _native_only(t: StepTensors, coef: float, penalty: Penalty, kw: dict) -> Tensor:
+    """impl "native": `native.asft_adamw_native_` on every tensor of `t` (missing dots from its own
+    fold); returns the new dots as one float64 vector.
+
+    Raises (before anything is written): ValueError for an option the kernel does not implement or a
+    tensor it cannot step (named by `t.names`, else by its index: not CPU, not fp32/bf16, a layout
+    other than one dense layout shared by its state); RuntimeError when the kernel is unavailable.
+    """
+    for key in ("amsgrad", "capturable", "differentiable"):
+        if kw[key]:
+            raise ValueError(f"impl='native' does not implement {key}=True; use impl='torch'")
+    if kw["grad_scale"] is not None or kw["found_inf"] is not None:
+        raise ValueError("impl='native' does not take grad_scale/found_inf; use impl='torch'")
+    if not native.available():
+        raise RuntimeError(f"impl='native': the native CPU kernel is unavailable ({native.reason()}); use "
+                           "impl='torch', which then takes the PyTorch path")
+    names = list(t.names) or [f"tensor {i}" for i in range(len(t.params))]
+    if isinstance(t.dots, Tensor):
+        dots = t.dots.to(torch.float64)
+    else:
+        missing = [i for i, d in enumerate(t.dots) if d is None]
+        fresh = iter(_named_native(native.dots_native, [names[i] for i in missing],
+                                   [t.params[i] for i in missing], [t.w0s[i] for i in missing],
+                                   [t.directions[i].v for i in missing]).unbind() if missing else ())
+        dots = torch.stack([next(fresh) if d is None else d.to(torch.float64).cpu() for d in t.dots])
+    args, kwargs = _kernel_args(t, dots, coef, penalty, kw)
+    return _named_native(native.asft_adamw_native_, names, *args, **kwargs)
+
+
+def _named_native(fn: Callable[..., Tensor], names: Sequence[str], *args: Any, **kwargs: Any) -> Tensor:
+    """fn(*args, **kwargs), its ValueError ("params[i] has dtype ...", raised before anything is
+    written) re-raised naming tensor i by `names[i]`."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as e:
+        m = re.search(r"\[(\d+)\]", str(e))
+        who = f"'{names[int(m[1])]}'" if m and int(m[1]) < len(names) else "a tensor"
+        raise ValueError(f"impl='native' cannot step {who}: {e} (impl='torch' steps it on the PyTorch "
+                         "path)") from None
 
 
 def dense_flat(t: Tensor) -> Tensor | None:
@@ -428,7 +484,7 @@ def asft_adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         raise ValueError(f"unknown penalty {penalty!r}; expected one of {PENALTIES}")
     amsgrad = adam_kwargs["amsgrad"]
     n = len(params)
-    cs = [None if penalty == "full" or b.is_zero else dot * b.inv_nv2 for b, dot in zip(bounds, dots, strict=True)]
+    cs = [None if penalty == "full" or b.is_null else dot * b.inv_nv2 for b, dot in zip(bounds, dots, strict=True)]
     parts: list[list[Tensor]] = [[] for _ in range(n)]
     flats: list[list[Tensor] | None] = []
     pieces: list[tuple[int, int, int]] = []

@@ -25,7 +25,7 @@ from .adapters import adapter_drift_sums, check_fits, is_adapter_folder, open_ad
 from .anchors import Anchors, fingerprint_entry, fingerprint_hasher, normalize_name
 from .checkpoints import Checkpoint, CheckpointError, open_checkpoint
 from .drift_plot import depth_key, draw, layout
-from .metrics import Drift, drift_from_sums, layer_of, per_layer, sums
+from .metrics import Drift, DriftSums, drift_from_sums, layer_of, per_layer, sums
 from .outputs import refuse_overlap
 from .tempfiles import atomic_write
 
@@ -176,7 +176,7 @@ def drift_report(directions: str | os.PathLike, model: str | os.PathLike,
     if len(missing) == len(keys):
         raise CheckpointError(f"no tensor of the directions file is in both {fck.source} and {sck.source} "
                               f"(e.g. '{missing[0]}'): are these the same architecture?")
-    tensor_sums: dict[str, tuple[float, float, float, int]] = {}
+    tensor_sums: dict[str, DriftSums] = {}
     for key, name in keys.items():
         if key not in fmap or key not in smap:
             continue
@@ -186,7 +186,7 @@ def drift_report(directions: str | os.PathLike, model: str | os.PathLike,
                             _pieces(sck, smap[key], shape), strict=True):
             s = sums(w.double() - w0.double(), d)
             acc = [a + b for a, b in zip(acc, s, strict=True)]
-        tensor_sums[name] = (acc[0], acc[1], acc[2], int(acc[3]))
+        tensor_sums[name] = DriftSums(acc[0], acc[1], acc[2], int(acc[3]))
     per_tensor = {name: drift_from_sums(*s) for name, s in tensor_sums.items()}
     layers = per_layer(tensor_sums)
     return per_tensor, {k: layers[k] for k in sorted(layers, key=depth_key)}, missing
@@ -215,13 +215,13 @@ def _adapter_drift(directions: str | os.PathLike, folder: str | os.PathLike
     if not adapted:
         raise CheckpointError(f"no module adapted by {folder} has a direction in {directions} (e.g. '{missing[0]}'): "
                               "are these the same architecture?")
-    tensor_sums: dict[str, tuple[float, float, float, int]] = {}
+    tensor_sums: dict[str, DriftSums] = {}
     for key, name in keys.items():
         if key in adapted:
             tensor_sums[name] = adapter_drift_sums(adapter, adapted[key], _row_reader(dck, name))
         else:  # untouched by the adapter: ΔW = 0, but its ‖d‖ belongs to its layer
             uu = sum(float(p.double().square().sum()) for p in dck.iter_chunks(name, _CHUNK))
-            tensor_sums[name] = (0.0, uu, 0.0, dck.tensors[name].numel)
+            tensor_sums[name] = DriftSums(0.0, uu, 0.0, dck.tensors[name].numel)
     adapted_names = {keys[k] for k in adapted}
     per_tensor = {n: drift_from_sums(*s) for n, s in tensor_sums.items() if n in adapted_names}
     layers = per_layer(tensor_sums)

@@ -252,7 +252,7 @@ def lora_penalty_grads(a: Tensor, b: Tensor, a0: Tensor, b0: Tensor, bound: Boun
     if projection == "reference":
         if penalty != "orthogonal":
             raise ValueError(f"projection='reference' penalises (I - C)·B·A only; got penalty={penalty!r}")
-        if bound.is_zero:
+        if bound.is_null:
             z = b
         else:
             kappa = bound.scale * bound.inv_nv2 ** 0.5  # C = κ·v·vᵀ with v = d/scale
@@ -275,7 +275,7 @@ def lora_penalty_grads(a: Tensor, b: Tensor, a0: Tensor, b0: Tensor, bound: Boun
     if penalty in ("orthogonal", "full"):
         gb.addmm_(left, right @ a.T, alpha=s * s)
         ga.addmm_(b.T @ left, right, alpha=s * s)
-    if penalty != "full" and not bound.is_zero:
+    if penalty != "full" and not bound.is_null:
         p = right.new_empty(left.shape[0], 2 * r)        # P = V·Mᵀ   out×2r
         q = torch.zeros_like(a)                           # Q = Bᵀ·V   r×in
         for lo, hi, blk in _block_rows(v, ffo, ct):       # one pass over v
@@ -324,7 +324,7 @@ def lora_drift_sums(a: Tensor, b: Tensor, a0: Tensor, b0: Tensor, bound: BoundDi
     right = torch.cat([a, a - a0], dim=0)
     xx = s * s * float(((left.T @ left) * (right @ right.T)).sum())
     numel = pair.base_shape[0] * pair.base_shape[1]
-    if bound.is_zero:
+    if bound.is_null:
         return DriftSums(max(xx, 0.0), 0.0, 0.0, numel)
     p = _v_times(bound.v, pair.fan_in_fan_out, right.T.contiguous())
     xu = s * bound.scale * float((left * p).sum())

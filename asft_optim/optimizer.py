@@ -30,19 +30,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import native
 from .anchors import Anchors, as_anchors
 from .binding import Binding, Kind, check_unique_names, model_param_groups
 from .functional import PENALTIES, StepTensors
 from .lora import PROJECTIONS, LoraLayout, check_one_adapter_per_module, pairs_penalty_grads
 from .metrics import Drift, DriftSums, drift_from_sums
-from .records import GroupKeys, ParamRecords
+from .records import GroupKeys, ParamRecords, RecordsView
 from .torch_step import adam_kwargs, global_shard_dots, penalty_only_grads, torch_group_step
 from .triton_step import TritonCache, resolve_impl, triton_group_step
-from .zero import lora_refusal, step_zero_group
+from .zero import TRITON_REFUSAL, lora_refusal, step_zero_group
 
 __all__ = ["AsFTAdamW", "IMPLS"]
 
-IMPLS: tuple[str, ...] = ("torch", "reference", "triton")
+IMPLS: tuple[str, ...] = ("torch", "native", "reference", "triton")
 # The optimizer's own options per param group: kept across load_state_dict, never taken from it.
 ASFT_KEYS: tuple[str, ...] = ("asft_lambda", "penalty", "projection", "impl", "asft_anchors")
 KEYS = GroupKeys(names="param_names", penalty="penalty", projection="projection", w0="w0")
@@ -59,7 +60,7 @@ def _check_number(value: Any, wording: str, tensor_name: str | None = None) -> N
         raise ValueError(f"{wording}: {value}")
 
 
-class AsFTAdamW(torch.optim.AdamW):
+class AsFTAdamW(torch.optim.AdamW, RecordsView):
     r"""AdamW with the AsFT regulariser λ‖C⊥(W - W0)‖² folded into its gradient.
 
     All `torch.optim.AdamW` arguments keep their meaning and defaults. AsFT options (keyword-only):
@@ -72,9 +73,13 @@ class AsFTAdamW(torch.optim.AdamW):
         asft_lambda: λ ≥ 0, per group; 0 turns the penalty off for the group.
         penalty: "orthogonal" (AsFT, penalises C⊥ΔW), "parallel" (penalises the part along d: the
             paper's ablation, and AsFT_Alt when d is a harmful direction) or "full" (L2-SP).
-        impl: "torch" (fast PyTorch path; `foreach`/`fused` pick torch's AdamW kernel), "reference"
-            (slow, obvious; the tests' oracle twin), "triton" (fused kernels on CUDA), or None (triton
-            on CUDA when available, else torch).
+        impl: "torch" (on CPU the native kernel where it applies, else the fast PyTorch path, whose
+            `foreach`/`fused` pick torch's AdamW kernel), "native" (the native CPU kernel for every
+            penalised tensor, as torch's `fused=True` is a promise: a tensor it cannot step is an
+            error naming it, as are foreach/fused/capturable/amsgrad and a kernel that does not
+            build), "reference" (slow, obvious; the tests' oracle twin), "triton" (fused kernels on
+            CUDA), or None (triton on CUDA when available, else torch). Whatever the impl, LoRA
+            adapters, λ = 0 groups and parameters without a direction take torch's AdamW.
         allow_unanchored: let trainable parameters without a direction take plain AdamW steps
             instead of raising (at least one parameter must still have a direction).
         projection: "vector" (the paper's Eq. 3, d flattened; the default) or "reference" (the
@@ -142,20 +147,6 @@ class AsFTAdamW(torch.optim.AdamW):
                 f"{known}): AsFT would be plain AdamW. Check the names, or use torch.optim.AdamW")
 
     @property
-    def anchors(self) -> Anchors:
-        """The directions (`Anchors`)."""
-        return self.records.anchors
-
-    @property
-    def allow_unanchored(self) -> bool:
-        """Whether trainable parameters without a direction take plain AdamW steps (else an error)."""
-        return self.records.allow_unanchored
-
-    @allow_unanchored.setter
-    def allow_unanchored(self, value: bool) -> None:
-        self.records.allow_unanchored = value
-
-    @property
     def lora_layout(self) -> LoraLayout | None:
         """The model's LoRA layout (pairs, scaling, `modules_to_save` aliases), or None."""
         return self.records.lora
@@ -181,6 +172,8 @@ class AsFTAdamW(torch.optim.AdamW):
             raise ValueError(f"Invalid impl: {param_group['impl']!r}; expected one of {IMPLS} or None")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if group["impl"] == "native":
+            _check_native_group(group)
         if "param_names" not in group:
             raise ValueError("AsFTAdamW binds directions to parameters by name: pass "
                              "model.named_parameters() or (name, tensor) pairs, not bare tensors "
@@ -263,12 +256,12 @@ class AsFTAdamW(torch.optim.AdamW):
         """Step a group whose tensors DeepSpeed ZeRO replaced by flat fp32 partitions
         (`zero.step_zero_group`), after rebinding its dense tensors as ZERO."""
         if group["impl"] == "triton":
-            raise ValueError("impl='triton' does not step DeepSpeed ZeRO partitions: build the optimizer "
-                             "with impl=None or impl='torch'")
+            raise ValueError(TRITON_REFUSAL)
         records = self.records
         records.rebind_as_zero(group["param_names"])
-        step_zero_group(group, records.zero, self.state, records.dots, records.anchors,
-                        functools.partial(torch.optim.Adam._init_group, self), adam_kwargs(group))
+        t = StepTensors([], [], [], [], [], [], [], [], [])  # flat partitions: no names, W0 taken by `zero`
+        super()._init_group(group, t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, t.max_exp_avg_sqs, t.state_steps)
+        step_zero_group(group, t, records.zero, records.dots, records.anchors, self.state, adam_kwargs(group))
 
     # ------------------------------------------------------------------------------- building
     @classmethod
@@ -394,3 +387,15 @@ def _check_triton_dtypes(bindings: Mapping[str, Binding], group: dict[str, Any])
         if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"impl='triton' supports float32, bfloat16 and float16 parameters; "
                              f"'{b.name}' is {p.dtype} (use impl='torch')")
+
+
+def _check_native_group(group: Mapping[str, Any]) -> None:
+    """impl="native" promises the native kernel: refuse the options it does not implement, and a
+    kernel that cannot be built or loaded here (the tensors are checked at each step)."""
+    for key in ("foreach", "fused", "capturable", "amsgrad"):
+        if group[key]:
+            raise ValueError(f"impl='native' cannot honour {key}=True (the native kernel is its own fused "
+                             f"AdamW); pass {key}={None if key in ('foreach', 'fused') else False} or impl='torch'")
+    if not native.available():
+        raise RuntimeError(f"impl='native': the native CPU kernel is unavailable ({native.reason()}); use "
+                           "impl='torch', which then takes the PyTorch path")

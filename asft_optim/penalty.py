@@ -48,7 +48,7 @@ from .functional import (
 )
 from .lora import PROJECTIONS, lora_layout, lora_penalty_grads
 from .metrics import Drift, DriftSums, drift_from_sums
-from .records import ANCHORS_KEY, GroupKeys, ParamRecords, take_w0
+from .records import ANCHORS_KEY, GroupKeys, ParamRecords, RecordsView, take_w0
 
 __all__ = ["AsFTPenalty", "attach", "attached", "W0_KEY"]
 
@@ -141,7 +141,7 @@ def _check_options(group: Mapping[str, Any], index: int) -> None:
                          f"one of {PROJECTIONS}")
 
 
-class AsFTPenalty:
+class AsFTPenalty(RecordsView):
     """What AsFT knows about the parameters of one optimizer, and the hooks that apply it.
 
     Made by `attach`. Attributes:
@@ -186,20 +186,6 @@ class AsFTPenalty:
                        optimizer.register_load_state_dict_pre_hook(self._pre_load),
                        optimizer.register_load_state_dict_post_hook(self._post_load)]
         _REGISTRY[optimizer] = self
-
-    @property
-    def anchors(self) -> Anchors:
-        """The directions."""
-        return self.records.anchors
-
-    @property
-    def allow_unanchored(self) -> bool:
-        """Whether trainable parameters without a direction step without a penalty (else an error)."""
-        return self.records.allow_unanchored
-
-    @allow_unanchored.setter
-    def allow_unanchored(self, value: bool) -> None:
-        self.records.allow_unanchored = value
 
     # ------------------------------------------------------------------------------- groups
     def _adopt(self, group: dict[str, Any], index: int) -> None:
@@ -382,7 +368,7 @@ class AsFTPenalty:
         w0s = [_dist.local(w0) for _, _, w0, _, _, _ in rows]
         dirs = [b.direction_on(q.device) for (_, _, _, b, _, _), q in zip(rows, locals_)]
         grads = [_dist.local(cast(Tensor, p.grad)) for _, p, _, _, _, _ in rows]  # (every row has a gradient)
-        need = [i for i, (_, _, _, _, _, pen) in enumerate(rows) if pen != "full" and not dirs[i].is_zero]
+        need = [i for i, (_, _, _, _, _, pen) in enumerate(rows) if pen != "full" and not dirs[i].is_null]
         dots: dict[int, Tensor] = {}
         if need:
             by_device: dict[torch.device, list[int]] = {}
@@ -472,7 +458,7 @@ def add_penalty_(grad: Tensor, p: Tensor, w0: Tensor, bound: BoundDirection, dot
     dot: ⟨v, ΔW⟩ (0-d fp32; for a shard the global one), or None where R does not need it (penalty
     "full", a zero direction).
     """
-    c = None if dot is None or penalty == "full" or bound.is_zero else dot * bound.inv_nv2
+    c = None if dot is None or penalty == "full" or bound.is_null else dot * bound.inv_nv2
     flats = [dense_flat(x) for x in (grad, p, w0, bound.v)]
     if any(f is None for f in flats) or not all(x.stride() == p.stride() for x in (grad, w0, bound.v)):
         r = penalty_reference(p, w0, bound, penalty, dot if dot is not None else torch.zeros((), device=p.device))

@@ -41,10 +41,10 @@ from .zero import ZeroTensors, partition_w0s
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
-__all__ = ["GroupKeys", "ParamRecords", "take_w0", "stepped_drift_sums"]
+__all__ = ["GroupKeys", "ParamRecords", "RecordsView", "take_w0", "stepped_drift_sums"]
 
 
-class _Checked(NamedTuple):
+class _GroupSeen(NamedTuple):
     """What `ParamRecords.refresh` saw in a group at its last full check: its group dict, its
     parameters (weak: a swapped-out parameter is not kept alive), a copy of its names, and the
     indices of its parameters without a binding."""
@@ -102,17 +102,17 @@ class ParamRecords:
         self.lora_bound: dict[str, BoundDirection] = {}  # LoraPair.key → the base weight's direction
         self.dots = DotCache()
         self.zero = ZeroTensors()
-        self._checked: dict[int, _Checked] = {}  # group index → its last full check by `refresh`
+        self._refresh_seen: dict[int, _GroupSeen] = {}  # group index → its last full check by `refresh`
         # id(group) → (group, its state "step" tensors when every anchored one was seen to hold W0)
-        self._w0_checked: dict[int, tuple[Mapping[str, Any], list[Tensor]]] = {}
+        self._w0_seen: dict[int, tuple[Mapping[str, Any], list[Tensor]]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled without the per-step caches (carried dots, ZeRO partitions, refresh checks)."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("dots", "zero", "_checked", "_w0_checked")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("dots", "zero", "_refresh_seen", "_w0_seen")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.dots, self.zero, self._checked, self._w0_checked = DotCache(), ZeroTensors(), {}, {}
+        self.dots, self.zero, self._refresh_seen, self._w0_seen = DotCache(), ZeroTensors(), {}, {}
 
     def binding(self, name: str) -> Binding | None:
         """The binding of the parameter named `name`, or None (frozen, or not in a group)."""
@@ -206,31 +206,31 @@ class ParamRecords:
         names_key = self.keys.names
         for index, group in enumerate(groups):
             params, names = group["params"], group[names_key]
-            seen = self._checked.get(index)
+            seen = self._refresh_seen.get(index)
             if (seen is not None and seen.group is group and len(seen.params) == len(params)
                     and all(map(operator.is_, map(weakref.ref.__call__, seen.params), params))
                     and seen.names == names and all(params[i].grad is None for i in seen.unbound)):
                 owned.append(False)
                 continue
-            self._checked.pop(index, None)
+            self._refresh_seen.pop(index, None)
             owned.append(self.zero.owns(group))
             if owned[-1]:
                 continue
             _dist.check_not_flattened(group, index)
             reshard += self.rebind_changed(group, when=" (they gained gradients after the optimizer was built)")
             if any(p is self.zero.param(n) for n, p in zip(names, params)):
-                self._checked[index] = _Checked(group, [weakref.ref(p) for p in params], list(names),
+                self._refresh_seen[index] = _GroupSeen(group, [weakref.ref(p) for p in params], list(names),
                                                 [i for i, n in enumerate(names) if n not in self.bindings])
         if reshard:
-            self._checked.clear()  # checked again next step, with the new bindings
+            self._refresh_seen.clear()  # checked again next step, with the new bindings
             self.rebind_moved(reshard)
         return owned
 
     def forget_checks(self) -> None:
         """Check every group in full at the next `refresh` and `take_missing_w0` (its group dicts were
         replaced: a load)."""
-        self._checked.clear()
-        self._w0_checked.clear()
+        self._refresh_seen.clear()
+        self._w0_seen.clear()
 
     def take_missing_w0(self, group: Mapping[str, Any], state: Mapping[Tensor, Any], state_steps: list[Tensor]
                         ) -> None:
@@ -238,7 +238,7 @@ class ParamRecords:
         has a gradient and no W0 yet (its first step). Skipped while `state_steps` (the group's "step"
         tensors, after the host's lazy state init) are those of the last call: the same state dicts,
         which held W0 then."""
-        seen = self._w0_checked.get(id(group))
+        seen = self._w0_seen.get(id(group))
         if (seen is not None and seen[0] is group and len(seen[1]) == len(state_steps)
                 and all(map(operator.is_, seen[1], state_steps))):
             return
@@ -246,7 +246,7 @@ class ParamRecords:
         for name, p in zip(group[self.keys.names], group["params"]):
             if p.grad is not None and self.anchored(name) and key not in state[p]:
                 state[p][key] = take_w0(p)
-        self._w0_checked[id(group)] = (group, list(state_steps))
+        self._w0_seen[id(group)] = (group, list(state_steps))
 
     def rebind_changed(self, group: Mapping[str, Any], *, where: str = "", when: str,
                        instead: str = _PLAIN_STEPS) -> list[tuple[str, Tensor]]:
@@ -378,3 +378,24 @@ def stepped_drift_sums(stepped: Iterable[tuple[Binding, Tensor, Tensor]], bindin
 def _key(b: Binding) -> str:
     assert b.key is not None, b.name  # an anchored binding has its direction's key
     return b.key
+
+
+class RecordsView:
+    """What `AsFTAdamW` and `AsFTPenalty` show of their `records` as attributes."""
+
+    records: ParamRecords
+
+    @property
+    def anchors(self) -> Anchors:
+        """The directions (`Anchors`)."""
+        return self.records.anchors
+
+    @property
+    def allow_unanchored(self) -> bool:
+        """Whether trainable parameters without a direction step without a penalty (plain steps of the
+        optimizer) instead of raising."""
+        return self.records.allow_unanchored
+
+    @allow_unanchored.setter
+    def allow_unanchored(self, value: bool) -> None:
+        self.records.allow_unanchored = value

@@ -1,4 +1,4 @@
-"""The impl="torch"/"reference" step of `AsFTAdamW`'s param groups: from a group's tensors to
+"""The impl="torch"/"native"/"reference" step of `AsFTAdamW`'s param groups: from a group's tensors to
 `functional.asft_adamw` and back.
 
 The carried ⟨v, ΔW⟩ come from the optimizer's `records.ParamRecords` (`DotCache`: valid by its one
@@ -67,7 +67,7 @@ def penalty_only_grads(groups: Sequence[Mapping[str, Any]], impls: Sequence[str]
 def torch_group_step(group: Mapping[str, Any], impl: str, t: StepTensors, records: ParamRecords,
                      state: Mapping[Tensor, Any], lora_grads: Mapping[str, Tensor],
                      shard_dots: Mapping[str, Tensor]) -> None:
-    """impl="torch"/"reference" for one group's tensors `t` (named; W0, directions and dots are
+    """impl="torch"/"native"/"reference" for one group's tensors `t` (named; W0, directions and dots are
     filled here): anchored dense/shard tensors through `functional.asft_adamw`, the rest (LoRA
     adapters with their penalty gradient `lora_grads`, plain) through torch's `adam`."""
     kwargs = adam_kwargs(group)
@@ -100,17 +100,17 @@ def _penalised_step(group: Mapping[str, Any], impl: str, t: StepTensors, records
         dots: list[Tensor | None] = []
         for n, p, q, s in zip(names, params, locals_, state_steps):
             dots.append(shard_dots.get(n, torch.zeros((), device=q.device)) if _dist.is_dtensor(p)
-                        else cache.get(n, p, s) if impl == "torch" else None)
+                        else cache.get(n, p, s) if impl != "reference" else None)
         tensors = StepTensors(locals_, [_dist.local(g) for g in t.grads], [_dist.local(x) for x in t.exp_avgs],
                               [_dist.local(x) for x in t.exp_avg_sqs], [_dist.local(x) for x in t.max_exp_avg_sqs],
                               state_steps, [_dist.local(state[p]["w0"]) for p in params],
                               [b.direction_on(q.device) for b, q in zip(bindings, locals_)], dots, names)
     else:  # plain tensors (the common case, kept cheap per tensor)
         carried: list[Tensor | None] | Tensor | None = (
-            cache.get_vector(names, params, state_steps) if impl == "torch" and params[0].device.type == "cpu"
+            cache.get_vector(names, params, state_steps) if impl != "reference" and params[0].device.type == "cpu"
             else None)
         if carried is None:
-            carried = ([cache.get(n, p, s) for n, p, s in zip(names, params, state_steps)] if impl == "torch"
+            carried = ([cache.get(n, p, s) for n, p, s in zip(names, params, state_steps)] if impl != "reference"
                        else [None] * len(params))
         tensors = t._replace(w0s=[state[p]["w0"] for p in params],
                              directions=[b.direction_on(p.device) for b, p in zip(bindings, params)], dots=carried)
@@ -146,7 +146,7 @@ def global_shard_dots(groups: list[dict[str, Any]], impls: Sequence[str], record
             if p.grad is None or b is None or b.kind is not Kind.SHARD or not st or "w0" not in st:
                 continue
             bound = b.direction_on(_dist.local(p).device)
-            if not bound.is_zero:  # (c = 0: no dot needed)
+            if not bound.is_null:  # (c = 0: no dot needed)
                 shards.append((name, p, st["w0"], bound))
     partials = triton.shard_partials(groups, bindings, state)
     dots, summed = _dist.shard_dots(shards, [(p, c) for _, p, c in partials])

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +54,7 @@ from .metrics import DriftSums
 
 __all__ = ["Segment", "Partition", "ZeroTensors", "is_zero_param", "find_segments", "check_config",
            "check_client", "initialize", "step_partition", "step_zero_group", "partition_w0s",
-           "lora_refusal", "original_shape"]
+           "lora_refusal", "TRITON_REFUSAL", "original_shape"]
 
 def is_zero_param(p: Tensor) -> bool:
     """Whether DeepSpeed ZeRO manages p: a stage-3 partitioned parameter, or a stage-1/2 one that
@@ -404,6 +404,10 @@ def check_config(config: Mapping[str, Any], *, has_lora: bool = False) -> None:
         raise NotImplementedError(lora_refusal(stage))
 
 
+TRITON_REFUSAL = ("impl='triton' does not step DeepSpeed ZeRO partitions: build the optimizer with impl=None "
+                  "or impl='torch'")
+
+
 def lora_refusal(stage: int | str) -> str:
     """Why LoRA adapters cannot be trained under ZeRO with AsFTAdamW."""
     return (f"LoRA adapters under DeepSpeed ZeRO stage {stage} are not supported by AsFTAdamW (the "
@@ -414,32 +418,33 @@ def lora_refusal(stage: int | str) -> str:
 
 # ----------------------------------------------------------------------------------- step
 @torch.no_grad()
-def step_partition(part: Partition, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
-                   max_exp_avg_sq: Tensor | None, step: Tensor, w0: Tensor, dots: Tensor, *,
-                   coef: float, penalty: str, impl: str, **adam_kwargs: Any) -> list[Tensor] | None:
+def step_partition(part: Partition, t: StepTensors, dots: Tensor, *, coef: float, penalty: str, impl: str,
+                   **adam_kwargs: Any) -> list[Tensor] | None:
     """AdamW on g̃ = g + coef·R over one flat partition, R taken per segment with its tensor's
     global dot; gaps (padding, tensors without a direction) take plain AdamW steps.
 
-    Every tensor argument but `dots` is flat like `part.flat` (`step`: the partition's step count,
-    incremented once). Segments and gaps are stepped as views of the flat tensors, so the update
-    is elementwise what torch's AdamW on the whole partition would be, plus the penalty.
-    impl: "torch" or "reference" (`functional.asft_adamw`).
-    Returns the new partial ⟨v, ΔW⟩ per segment (impl "torch"), else None.
+    t: the partition's tensors (one entry: `part.flat`, its gradient, moments, step count, W0; the
+    step count is incremented once). dots: per segment the global ⟨v, ΔW⟩ (fp32, shape
+    (len(part.segments),)). Segments and gaps are stepped as views of the flat tensors, so the
+    update is elementwise what torch's AdamW on the whole partition would be, plus the penalty.
+    impl: "torch", "native" or "reference" (`functional.asft_adamw`).
+    Returns the new partial ⟨v, ΔW⟩ per segment (impl "torch"/"native"), else None.
     """
-    def views(t: Tensor | None, ranges: list[tuple[int, int]]) -> list[Tensor]:
-        return [] if t is None else [t[a:b] for a, b in ranges]
+    def views(one: Sequence[Tensor], ranges: list[tuple[int, int]]) -> list[Tensor]:
+        return [x[a:b] for x in one for a, b in ranges]  # (an empty list stays empty: no amsgrad)
 
+    (step,) = t.state_steps
     segs = [(s.start, s.start + s.numel) for s in part.segments]
     gaps = part.gaps()
-    ams = max_exp_avg_sq if adam_kwargs["amsgrad"] else None
+    ams = t.max_exp_avg_sqs if adam_kwargs["amsgrad"] else []
     new = None
     if segs:
-        new = asft_adamw(StepTensors(views(part.flat, segs), views(grad, segs), views(exp_avg, segs),
-                                     views(exp_avg_sq, segs), views(ams, segs), [step.clone() for _ in segs],
-                                     views(w0, segs), part.bounds, list(dots.unbind())),
+        new = asft_adamw(StepTensors(views(t.params, segs), views(t.grads, segs), views(t.exp_avgs, segs),
+                                     views(t.exp_avg_sqs, segs), views(ams, segs), [step.clone() for _ in segs],
+                                     views(t.w0s, segs), part.bounds, list(dots.unbind())),
                          coef=coef, penalty=penalty, impl=impl, **adam_kwargs)
     if gaps:
-        adam(views(part.flat, gaps), views(grad, gaps), views(exp_avg, gaps), views(exp_avg_sq, gaps),
+        adam(views(t.params, gaps), views(t.grads, gaps), views(t.exp_avgs, gaps), views(t.exp_avg_sqs, gaps),
              views(ams, gaps), [step.clone() for _ in gaps], **adam_kwargs)
     step.add_(1)
     return list(new.unbind()) if isinstance(new, Tensor) else new  # one vector when all went native
@@ -456,44 +461,46 @@ def partition_w0s(zero: ZeroTensors, state: Mapping[Tensor, Any]) -> dict[int, T
 
 
 @torch.no_grad()
-def step_zero_group(group: dict[str, Any], zero: ZeroTensors, state: dict[Tensor, Any], dots: DotCache,
-               anchors: Anchors, init_group: Callable[..., Any], adam_kwargs: dict[str, Any]) -> None:
+def step_zero_group(group: Mapping[str, Any], t: StepTensors, zero: ZeroTensors, dots: DotCache, anchors: Anchors,
+                    state: Mapping[Tensor, dict[str, Any]], adam_kwargs: dict[str, Any]) -> None:
     """Step a param group whose tensors ZeRO replaced by flat fp32 partitions (stage 3: the one
     sub-group it hands over now): per partition, AdamW with the penalty of each segment from its
     tensor's global ⟨v, ΔW⟩ (`ZeroTensors.global_dots`); W0 is the fp32 master partition at its
-    first step. Always the PyTorch path.
+    first step, kept in `state[flat]["w0"]`. Never the Triton path.
 
-    state: the optimizer's per-tensor state (W0 in "w0"). dots: the carried-dot cache (each
-    segment's partial of this rank, summed at the next step). init_group: torch's
-    `Adam._init_group` bound to the optimizer (creates the lazy state of one flat partition).
-    adam_kwargs: torch's functional `adam` keyword arguments of the group.
+    t: the partitions that have a gradient, with their lazy AdamW state made (names empty; w0s,
+    directions and dots unused). zero: the optimizer's partitions; dots: the carried-dot cache (each
+    segment's partial of this rank, summed at the next step); anchors: the directions; state: the
+    host optimizer's per-tensor state; adam_kwargs: torch's functional `adam` keyword arguments of
+    the group.
     """
     anchored = any(n in zero.keys for n in group["param_names"])
-    for flat in group["params"]:
-        if flat.grad is None:
-            continue
-        lists: list[list[Tensor]] = [[], [], [], [], [], []]
-        init_group({**group, "params": [flat]}, *lists)
+    lam, penalty = group["asft_lambda"], group["penalty"]
+
+    def plain(one: StepTensors) -> None:
+        adam(one.params, one.grads, one.exp_avgs, one.exp_avg_sqs, one.max_exp_avg_sqs, one.state_steps,
+             **adam_kwargs)
+
+    for k, flat in enumerate(t.params):
+        one = t.select([k])
         if not anchored:
-            adam(*lists, **adam_kwargs)
+            plain(one)
             continue
         st = state[flat]
         part = zero.partition(flat, group["param_names"], anchors, st["step"], dots, st.get("w0"))
         if "w0" not in st:
             st["w0"] = storage_w0(flat.detach().clone())
             part_dots = torch.zeros(len(part.segments), device=flat.device)
-        elif group["penalty"] == "full" or group["asft_lambda"] == 0:
+        elif penalty == "full" or lam == 0:
             part_dots = torch.zeros(len(part.segments), device=flat.device)
         else:
             w0s = partition_w0s(zero, state)
             part_dots = zero.global_dots(part, w0s, {i: state[zero.partitions[i].flat]["step"] for i in w0s}, dots)
-        if group["asft_lambda"] == 0:
-            adam(*lists, **adam_kwargs)
+        if lam == 0:
+            plain(one)
             continue
-        new = step_partition(part, flat.grad, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq"),
-                             st["step"], st["w0"], part_dots,
-                             coef=penalty_coef(group["asft_lambda"], group["maximize"]), penalty=group["penalty"],
-                             impl=group["impl"] or "torch", **adam_kwargs)
+        new = step_partition(part, one._replace(w0s=[st["w0"]]), part_dots, coef=penalty_coef(lam, group["maximize"]),
+                             penalty=penalty, impl=group["impl"] or "torch", **adam_kwargs)
         for seg, d in zip(part.segments, new or ()):
             dots.put_partial(seg.name, flat, st["step"], d)
 
@@ -509,8 +516,9 @@ def load_config(config: Mapping[str, Any] | str | Any) -> Mapping[str, Any]:
 
 def check_client(optimizer: torch.optim.Optimizer, config: Mapping[str, Any]) -> None:
     """`check_config` for this client optimizer, and refuse impl="triton" groups (ZeRO partitions
-    step on the PyTorch path), and an optimizer with a penalty from `asft_optim.attach` (its hooks
-    would see ZeRO's flat partitions)."""
+    step on the PyTorch path), impl="native" ones unless ZeRO-Offload puts the partitions on the CPU,
+    and an optimizer with a penalty from `asft_optim.attach` (its hooks would see ZeRO's flat
+    partitions)."""
     if any("asft_param_names" in g for g in getattr(optimizer, "param_groups", [])):  # `asft_optim.attach`'s key
         raise ValueError("DeepSpeed ZeRO flattens a client optimizer's parameters into partitions, which "
                          "asft_optim.attach does not follow: use AsFTAdamW as the client optimizer")
@@ -520,8 +528,12 @@ def check_client(optimizer: torch.optim.Optimizer, config: Mapping[str, Any]) ->
     check_config(config, has_lora=lora)
     stage = _get(config, "zero_optimization", "stage") or 0
     if stage and any(g.get("impl") == "triton" for g in groups):
-        raise ValueError("impl='triton' does not step DeepSpeed ZeRO partitions: build the optimizer "
-                         "with impl=None or impl='torch'")
+        raise ValueError(TRITON_REFUSAL)
+    if (stage and any(g.get("impl") == "native" for g in groups)
+            and _get(config, "zero_optimization", "offload_optimizer", "device") != "cpu"):
+        raise ValueError("impl='native' steps DeepSpeed ZeRO partitions only on the CPU, under ZeRO-Offload "
+                         '("offload_optimizer": {"device": "cpu"}); build the optimizer with impl=None or '
+                         "impl='torch'")
 
 
 def initialize(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -99,7 +99,7 @@ def test_step(benchmark, shape: str, flags: str, layout: str) -> None:
         torch.set_num_threads(threads)
     med = {k: statistics.median(v[1:]) * 1e3 for k, v in times.items()}  # v[0]: pytest-benchmark's warm-up
     ratio = med["asft"] / med["adamw"]
-    path = "native" if native.available() else f"fallback ({native.reason()})"
+    path = f"native, {native.load().VECTOR} loops" if native.available() else f"fallback ({native.reason()})"
     benchmark.extra_info.update(adamw_ms=med["adamw"], asft_ms=med["asft"], ratio=ratio, path=path)
     print(f"\n{shape:>10} {flags:>8} {layout:>9}: AdamW {med['adamw']:8.2f} ms  AsFT {med['asft']:8.2f} ms  "
           f"ratio {ratio:5.2f}x  [{sum(SHAPES[shape]) / 1e6:.1f}M params, {len(SHAPES[shape])} tensors, {path}]")

@@ -248,6 +248,53 @@ def test_carried_dot_equals_fresh_fold_and_is_thread_count_independent(storage):
     assert float(fresh[5]) == 0.0  # an empty tensor
 
 
+def _bits(x):
+    """x's bit patterns as integers (NaN payloads and signed zeros compare exactly)."""
+    return x.view({torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16}[x.dtype])
+
+
+@needs_native
+@pytest.mark.skipif(native.available() and native.load().VECTOR == "portable",
+                    reason="this build has only the portable loops")
+@pytest.mark.parametrize("storage", list(STORAGE))
+def test_vector_loops_give_the_portable_loops_bits(storage):
+    """The AVX-512 loops (tails of 1-15 elements, masked) against the portable ones, bitwise: every
+    penalty, both lerp branches, maximize, fp32/bf16 W0 and v, with NaN, ±inf, ±0 and subnormals in
+    every input."""
+    lib = native.load()
+    shapes = [(1,), (15,), (16,), (17,), (3, 37), (B + 5,)]
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, -3e-39, 3e38])
+    cases = [(kind, beta1, maximize, w0_dtype, v_dtype) for kind in ("orthogonal", "parallel", "full")
+             for beta1, maximize in ((0.9, False), (0.3, True))
+             for w0_dtype in (torch.float32, torch.bfloat16) for v_dtype in (torch.float32, torch.bfloat16)]
+    for j, (kind, beta1, maximize, w0_dtype, v_dtype) in enumerate(cases):
+        ts = _tensors(shapes, seed=j, w0_dtype=w0_dtype, v_dtype=v_dtype, storage=storage)
+        roles = [[x[k].clone() for x in ts] for k in range(5)] + [[x[5].v.clone() for x in ts]]
+        for k, xs in enumerate(roles):  # p, g, m, s, W0, v: a different special value per role and tensor
+            for i, x in enumerate(xs):
+                if x.numel() > 3:
+                    x.view(-1)[(k + i) % 3] = special[(k + 2 * i) % len(special)]
+        runs = []
+        for portable in (True, False):
+            p, m, s = ([x.clone() for x in roles[k]] for k in (0, 2, 3))
+            steps = [torch.tensor(2.0) for _ in ts]
+            lib._use_portable(portable)
+            try:
+                dots = [native.dots_native(p, roles[4], roles[5])]
+                cs = torch.linspace(-0.5, 0.5, len(ts), dtype=torch.float64)
+                for _ in range(2):
+                    dots.append(native.asft_adamw_native_(p, roles[1], m, s, roles[4], roles[5], cs, steps, lr=0.02,
+                                                          beta1=beta1, beta2=0.999, eps=1e-8, weight_decay=0.1,
+                                                          coef=-3.0 if maximize else 3.0, penalty=kind,
+                                                          maximize=maximize))
+            finally:
+                lib._use_portable(False)
+            runs.append(p + m + s + dots)
+        for a, b in zip(*runs):
+            assert torch.equal(_bits(a), _bits(b)), (kind, beta1, maximize, w0_dtype, v_dtype)
+    assert any(bool(x.isnan().any()) for x in runs[0]) and any(bool(x.isfinite().all()) for x in runs[0][:len(ts)])
+
+
 @needs_native
 def test_no_allocation_proportional_to_the_model():
     """After a first call, a step allocates only its (T,) result: tensor memory does not grow."""

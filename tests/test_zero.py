@@ -164,3 +164,22 @@ def test_original_parameters_are_held_weakly():
     del model
     gc.collect()
     assert old() is None and opt.records.zero.param("0.weight") is None
+
+
+def test_triton_groups_are_refused_under_zero():
+    """ZeRO partitions never take the Triton path: refused by `check_client` when the engine is
+    built, and at the step of a group ZeRO owns."""
+    from asft_optim.zero import check_client
+    model = _model()
+    opt = AsFTAdamW(model.named_parameters(), anchors=_anchors(model), impl="triton")
+    with pytest.raises(ValueError, match="impl='triton' does not step DeepSpeed ZeRO partitions"):
+        check_client(opt, {"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True})
+    params = list(model.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params] + [torch.zeros(2)]).requires_grad_()
+    _link(params, flat, 0, flat.numel(), [0, 15, 18, 24])
+    opt.param_groups[0]["params"] = [flat]
+    flat.grad = torch.ones_like(flat)
+    before = flat.detach().clone()
+    with pytest.raises(ValueError, match="impl='triton' does not step DeepSpeed ZeRO partitions"):
+        opt.step()
+    assert torch.equal(flat.detach(), before)

@@ -52,7 +52,7 @@ class AsFTArgs(BaseModel):
     asft_lambda: float = Field(default=1.0, ge=0.0, description="λ of the AsFT penalty; 0 switches it off")
     asft_penalty: Literal["orthogonal", "parallel", "full"] = "orthogonal"
     asft_projection: Literal["vector", "reference"] = "vector"
-    asft_impl: Literal["triton", "torch", "reference"] | None = None
+    asft_impl: Literal["triton", "torch", "native", "reference"] | None = None
     asft_allow_unanchored: bool = False
     asft_drift_per_layer: bool = True
 

@@ -40,7 +40,7 @@ __all__ = ["AsFTKeys", "install", "main", "split_config", "train"]
 STAGES = ("pt", "sft", "rm", "dpo", "kto", "ppo")
 PENALTIES = ("orthogonal", "parallel", "full")
 PROJECTIONS = ("vector", "reference")
-IMPLS = ("triton", "torch", "reference")
+IMPLS = ("triton", "torch", "native", "reference")
 # LLaMA-Factory options that build their own optimizer in `create_custom_optimizer`
 _OWN_OPTIMIZERS = ("use_galore", "use_apollo", "loraplus_lr_ratio", "use_badam", "use_adam_mini", "use_muon")
 # training paths that never call `create_custom_optimizer`

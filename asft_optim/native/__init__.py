@@ -1,4 +1,4 @@
-"""The AsFT AdamW step as one native pass over a list of fp32 CPU tensors (C++, built on first use).
+"""The AsFT AdamW step as one native pass over a list of fp32 or bf16 CPU tensors (C++, built on first use).
 
 `asft_adamw_native_` does, per tensor, what `functional.penalised_grads_reference` followed by
 torch's AdamW does, in a single read of p, g, m, s, W0 and v and a single write of p, m, s, and
@@ -6,7 +6,9 @@ returns the next step's ⟨v, p_new - W0⟩ (terms v·(p - W0) in fp32, as the p
 in float64); `dots_native` is the same fold without the update (its result for unchanged tensors
 equals the carried one bitwise). The fold sums blocks of `BLOCK` elements, counted from each
 tensor's first element in memory order, in block order: the result is the same for any number of
-threads. See `build` for the build and its cache.
+threads. The library carries portable loops and, where the build targets AVX-512 (`-march=native` on
+such a CPU), explicit 16-lane loops that give the same bits; `load().VECTOR` names the ones in use
+("avx512" or "portable"). See `build` for the build and its cache.
 """
 
 from __future__ import annotations
