@@ -126,6 +126,38 @@ class DotCache:
         self._entries.update(zip(names, zip(repeat(Held.VECTOR), repeat(dots), count(), map(_VERSION, params), steps,
                                             map(_VERSION, steps))))
 
+    def put_slots(self, names: Sequence[str], params: Sequence[Tensor], steps: Sequence[Tensor],
+                  versions: Sequence[int] | None = None, step_version: int | None = None) -> None:
+        """`put_slot(names[i], params[i], steps[i])` for every i, in C loops: this runs at every
+        Triton step, for every tensor. versions: the params' version counters, where the caller read
+        them after the last write to any of them; step_version: the version of every step tensor,
+        where they share one counter (views of one tensor); each is read here when not given."""
+        if any(issubclass(t, DTensor) for t in set(map(type, params))):
+            for name, p, s in zip(names, params, steps):
+                self.put_slot(name, p, s)
+            return
+        self._entries.update(zip(names, zip(repeat(Held.TRITON_SLOT), repeat(None), repeat(-1),
+                                            map(_VERSION, params) if versions is None else versions, steps,
+                                            map(_VERSION, steps) if step_version is None else repeat(step_version))))
+
+    def all_held(self, names: Sequence[str], params: Sequence[Tensor], steps: Sequence[Tensor],
+                 step_version: int | None = None) -> tuple[int, ...] | None:
+        """The version counters of `params` if `held(n, p, s)` for every (n, p, s) of the zipped
+        lists, else None; in C loops. step_version: as for `put_slots`."""
+        entries = list(map(self._entries.get, names))
+        if None in entries:
+            return None
+        versions = tuple(map(_VERSION, params))
+        if not entries:
+            return versions
+        kinds, _, _, put_versions, stamped, step_versions = zip(*entries)
+        held = (kinds.count(Held.TRITON_SLOT) == len(kinds) and put_versions == versions
+                and all(map(operator.is_, stamped, steps))
+                and (step_versions == tuple(map(_VERSION, steps)) if step_version is None
+                     else step_versions.count(step_version) == len(step_versions))
+                and not any(issubclass(t, DTensor) for t in set(map(type, params))))
+        return versions if held else None
+
     def held(self, name: str, p: Tensor, step: Tensor) -> bool:
         """Whether `p`'s current c is valid in the Triton path's c slot."""
         e = self._stamped(name, p, step)

@@ -186,6 +186,8 @@ class ParamRecords:
 
     def has_lora(self, names: Iterable[str]) -> bool:
         """Whether any of the parameters named `names` is a LoRA adapter."""
+        if self.lora is None:  # (LoRA bindings need a layout: no scan at every step without one)
+            return False
         bindings = self.bindings
         return any((b := bindings.get(n)) is not None and b.kind in (Kind.LORA_A, Kind.LORA_B) for n in names)
 

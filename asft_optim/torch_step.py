@@ -27,6 +27,7 @@ from .triton_step import TritonCache
 __all__ = ["adam_kwargs", "torch_group_step", "global_shard_dots", "penalty_only_grads"]
 
 _GRAD = operator.attrgetter("grad")
+_KIND = operator.attrgetter("kind")
 
 
 def adam_kwargs(group: Mapping[str, Any]) -> dict[str, Any]:
@@ -133,7 +134,7 @@ def global_shard_dots(groups: list[dict[str, Any]], impls: Sequence[str], record
     (`TritonCache.shard_partials`, whose slots get the summed c). None at a shard's first step (no W0
     yet: ΔW = 0 on every shard) nor for a zero direction (c = 0)."""
     bindings = records.bindings
-    if not any(b.kind is Kind.SHARD for b in bindings.values()):
+    if Kind.SHARD not in map(_KIND, bindings.values()):  # (a C loop: this runs at every step)
         return {}  # no DTensor parameters
     shards = []
     for group, impl in zip(groups, impls):

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import operator
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from itertools import chain, repeat
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from . import distributed as _dist
 from .binding import Binding, Kind
@@ -46,8 +50,9 @@ def resolve_impl(group: dict[str, Any], has_lora: bool) -> str:
     impl = group["impl"]
     if impl is None:
         explicit_torch = group["foreach"] or group["fused"] or group["capturable"]
-        if (explicit_torch or has_lora or not _triton_importable()
-                or not all(p.is_cuda and not _dist.is_dtensor(p) for p in group["params"])):
+        params = group["params"]
+        if (explicit_torch or has_lora or not _triton_importable() or not all(map(_IS_CUDA, params))
+                or any(issubclass(t, DTensor) for t in set(map(type, params)))):
             return "torch"
         return "triton"
     if impl != "triton":
@@ -60,18 +65,34 @@ def resolve_impl(group: dict[str, Any], has_lora: bool) -> str:
                              f"kernel); pass {key}=None or impl='torch'")
     if not _triton_importable():
         raise ValueError("impl='triton' needs the triton package (pip install 'asft_optim[triton]')")
-    from .kernels import is_interpreted
-    on_cpu = [(n, p) for n, p in zip(group["param_names"], group["params"]) if not p.is_cuda]
-    if on_cpu and not is_interpreted():
-        raise ValueError(f"impl='triton' runs on CUDA tensors, or on CPU only under TRITON_INTERPRET=1 "
-                         f"(set before triton is imported); '{on_cpu[0][0]}' is on {on_cpu[0][1].device}")
+    if not all(map(_IS_CUDA, group["params"])):
+        from .kernels import is_interpreted
+        if not is_interpreted():
+            name, p = next((n, p) for n, p in zip(group["param_names"], group["params"]) if not p.is_cuda)
+            raise ValueError(f"impl='triton' runs on CUDA tensors, or on CPU only under TRITON_INTERPRET=1 "
+                             f"(set before triton is imported); '{name}' is on {p.device}")
     return impl
 
 
-class Launch(NamedTuple):
+_GRAD = operator.attrgetter("grad")
+_PTR = Tensor.data_ptr
+_STRIDE = Tensor.stride
+_IS_CUDA = operator.attrgetter("is_cuda")
+
+
+@dataclass(eq=False)
+class Launch:
     """One kernel launch of a plan: its table (shared with `TritonCache.tables`), the penalty it
-    applies (None: plain AdamW), whether it carries c, and its tensors: positions in the group,
-    names, bound directions (None when not penalised) and the (shape, strides) every role has."""
+    applies (None: plain AdamW), whether it carries c, and its tensors: positions in the group
+    (increasing), names, bound directions (None when not penalised), the (shape, strides) every
+    role has, the parameters and their step tensors (`state[p]["step"]`, views into the group's
+    step buffer).
+
+    keys: the state entries the launch reads, "step" first (`state_keys`). strides: p's strides
+    (every role's). directions: the bound directions, [] when not penalised. seen: what the last
+    replay verified, (table.host_grads, table.host_others, gradient addresses, other addresses in
+    role-major order: T parameters, T exp_avg, ..., T directions); empty before the first replay.
+    """
     table: Any
     penalty: str | None
     needs_c: bool
@@ -79,18 +100,36 @@ class Launch(NamedTuple):
     names: list[str]
     bounds: list[BoundDirection | None]
     layouts: list[tuple[torch.Size, tuple[int, ...]]]
+    params: list[Tensor]
+    steps: list[Tensor]
+    keys: Callable[[Any], tuple[Tensor, ...]]
+    strides: list[tuple[int, ...]] = field(init=False)
+    directions: list[BoundDirection] = field(init=False)
+    seen: tuple = ()
+
+    def __post_init__(self) -> None:
+        self.strides = [stride for _, stride in self.layouts]
+        self.directions = [b for b in self.bounds if b is not None]  # all of them, or none
 
 
 class Plan(NamedTuple):
-    """A group's launches, replayed while the options, the dot-cache epoch, which parameters have
-    gradients and the step counters (by identity) hold; addresses may change (new gradient tensors
-    each step, a replaced state tensor): then only the pointer tables are uploaded again."""
+    """A group's launches, replayed while the options, the dot-cache epoch, the parameters (by
+    identity), which of them have gradients and the step counters (by identity) hold; addresses
+    may change (new gradient tensors each step, a replaced state tensor): then only the pointer
+    tables are uploaded again."""
     options: tuple
+    params: list[Tensor]
     has_grad: list[bool]
     steps: Tensor
     positions: Tensor | None
-    step_views: dict[int, Tensor]
     launches: list[Launch]
+
+
+def state_keys(amsgrad: bool, penalised: bool) -> Callable[[Any], tuple[Tensor, ...]]:
+    """The state entries a launch reads from each `state[p]`, as one getter: "step", the moments,
+    then "w0" when penalised (`OTHER_ROLES` order)."""
+    return operator.itemgetter("step", "exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if amsgrad else ()),
+                               *(("w0",) if penalised else ()))
 
 
 def _options(group: dict[str, Any], dots: DotCache) -> tuple:
@@ -131,80 +170,106 @@ def _launch(cs: Any, launch: Launch, steps: list[float], hyper: dict[str, Any]) 
     from .kernels import fused_step_
     table = launch.table
     c_buf = cs.buffers[table.device] if launch.penalty is not None else table.partials
-    fused_step_(table, c_buf, [steps[j] for j in launch.positions], penalty=launch.penalty, **hyper)
+    mine = steps if len(launch.positions) == len(steps) else list(map(steps.__getitem__, launch.positions))
+    fused_step_(table, c_buf, mine, penalty=launch.penalty, **hyper)
 
 
 def _replay(group: dict[str, Any], plan: Plan, cs: Any, state: Mapping[Tensor, Any], dots: DotCache) -> bool:
     """Step a group with its cached plan; False (having stepped nothing) when the plan does not fit.
 
-    It fits while the same parameters have gradients, every step counter is the plan's, every c
-    it reads is current (`DotCache.held`: the slot was written by this path, nothing moved p
-    since) and every tensor whose address changed still has its launch's layout, dtype and device
-    (`_fits`); then moved launches upload their pointer tables again (an aligned launch that a move
-    made unaligned is rebuilt). The plan thus notices every tensor it reads or writes, by address.
+    It fits while the group holds the same parameters, the same of them have gradients, every
+    step counter is the plan's, every c it reads is current (`DotCache.all_held`: the slot was
+    written by this path, nothing moved p since) and every tensor whose address changed still has
+    its launch's layout, dtype and device (`_fits`); then moved launches upload their pointer
+    tables again (an aligned launch that a move made unaligned is rebuilt). The plan thus notices
+    every tensor it reads or writes, by address: all of them are read at every step, each role
+    in one C loop (`Launch.seen` holds the addresses its table holds).
     """
     params = group["params"]
-    grads = [p.grad for p in params]
-    if [g is not None for g in grads] != plan.has_grad:
+    if len(params) != len(plan.params) or not all(map(operator.is_, params, plan.params)):
         return False
-    amsgrad, views = group["amsgrad"], plan.step_views
-    held = dots.held
-    moved = []
+    grads = list(map(_GRAD, params))
+    if list(map(operator.is_not, grads, repeat(None))) != plan.has_grad:
+        return False
+    amsgrad, buf = group["amsgrad"], plan.steps
+    moved, held = [], []
     try:
         for launch in plan.launches:
-            table, needs_c = launch.table, launch.needs_c
-            gptrs = [grads[j].data_ptr() for j in launch.positions]
-            others: list[int] = []
-            for j, name, bound in zip(launch.positions, launch.names, launch.bounds):
-                p = params[j]
-                st = state.get(p)  # (not state[p]: a defaultdict would add an empty state)
-                step = None if st is None else st.get("step")
-                if step is not views[j] or (needs_c and not held(name, p, step)):
+            # one tuple per role: the step tensors, the moments, W0 (state.get: a defaultdict would
+            # add an empty state; a missing state fails in `keys`)
+            cols = list(zip(*map(launch.keys, map(state.get, launch.params))))
+            if not all(map(operator.is_, cols[0], launch.steps)):
+                return False
+            if launch.needs_c:  # (the steps are views of one buffer: they share its version counter)
+                versions = dots.all_held(launch.names, launch.params, launch.steps, buf._version)
+                if versions is None:
                     return False
-                others += (p.data_ptr(), st["exp_avg"].data_ptr(), st["exp_avg_sq"].data_ptr(),
-                           st["max_exp_avg_sq"].data_ptr() if amsgrad else 0,
-                           0 if bound is None else st["w0"].data_ptr(), 0 if bound is None else bound.v.data_ptr())
-            if gptrs != table.host_grads or others != table.host_others:
-                if not _fits(launch, gptrs, others, params, grads, state, amsgrad):
-                    return False
-                moved.append((table, gptrs, others))
-    except (KeyError, RuntimeError):  # a state entry gone, a gradient without storage: rebuild
+                held.append((launch, versions))
+            gs = grads if len(launch.positions) == len(grads) else list(map(grads.__getitem__, launch.positions))
+            gaddrs = list(map(_PTR, gs))
+            oaddrs = list(map(_PTR, chain(launch.params, *cols[1:], [d.v for d in launch.directions])))
+            table, seen = launch.table, launch.seen
+            same = bool(seen) and seen[1] is table.host_others and oaddrs == seen[3]
+            if same and seen[0] is table.host_grads and gaddrs == seen[2]:
+                continue
+            # (new gradients alone, as every step of zero_grad(set_to_none=True) gives: others as held)
+            others = table.host_others if same else _row_major(oaddrs, len(gs), amsgrad, launch.penalty is not None)
+            if (gaddrs != table.host_grads or others != table.host_others) and not _fits(
+                    launch, gs, gaddrs, others, state, amsgrad):
+                return False
+            moved.append((launch, gaddrs, oaddrs, others))
+    except (KeyError, TypeError, RuntimeError):  # a state entry gone, a gradient without storage: rebuild
         return False
     lost = False
-    for table, gptrs, others in moved:
+    for launch, gaddrs, oaddrs, others in moved:
+        table = launch.table
         was = table.aligned
-        table.upload(gptrs, others)
+        table.upload(gaddrs, others)
         lost |= was and not table.aligned
+        launch.seen = (table.host_grads, table.host_others, gaddrs, oaddrs)
     if lost:  # the slow path puts the unaligned tensors into a launch of their own
         return False
-    steps = _increment_steps(plan.steps, plan.positions)
+    steps = _increment_steps(buf, plan.positions)
     hyper = _hyper(group)
     for launch in plan.launches:
         _launch(cs, launch, steps, hyper)
-        if launch.needs_c:  # the slots hold c of the new p, stamped with the new step
-            for j, name in zip(launch.positions, launch.names):
-                dots.put_slot(name, params[j], views[j])
+    # the slots hold c of the new p (the kernels write p without bumping its version), stamped
+    # with the new step
+    for launch, versions in held:
+        dots.put_slots(launch.names, launch.params, launch.steps, versions, buf._version)
     return True
 
 
-def _fits(launch: Launch, gptrs: list[int], others: list[int], params: list[Tensor],
-          grads: list[Tensor | None], state: Any, amsgrad: bool) -> bool:
+def _row_major(oaddrs: list[int], n: int, amsgrad: bool, penalised: bool) -> list[int]:
+    """A launch's role-major addresses (`Launch.seen`) as its pointer table holds them: T rows of
+    `OTHER_ROLES`, 0 for an unused role."""
+    cols = [oaddrs[i * n:(i + 1) * n] for i in range(len(oaddrs) // n)]
+    zeros = [0] * n
+    if not amsgrad:
+        cols.insert(3, zeros)
+    if not penalised:
+        cols += [zeros, zeros]
+    return list(chain.from_iterable(zip(*cols)))
+
+
+def _fits(launch: Launch, grads: list[Tensor], gptrs: list[int], others: list[int], state: Any,
+          amsgrad: bool) -> bool:
     """Every tensor of `launch` whose address differs from its table's has the layout, dtype and
-    device the table was built for. (A new gradient has its parameter's dtype, shape and device,
-    torch checks that on assignment: only its strides can differ.)"""
+    device the table was built for. grads: the launch's gradients. (A new gradient has its
+    parameter's dtype, shape and device, torch checks that on assignment: only its strides can
+    differ.)"""
     from .kernels import OTHER_ROLES, ROLES
     table = launch.table
-    if gptrs != table.host_grads and not all(
-            grads[j].stride() == stride for j, (_, stride) in zip(launch.positions, launch.layouts)):
+    if gptrs != table.host_grads and list(map(_STRIDE, grads)) != launch.strides:
         return False
     if others == table.host_others:
         return True
     old = table.host_others
     roles = [ROLES.index(role) for role in OTHER_ROLES]
-    for i, (j, bound, (shape, stride)) in enumerate(zip(launch.positions, launch.bounds, launch.layouts)):
+    for i, (p, bound, (shape, stride)) in enumerate(zip(launch.params, launch.bounds, launch.layouts)):
         if others[6 * i:6 * i + 6] == old[6 * i:6 * i + 6]:
             continue
-        p, st = params[j], state[params[j]]
+        st = state[p]
         row = (p, st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"] if amsgrad else None,
                None if bound is None else st["w0"], None if bound is None else bound.v)
         for k, x in zip(roles, row):
@@ -298,12 +363,12 @@ def triton_group_step(group_index: int, group: dict[str, Any], cache: TritonCach
     The launches are kept as a plan that the next step replays (`_replay`) while it fits; else they
     are rebuilt here, reusing each subset's block tables while its names and layouts are unchanged.
     """
-    from .kernels import Row, all_aligned, exact_c_, make_table, row_pointers, split_pointers
     cs = cache._c_slots()
     options = _options(group, dots)
     plan = cache.plans.get(group_index)
     if plan is not None and plan.options == options and _replay(group, plan, cs, state, dots):
         return
+    from .kernels import Row, all_aligned, exact_c_, make_table, row_pointers, split_pointers
     cache.plans.pop(group_index, None)
     fresh = {n for n, p in zip(group["param_names"], group["params"])
              if p.grad is not None and "w0" not in state.get(p, {})}
@@ -375,7 +440,9 @@ def triton_group_step(group_index: int, group: dict[str, Any], cache: TritonCach
             if gptrs != cached[1].host_grads or others != cached[1].host_others:
                 cached[1].upload(gptrs, others)
         launch = Launch(cached[1], penalty if penalised else None, penalised and penalty != "full",
-                        [position[i] for i in idx], names, [bounds[i] for i in idx], layouts)
+                        [position[i] for i in idx], names, [bounds[i] for i in idx], layouts,
+                        [t.params[i] for i in idx], [state[t.params[i]]["step"] for i in idx],
+                        state_keys(amsgrad, penalised))
         if launch.needs_c:
             c_buf = cs.buffers[device]
             stale = [n for n in names if n not in carried]
@@ -387,12 +454,10 @@ def triton_group_step(group_index: int, group: dict[str, Any], cache: TritonCach
         _launch(cs, launch, all_steps, hyper)
         launches.append(launch)
         if launch.needs_c:
-            for i in idx:
-                dots.put_slot(t.names[i], t.params[i], state[t.params[i]]["step"])
+            dots.put_slots(launch.names, launch.params, launch.steps)
     if all(walk) and not copied and not any(_dist.is_dtensor(p) for p in t.params):
-        views = {j: state[group["params"][j]]["step"] for j in positions}
-        cache.plans[group_index] = Plan(options, [p.grad is not None for p in group["params"]], buf,
-                                        None if len(positions) == buf.numel() else positions_t, views, launches)
+        cache.plans[group_index] = Plan(options, list(group["params"]), [p.grad is not None for p in group["params"]],
+                                        buf, None if len(positions) == buf.numel() else positions_t, launches)
 
 
 def _reduce_shard_slots(cache: TritonCache, named: list[tuple[str, Tensor]]) -> None:

@@ -550,10 +550,14 @@ class _Stub:
 
 def host_time(rep: Report, label: str, shapes, device, steps: int) -> None:
     """Host time of AsFTAdamW(impl="triton").step() with the kernels stubbed out (`_Stub`), fp32
-    parameters, bf16 W0 and d: gradients re-allocated every step and in place. Nothing is ever
-    written to the parameters, gradients, moments or W0 (a CPU commits no memory for them); the
-    directions are views of one zero buffer (binding copies them: 2 bytes per parameter); the
-    optimizer state is pre-filled as after a first step."""
+    parameters, bf16 W0 and d. Gradients (modes): "realloc", new tensors from `torch.empty_like`
+    before every step; "realloc_cached", new tensor objects before every step at the addresses of
+    one of two preallocated sets in turn, as a caching allocator (CUDA's) serves them: on a CPU
+    this leaves out the allocator's mmap/munmap of every gradient, which "realloc" pays between
+    the steps and which slows the step after it (caches, TLB); "inplace", the same tensors.
+    Nothing is ever written to the parameters, gradients, moments or W0 (a CPU commits no memory
+    for them); the directions are views of one zero buffer (binding copies them: 2 bytes per
+    parameter); the optimizer state is pre-filled as after a first step."""
     n_params = sum(math.prod(s) for s in shapes.values())
     blocks = sum(math.ceil(math.prod(s) / K.BLOCK) for s in shapes.values())
     saved = {k: getattr(K, k) for k in ("_update_kernel", "_dot_kernel", "_fold_kernel")}
@@ -570,12 +574,15 @@ def host_time(rep: Report, label: str, shapes, device, steps: int) -> None:
         for p in params.values():
             opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.empty_like(p),
                             "exp_avg_sq": torch.empty_like(p), "w0": torch.empty_like(p, dtype=torch.bfloat16)}
-        for mode in ("realloc", "inplace"):
+        cached = [{n: torch.empty_like(p) for n, p in params.items()} for _ in range(2)]
+        for mode in ("realloc", "realloc_cached", "inplace"):
             times = []
-            for _ in range(steps + 3):
-                for p in params.values():
+            for k in range(steps + 3):
+                for n, p in params.items():
                     if mode == "realloc" or p.grad is None:
                         p.grad = torch.empty_like(p)
+                    elif mode == "realloc_cached":
+                        p.grad = cached[k % 2][n].detach()  # a new tensor object on that memory
                 sync(device)
                 t0 = time.perf_counter()
                 opt.step()

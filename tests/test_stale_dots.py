@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from asft_optim import AsFTAdamW
+from asft_optim.dot_cache import DotCache
 from asft_optim.functional import partial_dots
 
 from .oracle import run_oracle, task_grads
@@ -315,3 +316,53 @@ class TestAdapters:
         model(torch.randn(3, 6)).square().sum().backward()
         opt.step()
         assert set(opt.drift()) == {"0.weight@one"}
+
+
+class TestHeldInBatches:
+    """`DotCache.all_held` / `put_slots` (the Triton replay's batched checks) agree with `held` /
+    `put_slot` one name at a time, after every change that makes a held slot stale (another kind of
+    entry put for a name included)."""
+
+    CHANGES = ["none", "p_written", "step_written", "step_replaced", "dot_put", "partial_put", "vector_put",
+               "dropped", "invalidated", "other_view_written"]
+
+    @pytest.mark.parametrize("change", CHANGES)
+    @pytest.mark.parametrize("given", [False, True])
+    def test_agrees_with_held(self, change, given):
+        names = ["a", "b", "c"]
+        params = [torch.zeros(3), torch.zeros(2, 2), torch.zeros(1)]
+        buf = torch.zeros(3)
+        steps = [buf[i] for i in range(3)]  # views of one buffer: one version counter
+        dots = DotCache()
+        assert dots.all_held(names, params, steps) is None  # nothing put yet
+        buf.add_(1)
+        if given:  # the versions as the Triton replay passes them
+            dots.put_slots(names, params, steps, tuple(p._version for p in params), buf._version)
+        else:
+            dots.put_slots(names, params, steps)
+        if change == "p_written":
+            params[1].mul_(2)
+        elif change == "step_written":
+            steps[2].add_(0)
+        elif change == "other_view_written":
+            buf[0:1].add_(0)
+        elif change == "step_replaced":
+            steps[0] = steps[0].clone()
+        elif change == "dot_put":
+            dots.put("b", params[1], steps[1], torch.tensor(0.5))
+        elif change == "partial_put":
+            dots.put_partial("b", params[1], steps[1], torch.tensor(0.5))
+        elif change == "vector_put":
+            dots.put_vector(["a"], params[:1], steps[:1], torch.tensor([0.5], dtype=torch.float64))
+        elif change == "dropped":
+            dots.drop("c")
+        elif change == "invalidated":
+            dots.invalidate()
+        one_by_one = all(dots.held(n, p, s) for n, p, s in zip(names, params, steps))
+        assert one_by_one == (change == "none")
+        for step_version in (None, buf._version):
+            if change == "step_replaced" and step_version is not None:
+                continue  # (a replaced step is no view of buf: the caller may not pass buf's version)
+            got = dots.all_held(names, params, steps, step_version)
+            assert (got is not None) == one_by_one, (change, step_version)
+            assert got is None or got == tuple(p._version for p in params)

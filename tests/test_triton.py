@@ -749,3 +749,60 @@ def test_cached_plan_skips_the_setup_and_stays_exact(monkeypatch):
             assert float(oa.state[pa[n]]["step"]) == float(ob.state[pb[n]]["step"])
     sd = oa.state_dict()  # step counts are views of one buffer: they save and load like any tensor
     assert [float(s["step"]) for s in sd["state"].values()] == [10.0, 10.0]  # grad=None: a penalty step
+
+
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq", "max_exp_avg_sq", "w0", "direction", "param"])
+def test_new_storage_under_the_same_tensor_object_is_noticed_by_the_cached_plan(key):
+    """`t.data = new` keeps the tensor object and its version counter but moves its memory: the
+    plan must read and write the new memory (it reads every address at every step, not the
+    objects' identity). The old memory is then overwritten, as a caching allocator reuses it."""
+    specs = f32({"odd": (4097,), "mat": (5, 123)})
+    runs = {}
+    for impl in ("triton", "reference"):
+        params, opt = make(specs, impl, amsgrad=True)
+        grads = {n: torch.zeros_like(p) for n, p in params.items()}
+        olds = []  # kept alive: a stale plan writes into them, not into freed memory
+        for t in range(5):
+            if t == 3:
+                for n, p in params.items():
+                    x = {"param": p, "direction": opt.records.binding(n).direction.v}.get(key)
+                    x = opt.state[p][key] if x is None else x
+                    olds.append(x.data)
+                    with torch.no_grad():
+                        x.data = olds[-1].clone()
+                    olds[-1].fill_(7.0)  # (the values moved unchanged: every carried c stays exact)
+            set_grads(params, t)
+            for n, p in params.items():
+                p.grad = grads[n].copy_(p.grad)
+            opt.step()
+        runs[impl] = params, opt
+    (pa, oa), (pb, ob) = runs["triton"], runs["reference"]
+    for n in specs:
+        assert_close(pa[n].detach(), pb[n].detach(), f"param {n}")
+        for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            assert_close(oa.state[pa[n]][k], ob.state[pb[n]][k], f"{k} of {n}")
+
+
+def test_a_gradient_with_other_strides_leaves_the_cached_plan(monkeypatch):
+    """A new gradient of the parameter's shape but other strides (a transposed copy) cannot be
+    walked with the parameter's layout: the step is rebuilt (the gradient copied to p's strides),
+    and a plan is replayed again once the gradients are laid out like p."""
+    calls = []
+    original = AsFTAdamW._init_group
+    monkeypatch.setattr(AsFTAdamW, "_init_group", lambda self, *a: calls.append(self) or original(self, *a))
+    specs = f32({"odd": (4097,), "mat": (5, 123)})
+    pa, oa = make(specs, "triton")
+    pb, ob = make(specs, "reference")
+    for t in range(6):
+        set_grads(pb, t)
+        for n, p in pa.items():
+            g = pb[n].grad.clone()
+            p.grad = g.t().contiguous().t() if t == 3 and n == "mat" else g
+        assert t != 3 or pa["mat"].grad.stride() != pa["mat"].stride()
+        before = sum(o is oa for o in calls)
+        oa.step()
+        ob.step()
+        # (a step whose table points at a copied gradient keeps no plan: step 4 builds the next one)
+        assert (sum(o is oa for o in calls) > before) == (t in (0, 3, 4)), t
+        for n in specs:
+            assert_close(pa[n].detach(), pb[n].detach(), f"step {t} {n}")
