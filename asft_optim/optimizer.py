@@ -138,13 +138,7 @@ class AsFTAdamW(torch.optim.AdamW, RecordsView):
         self.defaults.update(self._asft_defaults)
         # The penalty must be added to unscaled gradients: GradScaler unscales and skips for us.
         self._step_supports_amp_scaling = False
-        bindings = self.records.bindings
-        if not any(b.anchored for b in bindings.values()):
-            known = ", ".join(f"'{n}'" for n in list(anchors)[:3])
-            raise ValueError(
-                f"none of the optimizer's {len(bindings)} trainable parameter(s) has a direction "
-                f"(e.g. '{next(iter(bindings), '')}'; the anchors hold {len(anchors)} tensors, e.g. "
-                f"{known}): AsFT would be plain AdamW. Check the names, or use torch.optim.AdamW")
+        self.records.check_any_anchored("", ": AsFT would be plain AdamW. Check the names, or use torch.optim.AdamW")
 
     @property
     def lora_layout(self) -> LoraLayout | None:
@@ -222,11 +216,10 @@ class AsFTAdamW(torch.optim.AdamW, RecordsView):
                 loss = closure()
         records = self.records
         owned = records.refresh(self.param_groups)
-        impls = ["zero" if own else resolve_impl(g, records.has_lora(g["param_names"]))
-                 for g, own in zip(self.param_groups, owned)]
-        for group, impl in zip(self.param_groups, impls):
-            if impl == "zero" and records.has_lora(group["param_names"]):
-                raise NotImplementedError(lora_refusal("1/2"))
+        loras = [records.has_lora(g["param_names"]) for g in self.param_groups]
+        impls = ["zero" if own else resolve_impl(g, lora) for g, own, lora in zip(self.param_groups, owned, loras)]
+        if any(own and lora for own, lora in zip(owned, loras)):
+            raise NotImplementedError(lora_refusal("1/2"))
         check_one_adapter_per_module(records.lora, self.param_groups)
         filled = penalty_only_grads(self.param_groups, impls, records, self.state)
         try:

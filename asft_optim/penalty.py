@@ -165,13 +165,7 @@ class AsFTPenalty(RecordsView):
         try:
             for index, group in enumerate(optimizer.param_groups):
                 self._adopt(group, index)
-            bindings = self.records.bindings
-            if not any(b.anchored for b in bindings.values()):
-                known = ", ".join(f"'{n}'" for n in list(anchors)[:3])
-                raise ValueError(
-                    f"attach: none of the optimizer's {len(bindings)} trainable parameter(s) has a direction "
-                    f"(e.g. '{next(iter(bindings), '')}'; the anchors hold {len(anchors)} tensors, e.g. "
-                    f"{known}). Check the names, or do not attach")
+            self.records.check_any_anchored("attach: ", ". Check the names, or do not attach")
         except Exception:
             self._strip_groups()  # a failed attach leaves the optimizer as it was
             raise

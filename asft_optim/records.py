@@ -191,6 +191,18 @@ class ParamRecords:
         bindings = self.bindings
         return any((b := bindings.get(n)) is not None and b.kind in (Kind.LORA_A, Kind.LORA_B) for n in names)
 
+    def check_any_anchored(self, who: str, advice: str) -> None:
+        """Refuse an owner none of whose trainable parameters has a direction (AsFT would do nothing):
+        the message starts with `who`, names a parameter and a few of the anchors' keys, and ends
+        with `advice`."""
+        bindings = self.bindings
+        if any(b.anchored for b in bindings.values()):
+            return
+        known = ", ".join(f"'{n}'" for n in list(self.anchors)[:3])
+        raise ValueError(f"{who}none of the optimizer's {len(bindings)} trainable parameter(s) has a direction "
+                         f"(e.g. '{next(iter(bindings), '')}'; the anchors hold {len(self.anchors)} tensors, e.g. "
+                         f"{known}){advice}")
+
     def refresh(self, groups: Sequence[Mapping[str, Any]]) -> list[bool]:
         """Bind parameters that became trainable after their group was bound, and rebind those whose
         kind changed (accelerate swaps a dense parameter for an FSDP2 DTensor after the optimizer is

@@ -118,3 +118,22 @@ def lora_adapter(model, folder: Path, *, seed: int = 3, std: float = 0.05, **con
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     lora.save_pretrained(str(folder))
     return {n: p.detach().clone() for n, p in lora.merge_and_unload().named_parameters()}
+
+
+def base_and_aligned(root: Path, config):
+    """`root/base`: a LlamaForCausalLM built from `config` after `torch.manual_seed(0)`; `root/aligned`:
+    the same plus N(0, 0.01²) noise (generator seed 1); `root/directions.safetensors` between the two.
+    Returns the directions (`Anchors`)."""
+    from transformers import LlamaForCausalLM
+
+    from asft_optim import compute_directions
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(root / "base")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 1e-2)
+    model.save_pretrained(root / "aligned")
+    return compute_directions(root / "base", root / "aligned", out=root / "directions.safetensors")

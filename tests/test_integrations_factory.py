@@ -11,7 +11,7 @@ peft = pytest.importorskip("peft")
 
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
-from asft_optim import Anchors, AsFTAdamW, compute_directions  # noqa: E402
+from asft_optim import Anchors, AsFTAdamW  # noqa: E402
 from asft_optim.integrations import (  # noqa: E402
     AsFTOptimizerFactory,
     AsFTTrainer,
@@ -19,6 +19,7 @@ from asft_optim.integrations import (  # noqa: E402
     unwrap_asft,
 )
 from asft_optim.integrations.factory import carries_penalty  # noqa: E402
+from tests.fixtures import base_and_aligned  # noqa: E402
 
 VOCAB = 64
 
@@ -27,18 +28,10 @@ VOCAB = 64
 def root(tmp_path_factory):
     """An aligned tiny Llama (base + noise) and the directions file between the two."""
     root = tmp_path_factory.mktemp("factory")
-    torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
                          tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(root / "base")
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 1e-2)
-    model.save_pretrained(root / "aligned")
-    compute_directions(root / "base", root / "aligned", out=root / "directions.safetensors")
+    base_and_aligned(root, config)
     return root
 
 

@@ -21,9 +21,10 @@ bnb = pytest.importorskip("bitsandbytes")
 # E402 is silenced below: these imports need the importorskip guards above
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from asft_optim import AsFTAdamW, attach, compute_directions  # noqa: E402
+from asft_optim import AsFTAdamW, attach  # noqa: E402
 from asft_optim.lora import lora_layout  # noqa: E402
 from asft_optim.penalty import attached  # noqa: E402
+from tests.fixtures import base_and_aligned  # noqa: E402
 from tests.oracle import penalty as explicit_penalty  # noqa: E402
 
 VOCAB = 64
@@ -38,16 +39,7 @@ def checkpoints(tmp_path_factory):
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
                       tie_word_embeddings=False)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(cfg)
-    base.save_pretrained(root / "base")
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in base.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 1e-2)
-    base.save_pretrained(root / "aligned")
-    anchors = compute_directions(root / "base", root / "aligned", out=root / "directions.safetensors")
-    return root, anchors
+    return root, base_and_aligned(root, cfg)
 
 
 def _quantised(root, kind: str):

@@ -14,9 +14,10 @@ peft = pytest.importorskip("peft")
 # E402 is silenced below: these imports need the importorskip guards above
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments  # noqa: E402
 
-from asft_optim import AsFTAdamW, compute_directions  # noqa: E402
+from asft_optim import AsFTAdamW  # noqa: E402
 from asft_optim.integrations import AsFTTrainer, unwrap_asft  # noqa: E402
 from asft_optim.metrics import per_layer  # noqa: E402
+from tests.fixtures import base_and_aligned  # noqa: E402
 
 VOCAB = 64
 
@@ -31,16 +32,7 @@ def _config() -> LlamaConfig:
 def checkpoints(tmp_path_factory):
     """base and aligned (= base + small perturbation) checkpoints, and their directions file."""
     root = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(_config())
-    base.save_pretrained(root / "base")
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in base.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 1e-2)
-    base.save_pretrained(root / "aligned")
-    anchors = compute_directions(root / "base", root / "aligned", out=root / "directions.safetensors")
-    return root, anchors
+    return root, base_and_aligned(root, _config())
 
 
 def _data(n: int = 16, length: int = 8) -> list[dict[str, torch.Tensor]]:

@@ -13,8 +13,6 @@ Rank 0 writes OUT/MODE.json.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -141,13 +139,7 @@ def main() -> None:
     rank = dist.get_rank()
     torch.use_deterministic_algorithms(True)
     result = {"ddp": run_ddp, "fsdp": run_fsdp, "swap": lambda o, r: run_fsdp(o, r, swap=True)}[mode](out, rank)
-    if rank == 0:
-        (out / f"{mode}.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # see worker.py: gloo teardown can abort after a correct run
+    base.finish(out / f"{mode}.json", result)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ each of torch's for-loop / foreach / fused), and writes to the DTensor parameter
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -23,7 +21,7 @@ from torch import nn
 
 from asft_optim import Anchors, AsFTAdamW
 
-from worker import anchors_file, batch, full, groups, loss_fn, make_model, max_rel, shard, train_single
+from worker import anchors_file, batch, finish, full, groups, loss_fn, make_model, max_rel, shard, train_single
 
 STEPS = 8
 LAMS = [1.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0, 2.0]
@@ -98,13 +96,7 @@ def main() -> None:
     rank = dist.get_rank()
     torch.use_deterministic_algorithms(True)
     result = {"stale": run_stale}[mode](out, rank)
-    if rank == 0:
-        (out / f"{mode}.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skip gloo's C++ teardown (see worker.py)
+    finish(out / f"{mode}.json", result)
 
 
 if __name__ == "__main__":

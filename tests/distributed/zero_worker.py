@@ -22,8 +22,6 @@ and rank 1's partition of c.bias's group is all padding; ZeRO-3 splits every ten
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -38,6 +36,8 @@ from torch import nn
 
 import asft_optim.zero as asft_zero
 from asft_optim import Anchors, AsFTAdamW
+
+from worker import finish
 
 STEPS = 8
 LR = 2e-2
@@ -436,13 +436,7 @@ def main() -> None:
     rank = dist.get_rank()
     results = {mode: {"train": run_train, "ckpt": run_ckpt, "trainer": run_trainer}[mode](out, rank)
                for mode in modes}
-    if rank == 0:
-        (out / f"{sys.argv[1]}.json").write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skip a C++ teardown that may abort after the results are written
+    finish(out / f"{sys.argv[1]}.json", results)
 
 
 if __name__ == "__main__":
